@@ -1,0 +1,203 @@
+"""cpvm's configuration: one INI file parsed once into frozen, typed objects.
+
+Every setting, its default and its meaning is documented in ``etc/cpvm/cpvm.conf``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cpvm.inifile import ConfigError, IniReader
+
+DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where cpvm listens and how browsers reach it."""
+
+    tls: bool
+    bind: str
+    port: int
+    certificate: Path | None
+    private_key: Path | None
+    chain: Path | None
+    public_host: str
+    public_port: int
+    public_address: str
+    # "self" stands for the page's own origin (scheme://Host of the request).
+    allowed_origins: tuple[str, ...]
+    trusted_proxies: tuple[Network, ...]
+    workers: int
+    grace_period: float
+    novnc_dir: Path
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """How cpvm reaches the management endpoint."""
+
+    url: str
+    credential: str | None
+    ca_file: Path | None
+    timeout: float
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True)
+class VncConfig:
+    """How cpvm talks to VNC servers upstream."""
+
+    connect_timeout: float
+    handshake_timeout: float
+    ca_file: Path | None
+    allow_anonymous_tls: bool
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Limits applied to each console session."""
+
+    websocket_handshake_timeout: float
+    idle_timeout: float
+    max_duration: float
+    max_sessions: int
+    max_message_size: int
+    shared: bool
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str
+    level: str
+    audit_file: Path | None
+
+
+@dataclass(frozen=True)
+class CpvmConfig:
+    """Everything cpvm needs, as read from one file."""
+
+    path: str
+    server: ServerConfig
+    manager: ManagerConfig
+    vnc: VncConfig
+    session: SessionConfig
+    log: LogConfig
+
+
+def load_config(path: str | None) -> CpvmConfig:
+    """Read ``path`` (or the embedded defaults when ``None``)."""
+    reader = IniReader(path) if path is not None else IniReader.empty()
+    return parse_config(reader)
+
+
+def parse_config(r: IniReader) -> CpvmConfig:
+    tls = r.boolean("server", "tls", False)
+    port = r.port("server", "port", 8443 if tls else 8080)
+    certificate = r.path("server", "certificate", "/etc/cpvm/tls/cert.pem" if tls else None,
+                         must_exist=tls)
+    private_key = r.path("server", "private_key", "/etc/cpvm/tls/key.pem" if tls else None,
+                         must_exist=tls)
+    chain = r.path("server", "chain", None, must_exist=True)
+    bind = r.string("server", "bind", "0.0.0.0")
+    _check_address(r, "server", "bind", bind)
+    public_host = r.string("server", "public_host", socket.getfqdn() or "localhost")
+    public_address = r.string("server", "public_address", "")
+    if public_address:
+        _check_address(r, "server", "public_address", public_address)
+    origins = r.string_list("server", "allowed_origins", ("self",))
+    for origin in origins:
+        if origin in ("self", "*"):
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise r.error("server", "allowed_origins",
+                          f"{origin!r} is not an origin like https://console.example.com")
+    server = ServerConfig(
+        tls=tls,
+        bind=bind,
+        port=port,
+        certificate=certificate,
+        private_key=private_key,
+        chain=chain,
+        public_host=public_host,
+        public_port=r.port("server", "public_port", port),
+        public_address=public_address,
+        allowed_origins=tuple(o.rstrip("/").lower() for o in origins),
+        trusted_proxies=_networks(r, "server", "trusted_proxies"),
+        workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
+        grace_period=r.number("server", "grace_period", 10.0, minimum=0),
+        novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
+    )
+
+    url = r.string("manager", "url", "http://127.0.0.1:8250")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error("manager", "url", f"expected an http:// or https:// URL, got {url!r}")
+    credential = r.secret_file("manager", "credential_file", None)
+    if credential is not None and any(c.isspace() for c in credential):
+        raise r.error("manager", "credential_file", "the proxy key must be a single word")
+    manager = ManagerConfig(
+        url=url.rstrip("/"),
+        credential=credential,
+        ca_file=r.path("manager", "ca_file", None, must_exist=True),
+        timeout=r.number("manager", "timeout", 5.0, minimum=0.1, maximum=300),
+        heartbeat_interval=r.number("manager", "heartbeat_interval", 5.0, minimum=0.5),
+    )
+
+    vnc = VncConfig(
+        connect_timeout=r.number("vnc", "connect_timeout", 10.0, minimum=0.1),
+        handshake_timeout=r.number("vnc", "handshake_timeout", 15.0, minimum=0.1),
+        ca_file=r.path("vnc", "ca_file", None, must_exist=True),
+        allow_anonymous_tls=r.boolean("vnc", "allow_anonymous_tls", False),
+    )
+
+    session = SessionConfig(
+        websocket_handshake_timeout=r.number(
+            "session", "websocket_handshake_timeout", 10.0, minimum=0.1),
+        idle_timeout=r.number("session", "idle_timeout", 900.0, minimum=0),
+        max_duration=r.number("session", "max_duration", 28800.0, minimum=0),
+        max_sessions=r.integer("session", "max_sessions", 1000, minimum=1),
+        max_message_size=r.integer("session", "max_message_size", 4 * 1024 * 1024,
+                                   minimum=1024),
+        shared=r.boolean("session", "shared", True),
+    )
+
+    log = LogConfig(
+        format=r.choice("log", "format", "text", ("text", "json")),
+        level=r.choice("log", "level", "info", ("debug", "info", "warn", "error")),
+        audit_file=r.path("log", "audit_file", None),
+    )
+    r.check_unknown()
+    return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
+                      session=session, log=log)
+
+
+def _check_address(r: IniReader, section: str, key: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise r.error(section, key, f"expected an IP address, got {value!r}") from None
+
+
+def _networks(r: IniReader, section: str, key: str) -> tuple[Network, ...]:
+    result = []
+    for item in r.string_list(section, key, ()):
+        try:
+            result.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise r.error(section, key, f"{item!r} is not an address or CIDR network") from None
+    return tuple(result)
+
+
+__all__ = ["ConfigError", "CpvmConfig", "load_config", "parse_config"]

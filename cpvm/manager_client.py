@@ -1,0 +1,260 @@
+"""cpvm's client for the manager's proxy API (``docs/management-api.md``).
+
+One treq ``HTTPClient`` over cpvm's own persistent connection pool, a timeout on every
+call, cpvm's proxy key on every request, and a cap on the size of every answer: the
+manager is trusted, but a broken or impostor one must not take cpvm down with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+
+from cpvm.outcome import REDEMPTION_ERRORS, Outcome
+
+MAX_ANSWER = 256 * 1024
+VNC_TLS_MODES = ("none", "x509", "anonymous")
+
+
+class ManagerUnavailable(Exception):
+    """The manager could not be reached or gave an answer cpvm cannot use."""
+
+
+class RedemptionRefused(Exception):
+    """The manager refused a token; ``outcome`` is what the browser is told."""
+
+    def __init__(self, outcome: Outcome, error: str, message: str):
+        super().__init__(f"{error}: {message}")
+        self.outcome = outcome
+        self.error = error
+        self.message = message
+
+
+@dataclass(frozen=True)
+class VncTarget:
+    """Where and how to reach the VM's VNC server."""
+
+    host: str
+    port: int
+    password: bytes | None
+    tls: str
+    ca_pem: bytes | None
+    server_name: str | None
+
+    def __repr__(self) -> str:
+        # Keep the password out of any repr that might reach a log line.
+        return f"VncTarget(host={self.host!r}, port={self.port}, tls={self.tls!r})"
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """A redeemed token: the session the manager recorded and its VNC target."""
+
+    session_id: str
+    vm_id: str
+    vm_name: str
+    account: str | None
+    vnc: VncTarget
+    idle_timeout: float | None
+    max_duration: float | None
+
+
+def parse_redemption(body: Any) -> Redemption:
+    """Validate the manager's success answer; ``ValueError`` says what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("answer is not a JSON object")
+    session_id = _string(body, "session_id")
+    vm = body.get("vm")
+    vnc = body.get("vnc")
+    if not isinstance(vm, dict) or not isinstance(vnc, dict):
+        raise ValueError("answer lacks the 'vm' or 'vnc' object")
+    port = vnc.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError("vnc.port is not a TCP port")
+    tls = vnc.get("tls", "none")
+    if tls not in VNC_TLS_MODES:
+        raise ValueError(f"vnc.tls must be one of {VNC_TLS_MODES}")
+    password = vnc.get("password")
+    if password is not None and not isinstance(password, str):
+        raise ValueError("vnc.password is not a string")
+    ca_pem = vnc.get("ca_pem")
+    if ca_pem is not None and not isinstance(ca_pem, str):
+        raise ValueError("vnc.ca_pem is not a string")
+    server_name = vnc.get("server_name")
+    if server_name is not None and not isinstance(server_name, str):
+        raise ValueError("vnc.server_name is not a string")
+    limits = body.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ValueError("limits is not an object")
+    account = body.get("account")
+    return Redemption(
+        session_id=session_id,
+        vm_id=_string(vm, "id"),
+        vm_name=str(vm.get("name") or ""),
+        account=account if isinstance(account, str) else None,
+        vnc=VncTarget(
+            host=_string(vnc, "host"),
+            port=port,
+            password=password.encode("utf-8") if password is not None else None,
+            tls=tls,
+            ca_pem=ca_pem.encode("ascii") if ca_pem else None,
+            server_name=server_name,
+        ),
+        idle_timeout=_seconds(limits, "idle_timeout"),
+        max_duration=_seconds(limits, "max_duration"),
+    )
+
+
+def _string(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise ValueError(f"{key} is missing or not a string")
+    return value
+
+
+def _seconds(obj: dict, key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"limits.{key} is not a number of seconds")
+    return float(value)
+
+
+class ManagerClient:
+    """Calls the manager's proxy API: redeem tokens, heartbeat, report session ends."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        base_url: str,
+        credential: str | None,
+        timeout: float,
+        http: HTTPClient | None = None,
+        contextFactory: Any = None,
+    ):
+        self._reactor = reactor
+        self._base = base_url.rstrip("/")
+        self._timeout = timeout
+        self._headers = {b"Content-Type": [b"application/json"]}
+        if credential:
+            self._headers[b"Authorization"] = [b"Bearer " + credential.encode("ascii")]
+        if http is None:
+            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool.maxPersistentPerHost = 8
+            kwargs = {"pool": self.pool, "connectTimeout": timeout}
+            if contextFactory is not None:
+                kwargs["contextFactory"] = contextFactory
+            http = HTTPClient(Agent(reactor, **kwargs))
+        else:
+            self.pool = None
+        self._http = http
+
+    def close(self) -> Deferred:
+        """Drop idle persistent connections (at shutdown)."""
+        if self.pool is None:
+            return Deferred.fromCoroutine(_noop())
+        return self.pool.closeCachedConnections()
+
+    def redeem(self, token: str, extra: str | None, client_address: str) -> Deferred:
+        """Redeem ``token``: fires with a ``Redemption`` or fails with ``RedemptionRefused``
+        or ``ManagerUnavailable``."""
+        return ensureDeferred(self._redeem(token, extra, client_address))
+
+    async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
+        status, body = await self._post(
+            "/proxy/v1/redeem",
+            {"token": token, "extra": extra, "client_address": client_address},
+        )
+        if status == 200:
+            try:
+                return parse_redemption(body)
+            except ValueError as e:
+                raise ManagerUnavailable(f"malformed redemption answer: {e}") from None
+        error = body.get("error") if isinstance(body, dict) else None
+        message = body.get("message") if isinstance(body, dict) else None
+        outcome = REDEMPTION_ERRORS.get(error) if isinstance(error, str) else None
+        if outcome is None or status >= 500 or status == 401:
+            raise ManagerUnavailable(f"manager answered HTTP {status} ({error or 'no error code'})")
+        raise RedemptionRefused(outcome, error, str(message or "")[:200])
+
+    def heartbeat(self, payload: dict) -> Deferred:
+        """Send a heartbeat; fires with the manager's answer (a dict)."""
+        return ensureDeferred(self._heartbeat(payload))
+
+    async def _heartbeat(self, payload: dict) -> dict:
+        status, body = await self._post("/proxy/v1/heartbeat", payload)
+        if status != 200 or not isinstance(body, dict):
+            raise ManagerUnavailable(f"heartbeat answered HTTP {status}")
+        return body
+
+    def report_end(self, session_id: str, report: dict) -> Deferred:
+        """Report a session's end; fires when the manager has recorded it."""
+        return ensureDeferred(self._report_end(session_id, report))
+
+    async def _report_end(self, session_id: str, report: dict) -> None:
+        from urllib.parse import quote
+
+        status, _ = await self._post(f"/proxy/v1/sessions/{quote(session_id, safe='')}/end", report)
+        if status == 404:
+            self._log.warn("manager does not know session {session}", session=session_id)
+        elif status >= 300:
+            raise ManagerUnavailable(f"session end report answered HTTP {status}")
+
+    async def _post(self, path: str, payload: dict) -> tuple[int, Any]:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            d = self._http.post(self._base + path, data=data, headers=self._headers)
+            d.addTimeout(self._timeout, self._reactor)
+            response = await d
+            raw = await _read_limited(response, MAX_ANSWER).addTimeout(
+                self._timeout, self._reactor)
+        except (TimeoutError, CancelledError):
+            raise ManagerUnavailable(f"no answer within {self._timeout:g} s") from None
+        except _TooBig:
+            raise ManagerUnavailable(f"answer larger than {MAX_ANSWER} bytes") from None
+        except (ConnectionError, ResponseFailed, OSError) as e:
+            raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
+        except Exception as e:  # DNS failures, TLS errors, refused connections …
+            raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
+        if not raw:
+            return response.code, None
+        try:
+            return response.code, json.loads(raw)
+        except ValueError:
+            # Not JSON: callers treat a missing body as "unusable answer".
+            return response.code, None
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _read_limited(response: Any, limit: int) -> Deferred:
+    """Collect a response body, failing as soon as it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = [0]
+
+    def collect(data: bytes) -> None:
+        size[0] += len(data)
+        if size[0] > limit:
+            raise _TooBig()
+        chunks.append(data)
+
+    d = treq.collect(response, collect)
+    d.addCallback(lambda _: b"".join(chunks))
+    return d
+
+
+async def _noop() -> None:
+    return None

@@ -1,0 +1,272 @@
+"""The live console sessions of one cpvm process, and what happens around each one.
+
+``ConsoleSessions`` creates sessions, enforces capacity, connects them upstream, keeps
+the metrics and the audit stream, reports ends to the manager, heartbeats, and ends
+sessions an administrator terminated.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cpvm import __version__, rfb
+from cpvm.config import CpvmConfig
+from cpvm.manager_client import ManagerClient, ManagerUnavailable, Redemption
+from cpvm.metrics import ProxyMetrics
+from cpvm.outcome import Outcome
+from cpvm.session import ConsoleSession, SessionLimits
+from cpvm.upstream import VncClientFactory, tls_creator
+
+audit_log = Logger(namespace="cpvm.audit")
+
+
+class ConsoleSessions:
+    """Registry and life-support of every console session in this process."""
+
+    _log = Logger()
+
+    def __init__(self, reactor, config: CpvmConfig, manager: ManagerClient,
+                 metrics: ProxyMetrics):
+        self._reactor = reactor
+        self._config = config
+        self._manager = manager
+        self.metrics = metrics
+        self._all: set[ConsoleSession] = set()
+        self._by_id: dict[str, ConsoleSession] = {}
+        self._default_ca: bytes | None = (
+            config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None)
+        self._pending_reports: set[Deferred] = set()
+        self.accepting = True
+        s = config.session
+        self._limits = SessionLimits(
+            handshake_timeout=config.vnc.handshake_timeout + config.manager.timeout,
+            idle_timeout=s.idle_timeout,
+            max_duration=s.max_duration,
+            shared=s.shared,
+        )
+        metrics.add_live_bytes(self.live_bytes)
+
+    # -- creation ------------------------------------------------------------------------
+
+    def at_capacity(self) -> bool:
+        return not self.accepting or len(self._all) >= self._config.session.max_sessions
+
+    def refused(self, reason: str) -> None:
+        self.metrics.refused.labels(reason=reason).inc()
+
+    def create(self, browser, token: str, extra: str | None, client: str) -> ConsoleSession:
+        session = ConsoleSession(
+            reactor=self._reactor,
+            browser=browser,
+            token=token,
+            extra=extra,
+            client_address=client,
+            redeem=self._redeem,
+            connect_upstream=self._connect_upstream,
+            limits=self._limits,
+            hooks=self,
+        )
+        self._all.add(session)
+        return session
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def live_bytes(self) -> tuple[int, int]:
+        to_client = to_server = 0
+        for s in self._all:
+            to_client += s.stats.bytes_to_client
+            to_server += s.stats.bytes_to_server
+        return to_client, to_server
+
+    # -- redemption and upstream ---------------------------------------------------------
+
+    def _redeem(self, token: str, extra: str | None, client: str) -> Deferred:
+        started = self._reactor.seconds()
+        d = self._manager.redeem(token, extra, client)
+
+        def done(result):
+            self.metrics.redemption_latency.observe(self._reactor.seconds() - started)
+            if isinstance(result, Failure):
+                if result.check(ManagerUnavailable):
+                    self.metrics.manager_failures.labels(call="redeem").inc()
+                    self.metrics.redemptions.labels(result="manager_unreachable").inc()
+                    self._log.warn("token redemption failed: {why}", why=str(result.value),
+                                   client=client)
+                else:
+                    err = getattr(result.value, "error", "error")
+                    self.metrics.redemptions.labels(result=err).inc()
+            else:
+                self.metrics.redemptions.labels(result="ok").inc()
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def _connect_upstream(self, session: ConsoleSession, r: Redemption) -> Deferred:
+        vnc = self._config.vnc
+        target = r.vnc
+        allow_anon = target.tls == "anonymous" and vnc.allow_anonymous_tls
+        handshake = rfb.RfbClientHandshake(
+            target.password,
+            allow_anonymous_tls=allow_anon,
+            allow_none=target.tls == "none",
+            require_tls=target.tls != "none",
+        )
+        factory = VncClientFactory(
+            session, handshake,
+            lambda anonymous: tls_creator(target, self._default_ca, anonymous))
+        endpoint = HostnameEndpoint(self._reactor, target.host, target.port,
+                                    timeout=vnc.connect_timeout)
+        return endpoint.connect(factory)
+
+    # -- hooks called by sessions --------------------------------------------------------
+
+    def redeemed(self, session: ConsoleSession) -> None:
+        sid = session.session_id
+        if sid:
+            self._by_id[sid] = session
+        audit_log.info("console session acquired: vm {vm} by {client}", event="acquired",
+                       **session.log_fields())
+
+    def relay_started(self, session: ConsoleSession) -> None:
+        self.metrics.active_sessions.inc()
+        self.metrics.handshake_duration.observe(
+            (session.stats.relay_started or 0) - session.stats.started)
+        self._log.info("console session relaying: vm {vm} for {client}",
+                       **session.log_fields())
+
+    def ended(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
+        self._all.discard(session)
+        sid = session.session_id
+        if sid:
+            self._by_id.pop(sid, None)
+        stats = session.stats
+        if stats.relay_started is not None:
+            self.metrics.active_sessions.dec()
+        self.metrics.sessions.labels(outcome=outcome.report).inc()
+        self.metrics.ended_bytes.labels(direction="to_client").inc(stats.bytes_to_client)
+        self.metrics.ended_bytes.labels(direction="to_server").inc(stats.bytes_to_server)
+        if outcome in (Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED,
+                       Outcome.VNC_PROTOCOL_ERROR, Outcome.VNC_HANDSHAKE_TIMEOUT):
+            self.metrics.upstream_failures.labels(kind=outcome.report).inc()
+        duration = (stats.ended or stats.started) - stats.started
+        fields = session.log_fields()
+        level = self._log.info if outcome.code in (1000, 1001) else self._log.warn
+        level("console session ended: {reason} ({detail})", reason=outcome.report,
+              detail=detail, code=outcome.code, **fields)
+        if sid:
+            audit_log.info(
+                "console session ended: vm {vm} reason {reason}, {bytes_to_client} bytes "
+                "to client, {bytes_to_server} to server, {duration:.1f} s",
+                event="ended", reason=outcome.report, bytes_to_client=stats.bytes_to_client,
+                bytes_to_server=stats.bytes_to_server, duration=duration, **fields)
+            self._report_end(sid, {
+                "reason": outcome.report,
+                "client_address": session.client_address,
+                "bytes_to_client": stats.bytes_to_client,
+                "bytes_to_server": stats.bytes_to_server,
+                "duration": round(duration, 3),
+            })
+
+    def _report_end(self, sid: str, report: dict, attempt: int = 1) -> None:
+        d = self._manager.report_end(sid, report)
+        self._pending_reports.add(d)
+
+        def failed(f: Failure) -> None:
+            self.metrics.manager_failures.labels(call="report_end").inc()
+            if attempt < 3:
+                self._reactor.callLater(2 * attempt, self._report_end, sid, report, attempt + 1)
+            else:
+                self._log.warn("could not report the end of session {session}: {why}",
+                               session=sid, why=str(f.value))
+
+        d.addErrback(failed)
+        d.addBoth(lambda _: self._pending_reports.discard(d))
+
+    # -- control from outside ------------------------------------------------------------
+
+    def terminate(self, session_ids) -> int:
+        """End sessions an administrator terminated; returns how many were here."""
+        n = 0
+        for sid in session_ids:
+            session = self._by_id.get(sid) if isinstance(sid, str) else None
+            if session is not None:
+                session.terminate(Outcome.TERMINATED, "terminated through the API")
+                n += 1
+        return n
+
+    def heartbeat_payload(self) -> dict:
+        server = self._config.server
+        return {
+            "public_host": server.public_host,
+            "public_port": server.public_port,
+            "tls": server.tls,
+            "address": server.public_address or None,
+            "capacity": self._config.session.max_sessions,
+            "active_sessions": sorted(self._by_id),
+            "version": __version__,
+        }
+
+    def shutdown(self, grace: float) -> Deferred:
+        """Stop accepting, tell every browser (1001), and wait for the end reports."""
+        self.accepting = False
+        for session in list(self._all):
+            session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
+        pending = list(self._pending_reports)
+        if not pending:
+            return succeed(None)
+        d = DeferredList(pending, consumeErrors=True)
+        d.addTimeout(max(grace, 0.1), self._reactor)
+        d.addErrback(lambda _: None)
+        return d
+
+
+class Heartbeat:
+    """Registers this cpvm with the manager and learns which sessions to terminate."""
+
+    _log = Logger()
+
+    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions,
+                 interval: float, on_state: Callable[[bool], None] | None = None):
+        self._reactor = reactor
+        self._manager = manager
+        self._sessions = sessions
+        self.interval = interval
+        self.manager_reachable = False
+        self._on_state = on_state
+        self._in_flight = False
+
+    def beat(self) -> Deferred | None:
+        if self._in_flight:
+            return None
+        self._in_flight = True
+        d = self._manager.heartbeat(self._sessions.heartbeat_payload())
+        d.addCallbacks(self._answered, self._failed)
+        d.addBoth(self._done)
+        return d
+
+    def _answered(self, answer: dict) -> None:
+        if not self.manager_reachable:
+            self._log.info("manager reachable")
+        self.manager_reachable = True
+        terminate = answer.get("terminate") or []
+        if isinstance(terminate, list) and terminate:
+            n = self._sessions.terminate(terminate)
+            self._log.info("manager asked to terminate {count} session(s), {here} here",
+                           count=len(terminate), here=n)
+
+    def _failed(self, failure: Failure) -> None:
+        if self.manager_reachable:
+            self._log.warn("manager heartbeat failed: {why}", why=str(failure.value))
+        self.manager_reachable = False
+        self._sessions.metrics.manager_failures.labels(call="heartbeat").inc()
+
+    def _done(self, _):
+        self._in_flight = False
+        return None

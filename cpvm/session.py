@@ -1,0 +1,393 @@
+"""One console session: the lifecycle from WebSocket open to the last byte relayed.
+
+``ConsoleSession`` is driven by events from its two sides (the browser's WebSocket and
+the VNC client protocol) and by its timers; it owns neither socket. The order of a
+session's set-up is:
+
+1. the WebSocket opens: cpvm sends its RFB version to the browser and, at the same time,
+   redeems the token with the manager;
+2. the token is good: cpvm connects to the VNC server and authenticates upstream;
+3. upstream security is complete: cpvm offers the browser security type None, reads its
+   ClientInit and forwards it; the VNC server's ServerInit goes back to the browser;
+4. the relay: bytes both ways, unchanged, with TCP backpressure in both directions.
+
+A failure before step 3 is told to the person through noVNC's own "connection rejected
+with reason" path (an RFB security failure), then the WebSocket closes with its code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cpvm import rfb
+from cpvm.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
+from cpvm.outcome import UPSTREAM_FAILURES, Outcome
+
+# The browser speaks only a few bytes before ServerInit; more is a broken client.
+MAX_PRE_RELAY_BUFFER = 64 * 1024
+# How long a refusal waits for the browser's RFB version so noVNC can show the reason.
+REFUSAL_GRACE = 2.0
+
+
+class Browser(TypingProtocol):
+    """The browser side as the session sees it (the WebSocket protocol)."""
+
+    transport: Any
+
+    def send(self, data: bytes) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Upstream(TypingProtocol):
+    """The VNC side as the session sees it (``VncClientProtocol``)."""
+
+    transport: Any
+
+    def write(self, data: bytes) -> None: ...
+    def send_client_init(self, shared: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Timeouts of one session, in seconds (0 = no limit)."""
+
+    handshake_timeout: float
+    idle_timeout: float
+    max_duration: float
+    shared: bool = True
+
+
+@dataclass
+class SessionStats:
+    """What the audit record and the end report carry."""
+
+    started: float
+    bytes_to_client: int = 0
+    bytes_to_server: int = 0
+    input_events: int = 0
+    relay_started: float | None = None
+    ended: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class SessionHooks(TypingProtocol):
+    """Where a session reports its life (registry, metrics, audit, manager)."""
+
+    def redeemed(self, session: "ConsoleSession") -> None: ...
+    def relay_started(self, session: "ConsoleSession") -> None: ...
+    def ended(self, session: "ConsoleSession", outcome: Outcome, detail: str) -> None: ...
+
+
+class ConsoleSession:
+    """Drives one console session; see the module docstring for the order of events."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        reactor: IReactorTime,
+        browser: Browser,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        redeem: Callable[[str, str | None, str], Deferred],
+        connect_upstream: Callable[["ConsoleSession", Redemption], Deferred],
+        limits: SessionLimits,
+        hooks: SessionHooks,
+    ):
+        self._reactor = reactor
+        self._browser = browser
+        self._token = token
+        self._extra = extra
+        self.client_address = client_address
+        self._redeem = redeem
+        self._connect_upstream = connect_upstream
+        self._limits = limits
+        self._hooks = hooks
+        self.stats = SessionStats(started=reactor.seconds())
+        self.redemption: Redemption | None = None
+        self.outcome: Outcome | None = None
+        self._upstream: Upstream | None = None
+        self._server_hs = rfb.RfbServerHandshake()
+        self._browser_version_seen = False
+        self._upstream_secure = False
+        self._browser_ready = False
+        self._pending_upstream: list[bytes] = []
+        self._pending_size = 0
+        self._relaying = False
+        self._scanner = rfb.ClientInputScanner()
+        self._last_input = self.stats.started
+        self._refusal: tuple[Outcome, str] | None = None
+        self._timers: dict[str, IDelayedCall] = {}
+
+    # -- identity for logs (never the token) --------------------------------------------
+
+    @property
+    def session_id(self) -> str | None:
+        return self.redemption.session_id if self.redemption else None
+
+    def log_fields(self) -> dict:
+        r = self.redemption
+        return {
+            "session": r.session_id if r else None,
+            "vm": r.vm_id if r else None,
+            "account": r.account if r else None,
+            "client": self.client_address,
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self.outcome is not None
+
+    # -- browser events ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The WebSocket is open: greet the browser and redeem the token."""
+        self._timer("handshake", self._limits.handshake_timeout, self._handshake_timed_out)
+        self._send_browser(self._server_hs.start())
+        token, self._token = self._token, ""  # the token is spent from here on
+        d = self._redeem(token, self._extra, self.client_address)
+        d.addCallbacks(self._redeemed, self._redeem_failed)
+        d.addErrback(self._bug)
+
+    def browser_data(self, data: bytes) -> None:
+        """Binary WebSocket message payload from the browser."""
+        if self.closed:
+            return
+        if self._relaying:
+            if self._scanner.desynchronised:
+                self._last_input = self._reactor.seconds()
+            elif self._scanner.feed(data):
+                self._last_input = self._reactor.seconds()
+            self.stats.bytes_to_server += len(data)
+            self._upstream.write(data)  # type: ignore[union-attr]
+            return
+        if self._browser_ready:
+            self._queue_for_upstream(data)
+            return
+        self._send_browser(self._server_hs.receive(data))
+
+    def browser_closed(self, code: int | None) -> None:
+        """The WebSocket closed (cleanly or not)."""
+        self.close(Outcome.CLIENT_CLOSED, f"browser closed the WebSocket (code {code})",
+                   notify_browser=False)
+
+    def browser_text_frame(self) -> None:
+        self.close(Outcome.TEXT_FRAME, "browser sent a text frame")
+
+    def terminate(self, outcome: Outcome, detail: str) -> None:
+        """End the session from outside (administrator, shutdown)."""
+        self.close(outcome, detail)
+
+    # -- redemption ----------------------------------------------------------------------
+
+    def _redeemed(self, redemption: Redemption) -> None:
+        if self.closed:
+            return
+        self.redemption = redemption
+        self._hooks.redeemed(self)
+        limit = _smaller(self._limits.max_duration, redemption.max_duration)
+        self._timer("max_duration", limit, lambda: self.close(
+            Outcome.MAX_DURATION, f"session reached its limit of {limit:g} s"))
+        d = self._connect_upstream(self, redemption)
+        d.addErrback(self._upstream_connect_failed)
+        d.addErrback(self._bug)
+
+    def _redeem_failed(self, failure: Failure) -> None:
+        if self.closed:
+            return
+        if failure.check(RedemptionRefused):
+            err = failure.value
+            self._refuse(err.outcome, f"manager refused the token: {err.error}")
+        elif failure.check(ManagerUnavailable):
+            self._refuse(Outcome.MANAGER_UNREACHABLE, str(failure.value))
+        else:
+            self._bug(failure)
+
+    # -- upstream events (from VncClientProtocol) ----------------------------------------
+
+    def upstream_connected(self, upstream: Upstream) -> None:
+        if self.closed:
+            upstream.close()
+            return
+        self._upstream = upstream
+
+    def _upstream_connect_failed(self, failure: Failure) -> None:
+        if not self.closed:
+            self._refuse(Outcome.VNC_UNREACHABLE,
+                         f"cannot connect to the VNC server: {failure.type.__name__}")
+
+    def upstream_security_complete(self) -> None:
+        if self.closed:
+            return
+        self._upstream_secure = True
+        self._offer_security_if_ready()
+
+    def upstream_server_init(self, server_init: rfb.ServerInit, leftover: bytes) -> None:
+        if self.closed:
+            return
+        name = self.redemption.vm_name.encode("utf-8") if self.redemption else b""
+        self._send_browser(self._server_hs.send_server_init(server_init, name or None))
+        self._relaying = True
+        self._cancel("handshake")
+        self.stats.relay_started = self._reactor.seconds()
+        self._last_input = self.stats.relay_started
+        if leftover:
+            self.upstream_data(leftover)
+        self._start_flow_control()
+        if self._limits.idle_timeout > 0:
+            self._timer("idle", self._idle_limit(), self._check_idle)
+        self._hooks.relay_started(self)
+
+    def upstream_data(self, data: bytes) -> None:
+        """RFB bytes from the VNC server, after ServerInit: to the browser unchanged."""
+        if self.closed:
+            return
+        self.stats.bytes_to_client += len(data)
+        self._browser.send(data)
+
+    def upstream_failed(self, kind: str, message: str) -> None:
+        if self.closed:
+            return
+        self._refuse(UPSTREAM_FAILURES.get(kind, Outcome.VNC_PROTOCOL_ERROR), message)
+
+    def upstream_lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        if self._relaying:
+            self.close(Outcome.SERVER_CLOSED, f"VNC server closed the connection ({reason})")
+        else:
+            self._refuse(Outcome.VNC_PROTOCOL_ERROR,
+                         f"VNC server closed the connection during the handshake ({reason})")
+
+    # -- the browser-side handshake ------------------------------------------------------
+
+    def _send_browser(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, rfb.Send):
+                self._browser.send(event.data)
+            elif isinstance(event, rfb.ClientVersionReceived):
+                self._browser_version_seen = True
+                if self._refusal is not None:
+                    self._refuse(*self._refusal)
+                    return
+                self._offer_security_if_ready()
+            elif isinstance(event, rfb.ClientInitReceived):
+                self._browser_ready = True
+                assert self._upstream is not None
+                shared = event.shared and self._limits.shared
+                self._upstream.send_client_init(shared)
+                if event.leftover:
+                    self._queue_for_upstream(event.leftover)
+            elif isinstance(event, rfb.Failed):
+                self.close(Outcome.CLIENT_PROTOCOL_ERROR, f"browser: {event.message}")
+                return
+
+    def _offer_security_if_ready(self) -> None:
+        if self._browser_version_seen and self._upstream_secure and not self.closed:
+            self._send_browser(self._server_hs.accept())
+
+    def _queue_for_upstream(self, data: bytes) -> None:
+        # The VNC server reads client messages only after its ServerInit; TCP keeps the
+        # order, so these bytes can go now. Count them against the pre-relay bound.
+        self._pending_size += len(data)
+        if self._pending_size > MAX_PRE_RELAY_BUFFER:
+            self.close(Outcome.CLIENT_PROTOCOL_ERROR,
+                       "browser sent too much before the session started")
+            return
+        self.stats.bytes_to_server += len(data)
+        self._scanner.feed(data)
+        self._upstream.write(data)  # type: ignore[union-attr]
+
+    def _refuse(self, outcome: Outcome, detail: str) -> None:
+        """Fail set-up; tell noVNC the reason through RFB when the handshake allows it."""
+        if self.closed:
+            return
+        if self._browser_version_seen:
+            self._send_browser(self._server_hs.reject(outcome.text))
+            self.close(outcome, detail)
+            return
+        # The browser has not sent its version yet: wait briefly for it.
+        self._refusal = (outcome, detail)
+        self._timer("refusal", REFUSAL_GRACE, lambda: self.close(outcome, detail))
+        if self._upstream is not None:
+            self._upstream.close()
+
+    # -- flow control, timers ------------------------------------------------------------
+
+    def _start_flow_control(self) -> None:
+        """A slow browser pauses reads from the VNC server, and a slow VNC server pauses
+        reads from the browser: each transport's buffer is the other's brake."""
+        b = self._browser.transport
+        u = self._upstream.transport  # type: ignore[union-attr]
+        if b is None or u is None:
+            return
+        b.registerProducer(u, True)
+        u.registerProducer(b, True)
+
+    def _idle_limit(self) -> float:
+        r = self.redemption
+        return _smaller(self._limits.idle_timeout, r.idle_timeout if r else None)
+
+    def _check_idle(self) -> None:
+        # One timer per session re-armed lazily: input updates a timestamp only.
+        limit = self._idle_limit()
+        quiet = self._reactor.seconds() - self._last_input
+        if quiet >= limit:
+            self.close(Outcome.IDLE_TIMEOUT, f"no input from the browser for {quiet:.0f} s")
+        else:
+            self._timer("idle", limit - quiet, self._check_idle)
+
+    def _handshake_timed_out(self) -> None:
+        if self.redemption is None:
+            self._refuse(Outcome.MANAGER_UNREACHABLE, "token redemption timed out")
+        else:
+            self._refuse(Outcome.VNC_HANDSHAKE_TIMEOUT,
+                         f"session not set up within {self._limits.handshake_timeout:g} s")
+
+    def _timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
+        self._cancel(name)
+        if delay and delay > 0:
+            self._timers[name] = self._reactor.callLater(delay, fn)  # type: ignore[attr-defined]
+
+    def _cancel(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- the end -------------------------------------------------------------------------
+
+    def close(self, outcome: Outcome, detail: str, notify_browser: bool = True) -> None:
+        """End the session once: close both sides, stop timers, report."""
+        if self.closed:
+            return
+        self.outcome = outcome
+        self.stats.ended = self._reactor.seconds()
+        for name in list(self._timers):
+            self._cancel(name)
+        if self._upstream is not None:
+            self._upstream.close()
+        if notify_browser:
+            self._browser.close(outcome.code, outcome.text)
+        self._hooks.ended(self, outcome, detail)
+
+    def _bug(self, failure: Failure) -> None:
+        self._log.failure("console session failed unexpectedly", failure, **self.log_fields())
+        self.close(Outcome.ERROR, "internal error")
+
+
+def _smaller(ours: float, theirs: float | None) -> float:
+    """The stricter of two limits where 0 or None means "no limit"."""
+    if not theirs:
+        return ours
+    if not ours:
+        return theirs
+    return min(ours, theirs)

@@ -1,0 +1,166 @@
+"""The browser's WebSocket: an Autobahn protocol as a thin shell around ``ConsoleSession``.
+
+Everything that can be refused without the manager is refused in ``onConnect``, before
+the upgrade completes and before any token is redeemed: wrong path, disallowed origin,
+missing or repeated token, a proxy at capacity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from cpvm.outcome import Outcome
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cpvm.registry import ConsoleSessions
+
+WEBSOCKET_PATH = "/websockify"
+MAX_TOKEN_LENGTH = 512
+
+
+class ConsoleWebSocketProtocol(WebSocketServerProtocol):
+    """One browser connection. Autobahn owns ``self.log``; ours is ``_log``."""
+
+    _log = Logger()
+    factory: "ConsoleWebSocketFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._session = None
+
+    def onConnect(self, request):  # noqa: N802 (Autobahn's name)
+        f = self.factory
+        peer = self.transport.getPeer()
+        client = client_address(getattr(peer, "host", "unknown"),
+                                request.headers.get("x-forwarded-for"), f.trusted_proxies)
+        try:
+            token, extra = self._check_request(request, client)
+        except ConnectionDeny as deny:
+            self._log.info("refused WebSocket from {client}: {reason}", client=client,
+                           reason=deny.reason)
+            f.sessions.refused(deny.reason)
+            raise
+        self._session = f.sessions.create(self, token, extra, client)
+        if "binary" in request.protocols:
+            return "binary"
+        return None
+
+    def _check_request(self, request, client: str) -> tuple[str, str | None]:
+        f = self.factory
+        if request.path != WEBSOCKET_PATH:
+            raise ConnectionDeny(404, "unknown WebSocket path")
+        origin = request.headers.get("origin")
+        if not origin_allowed(origin, request.host, f.scheme, f.allowed_origins):
+            raise ConnectionDeny(403, "origin not allowed")
+        tokens = request.params.get("token", [])
+        extras = request.params.get("extra", [])
+        if len(tokens) != 1 or not tokens[0] or len(tokens[0]) > MAX_TOKEN_LENGTH:
+            raise ConnectionDeny(400, "exactly one token query parameter is required")
+        if len(extras) > 1 or (extras and len(extras[0]) > MAX_TOKEN_LENGTH):
+            raise ConnectionDeny(400, "at most one extra query parameter is allowed")
+        if f.sessions.at_capacity():
+            raise ConnectionDeny(503, "console proxy at capacity")
+        return tokens[0], (extras[0] if extras else None)
+
+    def onOpen(self):  # noqa: N802
+        try:
+            self._session.start()
+        except Exception:
+            # Autobahn swallows exceptions here; log and close ourselves.
+            self._log.failure("starting a console session failed")
+            self.sendClose(Outcome.ERROR.code, Outcome.ERROR.text)
+
+    def onMessage(self, payload, isBinary):  # noqa: N802
+        if self._session is None:
+            return
+        if not isBinary:
+            self._session.browser_text_frame()
+            return
+        self._session.browser_data(payload)
+
+    def onClose(self, wasClean, code, reason):  # noqa: N802
+        if self._session is not None:
+            self._session.browser_closed(code)
+
+    # -- what the session calls ----------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+        else:
+            self.sendClose(code, reason)
+
+
+class ConsoleWebSocketFactory(WebSocketServerFactory):
+    """Holds what every browser connection needs: policy and the session registry."""
+
+    protocol = ConsoleWebSocketProtocol
+
+    def __init__(self, *, sessions: "ConsoleSessions", scheme: str,
+                 allowed_origins: tuple[str, ...], trusted_proxies: tuple,
+                 open_handshake_timeout: float, max_message_size: int, server_name: str):
+        super().__init__(server=server_name)
+        self.sessions = sessions
+        self.scheme = scheme
+        self.allowed_origins = allowed_origins
+        self.trusted_proxies = trusted_proxies
+        self.setProtocolOptions(
+            openHandshakeTimeout=open_handshake_timeout,
+            closeHandshakeTimeout=5,
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            # A dead browser (laptop lid closed) is noticed within a minute.
+            autoPingInterval=30,
+            autoPingTimeout=30,
+            # noVNC needs no compression; RFB encodings already compress.
+            perMessageCompressionAccept=lambda offers: None,
+            # Echoing the Host header back in errors is needless; keep pages bare.
+            webStatus=False,
+        )
+
+
+def origin_allowed(origin: str | None, host: str | None, scheme: str,
+                   allowed: tuple[str, ...]) -> bool:
+    """``self`` in ``allowed`` admits the page's own origin (``scheme://Host``)."""
+    if "*" in allowed:
+        return True
+    if not origin:
+        # Browsers always send Origin on WebSocket upgrades; non-browser clients (health
+        # probes, tools) carry no ambient credentials, so they gain nothing from a bypass.
+        return True
+    origin = origin.rstrip("/").lower()
+    if "self" in allowed and host and origin == f"{scheme}://{host.lower()}":
+        return True
+    return origin in allowed
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
+    """The browser's address: the TCP peer, unless that is a trusted proxy, then the
+    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
+    if not forwarded_for or not trusted or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a garbled header is not trusted at all
+        if not _in(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _in(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

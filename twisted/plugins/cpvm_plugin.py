@@ -1,0 +1,17 @@
+# Only ServiceMaker objects naming modules by string: importing the reactor (or our code)
+# here would break every twistd plugin whenever dropin.cache must be rebuilt.
+from twisted.application.service import ServiceMaker
+
+cpvm = ServiceMaker(
+    "cpvm",
+    "cpvm.tap",
+    "Console proxy: noVNC and WebSocket to VNC relay on one-time tokens",
+    "cpvm",
+)
+
+cpvmManager = ServiceMaker(
+    "cpvm-manager",
+    "cpvm.manager.tap",
+    "Management endpoint: createConsoleEndpoint, one-time tokens, console sessions",
+    "cpvm-manager",
+)
