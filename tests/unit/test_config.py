@@ -1,0 +1,87 @@
+"""Configuration: typed values, defaults, and errors naming file, key and reason."""
+
+import pytest
+
+from cpvm.config import load_config
+from cpvm.inifile import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cpvm.conf"
+    p.write_text(text)
+    return str(p)
+
+
+def test_embedded_defaults():
+    c = load_config(None)
+    assert c.server.tls is False
+    assert c.server.port == 8080
+    assert c.server.allowed_origins == ("self",)
+    assert str(c.server.novnc_dir) == "/usr/share/novnc"
+    assert c.manager.url == "http://127.0.0.1:8250"
+    assert c.manager.credential is None
+    assert c.session.idle_timeout == 900
+    assert c.server.workers == 1
+
+
+def test_shipped_file_is_all_defaults():
+    assert load_config("etc/cpvm/cpvm.conf") == load_config(None).__class__(
+        **{**load_config(None).__dict__, "path": "etc/cpvm/cpvm.conf"})
+
+
+def test_tls_defaults_to_8443_and_needs_certificate(tmp_path):
+    cert = tmp_path / "c.pem"
+    key = tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    c = load_config(write(tmp_path, f"[server]\ntls = true\ncertificate = {cert}\n"
+                                    f"private_key = {key}\n"))
+    assert c.server.tls and c.server.port == 8443 and c.server.scheme == "https"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[server]\ntls = yes\ncertificate = /nonexistent.pem\n"))
+    assert "[server] certificate" in str(e.value) and "does not exist" in str(e.value)
+
+
+def test_credential_is_read_from_a_file(tmp_path):
+    cred = tmp_path / "key"
+    cred.write_text("cpvmk_abc.s3cr3t\n")
+    c = load_config(write(tmp_path, f"[manager]\ncredential_file = {cred}\n"))
+    assert c.manager.credential == "cpvmk_abc.s3cr3t"
+
+
+@pytest.mark.parametrize("text, where, reason", [
+    ("[server]\ntls = maybe\n", "[server] tls", "expected true or false"),
+    ("[server]\nport = 70000\n", "[server] port", "at most 65535"),
+    ("[server]\nbind = example.com\n", "[server] bind", "expected an IP address"),
+    ("[server]\ntsl = true\n", "[server] tsl", "unknown setting"),
+    ("[srever]\n", "[srever]", "unknown section"),
+    ("[server]\nallowed_origins = dashboard.example.com\n", "[server] allowed_origins",
+     "is not an origin"),
+    ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies", "CIDR"),
+    ("[manager]\nurl = ftp://x\n", "[manager] url", "http:// or https://"),
+    ("[manager]\ncredential_file = /nonexistent/key\n", "[manager] credential_file",
+     "cannot read"),
+    ("[session]\nidle_timeout = soon\n", "[session] idle_timeout", "expected a number"),
+    ("[log]\nformat = xml\n", "[log] format", "expected one of text, json"),
+    ("not an ini file\n", "cpvm.conf", "not a valid INI file"),
+])
+def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(path) or "cpvm.conf" in message
+    assert where in message
+    assert reason in message
+
+
+def test_empty_credential_file_is_refused(tmp_path):
+    cred = tmp_path / "key"
+    cred.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(write(tmp_path, f"[manager]\ncredential_file = {cred}\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "absent.conf"))

@@ -1,0 +1,103 @@
+"""cpvm's manager client against stubbed manager answers (treq.testing)."""
+
+import json
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+
+from cpvm.manager_client import (
+    ManagerClient, ManagerUnavailable, RedemptionRefused, parse_redemption,
+)
+from cpvm.outcome import Outcome
+
+GOOD = {
+    "session_id": "s-1",
+    "vm": {"id": "vm-1", "name": "web-01"},
+    "vnc": {"host": "127.0.0.1", "port": 5901, "password": "pw", "tls": "none",
+            "ca_pem": None, "server_name": None},
+    "limits": {"idle_timeout": 60, "max_duration": None},
+    "account": "alice",
+}
+
+
+class Answer(Resource):
+    isLeaf = True
+
+    def __init__(self, status, body, raw=None):
+        super().__init__()
+        self.status, self.body, self.raw = status, body, raw
+        self.requests = []
+
+    def render_POST(self, request):  # noqa: N802
+        self.requests.append((request.path, request.getHeader(b"authorization"),
+                              json.loads(request.content.read())))
+        request.setResponseCode(self.status)
+        if self.raw is not None:
+            return self.raw
+        return json.dumps(self.body).encode()
+
+
+def client(resource, clock=None):
+    return ManagerClient(clock or Clock(), "http://manager.invalid", "cpvmk_a.secret", 5,
+                         http=StubTreq(resource))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeem_success_sends_credential_and_parses_target():
+    res = Answer(200, GOOD)
+    r = await client(res).redeem("tok", "x", "203.0.113.7")
+    path, auth, body = res.requests[0]
+    assert path == b"/proxy/v1/redeem"
+    assert auth == b"Bearer cpvmk_a.secret"
+    assert body == {"token": "tok", "extra": "x", "client_address": "203.0.113.7"}
+    assert r.session_id == "s-1" and r.vm_name == "web-01" and r.account == "alice"
+    assert r.vnc.port == 5901 and r.vnc.password == b"pw"
+    assert r.idle_timeout == 60 and r.max_duration is None
+    assert "pw" not in repr(r.vnc)
+
+
+@pytest.mark.parametrize("status, error, outcome", [
+    (404, "invalid_token", Outcome.INVALID_TOKEN),
+    (410, "expired_token", Outcome.EXPIRED_TOKEN),
+    (409, "token_used", Outcome.TOKEN_USED),
+    (403, "extra_mismatch", Outcome.EXTRA_MISMATCH),
+    (403, "address_mismatch", Outcome.ADDRESS_MISMATCH),
+    (403, "wrong_proxy", Outcome.WRONG_PROXY),
+])
+@pytest_twisted.ensureDeferred
+async def test_refusals_map_to_close_codes(status, error, outcome):
+    with pytest.raises(RedemptionRefused) as e:
+        await client(Answer(status, {"error": error, "message": "m"})).redeem("t", None, "a")
+    assert e.value.outcome is outcome
+
+
+@pytest.mark.parametrize("status, body, raw", [
+    (500, {"error": "internal"}, None),
+    (401, {"error": "unauthorized"}, None),
+    (200, None, b"not json"),
+    (200, {"session_id": "s"}, None),
+    (418, {"error": "teapot"}, None),
+    (200, {**GOOD, "vnc": {**GOOD["vnc"], "port": 99999}}, None),
+    (200, {**GOOD, "vnc": {**GOOD["vnc"], "tls": "maybe"}}, None),
+])
+@pytest_twisted.ensureDeferred
+async def test_broken_answers_mean_manager_unavailable(status, body, raw):
+    with pytest.raises(ManagerUnavailable):
+        await client(Answer(status, body, raw)).redeem("t", None, "a")
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_answer_is_refused():
+    big = json.dumps({**GOOD, "pad": "x" * 300_000}).encode()
+    with pytest.raises(ManagerUnavailable, match="larger than"):
+        await client(Answer(200, None, big)).redeem("t", None, "a")
+
+
+def test_parse_redemption_rejects_bad_types():
+    for bad in ([], {"session_id": 1}, {**GOOD, "vnc": {**GOOD["vnc"], "password": 5}},
+                {**GOOD, "limits": {"idle_timeout": -1}}):
+        with pytest.raises(ValueError):
+            parse_redemption(bad)
