@@ -160,6 +160,18 @@ class ClientInitReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientVersionReceived:
+    """The browser sent its RFB version; call ``accept`` or ``reject`` next.
+
+    The server side waits here until the session knows whether it can go on (token
+    redeemed, VNC server authenticated), so a refusal reaches the person as an RFB
+    security failure with a reason, which noVNC displays.
+    """
+
+    minor_version: int
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The handshake failed; close the connection. The machine ignores further input.
 
@@ -174,7 +186,15 @@ class Failed:
     message: str
 
 
-Event = Send | StartTLS | SecurityComplete | ServerInitReceived | ClientInitReceived | Failed
+Event = (
+    Send
+    | StartTLS
+    | SecurityComplete
+    | ServerInitReceived
+    | ClientVersionReceived
+    | ClientInitReceived
+    | Failed
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,6 +339,7 @@ class RfbClientHandshake(_Machine):
     ``password`` is the VNC password (only its first 8 bytes count). ``allow_anonymous_tls``
     permits VeNCrypt TLSNone/TLSVnc, which encrypt but cannot authenticate the server.
     ``allow_none`` permits servers that ask for no authentication at all.
+    ``require_tls`` accepts only VeNCrypt TLS subtypes (the VM's VNC is configured for TLS).
     """
 
     def __init__(
@@ -327,11 +348,15 @@ class RfbClientHandshake(_Machine):
         *,
         allow_anonymous_tls: bool = False,
         allow_none: bool = True,
+        require_tls: bool = False,
     ) -> None:
         super().__init__()
         self._password = password
         self._allow_anonymous_tls = allow_anonymous_tls
         self._allow_none = allow_none
+        # The manager may demand VeNCrypt TLS for a VM: then plain VncAuth/None are refused
+        # even when offered, so a downgrade by a man in the middle fails loudly.
+        self._require_tls = require_tls
         self._step = self._step_version
         #: Minor version agreed with the server (3, 7 or 8) once the versions are exchanged.
         self.minor_version: int | None = None
@@ -422,6 +447,10 @@ class RfbClientHandshake(_Machine):
         if sec_type == SEC_INVALID:
             self._step = self._step_connection_refused
             return True
+        if self._require_tls:
+            return self._fail(
+                events, "unsupported-security",
+                f"server (RFB 3.3) imposes security type {sec_type} but TLS is required")
         if sec_type == SEC_NONE and self._allow_none:
             self.security_type = SEC_NONE
             # No SecurityResult after None before 3.8.
@@ -472,6 +501,8 @@ class RfbClientHandshake(_Machine):
             # The subtypes are only listed after committing to VeNCrypt; take it when it is
             # on offer, as servers offering it expect to be reached that way.
             return SEC_VENCRYPT
+        if self._require_tls:
+            return None
         if SEC_VNC_AUTH in offered and self._password is not None:
             return SEC_VNC_AUTH
         if SEC_NONE in offered and self._allow_none:
@@ -480,6 +511,8 @@ class RfbClientHandshake(_Machine):
 
     def _rejection_reasons(self, offered: list[int]) -> list[str]:
         reasons = []
+        if self._require_tls:
+            reasons.append("TLS is required and VeNCrypt (19) is not offered")
         unsupported = sorted({t for t in offered if t not in _PREFERENCE})
         if SEC_VNC_AUTH in offered and self._password is None:
             reasons.append(f"type {SEC_VNC_AUTH} (VNC Authentication) needs a VNC password")
@@ -580,6 +613,8 @@ class RfbClientHandshake(_Machine):
         return True
 
     def _subtype_allowed(self, subtype: int) -> bool:
+        if self._require_tls and subtype not in _VENCRYPT_TLS_SUBTYPES:
+            return False
         if subtype in _NEEDS_PASSWORD and self._password is None:
             return False
         if subtype in _VENCRYPT_ANONYMOUS_SUBTYPES and not self._allow_anonymous_tls:
@@ -596,6 +631,10 @@ class RfbClientHandshake(_Machine):
 
     def _no_acceptable_subtype(self, events: list[Event], offered: list[int]) -> bool:
         reasons = []
+        if self._require_tls and not any(
+            t in _VENCRYPT_TLS_SUBTYPES and self._subtype_allowed(t) for t in offered
+        ):
+            reasons.append("TLS is required and no acceptable VeNCrypt TLS subtype is offered")
         anonymous = sorted({t for t in offered if t in _VENCRYPT_ANONYMOUS_SUBTYPES})
         need_password = sorted({t for t in offered if t in _NEEDS_PASSWORD})
         if anonymous and not self._allow_anonymous_tls:
@@ -746,14 +785,42 @@ class RfbServerHandshake(_Machine):
         # client claiming more than our 3.8 gets 3.8.
         minor = 3 if minor < 7 else min(minor, 8)
         self.minor_version = minor
-        if minor == 3:
+        events.append(ClientVersionReceived(minor))
+        self._step = self._step_wait_for_decision
+        return True
+
+    def _step_wait_for_decision(self, events: list[Event]) -> bool:
+        # Input waits in the buffer until accept() or reject().
+        return False
+
+    def accept(self) -> list[Event]:
+        """Offer security type None and continue towards ClientInit."""
+        if self._dead:
+            return []
+        if self._step != self._step_wait_for_decision:
+            raise RuntimeError("accept() called before ClientVersionReceived")
+        events: list[Event] = []
+        if self.minor_version == 3:
             # RFB 3.3: the server imposes the type.
             events.append(Send(_U32.pack(SEC_NONE)))
             self._step = self._step_client_init
         else:
             events.append(Send(bytes([1, SEC_NONE])))
             self._step = self._step_security_choice
-        return True
+        return self._run(events)
+
+    def reject(self, reason: str) -> list[Event]:
+        """Refuse the connection with ``reason`` (shown to the person by noVNC)."""
+        if self._dead:
+            return []
+        if self._step != self._step_wait_for_decision:
+            raise RuntimeError("reject() called before ClientVersionReceived")
+        raw = reason.encode("utf-8")[:MAX_REASON_LENGTH]
+        # 3.3 signals failure with security type 0; 3.7+ with an empty type list. Both are
+        # followed by the reason string.
+        head = _U32.pack(SEC_INVALID) if self.minor_version == 3 else b"\x00"
+        self._dead = True
+        return [Send(head + _U32.pack(len(raw)) + raw)]
 
     def _step_security_choice(self, events: list[Event]) -> bool:
         if not self._buf:

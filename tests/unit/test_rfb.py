@@ -18,6 +18,7 @@ from cpvm.rfb import (
     Failed,
     RfbClientHandshake,
     RfbServerHandshake,
+    ClientVersionReceived,
     SecurityComplete,
     Send,
     ServerInit,
@@ -708,19 +709,27 @@ def test_server_init_rejects_impossible_values(kwargs):
 # RfbServerHandshake (towards the browser)
 
 
-def drive_server(machine: RfbServerHandshake, data: bytes, chunks=None):
+def drive_server(machine: RfbServerHandshake, data: bytes, chunks=None, decide=None):
+    """Feed ``data``; on ClientVersionReceived answer with ``decide(machine)`` (accept)."""
     sent = b""
     events = []
-    for event in machine.start():
-        sent += event.data
-    for chunk in chunks(data) if chunks else [data]:
-        if events and isinstance(events[-1], (Failed, ClientInitReceived)):
-            break
-        for event in machine.receive(chunk):
+    decide = decide or (lambda m: m.accept())
+
+    def handle(new):
+        nonlocal sent
+        for event in new:
             if isinstance(event, Send):
                 sent += event.data
+            elif isinstance(event, ClientVersionReceived):
+                handle(decide(machine))
             else:
                 events.append(event)
+
+    handle(machine.start())
+    for chunk in chunks(data) if chunks else [data]:
+        if events and isinstance(events[-1], (Failed, ClientInitReceived)) or machine.failed:
+            break
+        handle(machine.receive(chunk))
     return sent, events
 
 
@@ -821,6 +830,31 @@ def test_server_scenario_in_random_chunks(scenario, data):
         assert events[-1].leftover.startswith(got[-1].leftover)
 
 
+def test_server_waits_for_a_decision_after_the_version():
+    machine = RfbServerHandshake()
+    machine.start()
+    # The whole handshake arrives at once: nothing is answered before accept().
+    assert machine.receive(b"RFB 003.008\n\x01\x01") == [ClientVersionReceived(8)]
+    assert machine.accept() == [
+        Send(b"\x01\x01"), Send(u32(0)), ClientInitReceived(True, b"")]
+
+
+@pytest.mark.parametrize("version, head", [
+    (b"RFB 003.008\n", b"\x00"),
+    (b"RFB 003.007\n", b"\x00"),
+    (b"RFB 003.003\n", u32(0)),
+])
+def test_server_rejects_with_a_reason_noVNC_shows(version, head):
+    machine = RfbServerHandshake()
+    sent, events = drive_server(machine, version,
+                                decide=lambda m: m.reject("token already used"))
+    assert sent == b"RFB 003.008\n" + head + reason(b"token already used")
+    assert events == []
+    assert machine.receive(b"\x01") == []
+    with pytest.raises(RuntimeError):
+        RfbServerHandshake().accept()
+
+
 def test_server_sends_server_init_with_the_vm_name():
     machine = RfbServerHandshake()
     drive_server(machine, b"RFB 003.008\n\x01\x01")
@@ -846,6 +880,11 @@ def test_server_api_misuse_raises():
         machine.send_server_init(SERVER_INIT)
     machine.receive(b"RFB 003.008\n\x01\x01")
     with pytest.raises(RuntimeError):
+        machine.send_server_init(SERVER_INIT)  # still waiting for accept()
+    machine.accept()
+    with pytest.raises(RuntimeError):
+        machine.accept()
+    with pytest.raises(RuntimeError):
         machine.receive(b"\x03")
     machine.send_server_init(SERVER_INIT)
     with pytest.raises(RuntimeError):
@@ -868,6 +907,14 @@ def test_our_client_and_our_server_agree(password, shared):
     server = RfbServerHandshake()
     client = RfbClientHandshake(password)
     to_client = [e.data for e in server.start()]
+
+    def server_events(new):
+        for event in new:
+            if isinstance(event, ClientVersionReceived):
+                yield from server.accept()
+            else:
+                yield event
+
     result = None
     server_done = None
     for _ in range(20):
@@ -882,7 +929,7 @@ def test_our_client_and_our_server_agree(password, shared):
                     result = event
         to_client = []
         for data in to_server:
-            for event in server.receive(data):
+            for event in server_events(server.receive(data)):
                 if isinstance(event, Send):
                     to_client.append(event.data)
                 elif isinstance(event, ClientInitReceived):
@@ -1029,3 +1076,35 @@ def test_scanner_counts_any_stream_in_any_chunks(names, data):
     assert total == expected
     assert not scanner.desynchronised
     assert scanner._skip == 0 and scanner._header is None  # exactly at a message boundary
+
+
+# --------------------------------------------------------------------------------------
+# require_tls: the manager says this VM's VNC must be reached over VeNCrypt TLS
+
+
+@pytest.mark.parametrize("server_bytes, what", [
+    (b"RFB 003.008\n" + b"\x01\x02", "plain VncAuth only"),
+    (b"RFB 003.008\n" + b"\x02\x01\x02", "None and VncAuth"),
+    (b"RFB 003.003\n" + u32(2), "RFB 3.3 imposing VncAuth"),
+])
+def test_require_tls_refuses_plain_security(server_bytes, what):
+    outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server_bytes])
+    assert isinstance(outcome.last, Failed), what
+    assert outcome.last.kind == "unsupported-security"
+    assert "TLS is required" in outcome.last.message
+
+
+def test_require_tls_refuses_plain_vencrypt_subtypes():
+    server = (b"RFB 003.008\n" + b"\x01\x13" + b"\x00\x02" + b"\x00"
+              + b"\x02" + u32(2) + u32(1))
+    outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server])
+    assert isinstance(outcome.last, Failed)
+    assert "TLS is required" in outcome.last.message
+
+
+def test_require_tls_takes_x509vnc():
+    server = (b"RFB 003.008\n" + b"\x01\x13" + b"\x00\x02" + b"\x00"
+              + b"\x02" + u32(2) + u32(261) + b"\x01")
+    outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server])
+    assert StartTLS(anonymous=False) in outcome.events
+    assert outcome.sent.endswith(u32(261))
