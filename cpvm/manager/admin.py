@@ -1,0 +1,361 @@
+"""``cpvm-manager-admin``: accounts, API keys, VMs and proxy keys, straight in the database.
+
+It uses the manager's configuration file, schema migrations and queries, synchronously.
+Secrets are printed once, at creation, and never again; VNC passwords are read from a file
+or stdin, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+import uuid
+from typing import Any, Callable, Sequence, TextIO
+
+from cpvm.inifile import ConfigError
+from cpvm.manager import db as dbmodule
+from cpvm.manager import store
+from cpvm.manager.config import ManagerConfig, load_config
+from cpvm.manager.secrets_box import SecretBox, SecretKeyError, sha256_hex
+from cpvm.manager.signing import format_time
+
+
+class AdminError(Exception):
+    """A failed admin command: printed, exit status 1."""
+
+
+class AdminContext:
+    """An open database and key box for one CLI run."""
+
+    def __init__(self, config: ManagerConfig, out: TextIO):
+        self.config = config
+        self.out = out
+        self._box: SecretBox | None = None
+        dbmodule.migrate(config.database, time.time())
+        self.conn = dbmodule.connect_sync(config.database)
+
+    @property
+    def box(self) -> SecretBox:
+        if self._box is None:
+            self._box = SecretBox.from_file(self.config.security.secret_key_file)
+        return self._box
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return dbmodule.run_sync(self.conn, self.config.database.kind, fn, *args)
+
+    def print(self, *args: Any) -> None:
+        print(*args, file=self.out)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _fmt(t: float | None) -> str:
+    return format_time(t) if t is not None else "-"
+
+
+def _table(ctx: AdminContext, header: Sequence[str], rows: Sequence[Sequence[Any]],
+           as_json: bool) -> None:
+    if as_json:
+        ctx.print(json.dumps([dict(zip(header, r)) for r in rows], indent=2))
+        return
+    cells = [list(header)] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        ctx.print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+# Commands ------------------------------------------------------------------------------
+
+
+def account_create(ctx: AdminContext, a: argparse.Namespace) -> None:
+    role = "admin" if a.admin else "user"
+    account = ctx.run(store.create_account, str(uuid.uuid4()), a.name, role, time.time())
+    ctx.print(f"account {account.name} ({account.role}) id {account.id}")
+
+
+def account_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    rows = [(x.name, x.id, x.role, _fmt(x.created_at), "yes" if x.disabled else "no")
+            for x in ctx.run(store.list_accounts)]
+    _table(ctx, ("name", "id", "role", "created", "disabled"), rows, a.json)
+
+
+def key_create(ctx: AdminContext, a: argparse.Namespace) -> None:
+    account = ctx.run(store.find_account, a.account)
+    api_key = secrets.token_urlsafe(48)
+    secret = secrets.token_urlsafe(48)
+    ctx.run(store.create_api_key, str(uuid.uuid4()), account.id, api_key,
+            ctx.box.encrypt(secret), time.time())
+    if a.json:
+        ctx.print(json.dumps({"account": account.name, "apikey": api_key, "secretkey": secret}))
+    else:
+        ctx.print(f"account:   {account.name}")
+        ctx.print(f"apiKey:    {api_key}")
+        ctx.print(f"secretKey: {secret}")
+        ctx.print("(the secret key is shown only now)")
+
+
+def key_revoke(ctx: AdminContext, a: argparse.Namespace) -> None:
+    ctx.run(store.revoke_api_key, a.apikey, time.time())
+    ctx.print("API key revoked")
+
+
+def key_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    rows = [(n, k, _fmt(c), _fmt(r)) for n, k, c, r in ctx.run(store.list_api_keys)]
+    _table(ctx, ("account", "apikey", "created", "revoked"), rows, a.json)
+
+
+def _read_password(a: argparse.Namespace) -> str | None:
+    if a.vnc_password_file and a.vnc_password_stdin:
+        raise AdminError("give --vnc-password-file or --vnc-password-stdin, not both")
+    if a.vnc_password_file:
+        try:
+            with open(a.vnc_password_file, encoding="utf-8") as f:
+                value = f.read().rstrip("\r\n")
+        except OSError as e:
+            raise AdminError(f"cannot read {a.vnc_password_file}: {e.strerror}") from None
+    elif a.vnc_password_stdin:
+        value = sys.stdin.readline().rstrip("\r\n")
+    else:
+        return None
+    if not value:
+        raise AdminError("the VNC password is empty")
+    return value
+
+
+def _read_ca(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            pem = f.read()
+    except OSError as e:
+        raise AdminError(f"cannot read {path}: {e.strerror}") from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise AdminError(f"{path} holds no PEM certificate")
+    return pem
+
+
+def vm_add(ctx: AdminContext, a: argparse.Namespace) -> None:
+    vm_id = str(uuid.UUID(a.id)) if a.id else str(uuid.uuid4())
+    owner = ctx.run(store.find_account, a.owner)
+    password = _read_password(a)
+    vm = {
+        "id": vm_id, "name": a.name, "owner_id": owner.id, "state": a.state or "Running",
+        "vnc_host": a.vnc_host, "vnc_port": a.vnc_port,
+        "vnc_password_enc": ctx.box.encrypt(password) if password is not None else None,
+        "vnc_tls": a.tls or "none", "vnc_ca_pem": _read_ca(a.ca_file),
+        "vnc_server_name": a.server_name,
+    }
+    ctx.run(store.add_vm, vm, time.time())
+    ctx.print(vm_id)
+
+
+def vm_update(ctx: AdminContext, a: argparse.Namespace) -> None:
+    vm_id = str(uuid.UUID(a.id))
+    changes: dict[str, Any] = {}
+    if a.name is not None:
+        changes["name"] = a.name
+    if a.owner is not None:
+        changes["owner_id"] = ctx.run(store.find_account, a.owner).id
+    if a.state is not None:
+        changes["state"] = a.state
+    if a.vnc_host is not None:
+        changes["vnc_host"] = a.vnc_host
+    if a.vnc_port is not None:
+        changes["vnc_port"] = a.vnc_port
+    password = _read_password(a)
+    if password is not None:
+        changes["vnc_password_enc"] = ctx.box.encrypt(password)
+    if a.no_vnc_password:
+        changes["vnc_password_enc"] = None
+    if a.tls is not None:
+        changes["vnc_tls"] = a.tls
+    if a.ca_file is not None:
+        changes["vnc_ca_pem"] = _read_ca(a.ca_file) if a.ca_file else None
+    if a.server_name is not None:
+        changes["vnc_server_name"] = a.server_name or None
+    ctx.run(store.update_vm, vm_id, changes, time.time())
+    ctx.print(f"VM {vm_id} updated")
+
+
+def vm_remove(ctx: AdminContext, a: argparse.Namespace) -> None:
+    ctx.run(store.remove_vm, str(uuid.UUID(a.id)))
+    ctx.print("VM removed")
+
+
+def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    rows = [
+        (v.id, v.name, v.owner_name, v.state, f"{v.vnc_host}:{v.vnc_port}",
+         "yes" if v.vnc_password_enc else "no", v.vnc_tls, v.vnc_server_name)
+        for v in ctx.run(store.list_vms)
+    ]
+    _table(ctx, ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name"),
+           rows, a.json)
+
+
+def proxy_key_create(ctx: AdminContext, a: argparse.Namespace) -> None:
+    proxy_id = secrets.token_hex(4)
+    secret = secrets.token_urlsafe(32)
+    ctx.run(store.create_proxy, proxy_id, a.name, sha256_hex(secret), time.time())
+    key = f"cpvmk_{proxy_id}.{secret}"
+    if a.output:
+        import os
+
+        fd = os.open(a.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        ctx.print(f"proxy {a.name} id {proxy_id}; key written to {a.output}")
+    else:
+        ctx.print(key)
+
+
+def proxy_key_revoke(ctx: AdminContext, a: argparse.Namespace) -> None:
+    ctx.run(store.revoke_proxy, a.name, time.time())
+    ctx.print("proxy key revoked")
+
+
+def proxy_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    now = time.time()
+    timeout = ctx.config.proxies.proxy_timeout
+    rows = []
+    for p in ctx.run(store.list_proxies):
+        if p.revoked_at is not None:
+            status = "revoked"
+        elif p.last_heartbeat is not None and now - p.last_heartbeat <= timeout:
+            status = "up"
+        else:
+            status = "down"
+        endpoint = (f"{'wss' if p.tls else 'ws'}://{p.public_host}:{p.public_port}"
+                    if p.public_host else None)
+        rows.append((p.id, p.name, status, endpoint, p.address,
+                     f"{p.active_count}/{p.capacity if p.capacity is not None else '-'}",
+                     p.version, _fmt(p.last_heartbeat)))
+    _table(ctx, ("id", "name", "status", "endpoint", "address", "load", "version",
+                 "last_heartbeat"), rows, a.json)
+
+
+def session_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    filters: dict[str, Any] = {"active_only": a.active, "limit": a.limit}
+    if a.vm:
+        filters["vm_id"] = a.vm
+    if a.account:
+        filters["account_id"] = ctx.run(store.find_account, a.account).id
+    records = ctx.run(lambda tx: store.list_sessions(tx, **filters))
+    rows = [
+        (r.id, r.account_name, r.vm_name, r.proxy_name, _fmt(r.created_at), _fmt(r.acquired_at),
+         _fmt(r.ended_at), r.end_reason, r.client_address, r.bytes_to_client, r.bytes_to_server)
+        for r in records
+    ]
+    _table(ctx, ("id", "account", "vm", "proxy", "created", "acquired", "ended", "reason",
+                 "client", "bytes_to_client", "bytes_to_server"), rows, a.json)
+
+
+# Parser ----------------------------------------------------------------------------------
+
+
+def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
+    p.add_argument("--name", required=not update)
+    p.add_argument("--owner", required=not update, help="account name or id")
+    p.add_argument("--vnc-host", required=not update)
+    p.add_argument("--vnc-port", type=int, required=not update)
+    p.add_argument("--vnc-password-file", help="file holding the VNC password")
+    p.add_argument("--vnc-password-stdin", action="store_true",
+                   help="read the VNC password from the first line of stdin")
+    p.add_argument("--tls", choices=store.VNC_TLS_MODES)
+    p.add_argument("--ca-file", help="PEM CA certificate to verify the VNC server (x509)")
+    p.add_argument("--server-name", help="name expected in the VNC server certificate")
+    p.add_argument("--state", choices=store.VM_STATES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpvm-manager-admin", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", "-c", default=None,
+                        help="manager configuration file (default /etc/cpvm/manager.conf)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    top = parser.add_subparsers(dest="group", required=True)
+
+    account = top.add_parser("account", help="accounts").add_subparsers(dest="cmd", required=True)
+    p = account.add_parser("create", help="create an account")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="may use every VM")
+    p.set_defaults(func=account_create)
+    account.add_parser("list", help="list accounts").set_defaults(func=account_list)
+
+    key = top.add_parser("key", help="API keys").add_subparsers(dest="cmd", required=True)
+    p = key.add_parser("create", help="new apiKey/secretKey (printed once)")
+    p.add_argument("account")
+    p.set_defaults(func=key_create)
+    p = key.add_parser("revoke", help="revoke an API key")
+    p.add_argument("apikey")
+    p.set_defaults(func=key_revoke)
+    key.add_parser("list", help="list API keys (never secrets)").set_defaults(func=key_list)
+
+    vm = top.add_parser("vm", help="VM registry").add_subparsers(dest="cmd", required=True)
+    p = vm.add_parser("add", help="register a VM (prints its id)")
+    p.add_argument("--id", help="VM UUID (default: generated)")
+    _vm_options(p, update=False)
+    p.set_defaults(func=vm_add)
+    p = vm.add_parser("update", help="change a VM")
+    p.add_argument("id")
+    _vm_options(p, update=True)
+    p.add_argument("--no-vnc-password", action="store_true", help="remove the VNC password")
+    p.set_defaults(func=vm_update)
+    p = vm.add_parser("remove", help="unregister a VM")
+    p.add_argument("id")
+    p.set_defaults(func=vm_remove)
+    vm.add_parser("list", help="list VMs (never passwords)").set_defaults(func=vm_list)
+
+    pk = top.add_parser("proxy-key", help="console proxy keys").add_subparsers(
+        dest="cmd", required=True)
+    p = pk.add_parser("create", help="new cpvmk_<id>.<secret> key (printed once)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--output", "-o", help="write the key to this file (mode 0600) instead")
+    p.set_defaults(func=proxy_key_create)
+    p = pk.add_parser("revoke", help="revoke a proxy key")
+    p.add_argument("name", help="proxy name or key id")
+    p.set_defaults(func=proxy_key_revoke)
+
+    proxy = top.add_parser("proxy", help="console proxies").add_subparsers(dest="cmd",
+                                                                           required=True)
+    proxy.add_parser("list", help="list proxies and their state").set_defaults(func=proxy_list)
+
+    session = top.add_parser("session", help="console sessions").add_subparsers(
+        dest="cmd", required=True)
+    p = session.add_parser("list", help="list console sessions")
+    p.add_argument("--active", action="store_true")
+    p.add_argument("--vm")
+    p.add_argument("--account")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=session_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    out = out if out is not None else sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        ctx = AdminContext(config, out)
+    except ConfigError as e:
+        print(f"cpvm-manager-admin: configuration error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        print(f"cpvm-manager-admin: cannot open the database: {e}", file=sys.stderr)
+        return 2
+    try:
+        args.func(ctx, args)
+        return 0
+    except (AdminError, store.NotFound, store.Conflict, SecretKeyError, ValueError) as e:
+        print(f"cpvm-manager-admin: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The manager's configuration, parsed once into frozen dataclasses.
+
+Every setting is documented in ``etc/cpvm/manager.conf``. ``load_config`` reads the
+INI file with :class:`cpvm.inifile.IniReader`, refuses unknown keys and returns a
+:class:`ManagerConfig`; a bad file raises :class:`cpvm.inifile.ConfigError` naming the
+file, the ``[section] key`` and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpvm.inifile import ConfigError, IniReader
+
+DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
+DEFAULT_DATA_DIR = "/var/lib/cpvm-manager"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the HTTP API listens and whom it trusts for ``X-Forwarded-For``."""
+
+    listen: str
+    trusted_proxies: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """``kind`` is ``sqlite`` (``path`` set) or ``postgresql`` (``dsn`` set)."""
+
+    kind: str
+    path: str | None
+    dsn: str | None
+    pool_size: int
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """The key-encryption key file protecting API secrets and VNC passwords at rest."""
+
+    secret_key_file: Path
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """One-time console token settings."""
+
+    ttl: float
+    bind_client_address: bool
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How console proxies (cpvm) are chosen and addressed."""
+
+    proxy_timeout: float
+    heartbeat_interval: int
+    url_domain: str | None
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Session limits handed to cpvm and record keeping."""
+
+    idle_timeout: int | None
+    max_duration: int | None
+    retention_days: float
+    cleanup_interval: float
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Everything the manager needs, as read from one file."""
+
+    source: str
+    data_dir: Path
+    server: ServerConfig
+    database: DatabaseConfig
+    security: SecurityConfig
+    tokens: TokenConfig
+    proxies: ProxyConfig
+    sessions: SessionConfig
+    metrics: MetricsConfig
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    return tuple(
+        ipaddress.ip_network(p, strict=False) for p in raw.replace(",", " ").split() if p
+    )
+
+
+def _optional_int(reader: IniReader, section: str, key: str, minimum: int) -> int | None:
+    value = reader.get(section, key, None, int, "an integer or nothing")
+    if value is not None and value < minimum:
+        raise reader.error(section, key, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _database(reader: IniReader, data_dir: Path) -> DatabaseConfig:
+    url = reader.optional_string("database", "url")
+    pool_size = reader.integer("database", "pool_size", 10, minimum=1, maximum=200)
+    if url is None:
+        return DatabaseConfig("sqlite", str(data_dir / "manager.db"), None, 1)
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise reader.error("database", "url", "sqlite URL without a path")
+        return DatabaseConfig("sqlite", path, None, 1)
+    if url.startswith(("postgresql://", "postgres://")):
+        return DatabaseConfig("postgresql", None, url, pool_size)
+    raise reader.error(
+        "database", "url", "expected sqlite:///PATH or postgresql://…, got another scheme"
+    )
+
+
+def parse_config(reader: IniReader) -> ManagerConfig:
+    """Read every setting from ``reader`` and refuse unknown ones."""
+    data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
+    assert data_dir is not None
+    listen = reader.string("server", "listen", "tcp:8250")
+    if not listen.startswith(("tcp:", "ssl:", "unix:")):
+        raise reader.error("server", "listen", f"expected a tcp:/ssl: endpoint, got {listen!r}")
+    trusted = reader.get("server", "trusted_proxies", (), _networks, "a list of CIDRs")
+    server = ServerConfig(listen=listen, trusted_proxies=trusted)
+    database = _database(reader, data_dir)
+    key_file = reader.path("security", "secret_key_file", str(data_dir / "secret.key"))
+    assert key_file is not None
+    tokens = TokenConfig(
+        ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
+        bind_client_address=reader.boolean("tokens", "bind_client_address", False),
+    )
+    url_domain = reader.optional_string("proxies", "url_domain")
+    if url_domain is not None and ("/" in url_domain or ":" in url_domain):
+        raise reader.error("proxies", "url_domain", "expected a host name or *.domain pattern")
+    proxies = ProxyConfig(
+        proxy_timeout=reader.number("proxies", "proxy_timeout", 20.0, minimum=1.0),
+        heartbeat_interval=reader.integer("proxies", "heartbeat_interval", 5, minimum=1),
+        url_domain=url_domain,
+    )
+    sessions = SessionConfig(
+        idle_timeout=_optional_int(reader, "sessions", "idle_timeout", 1),
+        max_duration=_optional_int(reader, "sessions", "max_duration", 1),
+        retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
+        cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
+    )
+    metrics = MetricsConfig(enabled=reader.boolean("metrics", "enabled", True))
+    reader.check_unknown()
+    if proxies.heartbeat_interval >= proxies.proxy_timeout:
+        raise reader.error(
+            "proxies", "proxy_timeout", "must be larger than heartbeat_interval"
+        )
+    return ManagerConfig(
+        source=reader.filename,
+        data_dir=data_dir,
+        server=server,
+        database=database,
+        security=SecurityConfig(secret_key_file=key_file),
+        tokens=tokens,
+        proxies=proxies,
+        sessions=sessions,
+        metrics=metrics,
+    )
+
+
+def load_config(path: str | None) -> ManagerConfig:
+    """Load ``path``; ``None`` means the default file, or embedded defaults if it is absent."""
+    if path is None:
+        if os.path.exists(DEFAULT_CONFIG_PATH):
+            return parse_config(IniReader(DEFAULT_CONFIG_PATH))
+        return parse_config(IniReader.empty())
+    return parse_config(IniReader(path))
+
+
+__all__ = ["ConfigError", "ManagerConfig", "load_config", "parse_config"]

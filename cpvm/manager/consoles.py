@@ -1,0 +1,428 @@
+"""Console tokens and sessions: issuing, redeeming, proxy selection, session ends.
+
+:class:`ConsoleBroker` is the logic behind both APIs. It takes the database, the
+key-encryption box, a clock (``seconds()``; the reactor in production, ``Clock`` in tests)
+and explicit settings; the HTTP resources only parse requests and format answers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+from urllib.parse import quote
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+
+from cpvm.manager import store
+from cpvm.manager.db import Database
+from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.secrets_box import SecretBox, sha256_hex
+
+NOVNC_PATH = "/resource/noVNC/vnc.html"
+WEBSOCKET_PATH = "websockify"
+# How long a token's hash is kept after expiry, so a late redemption is told "expired"
+# rather than "invalid"; then cleanup forgets it.
+EXPIRED_TOKEN_GRACE = 300.0
+
+END_REASONS = frozenset({
+    "client_closed", "server_closed", "idle_timeout", "max_duration", "terminated", "shutdown",
+    "vnc_unreachable", "vnc_auth_failed", "vnc_protocol_error", "vnc_handshake_timeout",
+    "client_protocol_error", "error",
+})
+
+audit = Logger(namespace="cpvm.audit")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """The settings the broker needs, taken from the configuration by the wiring."""
+
+    token_ttl: float
+    bind_client_address: bool
+    proxy_timeout: float
+    heartbeat_interval: int
+    url_domain: str | None
+    idle_timeout: int | None
+    max_duration: int | None
+    retention_seconds: float
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A console endpoint answer: either a URL + WebSocket details, or why not."""
+
+    success: bool
+    details: str | None = None
+    url: str | None = None
+    websocket: dict[str, str] | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """The outcome of a redemption: ``error`` is None on success, else the contract code."""
+
+    error: str | None
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+REDEEM_STATUS = {
+    None: 200,
+    "invalid_token": 404,
+    "expired_token": 410,
+    "token_used": 409,
+    "extra_mismatch": 403,
+    "address_mismatch": 403,
+    "wrong_proxy": 403,
+    "vm_unavailable": 409,
+}
+
+REDEEM_MESSAGE = {
+    "invalid_token": "no such token",
+    "expired_token": "the token's lifetime has passed",
+    "token_used": "the token was already redeemed",
+    "extra_mismatch": "extra does not match the one given at creation",
+    "address_mismatch": "client address does not match the token's creator",
+    "wrong_proxy": "the token was issued for another console proxy",
+    "vm_unavailable": "the VM was removed or stopped since the token was issued",
+}
+
+
+def console_host(public_host: str, address: str | None, url_domain: str | None) -> str:
+    """The host name browsers use, after CloudStack's ``consoleproxy.url.domain`` rules.
+
+    ``*.example.com`` with address 1.2.3.4 gives ``1-2-3-4.example.com``; a plain domain is
+    used as is; no domain (or no usable address for a pattern) keeps the proxy's public host.
+    """
+    if not url_domain:
+        return public_host
+    if url_domain.startswith("*."):
+        source = address or public_host
+        try:
+            ip = ipaddress.ip_address(source)
+        except ValueError:
+            return public_host
+        label = str(ip).replace(".", "-").replace(":", "-")
+        return f"{label}.{url_domain[2:]}"
+    return url_domain
+
+
+def console_url(host: str, port: int, tls: bool, token: str, extra: str | None) -> str:
+    """The stock-noVNC URL that opens ``ws[s]://host:port/websockify?token=…``."""
+    path = f"{WEBSOCKET_PATH}?token={quote(token, safe='')}"
+    if extra is not None:
+        path += f"&extra={quote(extra, safe='')}"
+    scheme = "https" if tls else "http"
+    host_in_url = f"[{host}]" if ":" in host else host
+    return (
+        f"{scheme}://{host_in_url}:{port}{NOVNC_PATH}?autoconnect=true&reconnect=false"
+        f"&host={quote(host, safe='')}&port={port}&encrypt={1 if tls else 0}"
+        f"&path={quote(path, safe='')}&show_dot=true"
+    )
+
+
+def choose_proxy(candidates: Sequence[store.ProxyLoad]) -> store.ProxyLoad | None:
+    """Sticky first (a non-full proxy already serving this VM), else the least loaded.
+
+    Full proxies (load >= capacity) are never chosen. Ties go to the smaller absolute load,
+    then the proxy id, so the choice is deterministic.
+    """
+    open_ = [c for c in candidates if c.capacity > 0 and c.load < c.capacity]
+    if not open_:
+        return None
+    sticky = [c for c in open_ if c.vm_sessions > 0]
+    pool = sticky or open_
+    return min(pool, key=lambda c: (c.load / c.capacity, c.load, c.proxy.id))
+
+
+def check_redemption(
+    row: store.TokenRow | None,
+    *,
+    proxy_id: str,
+    extra_hash: str,
+    client_address: str,
+    now: float,
+) -> str | None:
+    """The contract's checks in order; returns the error code or None. Never writes."""
+    if row is None:
+        return "invalid_token"
+    if row.proxy_id != proxy_id:
+        return "wrong_proxy"
+    if row.acquired_at is not None:
+        return "token_used"
+    if row.ended_at is not None or now > row.expires_at:
+        return "expired_token"
+    if not hmac.compare_digest(
+        (row.extra_hash or "").encode("ascii"), extra_hash.encode("ascii")
+    ):
+        return "extra_mismatch"
+    if row.bound_address is not None and not _same_address(row.bound_address, client_address):
+        return "address_mismatch"
+    if row.vm is None or row.vm.state != "Running":
+        return "vm_unavailable"
+    return None
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
+class ConsoleBroker:
+    """Issues console endpoints and redeems their one-time tokens."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        db: Database,
+        box: SecretBox,
+        clock: Any,
+        settings: BrokerSettings,
+        metrics: ManagerMetrics,
+    ):
+        self._db = db
+        self._box = box
+        self._clock = clock
+        self.settings = settings
+        self._metrics = metrics
+
+    def _extra_hash(self, extra: str | None) -> str:
+        return self._box.keyed_hash(extra) if extra else ""
+
+    # Public API -----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def create_endpoint(
+        self, account: store.Account, vm_id: str, extra: str | None, creator_address: str
+    ):
+        """Pick a proxy, record a pending session with a fresh token, build the URL."""
+        now = self._clock.seconds()
+        token = secrets.token_urlsafe(32)
+        session_id = str(uuid.uuid4())
+        settings = self.settings
+        extra_hash = self._extra_hash(extra) or None
+
+        def txn(tx):
+            vm = store.get_vm(tx, vm_id)
+            if vm is None:
+                return Endpoint(False, f"virtual machine {vm_id} not found")
+            if not account.is_admin and vm.owner_id != account.id:
+                return Endpoint(
+                    False,
+                    f"permission denied: account {account.name} may not access "
+                    f"virtual machine {vm_id}",
+                )
+            if vm.state != "Running":
+                return Endpoint(
+                    False, f"virtual machine {vm_id} is not running (state {vm.state})"
+                )
+            chosen = choose_proxy(store.live_proxies(tx, now, settings.proxy_timeout, vm_id))
+            if chosen is None:
+                return Endpoint(False, "no console proxy available")
+            store.insert_session(tx, {
+                "id": session_id,
+                "token_hash": sha256_hex(token),
+                "extra_hash": extra_hash,
+                "expires_at": now + settings.token_ttl,
+                "created_at": now,
+                "account_id": account.id,
+                "account_name": account.name,
+                "vm_id": vm.id,
+                "vm_name": vm.name,
+                "proxy_id": chosen.proxy.id,
+                "creator_address": creator_address,
+                "bound_address": creator_address if settings.bind_client_address else None,
+            })
+            p = chosen.proxy
+            host = console_host(p.public_host or "", p.address, settings.url_domain)
+            port = int(p.public_port or (8443 if p.tls else 8080))
+            websocket = {"host": host, "port": str(port), "path": WEBSOCKET_PATH,
+                         "token": token}
+            if extra is not None:
+                websocket["extra"] = extra
+            return Endpoint(
+                True,
+                url=console_url(host, port, p.tls, token, extra),
+                websocket=websocket,
+                session_id=session_id,
+            ), p, vm
+
+        result = yield self._db.run(txn)
+        if isinstance(result, Endpoint):
+            self._log.info(
+                "console refused: {reason}", reason=result.details, account=account.name,
+                vm=vm_id, client_address=creator_address,
+            )
+            return result
+        endpoint, proxy, vm = result
+        self._metrics.tokens_issued.inc()
+        audit.info(
+            "session {session} created for {account} on VM {vm} via proxy {proxy}",
+            audit=True, event="created", session=session_id, account=account.name, vm=vm.id,
+            vm_name=vm.name, proxy=proxy.name, client_address=creator_address,
+            ttl=settings.token_ttl,
+        )
+        return endpoint
+
+    @inlineCallbacks
+    def list_sessions(self, account: store.Account, **filters: Any):
+        if not account.is_admin:
+            filters["account_id"] = account.id
+        result = yield self._db.run(lambda tx: store.list_sessions(tx, **filters))
+        return result
+
+    @inlineCallbacks
+    def end_session_request(self, account: store.Account, session_id: str):
+        """``endConsoleSession``: returns (ok, message)."""
+        now = self._clock.seconds()
+
+        def txn(tx):
+            record = store.get_session(tx, session_id)
+            if record is None or (not account.is_admin and record.account_id != account.id):
+                return None, f"console session {session_id} not found"
+            if record.ended_at is not None:
+                return None, f"console session {session_id} has already ended"
+            return store.request_terminate(tx, session_id, now), None
+
+        record, error = yield self._db.run(txn)
+        if error:
+            return False, error
+        audit.info(
+            "session {session} termination requested by {by}", audit=True,
+            event="terminate_requested", session=session_id, by=account.name,
+            account=record.account_name, vm=record.vm_id, proxy=record.proxy_name,
+        )
+        return True, None
+
+    # Proxy API ------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def authenticate_proxy(self, key: str):
+        """The proxy id for a ``cpvmk_<id>.<secret>`` key, or None."""
+        if not key.startswith("cpvmk_") or "." not in key:
+            return None
+        proxy_id, _, secret = key[len("cpvmk_"):].partition(".")
+        if not proxy_id or not secret or len(key) > 512:
+            return None
+        stored = yield self._db.run(store.proxy_secret_hash, proxy_id)
+        candidate = sha256_hex(secret)
+        if stored is None or not hmac.compare_digest(stored.encode(), candidate.encode()):
+            return None
+        return proxy_id
+
+    @inlineCallbacks
+    def redeem(self, proxy_id: str, token: str, extra: str | None, client_address: str):
+        """One atomic check-and-mark of a token; returns a :class:`Redemption`."""
+        started = self._clock.seconds()
+        now = started
+        token_hash = sha256_hex(token)
+        extra_hash = self._extra_hash(extra)
+        box = self._box
+        settings = self.settings
+
+        def txn(tx):
+            row = store.token_row(tx, token_hash)
+            error = check_redemption(
+                row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address,
+                now=now,
+            )
+            if error is not None:
+                return error, row
+            assert row is not None
+            # Validated in this transaction; the conditional UPDATE decides who wins.
+            if not store.mark_acquired(tx, row.session_id, client_address, now):
+                return "token_used", row
+            return None, row
+
+        error, row = yield self._db.run(txn)
+        outcome = error or "ok"
+        self._metrics.redemptions.labels(outcome).inc()
+        self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - started))
+        log_fields = dict(
+            proxy=proxy_id, client_address=client_address,
+            session=row.session_id if row else None, vm=row.vm_id if row else None,
+            account=row.account_name if row else None,
+        )
+        if error is not None:
+            self._log.info("redemption refused: {outcome}", outcome=outcome, **log_fields)
+            return Redemption(error)
+        assert row is not None and row.vm is not None
+        vm = row.vm
+        audit.info(
+            "session {session} acquired from {client_address} via proxy {proxy}",
+            audit=True, event="acquired", waited=now - (row.expires_at - settings.token_ttl),
+            **log_fields,
+        )
+        return Redemption(None, {
+            "session_id": row.session_id,
+            "vm": {"id": vm.id, "name": vm.name},
+            "vnc": {
+                "host": vm.vnc_host,
+                "port": vm.vnc_port,
+                "password": box.decrypt(vm.vnc_password_enc) if vm.vnc_password_enc else None,
+                "tls": vm.vnc_tls,
+                "ca_pem": vm.vnc_ca_pem,
+                "server_name": vm.vnc_server_name,
+            },
+            "limits": {
+                "idle_timeout": settings.idle_timeout,
+                "max_duration": settings.max_duration,
+            },
+            "account": row.account_name,
+        })
+
+    @inlineCallbacks
+    def heartbeat(self, proxy_id: str, beat: dict[str, Any]):
+        now = self._clock.seconds()
+        terminate = yield self._db.run(store.heartbeat, proxy_id, beat, now)
+        return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
+
+    @inlineCallbacks
+    def report_end(self, proxy_id: str, session_id: str, report: dict[str, Any]):
+        """Record a session end; False when the session is unknown to this proxy."""
+        now = self._clock.seconds()
+        record = yield self._db.run(store.end_session, session_id, proxy_id, report, now)
+        if record is None:
+            return False
+        self._metrics.sessions_ended.labels(report["reason"]).inc()
+        audit.info(
+            "session {session} ended: {reason}", audit=True, event="ended", session=session_id,
+            reason=report["reason"], account=record.account_name, vm=record.vm_id,
+            proxy=record.proxy_name, client_address=record.client_address,
+            bytes_to_client=report["bytes_to_client"], bytes_to_server=report["bytes_to_server"],
+            duration=report["duration"],
+        )
+        return True
+
+    # Housekeeping ---------------------------------------------------------------------
+
+    @inlineCallbacks
+    def cleanup(self):
+        """Periodic: sessions of silent proxies end ``proxy_lost``; old records go."""
+        now = self._clock.seconds()
+        result = yield self._db.run(
+            store.cleanup, now, self.settings.proxy_timeout, EXPIRED_TOKEN_GRACE,
+            self.settings.retention_seconds,
+        )
+        for record in result.lost:
+            self._metrics.sessions_ended.labels("proxy_lost").inc()
+            audit.info(
+                "session {session} ended: {reason}", audit=True, event="ended",
+                session=record.id, reason="proxy_lost", account=record.account_name,
+                vm=record.vm_id, proxy=record.proxy_name, client_address=record.client_address,
+                duration=now - (record.acquired_at or now),
+            )
+        if result.expired or result.deleted:
+            self._log.info(
+                "cleanup: {expired} tokens expired unused, {deleted} old sessions deleted",
+                expired=result.expired, deleted=result.deleted,
+            )
+        return result

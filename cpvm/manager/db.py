@@ -1,0 +1,261 @@
+"""Database access shared by the service (through adbapi) and the admin CLI (directly).
+
+One schema, numbered migrations recorded in ``schema_version``, two back-ends:
+
+* SQLite (default): one connection (``cp_max=1``), WAL, every transaction ``BEGIN
+  IMMEDIATE`` so a redemption's check-then-update can't interleave with another process.
+* PostgreSQL: psycopg2, a pool of connections; single-use is guaranteed by a conditional
+  ``UPDATE … WHERE acquired_at IS NULL`` (row lock + re-check under READ COMMITTED).
+
+SQL is written with ``?`` placeholders; :class:`Tx` rewrites them for psycopg2.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Sequence, TypeVar
+
+from twisted.enterprise import adbapi
+
+from cpvm.manager.config import DatabaseConfig
+
+T = TypeVar("T")
+
+# Key for pg_advisory_xact_lock: serialises migrations of several managers starting at once.
+_MIGRATION_LOCK = 0x63707677
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE accounts (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                role TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                disabled INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE api_keys (
+                id TEXT PRIMARY KEY,
+                account_id TEXT NOT NULL REFERENCES accounts(id),
+                api_key TEXT NOT NULL UNIQUE,
+                secret_enc TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION
+            )""",
+            """CREATE TABLE vms (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                owner_id TEXT NOT NULL REFERENCES accounts(id),
+                state TEXT NOT NULL,
+                vnc_host TEXT NOT NULL,
+                vnc_port INTEGER NOT NULL,
+                vnc_password_enc TEXT,
+                vnc_tls TEXT NOT NULL,
+                vnc_ca_pem TEXT,
+                vnc_server_name TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE proxies (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                secret_hash TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION,
+                public_host TEXT,
+                public_port INTEGER,
+                tls INTEGER,
+                address TEXT,
+                capacity INTEGER,
+                active_count INTEGER NOT NULL DEFAULT 0,
+                version TEXT,
+                last_heartbeat DOUBLE PRECISION
+            )""",
+            """CREATE TABLE console_sessions (
+                id TEXT PRIMARY KEY,
+                token_hash TEXT UNIQUE,
+                extra_hash TEXT,
+                expires_at DOUBLE PRECISION NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                account_id TEXT NOT NULL,
+                account_name TEXT NOT NULL,
+                vm_id TEXT NOT NULL,
+                vm_name TEXT NOT NULL,
+                proxy_id TEXT NOT NULL,
+                creator_address TEXT,
+                bound_address TEXT,
+                acquired_at DOUBLE PRECISION,
+                client_address TEXT,
+                ended_at DOUBLE PRECISION,
+                end_reason TEXT,
+                bytes_to_client BIGINT,
+                bytes_to_server BIGINT,
+                duration DOUBLE PRECISION,
+                terminate_requested_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX console_sessions_proxy ON console_sessions (proxy_id, ended_at)",
+            "CREATE INDEX console_sessions_vm ON console_sessions (vm_id, ended_at)",
+            "CREATE INDEX console_sessions_created ON console_sessions (created_at)",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class Tx:
+    """A cursor in one transaction, hiding the placeholder style of the back-end."""
+
+    def __init__(self, cursor: Any, kind: str):
+        self._cursor = cursor
+        self.kind = kind
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Tx":
+        if self.kind == "postgresql":
+            sql = sql.replace("?", "%s")
+        self._cursor.execute(sql, tuple(params))
+        return self
+
+    def fetchone(self) -> tuple | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[tuple]:
+        return list(self._cursor.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def begin(self) -> None:
+        """Start the transaction (SQLite: take the write lock now, not at the first write)."""
+        if self.kind == "sqlite":
+            self._cursor.execute("BEGIN IMMEDIATE")
+
+
+def _sqlite_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+    _sqlite_setup(conn)
+    return conn
+
+
+def _sqlite_setup(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _ensure_sqlite_dir(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o750, exist_ok=True)
+
+
+def connect_sync(config: DatabaseConfig) -> Any:
+    """A plain DB-API connection (admin CLI, start-up migrations)."""
+    if config.kind == "sqlite":
+        assert config.path is not None
+        _ensure_sqlite_dir(config.path)
+        return _sqlite_connect(config.path)
+    import psycopg2
+
+    return psycopg2.connect(config.dsn)
+
+
+def run_sync(conn: Any, kind: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(tx, *args)`` in one transaction on a plain connection."""
+    cursor = conn.cursor()
+    tx = Tx(cursor, kind)
+    try:
+        tx.begin()
+        result = fn(tx, *args)
+        conn.commit()
+        return result
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        cursor.close()
+
+
+def _current_version(tx: Tx) -> int:
+    row = tx.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _migrate(tx: Tx, now: float) -> list[int]:
+    if tx.kind == "postgresql":
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+    )
+    current = _current_version(tx)
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {current} is newer than this manager ({SCHEMA_VERSION})"
+        )
+    applied = []
+    for version, statements in MIGRATIONS:
+        if version <= current:
+            continue
+        for statement in statements:
+            tx.execute(statement)
+        tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now))
+        applied.append(version)
+    return applied
+
+
+def migrate(config: DatabaseConfig, now: float) -> list[int]:
+    """Bring the schema up to date; returns the versions applied. Safe to run concurrently."""
+    conn = connect_sync(config)
+    try:
+        return run_sync(conn, config.kind, _migrate, now)
+    finally:
+        conn.close()
+
+
+class Database:
+    """Non-blocking access for the service: interactions run in adbapi's thread pool."""
+
+    def __init__(self, config: DatabaseConfig, reactor: Any):
+        self.kind = config.kind
+        if config.kind == "sqlite":
+            assert config.path is not None
+            _ensure_sqlite_dir(config.path)
+            self.pool = adbapi.ConnectionPool(
+                "sqlite3",
+                config.path,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=10,
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=_sqlite_setup,
+                cp_reactor=reactor,
+            )
+        else:
+            self.pool = adbapi.ConnectionPool(
+                "psycopg2",
+                config.dsn,
+                cp_min=1,
+                cp_max=config.pool_size,
+                cp_reconnect=True,
+                cp_reactor=reactor,
+            )
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Any:
+        """Deferred firing with ``fn(tx, *args)``, run in one transaction off the reactor."""
+
+        def interaction(cursor: Any) -> T:
+            tx = Tx(cursor, self.kind)
+            tx.begin()
+            return fn(tx, *args)
+
+        return self.pool.runInteraction(interaction)
+
+    def ping(self) -> Any:
+        return self.pool.runQuery("SELECT 1")
+
+    def close(self) -> None:
+        self.pool.close()

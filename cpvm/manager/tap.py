@@ -1,0 +1,120 @@
+"""``twistd cpvm-manager``: the one place where the manager's services are built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from cpvm import __version__
+from cpvm.inifile import ConfigError
+from cpvm.manager import db as dbmodule
+from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
+from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
+from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.secrets_box import SecretBox, SecretKeyError
+from cpvm.manager.web import build_site
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    """Command line of ``twistd cpvm-manager``."""
+
+    optParameters = [
+        ["config", "c", None,
+         f"configuration file (default {DEFAULT_CONFIG_PATH}; embedded defaults if absent)"],
+    ]
+
+
+class DatabaseService(service.Service):
+    """Owns the connection pool: closes it when the application stops."""
+
+    def __init__(self, database: dbmodule.Database):
+        self.database = database
+
+    def stopService(self):
+        super().stopService()
+        self.database.close()
+
+
+class ManagerService(service.MultiService):
+    """The manager: HTTP listener, database pool and cleanup timer."""
+
+    def __init__(self, config: ManagerConfig, broker: ConsoleBroker, http: Any,
+                 metrics: ManagerMetrics, database: dbmodule.Database):
+        super().__init__()
+        self.config = config
+        self.broker = broker
+        self.http = http
+        self.metrics = metrics
+        self.database = database
+
+    def startService(self):
+        _log.info("cpvm-manager {version} starting, config {source}, listening on {listen}, "
+                  "database {kind}", version=__version__, source=self.config.source,
+                  listen=self.config.server.listen, kind=self.config.database.kind)
+        super().startService()
+
+
+def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> ManagerService:
+    """Build every service of the manager. ``clock`` (default: the reactor) drives the logic.
+
+    Migrations run synchronously here, before anything listens: a database that can't be
+    brought up to date stops start-up with a clear error.
+    """
+    clock = clock if clock is not None else reactor
+    try:
+        box = SecretBox.from_file(config.security.secret_key_file)
+    except SecretKeyError as e:
+        raise ConfigError(config.source, "security", "secret_key_file", str(e)) from None
+    try:
+        dbmodule.migrate(config.database, clock.seconds())
+    except Exception as e:
+        raise ConfigError(config.source, "database", "url",
+                          f"cannot open or migrate the database: {e}") from None
+    database = dbmodule.Database(config.database, reactor)
+    metrics = ManagerMetrics()
+    settings = BrokerSettings(
+        token_ttl=config.tokens.ttl,
+        bind_client_address=config.tokens.bind_client_address,
+        proxy_timeout=config.proxies.proxy_timeout,
+        heartbeat_interval=config.proxies.heartbeat_interval,
+        url_domain=config.proxies.url_domain,
+        idle_timeout=config.sessions.idle_timeout,
+        max_duration=config.sessions.max_duration,
+        retention_seconds=config.sessions.retention_days * 86400.0,
+    )
+    broker = ConsoleBroker(database, box, clock, settings, metrics)
+    site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
+                      config.metrics.enabled, reactor)
+    http = strports.service(config.server.listen, site, reactor=reactor)
+    top = ManagerService(config, broker, http, metrics, database)
+    DatabaseService(database).setServiceParent(top)
+    http.setServiceParent(top)
+
+    def cleanup():
+        d = broker.cleanup()
+        d.addErrback(lambda f: _log.failure("cleanup failed", f))
+        return d
+
+    timer = TimerService(config.sessions.cleanup_interval, cleanup)
+    timer.clock = clock
+    timer.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options, reactor: Any = None) -> ManagerService:
+    """twistd entry point."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = load_config(options["config"])
+        return build_manager(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"cpvm-manager: configuration error: {e}") from None

@@ -1,0 +1,542 @@
+"""HTTP resources of the manager: the public CloudStack-style API, the proxy API,
+health and metrics, and a ``Site`` whose access log never holds a query string.
+
+Resources parse requests and format answers; the decisions are in
+:class:`cpvm.manager.consoles.ConsoleBroker`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Callable
+
+from prometheus_client.twisted import MetricsResource
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from cpvm.manager import signing, store
+from cpvm.manager.addresses import client_address
+from cpvm.manager.config import IPNetwork
+from cpvm.manager.consoles import (
+    END_REASONS,
+    REDEEM_MESSAGE,
+    REDEEM_STATUS,
+    ConsoleBroker,
+    Endpoint,
+)
+from cpvm.manager.db import Database
+from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.secrets_box import SecretBox, SecretKeyError
+
+_STATUS_TEXT = {
+    200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
+    403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
+    410: b"Gone", 431: b"Invalid Parameter", 432: b"Unknown Command", 500: b"Internal Error",
+    503: b"Service Unavailable", 530: b"Internal Error",
+}
+
+BAD_CREDENTIALS = "unable to verify user credentials and/or request signature"
+
+
+def _alive(request: server.Request) -> bool:
+    return not getattr(request, "_disconnected", False) and not request.finished
+
+
+def _send_json(request: server.Request, status: int, body: Any | None) -> None:
+    if not _alive(request):
+        return
+    request.setResponseCode(status, _STATUS_TEXT.get(status))
+    request.setHeader(b"cache-control", b"no-store")
+    if body is None:
+        request.finish()
+        return
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.write(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+    request.finish()
+
+
+class ApiError(Exception):
+    """A CloudStack error envelope to send: errorcode is also the HTTP status."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _session_json(r: store.SessionRecord) -> dict[str, Any]:
+    fields = {
+        "id": r.id,
+        "created": signing.format_time(r.created_at),
+        "acquired": signing.format_time(r.acquired_at) if r.acquired_at is not None else None,
+        "removed": signing.format_time(r.ended_at) if r.ended_at is not None else None,
+        "ended": signing.format_time(r.ended_at) if r.ended_at is not None else None,
+        "account": r.account_name,
+        "accountid": r.account_id,
+        "virtualmachineid": r.vm_id,
+        "vmname": r.vm_name,
+        "consoleproxy": r.proxy_name,
+        "consoleproxyid": r.proxy_id,
+        "creatoraddress": r.creator_address,
+        "clientaddress": r.client_address,
+        "endreason": r.end_reason,
+        "bytestoclient": r.bytes_to_client,
+        "bytestoserver": r.bytes_to_server,
+        "duration": r.duration,
+        "terminaterequested": (
+            signing.format_time(r.terminate_requested_at)
+            if r.terminate_requested_at is not None else None
+        ),
+    }
+    # CloudStack leaves out what is null.
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _bool_param(name: str, value: str | None) -> bool:
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ApiError(431, f"Invalid parameter {name} value={value!r}: expected true or false")
+
+
+def _uuid_param(name: str, value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ApiError(431, f"Invalid parameter {name} value: not a UUID") from None
+
+
+class PublicApiResource(Resource):
+    """``/client/api``: CloudStack-compatible, signed, JSON only."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        broker: ConsoleBroker,
+        db: Database,
+        box: SecretBox,
+        clock: Any,
+        trusted_proxies: tuple[IPNetwork, ...],
+        metrics: ManagerMetrics,
+    ):
+        super().__init__()
+        self._broker = broker
+        self._db = db
+        self._box = box
+        self._clock = clock
+        self._trusted = trusted_proxies
+        self._metrics = metrics
+        self._commands: dict[str, Callable[..., Any]] = {
+            "createconsoleendpoint": self._create_console_endpoint,
+            "listconsolesessions": self._list_console_sessions,
+            "endconsolesession": self._end_console_session,
+        }
+
+    def render_GET(self, request: server.Request) -> int:
+        ensureDeferred(self._handle(request))
+        return server.NOT_DONE_YET
+
+    render_POST = render_GET
+
+    async def _handle(self, request: server.Request) -> None:
+        command = ""
+        account_name = None
+        try:
+            params = self._params(request)
+            command = params.get("command", "")
+            status, body = await self._dispatch(request, params)
+            account_name = getattr(request, "_cpvm_account", None)
+        except ApiError as e:
+            status = e.code
+            body = {f"{(command or 'error').lower()}response": {
+                "uuidList": [], "errorcode": e.code, "cserrorcode": 9999, "errortext": e.text,
+            }}
+        except Exception:
+            self._log.failure("public API request failed", command=command)
+            status = 530
+            body = {f"{(command or 'error').lower()}response": {
+                "uuidList": [], "errorcode": 530, "cserrorcode": 9999,
+                "errortext": "internal error, see the manager's log",
+            }}
+        label = command if command.lower() in self._commands else "unknown"
+        self._metrics.api_requests.labels(label, str(status)).inc()
+        self._log.info(
+            "api {command} -> {status}", command=command or None, status=status,
+            account=account_name or getattr(request, "_cpvm_account", None),
+            client_address=self._creator_address(request),
+        )
+        _send_json(request, status, body)
+
+    def _params(self, request: server.Request) -> dict[str, str]:
+        params: dict[str, str] = {}
+        try:
+            for key, values in (request.args or {}).items():
+                if values:
+                    params.setdefault(key.decode("utf-8"), values[0].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(431, "parameters must be UTF-8") from None
+        return params
+
+    def _creator_address(self, request: server.Request) -> str:
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None) or "unknown"
+        headers = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+        return client_address(host, [h.decode("latin-1") for h in headers], self._trusted)
+
+    async def _dispatch(self, request: server.Request, params: dict[str, str]):
+        lower = {k.lower(): v for k, v in params.items()}
+        command = params.get("command")
+        if not command:
+            raise ApiError(432, "no command given")
+        response_format = lower.get("response", "json")
+        if response_format.lower() != "json":
+            raise ApiError(431, "only response=json is supported")
+        account = await self._authenticate(params, lower)
+        request._cpvm_account = account.name  # type: ignore[attr-defined]
+        handler = self._commands.get(command.lower())
+        if handler is None:
+            raise ApiError(432, f"unknown command {command!r}")
+        return await handler(request, account, lower, command.lower())
+
+    async def _authenticate(self, params: dict[str, str], lower: dict[str, str]):
+        api_key = lower.get("apikey")
+        signature = lower.get("signature")
+        if not api_key or not signature:
+            raise ApiError(401, BAD_CREDENTIALS)
+        if lower.get("signatureversion") == "3":
+            expires = lower.get("expires")
+            if not expires:
+                raise ApiError(401, "signatureVersion=3 requires expires")
+            try:
+                deadline = signing.parse_expires(expires)
+            except ValueError:
+                raise ApiError(401, "expires is not an ISO-8601 date") from None
+            if self._clock.seconds() > deadline:
+                raise ApiError(401, "request expired")
+        elif lower.get("signatureversion") not in (None, "1", "2"):
+            raise ApiError(401, "unsupported signatureVersion")
+        caller = await self._db.run(store.lookup_caller, api_key)
+        if caller is None:
+            raise ApiError(401, BAD_CREDENTIALS)
+        try:
+            secret = self._box.decrypt(caller.secret_enc)
+        except SecretKeyError:
+            self._log.error("API secret of account {account} cannot be decrypted",
+                            account=caller.account.name)
+            raise ApiError(530, "internal error, see the manager's log") from None
+        if not signing.verify(params, secret, signature):
+            raise ApiError(401, BAD_CREDENTIALS)
+        return caller.account
+
+    # Commands -------------------------------------------------------------------------
+
+    async def _create_console_endpoint(self, request, account, p, name):
+        vm_id = p.get("virtualmachineid")
+        if not vm_id:
+            raise ApiError(431, f"Unable to execute API command {name} due to missing "
+                                "parameter virtualmachineid")
+        vm_id = _uuid_param("virtualmachineid", vm_id)
+        extra = p.get("token")
+        if extra is not None and (extra == "" or len(extra) > 512):
+            extra = None if extra == "" else extra
+            if extra is not None:
+                raise ApiError(431, "Invalid parameter token: at most 512 characters")
+        endpoint: Endpoint = await self._broker.create_endpoint(
+            account, vm_id, extra, self._creator_address(request)
+        )
+        body: dict[str, Any] = {"success": endpoint.success, "result": endpoint.success}
+        if endpoint.success:
+            body["url"] = endpoint.url
+            body["websocket"] = endpoint.websocket
+        else:
+            body["details"] = endpoint.details
+        return 200, {"createconsoleendpointresponse": {"consoleendpoint": body}}
+
+    async def _list_console_sessions(self, request, account, p, name):
+        filters: dict[str, Any] = {"active_only": _bool_param("activeonly", p.get("activeonly"))}
+        if p.get("virtualmachineid"):
+            filters["vm_id"] = _uuid_param("virtualmachineid", p["virtualmachineid"])
+        if p.get("id"):
+            filters["session_id"] = _uuid_param("id", p["id"])
+        if p.get("accountid") or p.get("account"):
+            wanted = p.get("accountid") or p.get("account")
+            try:
+                target = await self._db.run(store.find_account, wanted)
+            except store.NotFound:
+                raise ApiError(431, "Invalid parameter account: no such account") from None
+            if not account.is_admin and target.id != account.id:
+                raise ApiError(431, "Invalid parameter account: no such account")
+            filters["account_id"] = target.id
+        records = await self._broker.list_sessions(account, **filters)
+        return 200, {"listconsolesessionsresponse": {
+            "count": len(records), "consolesession": [_session_json(r) for r in records],
+        }}
+
+    async def _end_console_session(self, request, account, p, name):
+        if not p.get("id"):
+            raise ApiError(431, f"Unable to execute API command {name} due to missing "
+                                "parameter id")
+        session_id = _uuid_param("id", p["id"])
+        ok, message = await self._broker.end_session_request(account, session_id)
+        if not ok:
+            raise ApiError(431, message)
+        return 200, {"endconsolesessionresponse": {"success": True}}
+
+
+class ProxyApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _bad(message: str) -> ProxyApiError:
+    return ProxyApiError(400, "bad_request", message)
+
+
+def _json_body(request: server.Request) -> dict[str, Any]:
+    request.content.seek(0)
+    raw = request.content.read(1024 * 1024 + 1)
+    if len(raw) > 1024 * 1024:
+        raise _bad("body too large")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("body is not a JSON object")
+    return body
+
+
+def _string(body: dict, key: str, *, optional: bool = False, maximum: int = 512) -> str | None:
+    value = body.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not (1 <= len(value) <= maximum):
+        raise _bad(f"{key} must be a string of 1 to {maximum} characters")
+    return value
+
+
+def _int(body: dict, key: str, minimum: int = 0, maximum: int = 2**62) -> int:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise _bad(f"{key} must be an integer from {minimum} to {maximum}")
+    return value
+
+
+class ProxyApiResource(Resource):
+    """``/proxy/v1/…``: what cpvm instances call (docs/management-api.md)."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, broker: ConsoleBroker, metrics: ManagerMetrics):
+        super().__init__()
+        self._broker = broker
+        self._metrics = metrics
+
+    def render(self, request: server.Request) -> int:
+        ensureDeferred(self._handle(request))
+        return server.NOT_DONE_YET
+
+    async def _handle(self, request: server.Request) -> None:
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        endpoint = "unknown"
+        try:
+            if parts[:1] != ["v1"]:
+                raise ProxyApiError(404, "not_found", "no such endpoint")
+            route = parts[1:]
+            if route == ["redeem"]:
+                endpoint = "redeem"
+            elif route == ["heartbeat"]:
+                endpoint = "heartbeat"
+            elif len(route) == 3 and route[0] == "sessions" and route[2] == "end":
+                endpoint = "end"
+            else:
+                raise ProxyApiError(404, "not_found", "no such endpoint")
+            if request.method != b"POST":
+                raise ProxyApiError(405, "method_not_allowed", "use POST")
+            proxy_id = await self._authenticate(request)
+            body = _json_body(request)
+            if endpoint == "redeem":
+                status, answer = await self._redeem(proxy_id, body)
+            elif endpoint == "heartbeat":
+                status, answer = await self._heartbeat(proxy_id, body)
+            else:
+                status, answer = await self._end(proxy_id, route[1], body)
+        except ProxyApiError as e:
+            status, answer = e.status, {"error": e.code, "message": e.message}
+            if e.status == 401:
+                self._log.warn("proxy API {endpoint}: {message}", endpoint=endpoint,
+                               message=e.message, client_address=_peer(request))
+        except Exception:
+            self._log.failure("proxy API request failed", endpoint=endpoint)
+            status, answer = 500, {"error": "internal_error", "message": "see the manager's log"}
+        self._metrics.proxy_requests.labels(endpoint, str(status)).inc()
+        _send_json(request, status, answer)
+
+    async def _authenticate(self, request: server.Request) -> str:
+        header = request.getHeader(b"authorization")
+        if not header:
+            raise ProxyApiError(401, "unauthorized", "missing Authorization header")
+        scheme, _, key = header.decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ProxyApiError(401, "unauthorized", "expected a Bearer proxy key")
+        proxy_id = await self._broker.authenticate_proxy(key.strip())
+        if proxy_id is None:
+            raise ProxyApiError(401, "unauthorized", "unknown, malformed or revoked proxy key")
+        return proxy_id
+
+    async def _redeem(self, proxy_id: str, body: dict):
+        token = _string(body, "token")
+        extra = body.get("extra")
+        if extra is not None and not isinstance(extra, str):
+            raise _bad("extra must be a string or null")
+        if extra == "":
+            extra = None
+        address = _string(body, "client_address", maximum=100)
+        assert token is not None and address is not None
+        result = await self._broker.redeem(proxy_id, token, extra, address)
+        if result.error is None:
+            return 200, result.body
+        return REDEEM_STATUS[result.error], {
+            "error": result.error, "message": REDEEM_MESSAGE[result.error]
+        }
+
+    async def _heartbeat(self, proxy_id: str, body: dict):
+        sessions = body.get("active_sessions", [])
+        if not isinstance(sessions, list) or not all(isinstance(s, str) for s in sessions):
+            raise _bad("active_sessions must be a list of session ids")
+        tls = body.get("tls")
+        if not isinstance(tls, bool):
+            raise _bad("tls must be true or false")
+        beat = {
+            "public_host": _string(body, "public_host", maximum=255),
+            "public_port": _int(body, "public_port", 1, 65535),
+            "tls": tls,
+            "address": _string(body, "address", optional=True, maximum=100),
+            "capacity": _int(body, "capacity", 0, 10**7),
+            "active_count": len(sessions),
+            "version": _string(body, "version", optional=True, maximum=100),
+        }
+        return 200, await self._broker.heartbeat(proxy_id, beat)
+
+    async def _end(self, proxy_id: str, session_id: str, body: dict):
+        reason = body.get("reason")
+        if reason not in END_REASONS:
+            raise _bad("reason is not one of the documented end reasons")
+        duration = body.get("duration", 0)
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+            raise _bad("duration must be a non-negative number")
+        report = {
+            "reason": reason,
+            "client_address": _string(body, "client_address", optional=True, maximum=100),
+            "bytes_to_client": _int(body, "bytes_to_client"),
+            "bytes_to_server": _int(body, "bytes_to_server"),
+            "duration": float(duration),
+        }
+        try:
+            session_id = str(uuid.UUID(session_id))
+        except ValueError:
+            raise ProxyApiError(404, "unknown_session", "no such session") from None
+        found = await self._broker.report_end(proxy_id, session_id, report)
+        if not found:
+            raise ProxyApiError(404, "unknown_session",
+                                "not a session redeemed through this proxy")
+        return 204, None
+
+
+def _peer(request: server.Request) -> str | None:
+    return getattr(request.getClientAddress(), "host", None)
+
+
+class HealthResource(Resource):
+    """``/healthz``: the process is alive."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok\n"
+
+
+class ReadyResource(Resource):
+    """``/readyz``: the database answers ``SELECT 1`` through the pool."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, db: Database):
+        super().__init__()
+        self._db = db
+
+    def render_GET(self, request: server.Request) -> int:
+        @inlineCallbacks
+        def check():
+            try:
+                yield self._db.ping()
+            except Exception as e:
+                self._log.warn("not ready: database unreachable: {error}", error=str(e))
+                ok = False
+            else:
+                ok = True
+            if _alive(request):
+                request.setResponseCode(200 if ok else 503)
+                request.setHeader(b"content-type", b"text/plain")
+                request.write(b"ready\n" if ok else b"database unreachable\n")
+                request.finish()
+
+        check()
+        return server.NOT_DONE_YET
+
+
+class ManagerSite(server.Site):
+    """A ``Site`` whose access log carries the path only: query strings hold apiKeys and
+    signatures, so they never reach a log line."""
+
+    _log = Logger(namespace="cpvm.manager.access")
+    displayTracebacks = False
+
+    def log(self, request: server.Request) -> None:
+        self._log.info(
+            "{client_address} {method} {path} {status} {length}",
+            client_address=_peer(request),
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+            status=request.code,
+            length=request.sentLength,
+        )
+
+
+def build_site(
+    broker: ConsoleBroker,
+    db: Database,
+    box: SecretBox,
+    clock: Any,
+    trusted_proxies: tuple[IPNetwork, ...],
+    metrics: ManagerMetrics,
+    metrics_enabled: bool,
+    reactor: Any,
+) -> ManagerSite:
+    """The resource tree of the manager."""
+    root = Resource()
+    client = Resource()
+    client.putChild(b"api", PublicApiResource(broker, db, box, clock, trusted_proxies, metrics))
+    root.putChild(b"client", client)
+    root.putChild(b"proxy", ProxyApiResource(broker, metrics))
+    root.putChild(b"healthz", HealthResource())
+    root.putChild(b"readyz", ReadyResource(db))
+    if metrics_enabled:
+        root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    site = ManagerSite(root, timeout=60, reactor=reactor)
+    return site

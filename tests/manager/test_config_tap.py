@@ -1,0 +1,87 @@
+"""Configuration parsing and the twistd wiring."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock as MemoryReactor
+
+from cpvm.inifile import ConfigError, IniReader
+from cpvm.manager import tap
+from cpvm.manager.config import load_config, parse_config
+
+SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "cpvm" / "manager.conf"
+
+
+def test_defaults():
+    c = parse_config(IniReader.empty())
+    assert c.server.listen == "tcp:8250"
+    assert c.database.kind == "sqlite"
+    assert c.database.path == "/var/lib/cpvm-manager/manager.db"
+    assert str(c.security.secret_key_file) == "/var/lib/cpvm-manager/secret.key"
+    assert c.tokens.ttl == 60 and c.tokens.bind_client_address is False
+    assert c.proxies.proxy_timeout == 20 and c.proxies.heartbeat_interval == 5
+    assert c.sessions.retention_days == 30 and c.sessions.idle_timeout is None
+
+
+def test_shipped_file_parses_to_defaults():
+    assert parse_config(IniReader(str(SHIPPED))) == parse_config(
+        IniReader.empty(str(SHIPPED)))
+
+
+def test_values_and_errors():
+    c = parse_config(IniReader("m.conf", text=(
+        "[server]\ntrusted_proxies = 10.0.0.0/8, 127.0.0.1\n"
+        "[database]\nurl = postgresql://u@db/cpvm\npool_size = 4\n"
+        "[proxies]\nurl_domain = *.example.com\n")))
+    assert c.server.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),
+                                        ipaddress.ip_network("127.0.0.1/32"))
+    assert (c.database.kind, c.database.dsn, c.database.pool_size) == (
+        "postgresql", "postgresql://u@db/cpvm", 4)
+    for text, where in [
+        ("[tokens]\nttl = soon\n", "[tokens] ttl"),
+        ("[tokens]\ntll = 5\n", "[tokens] tll"),
+        ("[database]\nurl = mysql://x\n", "[database] url"),
+        ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies"),
+        ("[proxies]\nproxy_timeout = 3\n", "[proxies] proxy_timeout"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(IniReader("m.conf", text=text))
+        assert str(e.value).startswith(f"m.conf: {where}: "), str(e.value)
+
+
+def test_missing_explicit_file_fails(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(str(tmp_path / "nope.conf"))
+
+
+def test_make_service_listens_from_config(tmp_path):
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"[server]\ndata_dir = {tmp_path}/data\n"
+                    "listen = tcp:8250:interface=127.0.0.1\n")
+    options = tap.Options()
+    options.parseOptions(["--config", str(conf)])
+    reactor = MemoryReactor()
+    svc = tap.makeService(options, reactor=reactor)
+    names = {type(s).__name__ for s in svc}
+    assert {"DatabaseService", "StreamServerEndpointService", "TimerService"} <= names
+    svc.startService()
+    try:
+        assert [(p, i) for p, _f, _b, i in reactor.tcpServers] == [(8250, "127.0.0.1")]
+    finally:
+        svc.stopService()
+    key = tmp_path / "data" / "secret.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "data" / "manager.db").exists()
+
+
+def test_make_service_bad_config_exits(tmp_path):
+    conf = tmp_path / "m.conf"
+    conf.write_text("[tokens]\nttl = -1\n")
+    options = tap.Options()
+    options.parseOptions(["--config", str(conf)])
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(options, reactor=MemoryReactor())
+    assert "[tokens] ttl" in str(e.value)
