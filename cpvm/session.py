@@ -330,6 +330,10 @@ class ConsoleSession:
         u = self._upstream.transport  # type: ignore[union-attr]
         if b is None or u is None:
             return
+        # twisted.web's HTTPChannel registered itself on the browser's transport before
+        # the WebSocket took it over; a transport has one producer, and now it is ours.
+        b.unregisterProducer()
+        u.unregisterProducer()
         b.registerProducer(u, True)
         u.registerProducer(b, True)
 
