@@ -55,7 +55,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if request.path != WEBSOCKET_PATH:
             raise ConnectionDeny(404, "unknown WebSocket path")
         origin = request.headers.get("origin")
-        if not origin_allowed(origin, request.host, f.scheme, f.allowed_origins):
+        if not origin_allowed(origin, request.headers.get("host"), f.scheme, f.allowed_origins):
             raise ConnectionDeny(403, "origin not allowed")
         tokens = request.params.get("token", [])
         extras = request.params.get("extra", [])
@@ -73,7 +73,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         except Exception:
             # Autobahn swallows exceptions here; log and close ourselves.
             self._log.failure("starting a console session failed")
-            self.sendClose(Outcome.ERROR.code, Outcome.ERROR.text)
+            self.close(Outcome.ERROR.code, Outcome.ERROR.text)
 
     def onMessage(self, payload, isBinary):  # noqa: N802
         if self._session is None:
@@ -96,7 +96,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
         else:
-            self.sendClose(code, reason)
+            # sendClose() only allows 1000 and 3000-4999; 1001 (going away), 1003 and 1011
+            # are the right codes for shutdown, text frames and internal errors.
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123],
+                                isReply=False)
 
 
 class ConsoleWebSocketFactory(WebSocketServerFactory):

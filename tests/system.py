@@ -6,13 +6,14 @@ Each daemon listens on port 0 on 127.0.0.1 and the port is read from its own log
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.peers import HOST, Peer, PeerStartError, _Supervised, _workdir
+from tests.peers import HOST, REPO_ROOT, Peer, PeerStartError, _Supervised, _workdir
 
 _STARTING = re.compile(r"starting on (\d+)")
 
@@ -49,9 +50,12 @@ class Daemon(Peer):
         self.workdir = workdir or _workdir(name)
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
-        argv = [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=",
-                *extra_args, plugin, "--config", str(self.config_path)]
-        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir)
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "--nodaemon", "--pidfile=", *extra_args, plugin,
+                "--config", str(self.config_path)]
+        # The plugin module is found through the checkout's twisted/plugins directory.
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir, env=env)
         self._process = proc
         self.port = _wait_for_port(proc, timeout, name)
 

@@ -1,0 +1,50 @@
+"""Fixtures for cpvm's integration tests: a real cpvm process and a contract manager."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from tests.integration.contract_manager import start_contract_manager
+from tests.system import cpvm_config, start_cpvm
+
+
+@pytest.fixture
+def proxy_key(tmp_path):
+    key = f"cpvmk_test.{secrets.token_urlsafe(24)}"
+    path = tmp_path / "proxy.key"
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key, path
+
+
+@pytest.fixture
+def manager(proxy_key):
+    m = start_contract_manager(proxy_key[0])
+    yield m
+    m.port.stopListening()
+
+
+@pytest.fixture
+def cpvm_factory(manager, proxy_key, tmp_path):
+    """Start cpvm processes with extra settings; all are stopped after the test."""
+    started = []
+
+    def start(**sections):
+        text = cpvm_config(manager.url, credential_file=proxy_key[1], **sections)
+        daemon = start_cpvm(text, workdir=tmp_path / f"cpvm{len(started)}")
+        started.append(daemon)
+        return daemon
+
+    (tmp_path / "cpvm0").mkdir()
+    for i in range(1, 4):
+        (tmp_path / f"cpvm{i}").mkdir()
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def cpvm(cpvm_factory):
+    return cpvm_factory()
