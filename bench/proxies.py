@@ -212,8 +212,7 @@ class Cpvm(Proxy):
         return out.stdout.strip()
 
     def start(self) -> None:
-        d = self.workdir / self.name
-        d.mkdir(exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix=self.name + "-", dir=self.workdir))
         self.manager_port = free_port()
         self.manager_conf = d / "manager.conf"
         self.manager_conf.write_text(
