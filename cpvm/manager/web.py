@@ -476,15 +476,17 @@ class ReadyResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, reactor: Any, timeout: float = 5.0):
         super().__init__()
         self._db = db
+        self._reactor = reactor
+        self._timeout = timeout
 
     def render_GET(self, request: server.Request) -> int:
         @inlineCallbacks
         def check():
             try:
-                yield self._db.ping()
+                yield self._db.ping().addTimeout(self._timeout, self._reactor)
             except Exception as e:
                 self._log.warn("not ready: database unreachable: {error}", error=str(e))
                 ok = False
@@ -535,7 +537,7 @@ def build_site(
     root.putChild(b"client", client)
     root.putChild(b"proxy", ProxyApiResource(broker, metrics))
     root.putChild(b"healthz", HealthResource())
-    root.putChild(b"readyz", ReadyResource(db))
+    root.putChild(b"readyz", ReadyResource(db, reactor))
     if metrics_enabled:
         root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     site = ManagerSite(root, timeout=60, reactor=reactor)

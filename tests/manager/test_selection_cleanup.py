@@ -1,0 +1,140 @@
+"""Proxy selection by load, liveness and stickiness; heartbeats; the cleanup timer."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from cpvm.manager import store
+from cpvm.manager.consoles import choose_proxy, console_host
+
+
+def _load(pid, active, capacity, pending=0, vm_sessions=0):
+    p = store.Proxy(pid, pid, 0, None, "h", 8080, False, None, capacity, active, None, 0)
+    return store.ProxyLoad(p, pending, vm_sessions)
+
+
+def test_choose_proxy_rules():
+    a, b, c = _load("a", 5, 10), _load("b", 2, 10), _load("c", 10, 40)
+    assert choose_proxy([a, b, c]).proxy.id == "b"  # 0.2 < 0.25 < 0.5
+    assert choose_proxy([a, _load("full", 10, 10)]).proxy.id == "a"
+    assert choose_proxy([_load("full", 10, 10), _load("zero", 0, 0)]) is None
+    assert choose_proxy([a, b, _load("s", 8, 10, vm_sessions=1)]).proxy.id == "s"
+    assert choose_proxy([a, b, _load("s", 9, 10, pending=1, vm_sessions=1)]).proxy.id == "b"
+    assert choose_proxy([]) is None
+
+
+def test_console_host_patterns():
+    assert console_host("cpvm.example", "1.2.3.4", None) == "cpvm.example"
+    assert console_host("cpvm.example", "1.2.3.4", "*.c.example.com") == "1-2-3-4.c.example.com"
+    assert console_host("cpvm.example", "2001:db8::1", "*.c.io") == "2001-db8--1.c.io"
+    assert console_host("cpvm.example", None, "*.c.io") == "cpvm.example"
+    assert console_host("cpvm.example", "1.2.3.4", "console.example.org") == "console.example.org"
+
+
+@pytest_twisted.ensureDeferred
+async def test_selection_across_three_proxies(managers):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    m = await managers(clock=clock)
+    alice = m.account("alice")
+    vms = [m.vm("alice", name=f"vm{i}") for i in range(4)]
+    keys = {name: m.proxy_key(name) for name in ("p1", "p2", "p3")}
+    await m.heartbeat(keys["p1"], host="p1.example", capacity=10, active=["x"] * 5)
+    await m.heartbeat(keys["p2"], host="p2.example", capacity=10, active=["x"] * 2)
+    await m.heartbeat(keys["p3"], host="p3.example", capacity=100, active=["x"] * 30)
+    # p2 (0.2) < p1 (0.5) and p3 (0.3)
+    first = await m.endpoint(alice, vms[0])
+    assert first["websocket"]["host"] == "p2.example"
+    # p2 now carries a pending token: 3/10 = 0.3 ties p3 (30/100); smaller absolute load wins
+    second = await m.endpoint(alice, vms[1])
+    assert second["websocket"]["host"] == "p2.example"
+    third = await m.endpoint(alice, vms[2])  # p2 4/10 > p3 0.3
+    assert third["websocket"]["host"] == "p3.example"
+
+    # stickiness: vm0 has a session on p2; even when p2 is busier it stays there
+    status, body = await m.redeem(keys["p2"], first["websocket"]["token"])
+    assert status == 200
+    await m.heartbeat(keys["p2"], host="p2.example", capacity=10, active=["x"] * 8)
+    again = await m.endpoint(alice, vms[0])
+    assert again["websocket"]["host"] == "p2.example"
+    other = await m.endpoint(alice, vms[3])
+    assert other["websocket"]["host"] == "p3.example"
+
+    # a dead proxy (stale heartbeat) is never chosen, even sticky or idle
+    clock.advance(15)
+    await m.heartbeat(keys["p1"], host="p1.example", capacity=10, active=[])
+    await m.heartbeat(keys["p3"], host="p3.example", capacity=100, active=["x"] * 99)
+    clock.advance(10)  # p2's beat is 25 s old > proxy_timeout 20
+    moved = await m.endpoint(alice, vms[0])
+    assert moved["websocket"]["host"] == "p1.example"
+    # full proxies are skipped: p3 99+pending/100 ... make p1 full
+    await m.heartbeat(keys["p1"], host="p1.example", capacity=2, active=["x", "y"])
+    await m.heartbeat(keys["p3"], host="p3.example", capacity=100, active=["x"] * 100)
+    none = await m.endpoint(alice, vms[1])
+    assert none == {"success": False, "result": False, "details": "no console proxy available"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_cleanup_ends_lost_sessions_and_purges(managers, log_events):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    # the timer would run cleanup on every clock.advance; call it by hand instead
+    m = await managers(sections={"sessions": {"retention_days": "1",
+                                              "cleanup_interval": "1000000"}}, clock=clock)
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    key = m.proxy_key("p1")
+    await m.heartbeat(key)
+    live = (await m.endpoint(alice, vm))["websocket"]["token"]
+    unused = (await m.endpoint(alice, vm))["websocket"]["token"]
+    status, body = await m.redeem(key, live)
+    sid = body["session_id"]
+    clock.advance(61)  # past proxy_timeout (20) and the token TTL (60)
+    result = await m.service.broker.cleanup()
+    assert [r.id for r in result.lost] == [sid]
+    status, body = await m.api(alice, "listConsoleSessions", id=sid)
+    s = body["listconsolesessionsresponse"]["consolesession"][0]
+    assert s["endreason"] == "proxy_lost"
+    # a late end report from the proxy still lands (it knows better than our guess)
+    status, _ = await m.proxy(key, f"sessions/{sid}/end", {
+        "reason": "client_closed", "bytes_to_client": 5, "bytes_to_server": 6, "duration": 20})
+    assert status == 204
+    # the unused token: still "expired" within the grace, then purged (session "expired")
+    status, body = await m.redeem(key, unused)
+    assert body["error"] == "expired_token"
+    clock.advance(400)
+    result = await m.service.broker.cleanup()
+    assert result.expired == 1
+    await m.heartbeat(key)
+    status, body = await m.redeem(key, unused)
+    assert body["error"] == "invalid_token"
+    status, body = await m.api(alice, "listConsoleSessions")
+    reasons = sorted(x["endreason"] for x in body["listconsolesessionsresponse"]["consolesession"])
+    assert reasons == ["client_closed", "expired"]
+    clock.advance(86400 + 1)
+    result = await m.service.broker.cleanup()
+    assert result.deleted == 2
+    audit = [e for e in log_events if e.get("audit")]
+    assert [e["event"] for e in audit] == ["created", "created", "acquired", "ended", "ended"]
+    assert audit[3]["reason"] == "proxy_lost" and audit[4]["reason"] == "client_closed"
+    assert audit[4]["bytes_to_client"] == 5 and audit[4]["duration"] == 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_cleanup_timer_runs(managers):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    m = await managers(sections={"sessions": {"cleanup_interval": "30"}}, clock=clock)
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    key = m.proxy_key("p1")
+    await m.heartbeat(key)
+    status, body = await m.redeem(key, (await m.endpoint(alice, vm))["websocket"]["token"])
+    clock.advance(30)  # proxy silent for 30 s > 20 s: the timer's run ends the session
+    for _ in range(100):  # bounded: the timer's transaction runs in the pool thread
+        status, listed = await m.api(alice, "listConsoleSessions", id=body["session_id"])
+        session = listed["listconsolesessionsresponse"]["consolesession"][0]
+        if session.get("endreason"):
+            break
+    assert session["endreason"] == "proxy_lost"
