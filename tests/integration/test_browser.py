@@ -1,0 +1,99 @@
+"""noVNC in headless Chromium, through a real cpvm, to a real VNC server.
+
+Playwright's sync API runs in a worker thread so the test reactor keeps serving the
+contract manager that cpvm redeems tokens with.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from tests.peers import XVNC_TEST_PASSWORD, launch_chromium
+
+pytestmark = pytest.mark.browser
+
+CONNECTED = ("document.querySelector('#noVNC_status') && "
+             "document.querySelector('#noVNC_status').textContent.startsWith('Connected')")
+STATUS_SET = ("document.querySelector('#noVNC_status') && "
+              "document.querySelector('#noVNC_status').textContent.length > 0")
+
+
+def console_url(cpvm, token: str) -> str:
+    path = urllib.parse.quote(f"websockify?token={token}", safe="")
+    return (f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
+            f"&reconnect=false&host=127.0.0.1&port={cpvm.port}&path={path}")
+
+
+def type_into_console(url: str, text: str, screenshot: Path, point=(200, 150)) -> str:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_function(CONNECTED, timeout=30_000)
+            status = page.inner_text("#noVNC_status")
+            canvas = page.locator("#noVNC_container canvas")
+            box = canvas.bounding_box()
+            # No window manager in Xvnc: focus follows the pointer, so hover the xterm.
+            page.mouse.move(box["x"] + point[0], box["y"] + point[1])
+            page.mouse.click(box["x"] + point[0], box["y"] + point[1])
+            time.sleep(0.5)
+            page.keyboard.type(text, delay=20)
+            time.sleep(1.0)
+            page.screenshot(path=str(screenshot))
+            return status
+        finally:
+            browser.close()
+
+
+def second_visit(url: str) -> str:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function(
+                STATUS_SET + " && !document.querySelector('#noVNC_status')"
+                ".textContent.startsWith('Connecting')", timeout=30_000)
+            return page.inner_text("#noVNC_status")
+        finally:
+            browser.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_typed_text_reaches_a_program_in_the_vnc_desktop(cpvm, manager, xvnc, tmp_path):
+    typed_file = tmp_path / "typed.txt"
+    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=(
+        "sh", "-c", f"cat > {typed_file}"))
+    try:
+        token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
+                                  "password": XVNC_TEST_PASSWORD}, vm_name="xvnc-desktop")
+        url = console_url(cpvm, token)
+        shot = tmp_path / "console.png"
+        status = await threads.deferToThread(type_into_console, url, "hello cpvm 42\n", shot)
+        assert status.startswith("Connected") and "xvnc-desktop" in status
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "hello cpvm 42" not in _read(typed_file):
+            await threads.deferToThread(time.sleep, 0.2)
+        assert _read(typed_file) == "hello cpvm 42\n"
+        # The screenshot shows the desktop: a real PNG of the page with the canvas.
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+        # The same URL a second time: noVNC shows cpvm's refusal reason.
+        again = await threads.deferToThread(second_visit, url)
+        assert again == "New connection has been rejected with reason: token already used"
+    finally:
+        xterm.terminate()
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
