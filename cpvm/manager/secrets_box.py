@@ -45,7 +45,9 @@ class SecretBox:
                 raise SecretKeyError(f"secret key file {str(path)!r} does not exist") from None
             data = cls._create(path)
         except OSError as e:
-            raise SecretKeyError(f"cannot read secret key file {str(path)!r}: {e.strerror}") from None
+            raise SecretKeyError(
+                f"cannot read secret key file {str(path)!r}: {e.strerror}"
+            ) from None
         try:
             return cls(data)
         except (ValueError, TypeError):
@@ -63,7 +65,9 @@ class SecretBox:
             # Another manager process created it first: use theirs.
             return path.read_bytes().strip()
         except OSError as e:
-            raise SecretKeyError(f"cannot create secret key file {str(path)!r}: {e.strerror}") from None
+            raise SecretKeyError(
+                f"cannot create secret key file {str(path)!r}: {e.strerror}"
+            ) from None
         with os.fdopen(fd, "wb") as f:
             f.write(key + b"\n")
         return key

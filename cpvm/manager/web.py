@@ -245,11 +245,9 @@ class PublicApiResource(Resource):
             raise ApiError(431, f"Unable to execute API command {name} due to missing "
                                 "parameter virtualmachineid")
         vm_id = _uuid_param("virtualmachineid", vm_id)
-        extra = p.get("token")
-        if extra is not None and (extra == "" or len(extra) > 512):
-            extra = None if extra == "" else extra
-            if extra is not None:
-                raise ApiError(431, "Invalid parameter token: at most 512 characters")
+        extra = p.get("token") or None  # an empty extra is no extra
+        if extra is not None and len(extra) > 512:
+            raise ApiError(431, "Invalid parameter token: at most 512 characters")
         endpoint: Endpoint = await self._broker.create_endpoint(
             account, vm_id, extra, self._creator_address(request)
         )
