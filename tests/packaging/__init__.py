@@ -1,0 +1,1 @@
+"""Tests of the Debian package: build, install, run the installed daemons, purge."""
