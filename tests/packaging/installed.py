@@ -74,7 +74,7 @@ def http_status(url: str, timeout: float = 5.0) -> int:
 
 @contextlib.contextmanager
 def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
-                     unit_dir: Path = UNIT_DIR) -> Iterator[int]:
+                     sandbox: bool = True, unit_dir: Path = UNIT_DIR) -> Iterator[int]:
     """Start ``unit``'s ExecStart as its user with ``config_text``; yield its port.
 
     On leaving, the daemon gets SIGTERM (the unit's KillSignal) and must exit within the
@@ -94,20 +94,18 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
     os.chown(config_path, 0, user.pw_gid)
     os.chmod(config_path, 0o640)
     argv = ["runuser", "-u", user.pw_name, "--", *unit_command(unit, config_path, unit_dir)]
+    if sandbox:
+        argv = sandboxed_command(argv, settings)
 
     # The unit's LimitNOFILE=, or as near as this (possibly unprivileged) process may go.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY:
         nofile = min(nofile, hard)
-
-    def in_child() -> None:
-        os.umask(umask)
-        with contextlib.suppress(OSError, ValueError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+    argv = ["prlimit", f"--nofile={nofile}", "--", *argv]
 
     proc = subprocess.Popen(argv, cwd="/", env=dict(_SERVICE_ENV), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=in_child, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, umask=umask,
+                            start_new_session=True)
     lines: list[str] = []
 
     def collect() -> None:
@@ -124,6 +122,32 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
         _stop(proc, stop_timeout)
         reader.join(5)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Runs as root in a new mount namespace, then execs the command ("$@" after the "--").
+_SANDBOX_SCRIPT = r"""
+set -eu
+writable=""
+while [ "$1" != -- ]; do writable="$writable $1"; shift; done
+shift
+mount --make-rprivate /
+mount -t proc -o subset=pid,hidepid=invisible proc /proc
+for dir in $writable; do mkdir -p "$dir"; done
+for dir in / /usr /etc /var /boot; do
+    if [ -d "$dir" ]; then mount --bind "$dir" "$dir" && mount -o remount,bind,ro "$dir"; fi
+done
+for dir in $writable; do mount --bind "$dir" "$dir" && mount -o remount,bind,rw "$dir"; done
+exec setpriv --no-new-privs "$@"
+"""
+
+
+def sandboxed_command(argv: list[str], settings: dict[str, list[str]]) -> list[str]:
+    """``argv`` wrapped to run in the approximation of a unit's sandbox (module docstring)."""
+    writable = [f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()]
+    writable += [f"/var/log/{d}" for v in settings.get("LogsDirectory", []) for d in v.split()]
+    writable += [p.lstrip("-") for v in settings.get("ReadWritePaths", []) for p in v.split()]
+    return ["unshare", "--mount", "sh", "-c", _SANDBOX_SCRIPT, "sandbox", *writable, "--",
+            *argv]
 
 
 def _wait_for_port(proc: subprocess.Popen, lines: list[str], timeout: float,
@@ -160,5 +184,5 @@ def _stop(proc: subprocess.Popen, stop_timeout: float) -> None:
         raise AssertionError(f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)")
 
 
-__all__ = ["DaemonStartError", "http_status", "installed_daemon", "unit_command",
-           "unit_settings"]
+__all__ = ["DaemonStartError", "http_status", "installed_daemon", "sandboxed_command",
+           "unit_command", "unit_settings"]

@@ -9,8 +9,8 @@ last one purges it (the fixture purges too, if a test in between failed).
 
 from __future__ import annotations
 
-import os
 import grp
+import os
 import pwd
 import re
 import shlex
@@ -24,7 +24,12 @@ from pathlib import Path
 import pytest
 
 from tests.packaging.installed import (
-    UNIT_DIR, http_status, installed_daemon, unit_command, unit_settings,
+    UNIT_DIR,
+    http_status,
+    installed_daemon,
+    sandboxed_command,
+    unit_command,
+    unit_settings,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +49,8 @@ pytestmark = pytest.mark.packaging
 
 def run(argv: list[str], *, check: bool = True, timeout: float = 180,
         **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                            **kwargs)
     if check and result.returncode != 0:
         pytest.fail(f"{shlex.join(argv)} exited with {result.returncode}:\n"
                     f"{result.stdout}\n{result.stderr}", pytrace=False)
@@ -143,7 +149,7 @@ def test_control_depends_on_debians_libraries(deb: Path) -> None:
 def test_control_archive_declares_conffiles_and_scripts(deb: Path) -> None:
     info = run(["dpkg-deb", "-I", str(deb)]).stdout
     for member in ("control", "conffiles", "md5sums", "postinst", "prerm", "postrm"):
-        assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*?\s+{member}\b", info, re.M), member
+        assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*?\s+{member}\b", info, re.MULTILINE), member
     conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
     assert conffiles == ["/etc/cpvm/cpvm.conf", "/etc/cpvm/manager.conf"]
 
@@ -226,8 +232,8 @@ def test_debians_twistd_lists_the_plugins_for_the_service_user(installed: Path) 
     before = cache.stat().st_mtime_ns
     for user in USERS:
         result = run(["runuser", "-u", user, "--", "/usr/bin/twistd3", "--help"], cwd="/")
-        assert re.search(r"^\s+cpvm\s", result.stdout, re.M), result.stdout
-        assert re.search(r"^\s+cpvm-manager\s", result.stdout, re.M), result.stdout
+        assert re.search(r"^\s+cpvm\s", result.stdout, re.MULTILINE), result.stdout
+        assert re.search(r"^\s+cpvm-manager\s", result.stdout, re.MULTILINE), result.stdout
         # A stale cache would make twistd try (and, on a read-only /usr, fail) to rewrite it.
         assert "plugin cache" not in (result.stdout + result.stderr).lower()
     assert cache.stat().st_mtime_ns == before
@@ -260,6 +266,21 @@ def test_installed_manager_answers_healthz(installed: Path) -> None:
     st = key.stat()
     assert pwd.getpwuid(st.st_uid).pw_name == "cpvm-manager"
     assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_installed_daemon_sandbox_is_enforced(installed: Path) -> None:
+    """installed_daemon's approximation of the units' sandbox really restricts."""
+    probe = textwrap.dedent("""\
+        touch /usr/lib/cpvm-probe 2>/dev/null && echo usr-writable
+        touch /etc/cpvm-probe 2>/dev/null && echo etc-writable
+        touch /var/log/cpvm/probe && rm /var/log/cpvm/probe && echo logs-writable
+        [ -e /proc/stat ] && echo proc-stat-visible
+        [ -e /proc/1 ] && echo pid1-visible
+        grep -q NoNewPrivs:.*1 /proc/self/status && echo no-new-privs
+        """)
+    settings = unit_settings(UNIT_DIR / "cpvm.service")
+    argv = sandboxed_command(["runuser", "-u", "cpvm", "--", "sh", "-c", probe], settings)
+    assert run(argv, cwd="/").stdout.split() == ["logs-writable", "no-new-privs"]
 
 
 def test_admin_tool_run_as_root_acts_as_the_manager_user(installed: Path) -> None:
@@ -299,7 +320,8 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
             "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
             "RestrictNamespaces": "yes", "RestrictRealtime": "yes",
             "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
-            "MemoryDenyWriteExecute": "no",
+            "MemoryDenyWriteExecute": "no", "ProtectProc": "invisible", "ProcSubset": "pid",
+            "PrivateMounts": "yes",
         }.items():
             assert s.get(key) == [value], (unit, key, s.get(key))
         assert "@system-service" in s["SystemCallFilter"]
@@ -311,6 +333,16 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
         ["/bin/kill -HUP $MAINPID"]
     assert unit_settings(REPO / "systemd" / "cpvm-manager.service")["StateDirectory"] == \
         ["cpvm-manager"]
+
+
+def test_units_security_exposure_stays_low() -> None:
+    """``systemd-analyze security`` (offline: no running systemd needed); README has 1.1."""
+    for unit in UNITS:
+        result = run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                      str(REPO / "systemd" / f"{unit}.service")], check=False)
+        match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+        assert match, result.stdout + result.stderr
+        assert float(match.group(1)) <= 1.5, (unit, match.group(1))
 
 
 def test_memory_deny_write_execute_breaks_tls(installed: Path) -> None:
