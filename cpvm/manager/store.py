@@ -84,10 +84,13 @@ class ProxyLoad:
     proxy: Proxy
     pending: int  # tokens issued for it, not yet redeemed, not expired
     vm_sessions: int  # live or pending sessions of the requested VM there
+    live: int = 0  # redeemed sessions there that have not ended, as this database knows
 
     @property
     def load(self) -> int:
-        return self.proxy.active_count + self.pending
+        # A cpvm with several worker processes heartbeats once per worker, each with its
+        # own sessions: the database's count of live sessions is the whole truth there.
+        return max(self.proxy.active_count, self.live) + self.pending
 
     @property
     def capacity(self) -> int:
@@ -339,6 +342,12 @@ def live_proxies(tx: Tx, now: float, proxy_timeout: float, vm_id: str) -> list[P
             (now,),
         ).fetchall()
     )
+    live = dict(
+        tx.execute(
+            "SELECT proxy_id, COUNT(*) FROM console_sessions WHERE acquired_at IS NOT NULL "
+            "AND ended_at IS NULL GROUP BY proxy_id"
+        ).fetchall()
+    )
     vm_sessions = dict(
         tx.execute(
             "SELECT proxy_id, COUNT(*) FROM console_sessions WHERE vm_id = ? AND ended_at IS NULL "
@@ -346,7 +355,8 @@ def live_proxies(tx: Tx, now: float, proxy_timeout: float, vm_id: str) -> list[P
             (vm_id, now),
         ).fetchall()
     )
-    return [ProxyLoad(p, int(pending.get(p.id, 0)), int(vm_sessions.get(p.id, 0)))
+    return [ProxyLoad(p, int(pending.get(p.id, 0)), int(vm_sessions.get(p.id, 0)),
+                      int(live.get(p.id, 0)))
             for p in proxies]
 
 
