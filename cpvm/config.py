@@ -178,6 +178,8 @@ def parse_config(r: IniReader) -> CpvmConfig:
         level=r.choice("log", "level", "info", ("debug", "info", "warn", "error")),
         audit_file=r.path("log", "audit_file", None),
     )
+    if server.workers > 1 and server.port == 0:
+        raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
     r.check_unknown()
     return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
                       session=session, log=log)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application import internet, service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cpvm import __version__
+from cpvm import __version__, logs
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import ProxyMetrics
@@ -17,6 +18,7 @@ from cpvm.registry import ConsoleSessions, Heartbeat
 from cpvm.tls import ReloadableServerTLS, manager_tls_policy
 from cpvm.web import ConsoleSite, build_root
 from cpvm.websocket import ConsoleWebSocketFactory
+from cpvm.workers import ReusePortEndpoint, WorkerPool
 
 log = Logger()
 
@@ -28,6 +30,9 @@ class Options(usage.Options):
         ["config", "c", None,
          f"Configuration file (default {DEFAULT_CONFIG_PATH} when it exists, "
          "else the embedded defaults)."],
+        ["worker", None, None,
+         "Internal: run as worker N of a multi-process cpvm (started by the first process).",
+         int],
     ]
 
     def postOptions(self):  # noqa: N802
@@ -63,8 +68,20 @@ class ProxyService(service.MultiService):
             self.tls.reload()
 
 
-def build_service(config: CpvmConfig, reactor) -> ProxyService:
-    """Everything cpvm runs, from a parsed configuration."""
+def worker_argv(argv: list[str]) -> list[str]:
+    """The command line of an extra worker: our own twistd command line, without pid file
+    or daemonizing (the first process owns those)."""
+    args = list(argv[1:])
+    split = args.index("cpvm") if "cpvm" in args else len(args)
+    twistd_options = [a for a in args[:split] if not a.startswith("--pidfile")]
+    plugin = args[split:] or ["cpvm"]
+    return ["-c", "from twisted.scripts.twistd import run; run()", *twistd_options,
+            "--nodaemon", "--pidfile=", *plugin]
+
+
+def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> ProxyService:
+    """Everything cpvm runs, from a parsed configuration (``worker``: index of an extra
+    worker process, which shares the port and starts no workers itself)."""
     server = config.server
     metrics = ProxyMetrics()
     manager = ManagerClient(
@@ -97,11 +114,19 @@ def build_service(config: CpvmConfig, reactor) -> ProxyService:
     tls = None
     if server.tls:
         tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
+    if server.workers > 1 or worker is not None:
+        endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)
+    elif tls is not None:
         endpoint = endpoints.SSL4ServerEndpoint(reactor, server.port, tls,
                                                 interface=server.bind)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
     top = ProxyService(config, sessions, manager, tls)
+    if server.workers > 1 and worker is None:
+        pool = WorkerPool(reactor, server.workers, worker_argv(sys.argv),
+                          server.grace_period)
+        pool.setServiceParent(top)
+        top.workers = pool  # type: ignore[attr-defined]
     listener = internet.StreamServerEndpointService(endpoint, site)
     # A port that cannot be bound must stop start-up, not be logged and forgotten.
     listener._raiseSynchronously = True
@@ -121,7 +146,10 @@ def build_service(config: CpvmConfig, reactor) -> ProxyService:
 def makeService(options: Options):  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
 
-    svc = build_service(options["parsed"], reactor)
+    config = options["parsed"]
+    logs.configure(format=config.log.format, level=config.log.level, name="cpvm",
+                   audit_file=config.log.audit_file)
+    svc = build_service(config, reactor, worker=options["worker"])
     _install_signal_handlers(reactor, svc)
     return svc
 

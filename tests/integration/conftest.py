@@ -7,7 +7,7 @@ import secrets
 import pytest
 
 from tests.integration.contract_manager import start_contract_manager
-from tests.system import cpvm_config, start_cpvm
+from tests.daemons import cpvm_config, start_cpvm
 
 
 @pytest.fixture
@@ -43,6 +43,13 @@ def cpvm_factory(manager, proxy_key, tmp_path):
     yield start
     for daemon in started:
         daemon.stop()
+    # Log audit: no token, VNC password or proxy key in any line cpvm wrote.
+    secrets_used = [proxy_key[0]] + list(manager.tokens)
+    secrets_used += [i.vnc["password"] for i in manager.tokens.values() if i.vnc.get("password")]
+    for daemon in started:
+        text = daemon.log_text()
+        leaked = [s[:6] + "…" for s in secrets_used if s and s in text]
+        assert not leaked, f"secrets in {daemon.log_path}: {leaked}"
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ async def test_vnc_server_speaking_garbage(cpvm, manager, echo_server):
 @pytest_twisted.ensureDeferred
 async def test_wrong_vnc_password(cpvm, manager, qemu_vnc, echo_server):
     healthy, _, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
-    token, _ = manager.issue({"host": "127.0.0.1", "port": qemu_vnc.port, "password": "wrong"})
+    token, _ = manager.issue({"host": "127.0.0.1", "port": qemu_vnc.port, "password": "Wr0ngPw-x9"})
     closed, reason = await refused(cpvm, token, expect_code=4012)
     assert reason == "VNC authentication failed"
     await assert_still_healthy(healthy)

@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from tests.peers import REPO_ROOT, _Supervised, _workdir
-from tests.system import process_rss_kib
+from tests.daemons import process_rss_kib
 from tests.rawws import RawWebSocket
 
 READ_RATE = 100 * 1024  # bytes per second
