@@ -336,6 +336,8 @@ class ConsoleSession:
         u.unregisterProducer()
         b.registerProducer(u, True)
         u.registerProducer(b, True)
+        for transport in (b, u):
+            tune_relay_transport(transport)
 
     def _idle_limit(self) -> float:
         r = self.redemption
@@ -386,6 +388,25 @@ class ConsoleSession:
     def _bug(self, failure: Failure) -> None:
         self._log.failure("console session failed unexpectedly", failure, **self.log_fields())
         self.close(Outcome.ERROR, "internal error")
+
+
+# Bigger reads and a bigger write threshold than Twisted's 64 KiB mean fewer reads, frames
+# and pause/resume cycles per megabyte; memory per session stays bounded by them.
+RELAY_BUFFER = 256 * 1024
+
+
+def tune_relay_transport(transport) -> None:
+    """Latency and throughput settings for a relaying TCP transport (TLS: its carrier)."""
+    tcp = getattr(transport, "transport", None) or transport
+    for t in {id(transport): transport, id(tcp): tcp}.values():
+        if hasattr(t, "bufferSize"):
+            t.bufferSize = RELAY_BUFFER
+    set_nodelay = getattr(tcp, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        try:
+            set_nodelay(True)  # keystrokes and small updates go out at once
+        except OSError:
+            pass
 
 
 def _smaller(ours: float, theirs: float | None) -> float:

@@ -8,6 +8,7 @@ missing or repeated token, a proxy at capacity.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from typing import TYPE_CHECKING
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -20,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from cpvm.registry import ConsoleSessions
 
 WEBSOCKET_PATH = "/websockify"
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
+_SMALL_HEADERS = [bytes((0x82, n)) for n in range(126)]
 MAX_TOKEN_LENGTH = 512
 
 
@@ -90,7 +94,22 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     # -- what the session calls ----------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.sendMessage(data, isBinary=True)
+        """One binary frame per chunk, written without copying the payload.
+
+        Autobahn's sendMessage joins header and payload (a copy of every screen update)
+        and formats debug arguments even when debug logging is off; on the relay's hot
+        path the frame is built here: unmasked (server to client), FIN, opcode binary.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        n = len(data)
+        if n < 126:
+            header = _SMALL_HEADERS[n]
+        elif n < 65536:
+            header = _HEADER16.pack(0x82, 126, n)
+        else:
+            header = _HEADER64.pack(0x82, 127, n)
+        self.transport.writeSequence((header, data))
 
     def close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_CONNECTING:
