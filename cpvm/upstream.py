@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cpvm import rfb
+from cpvm import fastwrite, rfb
 from cpvm.manager_client import VncTarget
 from cpvm.tls import pem_certificates
 
@@ -91,7 +91,7 @@ class VncClientProtocol(Protocol):
         self._handle(self._handshake.send_client_init(shared))
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        fastwrite.write(self.transport, data)
 
     def close(self) -> None:
         """Close the VNC connection, dropping anything still queued for it.

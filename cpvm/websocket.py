@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
+from cpvm import fastwrite
 from cpvm.outcome import Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,7 +110,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             header = _HEADER16.pack(0x82, 126, n)
         else:
             header = _HEADER64.pack(0x82, 127, n)
-        self.transport.writeSequence((header, data))
+        fastwrite.write_frame(self.transport, header, data)
 
     def close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_CONNECTING:
