@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.logger import (
     FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-    formatEvent, formatEventAsClassicLogText, globalLogPublisher, jsonFileLogObserver,
+    formatEvent, formatEventAsClassicLogText, globalLogPublisher,
 )
 
 _SECRET = re.compile(
@@ -101,7 +101,7 @@ class _JsonLines:
 
 def audit_observer(stream):
     """JSON lines of the audit stream only (namespace ``cpvm.audit``)."""
-    inner = jsonFileLogObserver(stream)
+    inner = _JsonLines(stream)
 
     def observe(event):
         if event.get("log_namespace") == "cpvm.audit":

@@ -33,7 +33,9 @@ def cpvm_factory(manager, proxy_key, tmp_path):
 
     def start(**sections):
         text = cpvm_config(manager.url, credential_file=proxy_key[1], **sections)
-        daemon = start_cpvm(text, workdir=tmp_path / f"cpvm{len(started)}")
+        # As the systemd unit runs it: our log observer applies [log] format and level.
+        daemon = start_cpvm(text, workdir=tmp_path / f"cpvm{len(started)}",
+                            extra_args=("--logger=cpvm.logs.observer",))
         started.append(daemon)
         return daemon
 

@@ -42,6 +42,7 @@ class ContractManager(resource.Resource):
         self.terminate: list[str] = []
         self.delay = 0.0
         self.override: tuple[int, bytes] | None = None
+        self.down = False  # drop every request's connection, like a dead manager
         self.port = None
 
     def issue(self, vnc: dict, *, extra: str | None = None, vm_name: str = "test-vm",
@@ -56,6 +57,9 @@ class ContractManager(resource.Resource):
         return f"http://127.0.0.1:{self.port.getHost().port}"
 
     def render_POST(self, request):  # noqa: N802
+        if self.down:
+            request.transport.abortConnection()
+            return server.NOT_DONE_YET
         auth = request.getHeader(b"authorization") or b""
         if not hmac.compare_digest(auth, b"Bearer " + self.credential.encode()):
             return self._answer(request, 401, {"error": "unauthorized", "message": "bad key"})
