@@ -332,8 +332,9 @@ class ConsoleSession:
             return
         # twisted.web's HTTPChannel registered itself on the browser's transport before
         # the WebSocket took it over; a transport has one producer, and now it is ours.
-        b.unregisterProducer()
-        u.unregisterProducer()
+        for transport in (b, u):
+            if _has_producer(transport):
+                transport.unregisterProducer()
         b.registerProducer(u, True)
         u.registerProducer(b, True)
         for transport in (b, u):
@@ -393,6 +394,12 @@ class ConsoleSession:
 # Bigger reads and a bigger write threshold than Twisted's 64 KiB mean fewer reads, frames
 # and pause/resume cycles per megabyte; memory per session stays bounded by them.
 RELAY_BUFFER = 256 * 1024
+
+
+def _has_producer(transport) -> bool:
+    # TCP transports call it "producer"; the TLS protocol wrapper "_producer".
+    return (getattr(transport, "producer", None) is not None
+            or getattr(transport, "_producer", None) is not None)
 
 
 def tune_relay_transport(transport) -> None:
