@@ -33,6 +33,29 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def cpu_by_process(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each live process of the trees (a cpvm with workers: one per worker)."""
+    out: dict[int, float] = {}
+    for p in tree(pids):
+        try:
+            t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        out[p.pid] = t.user + t.system
+    return out
+
+
+def fds_by_process(pids: list[int]) -> dict[int, int]:
+    """Open descriptors of each live process of the trees."""
+    out: dict[int, int] = {}
+    for p in tree(pids):
+        try:
+            out[p.pid] = p.num_fds()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
 def memory(pids: list[int], full: bool = True) -> dict[str, float]:
     """Sum of RSS (and PSS/USS when ``full``) in bytes over the tree, and its size."""
     out = {"rss": 0.0, "pss": 0.0, "uss": 0.0, "processes": 0}

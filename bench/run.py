@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from bench.workloads import Worker
 from bench import workloads
 
 MB = 1e6
+IDLE_PER_CLIENT = 5000  # idle sessions per client process (its descriptors)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Profile:
 SCENARIOS = ("throughput", "multi", "latency", "setup", "idle", "slow")
 
 PROFILES = {
-    "quick": Profile("quick", ["direct", "socat", "websockify", "cpvm"], 1.5, 4, 2, 1000, 100,
+    "quick": Profile("quick", ["direct", "socat", "websockify", "cpvm"], 1.5, 8, 2, 1000, 100,
                      200, 16, [100], {}, 4.0),
     "full": Profile("full", ["direct", "socat", "websockify", "cpvm"], 5.0, 16, 2, 10000,
                     1000, 2000, 32, [100, 1000],
@@ -145,11 +147,20 @@ class Runner:
         targets = proxy.targets("stream", n)
         workers = [Worker(workloads.stream, targets[i::procs], self.p.stream_seconds)
                    for i in range(procs)]
+        each0 = accounting.cpu_by_process(proxy.pids())
         results, cpu = self._measure(proxy, workers, 120)
+        each1 = accounting.cpu_by_process(proxy.pids())
+        # Cores busy per proxy process: with workers = 2, whether both carried the load.
+        r["tpN_proxy_cores_each"] = [
+            round((each1[pid] - each0.get(pid, 0.0)) / cpu["wall"], 2) for pid in each1]
         total = sum(x["bytes"] for x in results) / MB
         seconds = max(x["seconds"] for x in results)
         r["tpN_MBps"] = total / seconds
         r["tpN_proxy_cpu_s_per_GB"] = cpu["proxy"] / total * 1000 if total else float("nan")
+        # The machine's ceiling for this workload: every core busy with proxy, server and
+        # client work at this run's CPU seconds per GB of each.
+        per_gb = (cpu["proxy"] + cpu["server"] + cpu["client"]) / total * 1000 if total else 0
+        r["tpN_cpu_ceiling_MBps"] = (os.cpu_count() or 1) / per_gb * 1000 if per_gb else None
         r["tpN_proxy_processes"] = accounting.memory(proxy.pids(), full=False)["processes"]
         self._cpu_fields("tpN", cpu, r)
 
@@ -198,16 +209,27 @@ class Runner:
                 time.sleep(0.3)
                 before = accounting.memory(proxy.pids())
                 targets = proxy.targets("idle", n)
-                w = Worker(workloads.idle, targets)
-                info = w.recv(120 + n / 50)
+                # A client process holds one descriptor per session, the same hard limit
+                # applies to it: spread large sizes over several client processes.
+                procs = max(1, -(-n // IDLE_PER_CLIENT))
+                clients = [Worker(workloads.idle, targets[i::procs]) for i in range(procs)]
+                infos = [c.recv(120 + n / 50) for c in clients]
                 after = accounting.memory(proxy.pids())
-                w.send("go")
-                res = w.recv(120)
-                w.join()
+                fds = accounting.fds_by_process(proxy.pids())
+                for c in clients:
+                    c.send("go")
+                alive = sum(c.recv(120)["alive"] for c in clients)
+                for c in clients:
+                    c.join()
+                info = {"opened": sum(i["opened"] for i in infos),
+                        "open_seconds": max(i["open_seconds"] for i in infos),
+                        "errors": [e for i in infos for e in i["errors"]]}
                 opened = info["opened"]
                 r[f"idle{n}_opened"] = opened
-                r[f"idle{n}_alive"] = res["alive"]
+                r[f"idle{n}_alive"] = alive
                 r[f"idle{n}_open_s"] = info["open_seconds"]
+                r[f"idle{n}_client_processes"] = procs
+                r[f"idle{n}_fds_each"] = sorted(fds.values(), reverse=True)
                 r[f"idle{n}_processes"] = after["processes"]
                 for kind in ("rss", "pss", "uss"):
                     r[f"idle{n}_{kind}_KB"] = ((after[kind] - before[kind]) / max(opened, 1)
