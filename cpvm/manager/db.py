@@ -140,8 +140,15 @@ def _sqlite_connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+_SYNC_FULL = "PRAGMA synchronous=FULL"
+_SYNC_NORMAL = "PRAGMA synchronous=NORMAL"
+
+
 def _sqlite_setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
+    # Every commit reaches the disk before it returns (the one-time guarantee must survive
+    # a power cut); ``Database.run(durable=False)`` relaxes this per transaction.
+    conn.execute(_SYNC_FULL)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA foreign_keys=ON")
 
@@ -244,11 +251,22 @@ class Database:
                 cp_reactor=reactor,
             )
 
-    def run(self, fn: Callable[..., T], *args: Any) -> Any:
-        """Deferred firing with ``fn(tx, *args)``, run in one transaction off the reactor."""
+    def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> Any:
+        """Deferred firing with ``fn(tx, *args)``, run in one transaction off the reactor.
+
+        ``durable=False`` (SQLite only) commits without waiting for the disk (WAL with
+        ``synchronous=NORMAL``): the transaction survives a crash of the manager process but
+        may be lost, whole, on a power cut or kernel crash — for writes that are repeated
+        anyway (heartbeats). Everything else, redemptions first, commits with
+        ``synchronous=FULL``: on disk before the answer leaves.
+        """
+        kind = self.kind
 
         def interaction(cursor: Any) -> T:
-            tx = Tx(cursor, self.kind)
+            tx = Tx(cursor, kind)
+            if kind == "sqlite":
+                # A per-connection setting, read at commit: set it for this transaction.
+                cursor.execute(_SYNC_FULL if durable else _SYNC_NORMAL)
             tx.begin()
             return fn(tx, *args)
 

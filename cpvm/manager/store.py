@@ -392,16 +392,24 @@ class TokenRow:
     vm: Vm | None
 
 
+_TOKEN_COLS = (
+    "s.id, s.proxy_id, s.expires_at, s.acquired_at, s.ended_at, s.extra_hash, "
+    "s.bound_address, s.account_name, s.vm_id"
+)
+_TOKEN_SQL = (
+    # One statement for the token and its VM (the VM may have been removed since: LEFT JOIN).
+    f"SELECT {_TOKEN_COLS}, {_VM_COLS} FROM console_sessions s "
+    "LEFT JOIN vms v ON v.id = s.vm_id LEFT JOIN accounts a ON a.id = v.owner_id "
+    "WHERE s.token_hash = ?"
+)
+
+
 def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
-    row = tx.execute(
-        "SELECT s.id, s.proxy_id, s.expires_at, s.acquired_at, s.ended_at, s.extra_hash, "
-        "s.bound_address, s.account_name, s.vm_id FROM console_sessions s "
-        "WHERE s.token_hash = ?",
-        (token_hash,),
-    ).fetchone()
+    row = tx.execute(_TOKEN_SQL, (token_hash,)).fetchone()
     if row is None:
         return None
-    return TokenRow(*row, vm=get_vm(tx, row[8]))
+    vm = _vm(row[9:]) if row[9] is not None and row[12] is not None else None
+    return TokenRow(*row[:9], vm=vm)
 
 
 def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float) -> bool:

@@ -24,6 +24,7 @@ from cpvm.manager.consoles import (
     END_REASONS,
     REDEEM_MESSAGE,
     REDEEM_STATUS,
+    UNAUTHORIZED,
     ConsoleBroker,
     Endpoint,
 )
@@ -298,6 +299,10 @@ class ProxyApiError(Exception):
         self.message = message
 
 
+def _unauthorized() -> ProxyApiError:
+    return ProxyApiError(401, "unauthorized", "unknown, malformed or revoked proxy key")
+
+
 def _bad(message: str) -> ProxyApiError:
     return ProxyApiError(400, "bad_request", message)
 
@@ -364,14 +369,22 @@ class ProxyApiResource(Resource):
                 raise ProxyApiError(404, "not_found", "no such endpoint")
             if request.method != b"POST":
                 raise ProxyApiError(405, "method_not_allowed", "use POST")
-            proxy_id = await self._authenticate(request)
-            body = _json_body(request)
-            if endpoint == "redeem":
-                status, answer = await self._redeem(proxy_id, body)
-            elif endpoint == "heartbeat":
-                status, answer = await self._heartbeat(proxy_id, body)
-            else:
-                status, answer = await self._end(proxy_id, route[1], body)
+            key = self._bearer_key(request)
+            try:
+                body = _json_body(request)
+                if endpoint == "redeem":
+                    call = self._redeem(key, body)
+                elif endpoint == "heartbeat":
+                    call = self._heartbeat(key, body)
+                else:
+                    call = self._end(key, route[1], body)
+            except ProxyApiError:
+                # A caller without a valid key is told so, whatever its body holds.
+                if await self._broker.authenticate_proxy(key) is None:
+                    raise _unauthorized() from None
+                raise
+            # The key is checked in the same database transaction as the request.
+            status, answer = await call
         except ProxyApiError as e:
             status, answer = e.status, {"error": e.code, "message": e.message}
             if e.status == 401:
@@ -383,19 +396,21 @@ class ProxyApiResource(Resource):
         self._metrics.proxy_requests.labels(endpoint, str(status)).inc()
         _send_json(request, status, answer)
 
-    async def _authenticate(self, request: server.Request) -> str:
+    @staticmethod
+    def _bearer_key(request: server.Request) -> str:
+        """The proxy key of the Authorization header (syntax only; 401 when absent)."""
         header = request.getHeader(b"authorization")
         if not header:
             raise ProxyApiError(401, "unauthorized", "missing Authorization header")
         scheme, _, key = header.decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ProxyApiError(401, "unauthorized", "expected a Bearer proxy key")
-        proxy_id = await self._broker.authenticate_proxy(key.strip())
-        if proxy_id is None:
-            raise ProxyApiError(401, "unauthorized", "unknown, malformed or revoked proxy key")
-        return proxy_id
+        return key.strip()
 
-    async def _redeem(self, proxy_id: str, body: dict):
+    # Each handler validates the body at once (raising 400 before any database work) and
+    # returns the coroutine that does the work, the key's check included.
+
+    def _redeem(self, key: str, body: dict):
         token = _string(body, "token")
         extra = body.get("extra")
         if extra is not None and not isinstance(extra, str):
@@ -404,14 +419,19 @@ class ProxyApiResource(Resource):
             extra = None
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
-        result = await self._broker.redeem(proxy_id, token, extra, address)
+        return self._redeem_call(key, token, extra, address)
+
+    async def _redeem_call(self, key: str, token: str, extra: str | None, address: str):
+        result = await self._broker.redeem_with_key(key, token, extra, address)
+        if result is UNAUTHORIZED:
+            raise _unauthorized()
         if result.error is None:
             return 200, result.body
         return REDEEM_STATUS[result.error], {
             "error": result.error, "message": REDEEM_MESSAGE[result.error]
         }
 
-    async def _heartbeat(self, proxy_id: str, body: dict):
+    def _heartbeat(self, key: str, body: dict):
         sessions = body.get("active_sessions", [])
         if not isinstance(sessions, list) or not all(isinstance(s, str) for s in sessions):
             raise _bad("active_sessions must be a list of session ids")
@@ -427,9 +447,15 @@ class ProxyApiResource(Resource):
             "active_count": len(sessions),
             "version": _string(body, "version", optional=True, maximum=100),
         }
-        return 200, await self._broker.heartbeat(proxy_id, beat)
+        return self._heartbeat_call(key, beat)
 
-    async def _end(self, proxy_id: str, session_id: str, body: dict):
+    async def _heartbeat_call(self, key: str, beat: dict):
+        answer = await self._broker.heartbeat_with_key(key, beat)
+        if answer is UNAUTHORIZED:
+            raise _unauthorized()
+        return 200, answer
+
+    def _end(self, key: str, session_id: str, body: dict):
         reason = body.get("reason")
         if reason not in END_REASONS:
             raise _bad("reason is not one of the documented end reasons")
@@ -443,11 +469,19 @@ class ProxyApiResource(Resource):
             "bytes_to_server": _int(body, "bytes_to_server"),
             "duration": float(duration),
         }
+        return self._end_call(key, session_id, report)
+
+    async def _end_call(self, key: str, session_id: str, report: dict):
         try:
             session_id = str(uuid.UUID(session_id))
         except ValueError:
+            # Unauthenticated callers get 401, not a hint about session ids.
+            if await self._broker.authenticate_proxy(key) is None:
+                raise _unauthorized() from None
             raise ProxyApiError(404, "unknown_session", "no such session") from None
-        found = await self._broker.report_end(proxy_id, session_id, report)
+        found = await self._broker.report_end_with_key(key, session_id, report)
+        if found is UNAUTHORIZED:
+            raise _unauthorized()
         if not found:
             raise ProxyApiError(404, "unknown_session",
                                 "not a session redeemed through this proxy")

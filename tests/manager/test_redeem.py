@@ -195,3 +195,28 @@ async def test_concurrent_redemptions_sqlite(managers):
         statuses, results = await _race([m], key, token)
         assert statuses == [200] + [409] * 49
         assert all(b["error"] == "token_used" for s, b in results if s != 200)
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_checked_before_body_errors_are_told(managers):
+    """The key is checked in the request's own transaction; a caller without a valid key
+    gets 401 whatever its body or session id, a valid one gets 400 / 404."""
+    m = await managers()
+    alice, vm, key = await _setup(m)
+    bad_key = key.split(".")[0] + ".wrong"
+    end_bad_id = "sessions/not-a-uuid/end"
+    end_body = {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 1,
+                "duration": 1}
+    for path, body, valid_status in (("redeem", {"token": 5}, 400), ("heartbeat", {}, 400),
+                                     (end_bad_id, end_body, 404),
+                                     ("sessions/x/end", {"reason": "nope"}, 400)):
+        status, answer = await m.proxy(bad_key, path, body)
+        assert (status, answer["error"]) == (401, "unauthorized"), path
+        status, answer = await m.proxy(key, path, body)
+        assert status == valid_status, (path, answer)
+    # A refused key neither burns nor reveals the token: it redeems afterwards.
+    token = (await m.endpoint(alice, vm))["websocket"]["token"]
+    status, answer = await m.redeem(bad_key, token)
+    assert status == 401
+    status, answer = await m.redeem(key, token)
+    assert status == 200, answer
