@@ -17,6 +17,7 @@ ROWS = [
                                                 "tpN_cpu_client"), "{:.2f}"),
     ("  proxy processes", "tpN_proxy_processes", "{:.0f}"),
     ("  cores busy, each proxy process", "tpN_proxy_cores_each", "{:.2f}"),
+    ("  descriptors, each proxy process", "tpN_proxy_fds_each", "{:.0f}"),
     ("  machine ceiling: all cores at this CPU/GB (MB/s)", "tpN_cpu_ceiling_MBps", "{:.0f}"),
     ("Round trip p50 (µs)", "rtt_p50_us", "{:.0f}"),
     ("Round trip p90 (µs)", "rtt_p90_us", "{:.0f}"),

@@ -108,10 +108,13 @@ class Runner:
         proxy.start()
         return proxy
 
-    def _measure(self, proxy: Proxy, workers: list[Worker], timeout: float) -> tuple[list, dict]:
+    def _measure(self, proxy: Proxy, workers: list[Worker], timeout: float,
+                 on_ready=None) -> tuple[list, dict]:
         """ready -> snapshot -> go -> results -> snapshot."""
         for w in workers:
             w.recv(timeout)
+        if on_ready is not None:
+            on_ready()
         window = accounting.CpuWindow({"proxy": proxy.pids(), "server": [self.server.pid]})
         window.start()
         t0 = time.perf_counter()
@@ -148,7 +151,12 @@ class Runner:
         workers = [Worker(workloads.stream, targets[i::procs], self.p.stream_seconds)
                    for i in range(procs)]
         each0 = accounting.cpu_by_process(proxy.pids())
-        results, cpu = self._measure(proxy, workers, 120)
+
+        def count_fds():
+            # Descriptors per proxy process while streaming: how SO_REUSEPORT spread them.
+            r["tpN_proxy_fds_each"] = list(accounting.fds_by_process(proxy.pids()).values())
+
+        results, cpu = self._measure(proxy, workers, 120, count_fds)
         each1 = accounting.cpu_by_process(proxy.pids())
         # Cores busy per proxy process: with workers = 2, whether both carried the load.
         r["tpN_proxy_cores_each"] = [
