@@ -59,7 +59,9 @@ def _stacks(raw: Path) -> list[tuple[list[str], int]]:
     return out
 
 
-_PLUMBING = ("<module>", "_run_", "runApp", "run (", "ApplicationRunner", "UnixApplicationRunner", "_SomeApplicationRunner", "Runner.", "Twist.", "ReactorBase.", "run (", "main (",
+_PLUMBING = ("<module>", "_run_", "runApp", "runReactorWithLogging", "run (",
+             "ApplicationRunner", "UnixApplicationRunner", "_SomeApplicationRunner",
+             "main (", "Runner.", "Twist.", "ReactorBase.",
              "EPollReactor.doPoll", "callWithLogger", "callWithContext",
              "ThreadedContextTracker", "ContextTracker", "_PollLikeMixin", "Thread.",
              "_bootstrap", "ThreadWorker", "Team.", "LockWorker", "ThreadPool.",
