@@ -2,15 +2,21 @@
 
 systemd is not PID 1 on the test machines, so ``installed_daemon`` reads the installed unit
 file (``/lib/systemd/system/<unit>.service``) and starts its ``ExecStart=`` command line as
-the unit's ``User=`` with ``runuser``, with the unit's ``UMask=`` and ``LimitNOFILE=``,
-``/`` as working directory and a clean environment. Only the ``--config`` argument is
-replaced, by a file holding the given text. The sandbox settings are not reproduced.
+the unit's ``User=`` (``setpriv``, which like systemd's ``User=`` goes through no PAM
+session), with the unit's ``UMask=`` and ``LimitNOFILE=``, ``/`` as working directory and
+systemd's environment for a service user. Only the ``--config`` argument is replaced, by a
+file holding the given text. Part of the sandbox is reproduced (``sandboxed_command``).
+
+Not ``runuser``: its PAM session (``pam_limits``) lowers the soft open-files limit back to
+1024, so the daemon would not run with the unit's ``LimitNOFILE=``.
 
     with installed_daemon("cpvm", cpvm_conf_text) as port:
         urlopen(f"http://127.0.0.1:{port}/healthz")
 
 Give the daemon a configuration that listens on 127.0.0.1 port 0: the port is read from
-twistd's "... starting on N" log line, so there is no race for a free port.
+twistd's "... starting on N" log line, so there is no race for a free port. Pass a list as
+``output`` to get the daemon's log lines (stdout and stderr, its workers' too); it is
+complete once the ``with`` block has been left.
 """
 
 from __future__ import annotations
@@ -73,19 +79,10 @@ def http_status(url: str, timeout: float = 5.0) -> int:
 
 
 @contextlib.contextmanager
-def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
-                     sandbox: bool = True, unit_dir: Path = UNIT_DIR) -> Iterator[int]:
-    """Start ``unit``'s ExecStart as its user with ``config_text``; yield its port.
-
-    On leaving, the daemon gets SIGTERM (the unit's KillSignal) and must exit within the
-    unit's TimeoutStopSec; a start failure raises DaemonStartError with the output.
-    """
-    settings = unit_settings(unit_dir / f"{unit}.service")
-    user = pwd.getpwnam(settings["User"][0])
-    umask = int(settings.get("UMask", ["0022"])[0], 8)
-    nofile = int(settings.get("LimitNOFILE", ["1024"])[0])
-    stop_timeout = float(settings.get("TimeoutStopSec", ["90"])[0])
-
+def config_file(unit: str, config_text: str, unit_dir: Path = UNIT_DIR) -> Iterator[Path]:
+    """A configuration file holding ``config_text``, readable by ``unit``'s user only
+    (root:group 0640 in a root:group 0750 directory, like the packaged conffiles)."""
+    user = pwd.getpwnam(unit_settings(unit_dir / f"{unit}.service")["User"][0])
     workdir = Path(tempfile.mkdtemp(prefix=f"{unit}-installed-"))
     config_path = workdir / f"{unit}.conf"
     config_path.write_text(config_text)
@@ -93,7 +90,35 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
     os.chmod(workdir, 0o750)
     os.chown(config_path, 0, user.pw_gid)
     os.chmod(config_path, 0o640)
-    argv = ["runuser", "-u", user.pw_name, "--", *unit_command(unit, config_path, unit_dir)]
+    try:
+        yield config_path
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
+                     sandbox: bool = True, unit_dir: Path = UNIT_DIR,
+                     output: list[str] | None = None) -> Iterator[int]:
+    """Start ``unit``'s ExecStart as its user with ``config_text``; yield its port.
+
+    On leaving, the daemon gets SIGTERM (the unit's KillSignal) and must exit within the
+    unit's TimeoutStopSec; a start failure raises DaemonStartError with the output.
+    ``output``, if given, receives the daemon's log lines.
+    """
+    with config_file(unit, config_text, unit_dir) as config_path:
+        yield from _run_daemon(unit, config_path, timeout=timeout, sandbox=sandbox,
+                               unit_dir=unit_dir, output=output)
+
+
+def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
+                unit_dir: Path, output: list[str] | None) -> Iterator[int]:
+    settings = unit_settings(unit_dir / f"{unit}.service")
+    user = pwd.getpwnam(settings["User"][0])
+    umask = int(settings.get("UMask", ["0022"])[0], 8)
+    nofile = int(settings.get("LimitNOFILE", ["1024"])[0])
+    stop_timeout = float(settings.get("TimeoutStopSec", ["90"])[0])
+    argv = [*as_user(user), *unit_command(unit, config_path, unit_dir)]
     if sandbox:
         argv = sandboxed_command(argv, settings)
 
@@ -103,10 +128,14 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
         nofile = min(nofile, hard)
     argv = ["prlimit", f"--nofile={nofile}", "--", *argv]
 
-    proc = subprocess.Popen(argv, cwd="/", env=dict(_SERVICE_ENV), stdin=subprocess.DEVNULL,
+    # What systemd sets for a service with User=.
+    env = {**_SERVICE_ENV, "HOME": user.pw_dir, "USER": user.pw_name,
+           "LOGNAME": user.pw_name, "SHELL": user.pw_shell}
+    # Every wrapper execs the next, so proc.pid is the daemon's own pid ($MAINPID).
+    proc = subprocess.Popen(argv, cwd="/", env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, umask=umask,
                             start_new_session=True)
-    lines: list[str] = []
+    lines: list[str] = output if output is not None else []
 
     def collect() -> None:
         assert proc.stdout is not None
@@ -121,7 +150,13 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
     finally:
         _stop(proc, stop_timeout)
         reader.join(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd) -> list[str]:
+    """The command prefix that runs a command as ``user`` the way systemd's ``User=`` does:
+    its uid, gid and supplementary groups, no PAM session, then exec."""
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+            "--"]
 
 
 # Runs as root in a new mount namespace, then execs the command ("$@" after the "--").
@@ -168,14 +203,9 @@ def _wait_for_port(proc: subprocess.Popen, lines: list[str], timeout: float,
 def _stop(proc: subprocess.Popen, stop_timeout: float) -> None:
     if proc.poll() is not None:
         return
-    # SIGTERM to the daemon itself, as systemd's KillSignal would deliver it. Not to
-    # runuser: it would forward it but SIGKILL the daemon 2 s later, mid-drain.
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    pids = children.read_text().split() if children.exists() else []
-    if pids:
-        os.kill(int(pids[0]), signal.SIGTERM)
-    else:
-        proc.send_signal(signal.SIGTERM)
+    # SIGTERM to the daemon's main process only, as systemd's KillSignal= with
+    # KillMode=mixed: a multi-process daemon stops its own workers.
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(stop_timeout)
     except subprocess.TimeoutExpired:
@@ -184,5 +214,25 @@ def _stop(proc: subprocess.Popen, stop_timeout: float) -> None:
         raise AssertionError(f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)")
 
 
-__all__ = ["DaemonStartError", "http_status", "installed_daemon", "sandboxed_command",
-           "unit_command", "unit_settings"]
+def pids_listening_on(port: int) -> set[int]:
+    """Processes holding a listening TCP socket on ``port`` (from /proc, as root)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.add(int(entry.name))
+    return pids
+
+
+__all__ = ["DaemonStartError", "as_user", "config_file", "http_status", "installed_daemon",
+           "pids_listening_on", "sandboxed_command", "unit_command", "unit_settings"]

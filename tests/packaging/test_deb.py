@@ -3,8 +3,9 @@
 Needs root and Debian 12's apt registries (the package's dependencies are Debian's
 python3-* packages). Anything missing makes the tests FAIL with the reason, never skip.
 The installed daemons run from Debian's /usr/bin/python3, not this suite's interpreter.
-Takes about a minute; the module's tests share one build and one installation and the
-last one purges it (the fixture purges too, if a test in between failed).
+Takes about a minute. Every packaging module shares one build and one installation
+(``conftest.py``); ``test_purge_leaves_nothing`` runs after all of them and purges it (the
+fixture purges too, if a test in between failed).
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ import grp
 import os
 import pwd
 import re
-import shlex
-import shutil
 import stat
-import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +28,8 @@ from tests.packaging.installed import (
     unit_command,
     unit_settings,
 )
+from tests.packaging.package import REPO, package_state, purge, run
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD_COMMAND = [str(REPO / "packaging" / "build-deb")]
 PYLIB = Path("/usr/lib/python3/dist-packages")
 PLUGINS = PYLIB / "twisted" / "plugins"
 DEBIAN_PYTHON = "/usr/bin/python3"
@@ -42,37 +38,8 @@ DEPENDENCIES = ["python3-twisted", "python3-autobahn", "python3-openssl",
                 "python3-prometheus-client", "novnc"]
 UNITS = ["cpvm", "cpvm-manager"]
 USERS = ["cpvm", "cpvm-manager"]
-APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 pytestmark = pytest.mark.packaging
-
-
-def run(argv: list[str], *, check: bool = True, timeout: float = 180,
-        **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                            **kwargs)
-    if check and result.returncode != 0:
-        pytest.fail(f"{shlex.join(argv)} exited with {result.returncode}:\n"
-                    f"{result.stdout}\n{result.stderr}", pytrace=False)
-    return result
-
-
-def require_root_and_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("the packaging tests install a .deb: run them as root", pytrace=False)
-    for tool in ("dpkg-deb", "apt-get", "runuser", "systemd-analyze"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: the packaging tests need Debian 12's dpkg, apt, "
-                        "util-linux and systemd", pytrace=False)
-
-
-def package_state() -> str:
-    result = run(["dpkg-query", "-W", "-f=${db:Status-Status}", "cpvm"], check=False)
-    return result.stdout.strip() if result.returncode == 0 else "not-installed"
-
-
-def purge() -> subprocess.CompletedProcess:
-    return run(["apt-get", "purge", "-y", "cpvm"], env=APT_ENV)
 
 
 def plugin_cache_modules() -> set[str]:
@@ -84,35 +51,6 @@ def plugin_cache_modules() -> set[str]:
                   "import pickle, sys; print(' '.join(pickle.load(open(sys.argv[1], 'rb'))))",
                   str(cache)], cwd="/")
     return set(result.stdout.split())
-
-
-@pytest.fixture(scope="module")
-def deb() -> Path:
-    """The .deb, built with the documented command."""
-    require_root_and_tools()
-    result = run(BUILD_COMMAND, cwd=REPO)
-    path = Path(result.stdout.strip().splitlines()[-1])
-    assert path.is_file(), f"build-deb printed {path}, which does not exist"
-    return path
-
-
-@pytest.fixture(scope="module")
-def installed(deb: Path) -> Iterator[Path]:
-    """The package installed with apt (a previous copy purged first); purged afterwards."""
-    if package_state() != "not-installed":
-        purge()
-    argv = ["apt-get", "install", "-y", "--no-install-recommends", str(deb)]
-    result = run(argv, check=False, env=APT_ENV, timeout=600)
-    if result.returncode != 0:
-        # Stale package lists are the usual cause: refresh them once.
-        run(["apt-get", "update", "-q"], env=APT_ENV, timeout=300)
-        result = run(argv, check=False, env=APT_ENV, timeout=600)
-    if result.returncode != 0:
-        pytest.fail("apt-get could not install the package (are Debian 12's apt registries "
-                    f"reachable?):\n{result.stdout}\n{result.stderr}", pytrace=False)
-    yield deb
-    if package_state() != "not-installed":
-        purge()
 
 
 def debian_version(module: str) -> str:
@@ -329,8 +267,10 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
         # Above cpvm's default [server] grace_period (10 s) with room for the manager.
         assert float(s["TimeoutStopSec"][0]) > 10 + 5
         assert "IPAddressDeny" not in s
-    assert unit_settings(REPO / "systemd" / "cpvm.service")["ExecReload"] == \
-        ["/bin/kill -HUP $MAINPID"]
+    # Signals go to the first process, which passes them on to its workers.
+    cpvm = unit_settings(REPO / "systemd" / "cpvm.service")
+    assert cpvm["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert cpvm["KillMode"] == ["mixed"]
     assert unit_settings(REPO / "systemd" / "cpvm-manager.service")["StateDirectory"] == \
         ["cpvm-manager"]
 
@@ -379,7 +319,9 @@ def test_memory_deny_write_execute_breaks_tls(installed: Path) -> None:
 # --- Purge (last) ---------------------------------------------------------------------------
 
 
+@pytest.mark.purges_package
 def test_purge_leaves_nothing(installed: Path) -> None:
+    uids = {str(pwd.getpwnam(user).pw_uid) for user in USERS}
     purge()
     assert package_state() == "not-installed"
     leftovers = [p for p in (
@@ -393,9 +335,23 @@ def test_purge_leaves_nothing(installed: Path) -> None:
     leftovers += [str(p) for p in Path("/etc/systemd/system").rglob("cpvm*")]
     leftovers += [str(p) for p in Path("/var/lib/systemd").rglob("*cpvm*")]
     assert leftovers == []
+    # No daemon (or worker) the tests started outlived them.
+    running = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
+               and _real_uid(p) in uids]
+    assert running == []
     for user in USERS:
         assert run(["getent", "passwd", user], check=False).returncode == 2, user
         assert run(["getent", "group", user], check=False).returncode == 2, user
     assert "cpvm_plugin" not in plugin_cache_modules()
     # Debian's libraries stay (apt autoremove's business) and still load their plugins.
     assert "twisted_web" in plugin_cache_modules()
+
+
+def _real_uid(proc_dir: Path) -> str | None:
+    try:
+        for line in (proc_dir / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return line.split()[1]
+    except OSError:
+        pass
+    return None
