@@ -94,7 +94,7 @@ class _JsonLines:
                 record[key] = event[key]
         failure = event.get("log_failure")
         if failure is not None:
-            record["traceback"] = failure.getTraceback()
+            record["traceback"] = redact(failure.getTraceback())
         self._stream.write(json.dumps(record, default=str) + "\n")
         self._stream.flush()
 

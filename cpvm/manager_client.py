@@ -8,6 +8,7 @@ manager is trusted, but a broken or impostor one must not take cpvm down with it
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from cpvm.outcome import REDEMPTION_ERRORS, Outcome
 
@@ -203,8 +204,6 @@ class ManagerClient:
         return ensureDeferred(self._report_end(session_id, report))
 
     async def _report_end(self, session_id: str, report: dict) -> None:
-        from urllib.parse import quote
-
         status, _ = await self._post(f"/proxy/v1/sessions/{quote(session_id, safe='')}/end", report)
         if status == 404:
             self._log.warn("manager does not know session {session}", session=session_id)
@@ -212,20 +211,25 @@ class ManagerClient:
             raise ManagerUnavailable(f"session end report answered HTTP {status}")
 
     async def _post(self, path: str, payload: dict) -> tuple[int, Any]:
-        data = json.dumps(payload).encode("utf-8")
+        # One deadline for the whole exchange (headers and body), so a redemption never
+        # takes longer than [manager] timeout.
+        d = ensureDeferred(self._exchange(path, payload))
+        d.addTimeout(self._timeout, self._reactor)
         try:
-            d = self._http.post(self._base + path, data=data, headers=self._headers)
-            d.addTimeout(self._timeout, self._reactor)
-            response = await d
-            raw = await _read_limited(response, MAX_ANSWER).addTimeout(
-                self._timeout, self._reactor)
+            return await d
         except (TimeoutError, CancelledError):
             raise ManagerUnavailable(f"no answer within {self._timeout:g} s") from None
+
+    async def _exchange(self, path: str, payload: dict) -> tuple[int, Any]:
+        data = json.dumps(payload).encode("utf-8")
+        try:
+            response = await self._http.post(self._url(path), data=data, headers=self._headers)
+            raw = await _read_limited(response, MAX_ANSWER)
+        except CancelledError:
+            raise
         except _TooBig:
             raise ManagerUnavailable(f"answer larger than {MAX_ANSWER} bytes") from None
-        except (ConnectionError, ResponseFailed, OSError) as e:
-            raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
-        except Exception as e:  # DNS failures, TLS errors, refused connections …
+        except Exception as e:  # refused, reset, DNS, TLS verification …
             raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
         if not raw:
             return response.code, None
@@ -234,6 +238,9 @@ class ManagerClient:
         except ValueError:
             # Not JSON: callers treat a missing body as "unusable answer".
             return response.code, None
+
+    def _url(self, path: str) -> str:
+        return self._base + path
 
 
 class _TooBig(Exception):

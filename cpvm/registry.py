@@ -7,8 +7,7 @@ sessions an administrator terminated.
 
 from __future__ import annotations
 
-from typing import Callable
-
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
@@ -117,6 +116,7 @@ class ConsoleSessions:
             allow_anonymous_tls=allow_anon,
             allow_none=target.tls == "none",
             require_tls=target.tls != "none",
+            allow_x509=bool(target.ca_pem or self._default_ca),
         )
         factory = VncClientFactory(
             session, handshake,
@@ -133,6 +133,19 @@ class ConsoleSessions:
             self._by_id[sid] = session
         audit_log.info("console session acquired: vm {vm} by {client}", event="acquired",
                        **session.log_fields())
+
+    def redeemed_after_close(self, session: ConsoleSession) -> None:
+        outcome = session.outcome or Outcome.ERROR
+        sid = session.session_id
+        self._log.info("session {session} was redeemed after it ended ({reason})",
+                       session=sid, reason=outcome.report)
+        self._report_end(sid, {
+            "reason": outcome.report,
+            "client_address": session.client_address,
+            "bytes_to_client": 0,
+            "bytes_to_server": 0,
+            "duration": 0.0,
+        })
 
     def relay_started(self, session: ConsoleSession) -> None:
         self.metrics.active_sessions.inc()
@@ -208,7 +221,9 @@ class ConsoleSessions:
             "public_port": server.public_port,
             "tls": server.tls,
             "address": server.public_address or None,
-            "capacity": self._config.session.max_sessions,
+            # Every worker process reports the capacity of the whole proxy (its sessions
+            # are counted by the manager from its own records).
+            "capacity": self._config.session.max_sessions * self._config.server.workers,
             "active_sessions": sorted(self._by_id),
             "version": __version__,
         }
@@ -227,39 +242,53 @@ class ConsoleSessions:
         return d
 
 
-class Heartbeat:
-    """Registers this cpvm with the manager and learns which sessions to terminate."""
+class Heartbeat(Service):
+    """Registers this cpvm with the manager and learns which sessions to terminate.
+
+    Beats never overlap: the next one is scheduled when the previous one has answered
+    (or failed), at the interval the manager asks for.
+    """
 
     _log = Logger()
 
     def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions,
-                 interval: float, on_state: Callable[[bool], None] | None = None):
+                 interval: float):
         self._reactor = reactor
         self._manager = manager
         self._sessions = sessions
         self.interval = interval
         self.manager_reachable = False
-        self._on_state = on_state
-        self._in_flight = False
+        self._next = None
 
-    def beat(self) -> Deferred | None:
-        if self._in_flight:
-            return None
-        self._in_flight = True
+    def startService(self):  # noqa: N802
+        super().startService()
+        self._next = self._reactor.callLater(0, self.beat)
+
+    def stopService(self):  # noqa: N802
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+
+    def beat(self) -> Deferred:
+        self._next = None
         d = self._manager.heartbeat(self._sessions.heartbeat_payload())
         d.addCallbacks(self._answered, self._failed)
-        d.addBoth(self._done)
+        d.addBoth(self._schedule)
         return d
 
     def _answered(self, answer: dict) -> None:
         if not self.manager_reachable:
             self._log.info("manager reachable")
         self.manager_reachable = True
+        interval = answer.get("heartbeat_interval")
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool):
+            self.interval = min(max(float(interval), 0.5), 300.0)
         terminate = answer.get("terminate") or []
         if isinstance(terminate, list) and terminate:
             n = self._sessions.terminate(terminate)
-            self._log.info("manager asked to terminate {count} session(s), {here} here",
-                           count=len(terminate), here=n)
+            if n:
+                self._log.info("manager asked to terminate {count} session(s) here", count=n)
 
     def _failed(self, failure: Failure) -> None:
         if self.manager_reachable:
@@ -267,6 +296,6 @@ class Heartbeat:
         self.manager_reachable = False
         self._sessions.metrics.manager_failures.labels(call="heartbeat").inc()
 
-    def _done(self, _):
-        self._in_flight = False
-        return None
+    def _schedule(self, _) -> None:
+        if self.running:
+            self._next = self._reactor.callLater(self.interval, self.beat)

@@ -340,6 +340,7 @@ class RfbClientHandshake(_Machine):
     permits VeNCrypt TLSNone/TLSVnc, which encrypt but cannot authenticate the server.
     ``allow_none`` permits servers that ask for no authentication at all.
     ``require_tls`` accepts only VeNCrypt TLS subtypes (the VM's VNC is configured for TLS).
+    ``allow_x509`` is false when there is no CA to verify an X509 server certificate with.
     """
 
     def __init__(
@@ -349,8 +350,12 @@ class RfbClientHandshake(_Machine):
         allow_anonymous_tls: bool = False,
         allow_none: bool = True,
         require_tls: bool = False,
+        allow_x509: bool = True,
     ) -> None:
         super().__init__()
+        # Without a CA to verify the server's certificate, X509 subtypes cannot succeed:
+        # prefer whatever else the server offers.
+        self._allow_x509 = allow_x509
         self._password = password
         self._allow_anonymous_tls = allow_anonymous_tls
         self._allow_none = allow_none
@@ -613,6 +618,8 @@ class RfbClientHandshake(_Machine):
         return True
 
     def _subtype_allowed(self, subtype: int) -> bool:
+        if subtype in (VENCRYPT_X509_NONE, VENCRYPT_X509_VNC) and not self._allow_x509:
+            return False
         if self._require_tls and subtype not in _VENCRYPT_TLS_SUBTYPES:
             return False
         if subtype in _NEEDS_PASSWORD and self._password is None:

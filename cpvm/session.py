@@ -81,6 +81,7 @@ class SessionHooks(TypingProtocol):
     """Where a session reports its life (registry, metrics, audit, manager)."""
 
     def redeemed(self, session: "ConsoleSession") -> None: ...
+    def redeemed_after_close(self, session: "ConsoleSession") -> None: ...
     def relay_started(self, session: "ConsoleSession") -> None: ...
     def ended(self, session: "ConsoleSession", outcome: Outcome, detail: str) -> None: ...
 
@@ -120,8 +121,8 @@ class ConsoleSession:
         self._browser_version_seen = False
         self._upstream_secure = False
         self._browser_ready = False
-        self._pending_upstream: list[bytes] = []
-        self._pending_size = 0
+        self._pre_relay_bytes = 0
+        self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
         self._last_input = self.stats.started
@@ -170,6 +171,13 @@ class ConsoleSession:
             self.stats.bytes_to_server += len(data)
             self._upstream.write(data)  # type: ignore[union-attr]
             return
+        # Everything the browser sends before the relay is buffered somewhere (handshake
+        # machine, VNC socket): bound it, whoever the sender is.
+        self._pre_relay_bytes += len(data)
+        if self._pre_relay_bytes > MAX_PRE_RELAY_BUFFER:
+            self.close(Outcome.CLIENT_PROTOCOL_ERROR,
+                       "browser sent too much before the session started")
+            return
         if self._browser_ready:
             self._queue_for_upstream(data)
             return
@@ -177,7 +185,11 @@ class ConsoleSession:
 
     def browser_closed(self, code: int | None) -> None:
         """The WebSocket closed (cleanly or not)."""
-        self.close(Outcome.CLIENT_CLOSED, f"browser closed the WebSocket (code {code})",
+        # Autobahn fails the connection with these codes when the browser broke the
+        # WebSocket protocol (bad framing, invalid UTF-8, message too big).
+        outcome = (Outcome.CLIENT_PROTOCOL_ERROR if code in (1002, 1007, 1009)
+                   else Outcome.CLIENT_CLOSED)
+        self.close(outcome, f"browser closed the WebSocket (code {code})",
                    notify_browser=False)
 
     def browser_text_frame(self) -> None:
@@ -191,6 +203,10 @@ class ConsoleSession:
 
     def _redeemed(self, redemption: Redemption) -> None:
         if self.closed:
+            # The session ended while the manager was redeeming: the token is spent and
+            # the manager has a live record; it must hear how this one ended.
+            self.redemption = redemption
+            self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
         self._hooks.redeemed(self)
@@ -243,7 +259,7 @@ class ConsoleSession:
         if leftover:
             self.upstream_data(leftover)
         self._start_flow_control()
-        if self._limits.idle_timeout > 0:
+        if self._idle_limit() > 0:
             self._timer("idle", self._idle_limit(), self._check_idle)
         self._hooks.relay_started(self)
 
@@ -293,16 +309,12 @@ class ConsoleSession:
 
     def _offer_security_if_ready(self) -> None:
         if self._browser_version_seen and self._upstream_secure and not self.closed:
+            self._security_offered = True
             self._send_browser(self._server_hs.accept())
 
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
-        # order, so these bytes can go now. Count them against the pre-relay bound.
-        self._pending_size += len(data)
-        if self._pending_size > MAX_PRE_RELAY_BUFFER:
-            self.close(Outcome.CLIENT_PROTOCOL_ERROR,
-                       "browser sent too much before the session started")
-            return
+        # order, so these bytes can go now.
         self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
         self._upstream.write(data)  # type: ignore[union-attr]
@@ -310,6 +322,11 @@ class ConsoleSession:
     def _refuse(self, outcome: Outcome, detail: str) -> None:
         """Fail set-up; tell noVNC the reason through RFB when the handshake allows it."""
         if self.closed:
+            return
+        if self._security_offered:
+            # Too late for an RFB refusal (the browser was offered None): the close code
+            # and its reason are all the browser gets.
+            self.close(outcome, detail)
             return
         if self._browser_version_seen:
             self._send_browser(self._server_hs.reject(outcome.text))

@@ -66,6 +66,9 @@ class ProxyService(service.MultiService):
     def reload_tls(self) -> None:
         if self.tls is not None:
             self.tls.reload()
+        pool = getattr(self, "workers", None)
+        if pool is not None:
+            pool.signal_all("HUP")  # each worker reloads its own copy
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -110,7 +113,9 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
 
     root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
                       metrics=metrics.registry, readiness=readiness)
-    site = ConsoleSite(root)
+    # An HTTP connection that has not finished its request (or its WebSocket upgrade)
+    # within this time is dropped: slow-loris clients cannot pile up.
+    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
     tls = None
     if server.tls:
         tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
@@ -131,9 +136,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     # A port that cannot be bound must stop start-up, not be logged and forgotten.
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
-    beat = internet.TimerService(config.manager.heartbeat_interval, heartbeat.beat)
-    beat.clock = reactor
-    beat.setServiceParent(top)
+    heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
     top.heartbeat = heartbeat  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]

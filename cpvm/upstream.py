@@ -20,6 +20,9 @@ from cpvm.manager_client import VncTarget
 from cpvm.tls import pem_certificates
 
 
+MAX_HANDSHAKE_BYTES = 256 * 1024
+
+
 class UpstreamListener(TypingProtocol):
     """What the VNC client protocol reports to (a ``ConsoleSession``)."""
 
@@ -74,6 +77,7 @@ class VncClientProtocol(Protocol):
         self._tls_factory = tls_factory
         self._relaying = False
         self._closing = False
+        self._handshake_bytes = 0
 
     def connectionMade(self) -> None:  # noqa: N802
         self._listener.upstream_connected(self)
@@ -83,6 +87,15 @@ class VncClientProtocol(Protocol):
             self._listener.upstream_data(data)
             return
         if self._handshake is None:
+            return
+        # A handshake is a few hundred bytes (reason strings and the desktop name are
+        # capped at 64 KiB each); a server that sends more is broken or hostile.
+        self._handshake_bytes += len(data)
+        if self._handshake_bytes > MAX_HANDSHAKE_BYTES:
+            self._handshake = None
+            self._listener.upstream_failed(
+                "protocol", f"VNC server sent over {MAX_HANDSHAKE_BYTES} bytes in its handshake")
+            self.close()
             return
         self._handle(self._handshake.receive(data))
 

@@ -37,6 +37,50 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self._session = None
+        # Incoming frames are parsed here while the connection is open and unfragmented;
+        # everything else (control frames, fragments, oversize, closing) goes to Autobahn.
+        self._fast = True
+        self._inbuf = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if not self._fast or self.state != self.STATE_OPEN or self.data:
+            super().dataReceived(data)
+            return
+        buf = self._inbuf + data if self._inbuf else data
+        pos = 0
+        end = len(buf)
+        limit = self.maxFramePayloadSize
+        while end - pos >= 6:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            head = 6
+            if length == 126:
+                head = 8
+                if end - pos < head:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+            elif length == 127:
+                head = 14
+                if end - pos < head:
+                    break
+                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+            if b0 != 0x82 or not b1 & 0x80 or (limit and length > limit):
+                # Not a final, masked, binary frame within bounds: Autobahn decides.
+                if b0 & 0x0F == 0 or not b0 & 0x80:
+                    self._fast = False  # a fragmented message: Autobahn assembles the rest
+                self._inbuf = b""
+                super().dataReceived(buf[pos:])
+                return
+            if end - pos < head + length:
+                break
+            mask = buf[pos + head - 4:pos + head]
+            start = pos + head
+            pos = start + length
+            self._binary(_unmask(buf[start:pos], mask))
+            if self.state != self.STATE_OPEN:
+                return
+        self._inbuf = buf[pos:] if pos < end else b""
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
         f = self.factory
@@ -73,12 +117,20 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         return tokens[0], (extras[0] if extras else None)
 
     def onOpen(self):  # noqa: N802
+        # Autobahn keeps the upgrade request for the connection's life; the token in it is
+        # spent, but a memory dump should not hold it either.
+        self.http_request_data = self.http_request_uri = self.http_request_path = None
+        self.http_request_params = {}
         try:
             self._session.start()
         except Exception:
             # Autobahn swallows exceptions here; log and close ourselves.
             self._log.failure("starting a console session failed")
             self.close(Outcome.ERROR.code, Outcome.ERROR.text)
+
+    def _binary(self, payload: bytes) -> None:
+        if self._session is not None:
+            self._session.browser_data(payload)
 
     def onMessage(self, payload, isBinary):  # noqa: N802
         if self._session is None:
@@ -148,6 +200,16 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
             # Echoing the Host header back in errors is needless; keep pages bare.
             webStatus=False,
         )
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR a client frame's payload with its 4-byte mask, as one big-integer operation."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = mask * (n // 4 + 1)
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(
+        n, "little")
 
 
 def origin_allowed(origin: str | None, host: str | None, scheme: str,

@@ -93,6 +93,13 @@ class WorkerPool(service.Service):
     def pids(self) -> list[int]:
         return [t.pid for _, t in self._running.values() if t.pid]
 
+    def signal_all(self, name: str) -> None:
+        for _, transport in list(self._running.values()):
+            try:
+                transport.signalProcess(name)
+            except error.ProcessExitedAlready:
+                pass
+
     def _ended(self, proto: _WorkerProtocol, reason) -> None:
         self._running.pop(proto.index, None)
         if not self.running:

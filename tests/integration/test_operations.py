@@ -262,3 +262,23 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
     await wait_for(lambda: _exited(cpvm), timeout=15, what="cpvm exit")
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                    for p in pids)
+
+
+def _slow_loris(port: int, wait: float) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait + 5) as s:
+        s.sendall(b"GET /websockify?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(wait)
+        try:
+            return s.recv(100)
+        except ConnectionError:
+            return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_unfinished_requests_are_dropped_but_sessions_live_on(cpvm_factory, manager,
+                                                                   echo_server):
+    cpvm = cpvm_factory(session={"websocket_handshake_timeout": 1})
+    client, _, _ = await session(cpvm, manager, echo_server)
+    # The half-sent request is cut off by cpvm (the read sees EOF, not a reply).
+    assert await threads.deferToThread(_slow_loris, cpvm.port, 2.5) == b""
+    await healthy(client)  # a session older than the timeout is unaffected

@@ -1108,3 +1108,12 @@ def test_require_tls_takes_x509vnc():
     outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server])
     assert StartTLS(anonymous=False) in outcome.events
     assert outcome.sent.endswith(u32(261))
+
+
+def test_without_a_ca_x509_subtypes_are_skipped_for_plain_vnc_auth():
+    # TigerVNC "X509Vnc,VncAuth": [19, 2] with VeNCrypt subtypes [261, 2].
+    server = (b"RFB 003.008\n" + b"\x02\x13\x02" + b"\x00\x02" + b"\x00"
+              + b"\x02" + u32(261) + u32(2))
+    outcome = drive_client(RfbClientHandshake(PASSWORD, allow_x509=False), [server])
+    assert outcome.sent.endswith(u32(2))
+    assert StartTLS(anonymous=False) not in outcome.events

@@ -61,6 +61,9 @@ class Hooks:
     def relay_started(self, s):
         self.events.append("relay")
 
+    def redeemed_after_close(self, s):
+        self.events.append(("late", s.session_id, s.outcome))
+
     def ended(self, s, outcome, detail):
         self.events.append(outcome)
 
@@ -238,3 +241,56 @@ def test_unexpected_error_is_an_internal_error_close():
     session.start()
     assert hooks.events == [Outcome.ERROR]
     assert browser.closed == (1011, "internal error")
+
+
+def test_failure_after_none_was_offered_closes_with_the_code():
+    session, clock, browser, upstream, hooks, calls, redeem_d = make()
+    session.start()
+    redeem_d.callback(REDEMPTION)
+    session.browser_data(b"RFB 003.008\n")
+    session.upstream_security_complete()
+    session.browser_data(b"\x01")
+    session.upstream_lost("ConnectionLost")  # before ServerInit
+    assert browser.closed == (4013, "VNC protocol error")
+    assert hooks.events[-1] == Outcome.VNC_PROTOCOL_ERROR
+
+
+def test_redemption_that_lands_after_the_end_is_reported():
+    session, clock, browser, upstream, hooks, calls, redeem_d = make()
+    session.start()
+    session.browser_closed(1001)
+    redeem_d.callback(REDEMPTION)
+    assert hooks.events == [Outcome.CLIENT_CLOSED, ("late", "s-1", Outcome.CLIENT_CLOSED)]
+    assert "connect" not in calls
+
+
+def test_flood_before_the_version_decision_is_bounded():
+    session, clock, browser, upstream, hooks, calls, redeem_d = make()
+    session.start()
+    session.browser_data(b"RFB 003.008\n")
+    for _ in range(100):
+        session.browser_data(b"\x00" * 1024)
+        if browser.closed:
+            break
+    assert browser.closed[0] == 4015
+
+
+def test_protocol_violations_reported_by_autobahn():
+    session, clock, browser, upstream, hooks, calls, redeem_d = make()
+    session.start()
+    session.browser_closed(1009)
+    assert hooks.events == [Outcome.CLIENT_PROTOCOL_ERROR]
+
+
+def test_manager_idle_limit_applies_when_ours_is_off():
+    r = Redemption(**{**REDEMPTION.__dict__, "idle_timeout": 30.0})
+    session, clock, browser, upstream, hooks, calls, _ = make(
+        redeem_result=succeed(r),
+        limits=SessionLimits(handshake_timeout=10, idle_timeout=0, max_duration=0))
+    session.start()
+    session.browser_data(b"RFB 003.008\n")
+    session.upstream_security_complete()
+    session.browser_data(b"\x01\x01")
+    session.upstream_server_init(SERVER_INIT, b"")
+    clock.advance(31)
+    assert browser.closed[0] == 4020
