@@ -33,7 +33,6 @@ class Outcome(Enum):
     IDLE_TIMEOUT = (4020, "idle timeout (no input from the browser)", "idle_timeout")
     MAX_DURATION = (4021, "session time limit reached", "max_duration")
     TERMINATED = (4022, "session terminated by administrator", "terminated")
-    AT_CAPACITY = (4023, "console proxy at capacity", "at_capacity")
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
 
