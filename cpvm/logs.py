@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ _SECRET = re.compile(
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
 
-_settings = {"format": "text", "level": "info", "name": "cpvm"}
+_settings: dict = {"format": "text", "level": "info", "name": "cpvm", "worker": 0}
 
 
 def redact(text: str) -> str:
@@ -40,9 +41,10 @@ def redact(text: str) -> str:
                        text)
 
 
-def configure(*, format: str, level: str, name: str, audit_file: Path | None = None) -> None:
+def configure(*, format: str, level: str, name: str, audit_file: Path | None = None,
+              worker: int | None = None) -> None:
     """Remember the log settings for ``observer()``; open the audit file now."""
-    _settings.update(format=format, level=level, name=name)
+    _settings.update(format=format, level=level, name=name, worker=worker or 0)
     if audit_file is not None:
         globalLogPublisher.addObserver(audit_observer(audit_file.open("a", encoding="utf-8")))
 
@@ -87,6 +89,9 @@ class _JsonLines:
             "level": getattr(event.get("log_level"), "name", None),
             "namespace": event.get("log_namespace"),
             "message": event.get("log_text") or formatEvent(event),
+            "daemon": _settings["name"],
+            "worker": _settings["worker"],
+            "pid": os.getpid(),
         }
         for key in ("session", "vm", "account", "client", "proxy", "reason", "event",
                     "bytes_to_client", "bytes_to_server", "duration", "code"):

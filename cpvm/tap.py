@@ -151,7 +151,7 @@ def makeService(options: Options):  # noqa: N802 (twistd's name)
 
     config = options["parsed"]
     logs.configure(format=config.log.format, level=config.log.level, name="cpvm",
-                   audit_file=config.log.audit_file)
+                   audit_file=config.log.audit_file, worker=options["worker"])
     svc = build_service(config, reactor, worker=options["worker"])
     _install_signal_handlers(reactor, svc)
     return svc
