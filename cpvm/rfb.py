@@ -293,6 +293,22 @@ class _Machine:
         events.append(Failed(kind, message))
         return False
 
+    def _take_version(self, events: list[Event], peer: str) -> tuple[bytes, int, int] | None:
+        """The peer's ``RFB xxx.yyy\\n`` once complete; None while waiting or after failing."""
+        if not _version_prefix_ok(self._buf):
+            self._fail(
+                events,
+                "protocol",
+                f"{peer} did not send an RFB version: {bytes(self._buf[:_VERSION_LENGTH])!r}",
+            )
+            return None
+        if len(self._buf) < _VERSION_LENGTH:
+            return None
+        raw = self._take(_VERSION_LENGTH)
+        match = _VERSION_RE.match(raw)
+        assert match is not None  # guaranteed by the template check
+        return raw, int(match[1]), int(match[2])
+
     def _take(self, count: int) -> bytes:
         data = bytes(self._buf[:count])
         del self._buf[:count]
@@ -419,18 +435,10 @@ class RfbClientHandshake(_Machine):
         return events
 
     def _step_version(self, events: list[Event]) -> bool:
-        if not _version_prefix_ok(self._buf):
-            return self._fail(
-                events,
-                "protocol",
-                f"server did not send an RFB version: {bytes(self._buf[:_VERSION_LENGTH])!r}",
-            )
-        if len(self._buf) < _VERSION_LENGTH:
+        version = self._take_version(events, "server")
+        if version is None:
             return False
-        raw = self._take(_VERSION_LENGTH)
-        match = _VERSION_RE.match(raw)
-        assert match is not None  # guaranteed by the template check
-        major, minor = int(match[1]), int(match[2])
+        raw, major, minor = version
         if major < 3:
             return self._fail(events, "protocol", f"unsupported RFB version {raw!r}")
         if major > 3 or minor >= 8:
@@ -774,18 +782,10 @@ class RfbServerHandshake(_Machine):
         return [Send(server_init.to_bytes())]
 
     def _step_version(self, events: list[Event]) -> bool:
-        if not _version_prefix_ok(self._buf):
-            return self._fail(
-                events,
-                "protocol",
-                f"client did not send an RFB version: {bytes(self._buf[:_VERSION_LENGTH])!r}",
-            )
-        if len(self._buf) < _VERSION_LENGTH:
+        version = self._take_version(events, "client")
+        if version is None:
             return False
-        raw = self._take(_VERSION_LENGTH)
-        match = _VERSION_RE.match(raw)
-        assert match is not None  # guaranteed by the template check
-        major, minor = int(match[1]), int(match[2])
+        raw, major, minor = version
         if major != 3:
             return self._fail(events, "protocol", f"unsupported RFB version {raw!r}")
         # Versions between the official ones behave like the one below (RFC 6143), and a
