@@ -254,9 +254,31 @@ class Cpvm(Proxy):
         self.processes.append(proxy)
         wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",
                    proxy.proc, proxy.log)
+        # /readyz is answered by whichever process accepted it: with workers, wait until
+        # every one listens, or the first connections all land on the first process (the
+        # kernel only spreads connections over sockets that exist) and stay there.
+        wait_until(lambda: self._listening() >= self.workers, 30,
+                   f"{self.workers} cpvm processes listening", proxy.proc, proxy.log)
         # The manager must have seen a heartbeat before it hands out this proxy.
         wait_until(lambda: self._mint_one("idle") is not None, 30, "first console endpoint",
                    manager.proc, manager.log)
+
+    def _listening(self) -> int:
+        """How many processes of cpvm's tree have a socket listening on its port."""
+        import psutil
+
+        from bench.accounting import tree
+
+        count = 0
+        for p in tree([self.processes[1].pid]):
+            try:
+                conns = p.net_connections("tcp")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                   for c in conns):
+                count += 1
+        return count
 
     def pids(self) -> list[int]:
         # The manager is accounted separately (it is not on the relay path).
