@@ -7,9 +7,13 @@ sessions an administrator terminated.
 
 from __future__ import annotations
 
+import ipaddress
+
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -121,9 +125,8 @@ class ConsoleSessions:
         factory = VncClientFactory(
             session, handshake,
             lambda anonymous: tls_creator(target, self._default_ca, anonymous))
-        endpoint = HostnameEndpoint(self._reactor, target.host, target.port,
-                                    timeout=vnc.connect_timeout)
-        return endpoint.connect(factory)
+        return _endpoint(self._reactor, target.host, target.port,
+                         vnc.connect_timeout).connect(factory)
 
     # -- hooks called by sessions --------------------------------------------------------
 
@@ -240,6 +243,17 @@ class ConsoleSessions:
         d.addTimeout(max(grace, 0.1), self._reactor)
         d.addErrback(lambda _: None)
         return d
+
+
+def _endpoint(reactor, host: str, port: int, timeout: float):
+    """An address connects directly; only a name goes through the resolver (a thread)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 class Heartbeat(Service):

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from tests.integration import scripted_vnc
 from tests.peers import QEMU_TEST_PASSWORD, XVNC_TEST_PASSWORD
@@ -378,8 +378,9 @@ async def test_session_time_limit(cpvm, manager, echo_server):
 
 @pytest_twisted.ensureDeferred
 async def test_administrator_termination_via_heartbeat(cpvm, manager, echo_server):
-    victim, _, issued = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
-    other, _, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
+    echo = {"host": "127.0.0.1", "port": echo_server}
+    victim, _, issued = await open_session(cpvm, manager, echo)
+    other, _, _ = await open_session(cpvm, manager, echo)
     manager.terminate = [issued.session_id]
     closed = await victim.wait_closed(timeout=10)
     assert closed.code == 4022
@@ -394,7 +395,8 @@ async def test_administrator_termination_via_heartbeat(cpvm, manager, echo_serve
 
 @pytest_twisted.ensureDeferred
 async def test_session_end_is_reported_with_bytes(cpvm, manager, echo_server):
-    client, _, issued = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
+    echo = {"host": "127.0.0.1", "port": echo_server}
+    client, _, issued = await open_session(cpvm, manager, echo)
     client.send(b"x" * 5000)
     await client.read(5000)
     client.sendClose(1000)
