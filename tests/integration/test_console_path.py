@@ -413,3 +413,23 @@ async def test_session_end_is_reported_with_bytes(cpvm, manager, echo_server):
     assert report["client_address"] == "127.0.0.1"
     heartbeat = manager.heartbeats[-1]
     assert heartbeat["public_port"] == cpvm.port or heartbeat["public_port"] == 0
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_vencrypt_anonymous_tls_only_when_allowed(cpvm_factory, manager, allowed):
+    from tests.peers import start_xvnc
+
+    with start_xvnc("TLSVnc", XVNC_TEST_PASSWORD) as xvnc:
+        cpvm = cpvm_factory(vnc={"allow_anonymous_tls": "true" if allowed else "false"})
+        token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
+                                  "password": XVNC_TEST_PASSWORD, "tls": "anonymous"})
+        client = await open_console(ws_url(cpvm, token))
+        if allowed:
+            info = await client.rfb_handshake()
+            assert await full_update(client, info) == info["width"] * info["height"]
+            client.sendClose(1000)
+        else:
+            with pytest.raises(RfbRefused, match="VNC authentication failed"):
+                await client.rfb_handshake()
+            assert (await client.wait_closed()).code == 4012
