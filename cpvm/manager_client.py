@@ -1,4 +1,5 @@
-"""cpvm's client for the manager's proxy API (``docs/management-api.md``).
+"""cpvm's client for the manager's proxy API (``docs/management-api.md``): redemption
+and heartbeats (which also carry session end reports).
 
 One treq ``HTTPClient`` over cpvm's own persistent connection pool, a timeout on every
 call, cpvm's proxy key on every request, and a cap on the size of every answer: the
@@ -8,7 +9,6 @@ manager is trusted, but a broken or impostor one must not take cpvm down with it
 from __future__ import annotations
 
 import json
-from urllib.parse import quote
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,7 @@ def _seconds(obj: dict, key: str) -> float | None:
 
 
 class ManagerClient:
-    """Calls the manager's proxy API: redeem tokens, heartbeat, report session ends."""
+    """Calls the manager's proxy API: redeem tokens, heartbeat (with session end reports)."""
 
     _log = Logger()
 
@@ -198,17 +198,6 @@ class ManagerClient:
         if status != 200 or not isinstance(body, dict):
             raise ManagerUnavailable(f"heartbeat answered HTTP {status}")
         return body
-
-    def report_end(self, session_id: str, report: dict) -> Deferred:
-        """Report a session's end; fires when the manager has recorded it."""
-        return ensureDeferred(self._report_end(session_id, report))
-
-    async def _report_end(self, session_id: str, report: dict) -> None:
-        status, _ = await self._post(f"/proxy/v1/sessions/{quote(session_id, safe='')}/end", report)
-        if status == 404:
-            self._log.warn("manager does not know session {session}", session=session_id)
-        elif status >= 300:
-            raise ManagerUnavailable(f"session end report answered HTTP {status}")
 
     async def _post(self, path: str, payload: dict) -> tuple[int, Any]:
         # One deadline for the whole exchange (headers and body), so a redemption never

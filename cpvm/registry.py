@@ -8,9 +8,10 @@ sessions an administrator terminated.
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
 )
@@ -26,6 +27,11 @@ from cpvm.session import ConsoleSession, SessionLimits
 from cpvm.upstream import VncClientFactory, tls_creator
 
 audit_log = Logger(namespace="cpvm.audit")
+
+# Up to this many end reports ride on one heartbeat; the queue is bounded for a manager
+# that stays away (the oldest are dropped, with a warning).
+ENDS_PER_HEARTBEAT = 500
+MAX_QUEUED_ENDS = 100_000
 
 
 class ConsoleSessions:
@@ -43,7 +49,8 @@ class ConsoleSessions:
         self._by_id: dict[str, ConsoleSession] = {}
         self._default_ca: bytes | None = (
             config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None)
-        self._pending_reports: set[Deferred] = set()
+        # End reports wait here for the next heartbeat, which carries them in one request.
+        self._ended: deque[dict] = deque()
         self.accepting = True
         s = config.session
         self._limits = SessionLimits(
@@ -190,20 +197,23 @@ class ConsoleSessions:
                 "duration": round(duration, 3),
             })
 
-    def _report_end(self, sid: str, report: dict, attempt: int = 1) -> None:
-        d = self._manager.report_end(sid, report)
-        self._pending_reports.add(d)
+    def _report_end(self, sid: str, report: dict) -> None:
+        if len(self._ended) >= MAX_QUEUED_ENDS:
+            dropped = self._ended.popleft()
+            self._log.warn("manager unreachable for long: dropped the end report of session "
+                           "{session}", session=dropped["session_id"])
+        self._ended.append({"session_id": sid, **report})
 
-        def failed(f: Failure) -> None:
-            self.metrics.manager_failures.labels(call="report_end").inc()
-            if attempt < 3:
-                self._reactor.callLater(2 * attempt, self._report_end, sid, report, attempt + 1)
-            else:
-                self._log.warn("could not report the end of session {session}: {why}",
-                               session=sid, why=str(f.value))
+    def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:
+        """End reports for the next heartbeat (give them back if it fails)."""
+        return [self._ended.popleft() for _ in range(min(limit, len(self._ended)))]
 
-        d.addErrback(failed)
-        d.addBoth(lambda _: self._pending_reports.discard(d))
+    def give_back_ended(self, reports: list[dict]) -> None:
+        self._ended.extendleft(reversed(reports))
+
+    @property
+    def ended_waiting(self) -> int:
+        return len(self._ended)
 
     # -- control from outside ------------------------------------------------------------
 
@@ -231,18 +241,11 @@ class ConsoleSessions:
             "version": __version__,
         }
 
-    def shutdown(self, grace: float) -> Deferred:
-        """Stop accepting, tell every browser (1001), and wait for the end reports."""
+    def shutdown(self) -> None:
+        """Stop accepting and tell every browser (1001); their end reports are queued."""
         self.accepting = False
         for session in list(self._all):
             session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
-        pending = list(self._pending_reports)
-        if not pending:
-            return succeed(None)
-        d = DeferredList(pending, consumeErrors=True)
-        d.addTimeout(max(grace, 0.1), self._reactor)
-        d.addErrback(lambda _: None)
-        return d
 
 
 def _endpoint(reactor, host: str, port: int, timeout: float):
@@ -286,9 +289,20 @@ class Heartbeat(Service):
 
     def beat(self) -> Deferred:
         self._next = None
-        d = self._manager.heartbeat(self._sessions.heartbeat_payload())
-        d.addCallbacks(self._answered, self._failed)
+        ended = self._sessions.take_ended()
+        payload = {**self._sessions.heartbeat_payload(), "ended": ended}
+        d = self._manager.heartbeat(payload)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(ended,))
         d.addBoth(self._schedule)
+        return d
+
+    def flush(self, grace: float) -> Deferred:
+        """At shutdown: one last beat carrying the remaining end reports, within ``grace``."""
+        if not self._sessions.ended_waiting:
+            return succeed(None)
+        d = self.beat()
+        d.addTimeout(max(grace, 0.1), self._reactor)
+        d.addErrback(lambda _: None)
         return d
 
     def _answered(self, answer: dict) -> None:
@@ -304,7 +318,8 @@ class Heartbeat(Service):
             if n:
                 self._log.info("manager asked to terminate {count} session(s) here", count=n)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, ended: list[dict]) -> None:
+        self._sessions.give_back_ended(ended)
         if self.manager_reachable:
             self._log.warn("manager heartbeat failed: {why}", why=str(failure.value))
         self.manager_reachable = False

@@ -49,17 +49,21 @@ class ProxyService(service.MultiService):
     """cpvm as one service: listening port, heartbeat, graceful stop, TLS reload."""
 
     def __init__(self, config: CpvmConfig, sessions: ConsoleSessions,
-                 manager: ManagerClient, tls: ReloadableServerTLS | None):
+                 manager: ManagerClient, heartbeat: Heartbeat,
+                 tls: ReloadableServerTLS | None):
         super().__init__()
         self.config = config
         self.sessions = sessions
         self.manager = manager
+        self.heartbeat = heartbeat
         self.tls = tls
 
     def stopService(self):  # noqa: N802
-        # Stop listening first (children stop), then drain the sessions within the grace.
+        # Stop listening and beating first (children stop), end the sessions (1001), then
+        # one last heartbeat carries their end reports, within the grace period.
         d = super().stopService()
-        d.addCallback(lambda _: self.sessions.shutdown(self.config.server.grace_period))
+        d.addCallback(lambda _: self.sessions.shutdown())
+        d.addCallback(lambda _: self.heartbeat.flush(self.config.server.grace_period))
         d.addCallback(lambda _: self.manager.close())
         return d
 
@@ -126,7 +130,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
                                                 interface=server.bind)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
-    top = ProxyService(config, sessions, manager, tls)
+    top = ProxyService(config, sessions, manager, heartbeat, tls)
     if server.workers > 1 and worker is None:
         pool = WorkerPool(reactor, server.workers, worker_argv(sys.argv),
                           server.grace_period)
@@ -138,7 +142,6 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
-    top.heartbeat = heartbeat  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]
     log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}",
              version=__version__, path=config.path, scheme=server.scheme, bind=server.bind,

@@ -431,15 +431,24 @@ class ConsoleBroker:
     def _heartbeat(self, proxy_id: str, key: tuple[str, str] | None, beat: dict[str, Any]):
         now = self._clock.seconds()
 
+        ended = beat.get("ended") or []
+
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
-                return UNAUTHORIZED
-            return store.heartbeat(tx, proxy_id, beat, now)
+                return UNAUTHORIZED, []
+            # End reports first, so a session ended in this beat is not asked to terminate.
+            records = [(store.end_session(tx, sid, proxy_id, report, now), report)
+                       for sid, report in ended]
+            return store.heartbeat(tx, proxy_id, beat, now), records
 
-        # A heartbeat is repeated every interval: it need not survive a power loss.
-        terminate = yield self._db.run(txn, durable=False)
+        # A bare heartbeat is repeated every interval: it need not survive a power loss;
+        # end reports must.
+        terminate, records = yield self._db.run(txn, durable=bool(ended))
         if terminate is UNAUTHORIZED:
             return UNAUTHORIZED
+        for record, report in records:
+            if record is not None:
+                self._ended(record, report)
         return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
 
     def report_end(self, proxy_id: str, session_id: str, report: dict[str, Any]):
@@ -469,15 +478,18 @@ class ConsoleBroker:
             return UNAUTHORIZED
         if record is None:
             return False
+        self._ended(record, report)
+        return True
+
+    def _ended(self, record: store.SessionRecord, report: dict[str, Any]) -> None:
         self._metrics.sessions_ended.labels(report["reason"]).inc()
         audit.info(
-            "session {session} ended: {reason}", audit=True, event="ended", session=session_id,
+            "session {session} ended: {reason}", audit=True, event="ended", session=record.id,
             reason=report["reason"], account=record.account_name, vm=record.vm_id,
             proxy=record.proxy_name, client_address=record.client_address,
             bytes_to_client=report["bytes_to_client"], bytes_to_server=report["bytes_to_server"],
             duration=report["duration"],
         )
-        return True
 
     # Housekeeping ---------------------------------------------------------------------
 

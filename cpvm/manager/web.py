@@ -446,6 +446,7 @@ class ProxyApiResource(Resource):
             "capacity": _int(body, "capacity", 0, 10**7),
             "active_count": len(sessions),
             "version": _string(body, "version", optional=True, maximum=100),
+            "ended": _ended_reports(body),
         }
         return self._heartbeat_call(key, beat)
 
@@ -456,20 +457,7 @@ class ProxyApiResource(Resource):
         return 200, answer
 
     def _end(self, key: str, session_id: str, body: dict):
-        reason = body.get("reason")
-        if reason not in END_REASONS:
-            raise _bad("reason is not one of the documented end reasons")
-        duration = body.get("duration", 0)
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
-            raise _bad("duration must be a non-negative number")
-        report = {
-            "reason": reason,
-            "client_address": _string(body, "client_address", optional=True, maximum=100),
-            "bytes_to_client": _int(body, "bytes_to_client"),
-            "bytes_to_server": _int(body, "bytes_to_server"),
-            "duration": float(duration),
-        }
-        return self._end_call(key, session_id, report)
+        return self._end_call(key, session_id, _end_report(body))
 
     async def _end_call(self, key: str, session_id: str, report: dict):
         try:
@@ -486,6 +474,44 @@ class ProxyApiResource(Resource):
             raise ProxyApiError(404, "unknown_session",
                                 "not a session redeemed through this proxy")
         return 204, None
+
+
+MAX_ENDED_PER_BEAT = 1000
+
+
+def _end_report(body: Any) -> dict:
+    """A session's end report (single end call or one item of a heartbeat's ``ended``)."""
+    if not isinstance(body, dict):
+        raise _bad("an end report must be an object")
+    reason = body.get("reason")
+    if reason not in END_REASONS:
+        raise _bad("reason is not one of the documented end reasons")
+    duration = body.get("duration", 0)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
+        raise _bad("duration must be a non-negative number")
+    return {
+        "reason": reason,
+        "client_address": _string(body, "client_address", optional=True, maximum=100),
+        "bytes_to_client": _int(body, "bytes_to_client"),
+        "bytes_to_server": _int(body, "bytes_to_server"),
+        "duration": float(duration),
+    }
+
+
+def _ended_reports(body: dict) -> list[tuple[str, dict]]:
+    """The heartbeat's batch of end reports: ``[(session id, report), ...]``."""
+    items = body.get("ended", [])
+    if not isinstance(items, list) or len(items) > MAX_ENDED_PER_BEAT:
+        raise _bad(f"ended must be a list of at most {MAX_ENDED_PER_BEAT} end reports")
+    reports = []
+    for item in items:
+        report = _end_report(item)
+        try:
+            session_id = str(uuid.UUID(str(item.get("session_id"))))
+        except ValueError:
+            raise _bad("ended: session_id is not a session id") from None
+        reports.append((session_id, report))
+    return reports
 
 
 def _peer(request: server.Request) -> str | None:

@@ -73,6 +73,9 @@ class ContractManager(resource.Resource):
             answer = self._redeem(body)
         elif path == "/proxy/v1/heartbeat":
             self.heartbeats.append(body)
+            for report in body.get("ended", []):
+                report = dict(report)
+                self.ends.append((report.pop("session_id"), report))
             answer = (200, {"heartbeat_interval": 1, "terminate": self.terminate})
             self.terminate = []
         elif path.startswith("/proxy/v1/sessions/") and path.endswith("/end"):

@@ -138,3 +138,39 @@ async def test_cleanup_timer_runs(managers):
         if session.get("endreason"):
             break
     assert session["endreason"] == "proxy_lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_carries_end_reports(managers, log_events):
+    m = await managers()
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    key = m.proxy_key("p1")
+    other = m.proxy_key("p2")
+    await m.heartbeat(key)
+    sids = []
+    for _ in range(2):
+        token = (await m.endpoint(alice, vm))["websocket"]["token"]
+        sids.append((await m.redeem(key, token))[1]["session_id"])
+    base = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
+            "capacity": 10, "active_sessions": []}
+    report = {"reason": "client_closed", "client_address": "203.0.113.9",
+              "bytes_to_client": 700, "bytes_to_server": 70, "duration": 4.5}
+    # Another proxy cannot end them, and a malformed batch is refused whole.
+    status, _ = await m.proxy(other, "heartbeat", {
+        **base, "ended": [{"session_id": sids[0], **report}]})
+    assert status == 200
+    status, body = await m.proxy(key, "heartbeat", {
+        **base, "ended": [{"session_id": sids[0], **report}, {"session_id": "x", **report}]})
+    assert status == 400 and body["error"] == "bad_request"
+    status, body = await m.api(alice, "listConsoleSessions", activeonly="true")
+    assert body["listconsolesessionsresponse"]["count"] == 2
+    status, body = await m.proxy(key, "heartbeat", {
+        **base, "ended": [{"session_id": s, **report} for s in sids]})
+    assert status == 200 and body["terminate"] == []
+    status, body = await m.api(alice, "listConsoleSessions")
+    rows = body["listconsolesessionsresponse"]["consolesession"]
+    assert sorted(r["id"] for r in rows) == sorted(sids)
+    assert all(r["endreason"] == "client_closed" and r["bytestoclient"] == 700 for r in rows)
+    ended = [e for e in log_events if e.get("event") == "ended"]
+    assert sorted(e["session"] for e in ended) == sorted(sids)
