@@ -143,8 +143,12 @@ class ManagerClient:
         timeout: float,
         http: HTTPClient | None = None,
         contextFactory: Any = None,
+        worker: int = 0,
     ):
         self._reactor = reactor
+        # Which worker process of this proxy we are: the manager reconciles each worker's
+        # sessions with that worker's heartbeats.
+        self._worker = worker
         self._base = base_url.rstrip("/")
         self._timeout = timeout
         self._headers = {b"Content-Type": [b"application/json"]}
@@ -175,7 +179,8 @@ class ManagerClient:
     async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
         status, body = await self._post(
             "/proxy/v1/redeem",
-            {"token": token, "extra": extra, "client_address": client_address},
+            {"token": token, "extra": extra, "client_address": client_address,
+             "worker": self._worker},
         )
         if status == 200:
             try:
@@ -194,7 +199,8 @@ class ManagerClient:
         return ensureDeferred(self._heartbeat(payload))
 
     async def _heartbeat(self, payload: dict) -> dict:
-        status, body = await self._post("/proxy/v1/heartbeat", payload)
+        status, body = await self._post("/proxy/v1/heartbeat",
+                                        {**payload, "worker": self._worker})
         if status != 200 or not isinstance(body, dict):
             raise ManagerUnavailable(f"heartbeat answered HTTP {status}")
         return body

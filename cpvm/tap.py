@@ -95,6 +95,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         reactor, config.manager.url, config.manager.credential, config.manager.timeout,
         contextFactory=manager_tls_policy(config.manager.ca_file)
         if config.manager.url.startswith("https:") else None,
+        worker=worker or 0,
     )
     sessions = ConsoleSessions(reactor, config, manager, metrics)
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)

@@ -341,18 +341,19 @@ class ConsoleBroker:
         """One atomic check-and-mark of a token; fires with a :class:`Redemption`."""
         return self._redeem(proxy_id, None, token, extra, client_address)
 
-    def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str):
+    def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str,
+                        worker: int = 0):
         """:meth:`redeem` for the proxy holding ``key``, checked in the same transaction
         (one database round trip instead of two); fires with ``UNAUTHORIZED`` (None) when
         the key is unknown or revoked, and then nothing was read or written."""
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._redeem(parsed[0], parsed, token, extra, client_address)
+        return self._redeem(parsed[0], parsed, token, extra, client_address, worker)
 
     @inlineCallbacks
     def _redeem(self, proxy_id: str, key: tuple[str, str] | None, token: str,
-                extra: str | None, client_address: str):
+                extra: str | None, client_address: str, worker: int = 0):
         started = self._clock.seconds()
         now = started
         token_hash = sha256_hex(token)
@@ -372,7 +373,7 @@ class ConsoleBroker:
                 return error, row
             assert row is not None
             # Validated in this transaction; the conditional UPDATE decides who wins.
-            if not store.mark_acquired(tx, row.session_id, client_address, now):
+            if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
                 return "token_used", row
             return None, row
 
@@ -432,23 +433,30 @@ class ConsoleBroker:
         now = self._clock.seconds()
 
         ended = beat.get("ended") or []
+        active = beat.get("active_sessions")
+        worker = beat.get("worker", 0)
+        grace = self.settings.proxy_timeout
 
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
-                return UNAUTHORIZED, []
+                return UNAUTHORIZED, [], []
             # End reports first, so a session ended in this beat is not asked to terminate.
             records = [(store.end_session(tx, sid, proxy_id, report, now), report)
                        for sid, report in ended]
-            return store.heartbeat(tx, proxy_id, beat, now), records
+            lost = ([] if active is None else
+                    store.reconcile(tx, proxy_id, worker, active, now - grace, now))
+            return store.heartbeat(tx, proxy_id, beat, now), records, lost
 
         # A bare heartbeat is repeated every interval: it need not survive a power loss;
         # end reports must.
-        terminate, records = yield self._db.run(txn, durable=bool(ended))
+        terminate, records, lost = yield self._db.run(txn, durable=bool(ended))
         if terminate is UNAUTHORIZED:
             return UNAUTHORIZED
         for record, report in records:
             if record is not None:
                 self._ended(record, report)
+        for record in lost:
+            self._lost(record, now)
         return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
 
     def report_end(self, proxy_id: str, session_id: str, report: dict[str, Any]):
@@ -481,6 +489,15 @@ class ConsoleBroker:
         self._ended(record, report)
         return True
 
+    def _lost(self, record: store.SessionRecord, now: float) -> None:
+        self._metrics.sessions_ended.labels("proxy_lost").inc()
+        audit.info(
+            "session {session} ended: {reason}", audit=True, event="ended",
+            session=record.id, reason="proxy_lost", account=record.account_name,
+            vm=record.vm_id, proxy=record.proxy_name, client_address=record.client_address,
+            duration=now - (record.acquired_at or now),
+        )
+
     def _ended(self, record: store.SessionRecord, report: dict[str, Any]) -> None:
         self._metrics.sessions_ended.labels(report["reason"]).inc()
         audit.info(
@@ -502,13 +519,7 @@ class ConsoleBroker:
             self.settings.retention_seconds,
         )
         for record in result.lost:
-            self._metrics.sessions_ended.labels("proxy_lost").inc()
-            audit.info(
-                "session {session} ended: {reason}", audit=True, event="ended",
-                session=record.id, reason="proxy_lost", account=record.account_name,
-                vm=record.vm_id, proxy=record.proxy_name, client_address=record.client_address,
-                duration=now - (record.acquired_at or now),
-            )
+            self._lost(record, now)
         if result.expired or result.deleted:
             self._log.info(
                 "cleanup: {expired} tokens expired unused, {deleted} old sessions deleted",

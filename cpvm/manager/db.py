@@ -100,6 +100,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX console_sessions_created ON console_sessions (created_at)",
         ],
     ),
+    (
+        2,
+        [
+            # Which worker process of the proxy redeemed the session: its heartbeats list
+            # the sessions it still has, so the others can be ended (crash, restart).
+            "ALTER TABLE console_sessions ADD COLUMN worker INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -305,6 +305,34 @@ def proxy_secret_hash(tx: Tx, proxy_id: str) -> str | None:
     return row[0] if row else None
 
 
+def reconcile(tx: Tx, proxy_id: str, worker: int, active: list[str], acquired_before: float,
+              now: float) -> list[SessionRecord]:
+    """End the sessions a proxy process no longer has (it crashed or restarted).
+
+    Only sessions redeemed through this worker before ``acquired_before`` count: a session
+    redeemed just now may be missing from a heartbeat built a moment before.
+    """
+    rows = tx.execute(
+        "SELECT id FROM console_sessions WHERE proxy_id = ? AND worker = ? "
+        "AND ended_at IS NULL AND acquired_at IS NOT NULL AND acquired_at < ?",
+        (proxy_id, worker, acquired_before),
+    ).fetchall()
+    live = set(active)
+    lost = []
+    for (session_id,) in rows:
+        if session_id in live:
+            continue
+        tx.execute(
+            "UPDATE console_sessions SET ended_at = ?, end_reason = 'proxy_lost', "
+            "token_hash = NULL, extra_hash = NULL WHERE id = ? AND ended_at IS NULL",
+            (now, session_id),
+        )
+        record = get_session(tx, session_id)
+        if record is not None:
+            lost.append(record)
+    return lost
+
+
 def heartbeat(tx: Tx, proxy_id: str, beat: dict[str, Any], now: float) -> list[str]:
     """Record a heartbeat; returns the live sessions an administrator asked to end."""
     tx.execute(
@@ -412,12 +440,13 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
     return TokenRow(*row[:9], vm=vm)
 
 
-def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float) -> bool:
+def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float,
+                  worker: int = 0) -> bool:
     """The single conditional write that makes redemption one-time; True if we won."""
     tx.execute(
-        "UPDATE console_sessions SET acquired_at = ?, client_address = ? "
+        "UPDATE console_sessions SET acquired_at = ?, client_address = ?, worker = ? "
         "WHERE id = ? AND acquired_at IS NULL AND ended_at IS NULL",
-        (now, client_address, session_id),
+        (now, client_address, worker, session_id),
     )
     return tx.rowcount == 1
 

@@ -419,10 +419,12 @@ class ProxyApiResource(Resource):
             extra = None
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
-        return self._redeem_call(key, token, extra, address)
+        worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
+        return self._redeem_call(key, token, extra, address, worker)
 
-    async def _redeem_call(self, key: str, token: str, extra: str | None, address: str):
-        result = await self._broker.redeem_with_key(key, token, extra, address)
+    async def _redeem_call(self, key: str, token: str, extra: str | None, address: str,
+                           worker: int):
+        result = await self._broker.redeem_with_key(key, token, extra, address, worker)
         if result is UNAUTHORIZED:
             raise _unauthorized()
         if result.error is None:
@@ -447,6 +449,9 @@ class ProxyApiResource(Resource):
             "active_count": len(sessions),
             "version": _string(body, "version", optional=True, maximum=100),
             "ended": _ended_reports(body),
+            "worker": _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0,
+            # Absent (an older cpvm): no reconciliation against the list.
+            "active_sessions": sessions if "active_sessions" in body else None,
         }
         return self._heartbeat_call(key, beat)
 
@@ -477,6 +482,7 @@ class ProxyApiResource(Resource):
 
 
 MAX_ENDED_PER_BEAT = 1000
+MAX_WORKER = 1023
 
 
 def _end_report(body: Any) -> dict:

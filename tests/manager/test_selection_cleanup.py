@@ -174,3 +174,48 @@ async def test_heartbeat_carries_end_reports(managers, log_events):
     assert all(r["endreason"] == "client_closed" and r["bytestoclient"] == 700 for r in rows)
     ended = [e for e in log_events if e.get("event") == "ended"]
     assert sorted(e["session"] for e in ended) == sorted(sids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_reconciles_sessions_a_restarted_process_lost(managers):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    m = await managers(sections={"sessions": {"cleanup_interval": "1000000"}}, clock=clock)
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    key = m.proxy_key("p1")
+    await m.heartbeat(key)
+
+    async def redeemed(worker):
+        token = (await m.endpoint(alice, vm))["websocket"]["token"]
+        status, body = await m.proxy(key, "redeem", {"token": token, "extra": None,
+                                                     "client_address": "127.0.0.1",
+                                                     "worker": worker})
+        assert status == 200, body
+        return body["session_id"]
+
+    kept, lost, other_worker = await redeemed(0), await redeemed(0), await redeemed(1)
+    base = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
+            "capacity": 10}
+    # A session redeemed a moment ago may be missing from a heartbeat: it is kept.
+    status, _ = await m.proxy(key, "heartbeat", {**base, "worker": 0, "active_sessions": []})
+    assert status == 200
+    status, body = await m.api(alice, "listConsoleSessions", activeonly="true")
+    assert body["listconsolesessionsresponse"]["count"] == 3
+    clock.advance(30)  # longer than proxy_timeout (20 s)
+    # Worker 0 restarted and still has only one of its sessions; worker 1 is not concerned.
+    status, _ = await m.proxy(key, "heartbeat", {**base, "worker": 0,
+                                                 "active_sessions": [kept]})
+    assert status == 200
+    status, body = await m.api(alice, "listConsoleSessions")
+    rows = {r["id"]: r for r in body["listconsolesessionsresponse"]["consolesession"]}
+    assert rows[lost]["endreason"] == "proxy_lost"
+    assert "endreason" not in rows[kept] or rows[kept]["endreason"] in (None, "")
+    assert "endreason" not in rows[other_worker] or not rows[other_worker]["endreason"]
+    # Its real end report, arriving late, replaces the guess.
+    status, _ = await m.proxy(key, f"sessions/{lost}/end", {
+        "reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 2, "duration": 3})
+    assert status == 204
+    status, body = await m.api(alice, "listConsoleSessions", id=lost)
+    assert body["listconsolesessionsresponse"]["consolesession"][0]["endreason"] == \
+        "client_closed"

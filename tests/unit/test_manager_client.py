@@ -52,7 +52,8 @@ async def test_redeem_success_sends_credential_and_parses_target():
     path, auth, body = res.requests[0]
     assert path == b"/proxy/v1/redeem"
     assert auth == b"Bearer cpvmk_a.secret"
-    assert body == {"token": "tok", "extra": "x", "client_address": "203.0.113.7"}
+    assert body == {"token": "tok", "extra": "x", "client_address": "203.0.113.7",
+                    "worker": 0}
     assert r.session_id == "s-1" and r.vm_name == "web-01" and r.account == "alice"
     assert r.vnc.port == 5901 and r.vnc.password == b"pw"
     assert r.idle_timeout == 60 and r.max_duration is None
