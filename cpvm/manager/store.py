@@ -318,10 +318,13 @@ def reconcile(tx: Tx, proxy_id: str, worker: int, active: list[str], acquired_be
         (proxy_id, worker, acquired_before),
     ).fetchall()
     live = set(active)
+    return _end_lost(tx, [sid for (sid,) in rows if sid not in live], now)
+
+
+def _end_lost(tx: Tx, session_ids: list[str], now: float) -> list[SessionRecord]:
+    """End sessions whose proxy process is gone (``proxy_lost``); their records."""
     lost = []
-    for (session_id,) in rows:
-        if session_id in live:
-            continue
+    for session_id in session_ids:
         tx.execute(
             "UPDATE console_sessions SET ended_at = ?, end_reason = 'proxy_lost', "
             "token_hash = NULL, extra_hash = NULL WHERE id = ? AND ended_at IS NULL",
@@ -557,16 +560,7 @@ def cleanup(
         "AND (p.last_heartbeat IS NULL OR p.last_heartbeat < ?)",
         (now - proxy_timeout,),
     ).fetchall()
-    lost = []
-    for (session_id,) in silent:
-        tx.execute(
-            "UPDATE console_sessions SET ended_at = ?, end_reason = 'proxy_lost', "
-            "token_hash = NULL, extra_hash = NULL WHERE id = ? AND ended_at IS NULL",
-            (now, session_id),
-        )
-        record = get_session(tx, session_id)
-        if record is not None:
-            lost.append(record)
+    lost = _end_lost(tx, [sid for (sid,) in silent], now)
     tx.execute(
         "UPDATE console_sessions SET ended_at = expires_at, end_reason = 'expired', "
         "token_hash = NULL, extra_hash = NULL WHERE acquired_at IS NULL AND ended_at IS NULL "
