@@ -156,6 +156,14 @@ class IniReader:
         if p is None:
             return None
         try:
+            mode = p.stat().st_mode
+        except OSError as e:
+            raise self.error(section, key, f"cannot read {str(p)!r}: {e.strerror or e}") from None
+        if mode & 0o007:
+            # Like ssh with private keys: a secret anyone on the host can read is refused.
+            raise self.error(section, key, f"{str(p)!r} is accessible by other users "
+                                           f"(mode {mode & 0o777:o}); chmod o-rwx it")
+        try:
             value = p.read_text(encoding="utf-8").strip()
         except OSError as e:
             raise self.error(section, key, f"cannot read {str(p)!r}: {e.strerror or e}") from None

@@ -62,10 +62,11 @@ def second_visit(url: str) -> str:
         try:
             page = browser.new_page()
             page.goto(url)
-            page.wait_for_function(
-                STATUS_SET + " && !document.querySelector('#noVNC_status')"
-                ".textContent.startsWith('Connecting')", timeout=30_000)
-            return page.inner_text("#noVNC_status")
+            # The status fades after a while: take its text in the same check.
+            status = page.wait_for_function(
+                "(() => { const t = document.querySelector('#noVNC_status').textContent;"
+                " return t && !t.startsWith('Connecting') ? t : false; })()", timeout=30_000)
+            return status.json_value()
         finally:
             browser.close()
 

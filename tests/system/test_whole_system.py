@@ -110,10 +110,11 @@ def _type_in_browser(url: str, text: str, shot) -> tuple[str, str]:
             page.screenshot(path=str(shot))
             second = browser.new_page()
             second.goto(url)
-            second.wait_for_function(
-                "document.querySelector('#noVNC_status').textContent.includes('rejected')",
-                timeout=30_000)
-            return status, second.inner_text("#noVNC_status")
+            # The status fades after a while: take its text in the same check.
+            refusal = second.wait_for_function(
+                "(() => { const t = document.querySelector('#noVNC_status').textContent;"
+                " return t.includes('rejected') ? t : false; })()", timeout=30_000)
+            return status, refusal.json_value()
         finally:
             browser.close()
 

@@ -45,8 +45,19 @@ def test_tls_defaults_to_8443_and_needs_certificate(tmp_path):
 def test_credential_is_read_from_a_file(tmp_path):
     cred = tmp_path / "key"
     cred.write_text("cpvmk_abc.s3cr3t\n")
+    cred.chmod(0o640)
     c = load_config(write(tmp_path, f"[manager]\ncredential_file = {cred}\n"))
     assert c.manager.credential == "cpvmk_abc.s3cr3t"
+
+
+def test_credential_readable_by_others_is_refused(tmp_path):
+    cred = tmp_path / "key"
+    cred.write_text("cpvmk_abc.s3cr3t\n")
+    cred.chmod(0o644)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f"[manager]\ncredential_file = {cred}\n"))
+    assert "[manager] credential_file" in str(e.value) and "chmod o-rwx" in str(e.value)
+    assert "s3cr3t" not in str(e.value)
 
 
 @pytest.mark.parametrize("text, where, reason", [
@@ -78,6 +89,7 @@ def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
 def test_empty_credential_file_is_refused(tmp_path):
     cred = tmp_path / "key"
     cred.write_text("\n")
+    cred.chmod(0o600)
     with pytest.raises(ConfigError, match="is empty"):
         load_config(write(tmp_path, f"[manager]\ncredential_file = {cred}\n"))
 
