@@ -20,8 +20,6 @@ pytestmark = pytest.mark.browser
 
 CONNECTED = ("document.querySelector('#noVNC_status') && "
              "document.querySelector('#noVNC_status').textContent.startsWith('Connected')")
-STATUS_SET = ("document.querySelector('#noVNC_status') && "
-              "document.querySelector('#noVNC_status').textContent.length > 0")
 
 
 def console_url(cpvm, token: str) -> str:
