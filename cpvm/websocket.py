@@ -133,12 +133,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             self._session.browser_data(payload)
 
     def onMessage(self, payload, isBinary):  # noqa: N802
-        if self._session is None:
-            return
         if not isBinary:
-            self._session.browser_text_frame()
+            if self._session is not None:
+                self._session.browser_text_frame()
             return
-        self._session.browser_data(payload)
+        self._binary(payload)
 
     def onClose(self, wasClean, code, reason):  # noqa: N802
         if self._session is not None:
