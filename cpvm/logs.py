@@ -11,15 +11,17 @@ like ``token=…``/``signature=…``/``apiKey=…`` or a proxy key is masked bef
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import IO
+
+from zope.interface import implementer
 
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+    FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
     formatEvent, formatEventAsClassicLogText, globalLogPublisher,
 )
 
@@ -57,6 +59,7 @@ def _redacted_event(event: dict) -> dict:
     return event
 
 
+@implementer(ILogObserver)
 class _RedactingObserver:
     def __init__(self, inner):
         self._inner = inner
@@ -65,18 +68,18 @@ class _RedactingObserver:
         self._inner(_redacted_event(event))
 
 
-def make_observer(stream: io.TextIOBase, format: str, level: str):
+def make_observer(stream: IO[str], format: str, level: str) -> ILogObserver:
     """An observer writing to ``stream`` as text or JSON lines, at ``level`` and above."""
+    inner: ILogObserver
     if format == "json":
-        inner = _JsonLines(stream)
+        inner = _RedactingObserver(_JsonLines(stream))
     else:
         inner = FileLogObserver(stream, lambda e: redact(formatEventAsClassicLogText(e) or ""))
-        return FilteringLogObserver(
-            inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
     return FilteringLogObserver(
-        _RedactingObserver(inner), [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
+        inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
 
 
+@implementer(ILogObserver)
 class _JsonLines:
     """One JSON object per line with the structured fields we put on events."""
 

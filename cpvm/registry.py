@@ -147,6 +147,7 @@ class ConsoleSessions:
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
         sid = session.session_id
+        assert sid is not None  # set by the redemption that called us
         self._log.info("session {session} was redeemed after it ended ({reason})",
                        session=sid, reason=outcome.report)
         self._report_end(sid, {

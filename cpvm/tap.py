@@ -7,6 +7,7 @@ import sys
 
 from twisted.application import internet, service
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -122,7 +123,10 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     # within this time is dropped: slow-loris clients cannot pile up.
     site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
     tls = None
+    endpoint: IStreamServerEndpoint
     if server.tls:
+        # parse_config guarantees both paths when tls = true.
+        assert server.certificate is not None and server.private_key is not None
         tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
     if server.workers > 1 or worker is not None:
         endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)

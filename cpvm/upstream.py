@@ -146,7 +146,7 @@ class VncClientProtocol(Protocol):
         assert self._handshake is not None
         self._handle(self._handshake.tls_started())
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         self._listener.upstream_lost(_describe(reason))
 
 

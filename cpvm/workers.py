@@ -14,7 +14,7 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IProcessTransport, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -55,7 +55,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, pool: "WorkerPool", index: int):
         self.pool = pool
         self.index = index
-        self.ended = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
 
     def processEnded(self, reason):  # noqa: N802
         self.pool._ended(self, reason)
@@ -72,7 +72,7 @@ class WorkerPool(service.Service):
         self._count = count
         self._argv = argv
         self._grace = grace
-        self._running: dict[int, tuple[_WorkerProtocol, object]] = {}
+        self._running: dict[int, tuple[_WorkerProtocol, IProcessTransport]] = {}
         self._restarts = 0
 
     def startService(self):  # noqa: N802
