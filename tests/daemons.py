@@ -67,7 +67,9 @@ def cpvm_config(manager_url: str, *, credential_file: Path | None = None,
                 extra: str = "", **sections: dict) -> str:
     """A cpvm.conf for tests: listens on 127.0.0.1 port 0; ``sections`` add settings."""
     values: dict[str, dict] = {
-        "server": {"bind": HOST, "port": 0, "public_host": HOST},
+        # A short grace: at teardown the test reactor is not running to answer the last
+        # heartbeat, and each stop would otherwise wait for it.
+        "server": {"bind": HOST, "port": 0, "public_host": HOST, "grace_period": 1},
         "manager": {"url": manager_url, "timeout": 3, "heartbeat_interval": 1},
     }
     if credential_file is not None:
