@@ -39,31 +39,23 @@ class ProxyMetrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_failures = Counter(
             "cpvm_upstream_failures", "VNC server failures by kind", ["kind"], registry=r)
-        self.ended_bytes = Counter(
-            "cpvm_relayed_bytes_ended", "Bytes relayed by sessions that have ended",
-            ["direction"], registry=r)
         self.manager_failures = Counter(
             "cpvm_manager_failures", "Failed calls to the manager", ["call"], registry=r)
         for outcome in Outcome:
             self.sessions.labels(outcome=outcome.report)
-        for direction in ("to_client", "to_server"):
-            self.ended_bytes.labels(direction=direction)
 
-    def add_live_bytes(self, live) -> None:
-        """Register a collector that adds the bytes of live sessions to ended ones."""
-        ended = self.ended_bytes
+    def add_relayed_bytes(self, totals) -> None:
+        """Expose ``totals() -> (to_client, to_server)`` (ended and live sessions) as the
+        relayed-bytes counter, read at scrape time."""
 
         class _Bytes:
             def collect(self):
                 fam = CounterMetricFamily(
-                    "cpvm_relayed_bytes",
-                    "Bytes relayed, ended and live sessions together",
+                    "cpvm_relayed_bytes", "Bytes relayed, ended and live sessions together",
                     labels=["direction"])
-                to_client, to_server = live()
-                fam.add_metric(["to_client"],
-                               ended.labels(direction="to_client")._value.get() + to_client)
-                fam.add_metric(["to_server"],
-                               ended.labels(direction="to_server")._value.get() + to_server)
+                to_client, to_server = totals()
+                fam.add_metric(["to_client"], to_client)
+                fam.add_metric(["to_server"], to_server)
                 yield fam
 
         self.registry.register(_Bytes())

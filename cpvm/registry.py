@@ -59,7 +59,9 @@ class ConsoleSessions:
             max_duration=s.max_duration,
             shared=s.shared,
         )
-        metrics.add_live_bytes(self.live_bytes)
+        # Bytes of sessions that have ended; live sessions are added at scrape time.
+        self._ended_bytes = [0, 0]
+        metrics.add_relayed_bytes(self.relayed_bytes)
 
     # -- creation ------------------------------------------------------------------------
 
@@ -87,8 +89,8 @@ class ConsoleSessions:
     def __len__(self) -> int:
         return len(self._all)
 
-    def live_bytes(self) -> tuple[int, int]:
-        to_client = to_server = 0
+    def relayed_bytes(self) -> tuple[int, int]:
+        to_client, to_server = self._ended_bytes
         for s in self._all:
             to_client += s.stats.bytes_to_client
             to_server += s.stats.bytes_to_server
@@ -174,8 +176,8 @@ class ConsoleSessions:
         if stats.relay_started is not None:
             self.metrics.active_sessions.dec()
         self.metrics.sessions.labels(outcome=outcome.report).inc()
-        self.metrics.ended_bytes.labels(direction="to_client").inc(stats.bytes_to_client)
-        self.metrics.ended_bytes.labels(direction="to_server").inc(stats.bytes_to_server)
+        self._ended_bytes[0] += stats.bytes_to_client
+        self._ended_bytes[1] += stats.bytes_to_server
         if outcome in (Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED,
                        Outcome.VNC_PROTOCOL_ERROR, Outcome.VNC_HANDSHAKE_TIMEOUT):
             self.metrics.upstream_failures.labels(kind=outcome.report).inc()

@@ -17,7 +17,7 @@ with reason" path (an RFB security failure), then the WebSocket closes with its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -71,10 +71,8 @@ class SessionStats:
     started: float
     bytes_to_client: int = 0
     bytes_to_server: int = 0
-    input_events: int = 0
     relay_started: float | None = None
     ended: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class SessionHooks(TypingProtocol):
