@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import treq
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -150,6 +151,7 @@ class ManagerClient:
         # sessions with that worker's heartbeats.
         self._worker = worker
         self._base = base_url.rstrip("/")
+        self._urls: dict[str, EncodedURL] = {}
         self._timeout = timeout
         self._headers = {b"Content-Type": [b"application/json"]}
         if credential:
@@ -218,7 +220,11 @@ class ManagerClient:
     async def _exchange(self, path: str, payload: dict) -> tuple[int, Any]:
         data = json.dumps(payload).encode("utf-8")
         try:
-            response = await self._http.post(self._url(path), data=data, headers=self._headers)
+            # No redirects: the manager's answer is final, and following one would send
+            # the token and cpvm's proxy key wherever a Location header pointed.
+            # Unbuffered: the body is read once, with a size cap, below.
+            response = await self._http.post(self._url(path), data=data, headers=self._headers,
+                                             allow_redirects=False, unbuffered=True)
             raw = await _read_limited(response, MAX_ANSWER)
         except CancelledError:
             raise
@@ -234,8 +240,12 @@ class ManagerClient:
             # Not JSON: callers treat a missing body as "unusable answer".
             return response.code, None
 
-    def _url(self, path: str) -> str:
-        return self._base + path
+    def _url(self, path: str) -> EncodedURL:
+        # Parsed once per path: treq would otherwise parse the URL text on every call.
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = EncodedURL.from_text(self._base + path)
+        return url
 
 
 class _TooBig(Exception):

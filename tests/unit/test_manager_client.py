@@ -90,6 +90,32 @@ async def test_broken_answers_mean_manager_unavailable(status, body, raw):
         await client(Answer(status, body, raw)).redeem("t", None, "a")
 
 
+class Redirect(Resource):
+    """A manager (or whatever answers at its address) sending the call elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.elsewhere = Answer(200, GOOD)
+        self.putChild(b"elsewhere", self.elsewhere)
+
+    def getChild(self, path, request):  # noqa: N802
+        return self
+
+    def render_POST(self, request):  # noqa: N802
+        request.setResponseCode(307)
+        request.setHeader(b"Location", b"http://manager.invalid/elsewhere")
+        return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirects_are_not_followed():
+    # Following would re-send the token and the proxy key to wherever Location points.
+    res = Redirect()
+    with pytest.raises(ManagerUnavailable, match="HTTP 307"):
+        await client(res).redeem("tok", None, "a")
+    assert res.elsewhere.requests == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_oversized_answer_is_refused():
     big = json.dumps({**GOOD, "pad": "x" * 300_000}).encode()
