@@ -377,7 +377,9 @@ class ConsoleBroker:
                 return "token_used", row
             return None, row
 
-        result = yield self._db.run(txn)
+        # Not waiting for the disk saves ~0.4 ms per console set-up; a power cut can
+        # forget the redemption, so the next start voids pending tokens (recover_sqlite).
+        result = yield self._db.run(txn, durable=False)
         if result is UNAUTHORIZED:
             return UNAUTHORIZED
         error, row = result

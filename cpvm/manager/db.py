@@ -154,8 +154,8 @@ _SYNC_NORMAL = "PRAGMA synchronous=NORMAL"
 
 def _sqlite_setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
-    # Every commit reaches the disk before it returns (the one-time guarantee must survive
-    # a power cut); ``Database.run(durable=False)`` relaxes this per transaction.
+    # Every commit reaches the disk before it returns, unless ``Database.run(durable=False)``
+    # relaxes it for one transaction.
     conn.execute(_SYNC_FULL)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -191,6 +191,71 @@ def run_sync(conn: Any, kind: str, fn: Callable[..., T], *args: Any) -> T:
         raise
     finally:
         cursor.close()
+
+
+CLEAN_STOP_SUFFIX = ".clean-stop"
+
+
+def recover_sqlite(config: DatabaseConfig, now: float) -> int | None:
+    """Start-up, before anything is served (SQLite only): keep tokens one-time across a
+    power cut.
+
+    Redemptions commit without waiting for the disk (``Database.run(durable=False)``): a
+    manager crash loses nothing, but a power cut or kernel crash can forget the last ones,
+    and a forgotten redemption would let its token be redeemed again. So unless the
+    previous run left its clean-stop marker (written by ``Database.close`` once everything
+    was on disk), every token not yet redeemed is voided here, durably. Returns the number
+    voided, or None after a clean stop.
+    """
+    assert config.kind == "sqlite" and config.path is not None
+    marker = config.path + CLEAN_STOP_SUFFIX
+    if os.path.exists(marker):
+        # Gone, durably, before the first redemption: a crash from now on must sweep.
+        os.unlink(marker)
+        _fsync_dir(marker)
+        return None
+    conn = connect_sync(config)
+    try:
+        return run_sync(conn, "sqlite", _void_unredeemed, now)
+    finally:
+        conn.close()
+
+
+def _void_unredeemed(tx: Tx, now: float) -> int:
+    tx.execute(
+        "UPDATE console_sessions SET ended_at = ?, end_reason = 'voided', token_hash = NULL, "
+        "extra_hash = NULL WHERE acquired_at IS NULL AND ended_at IS NULL",
+        (now,),
+    )
+    return tx.rowcount
+
+
+def _mark_clean_stop(path: str) -> bool:
+    """After the pool closed: everything committed goes into the database file, on disk;
+    then the marker says so. False (no marker) if the checkpoint could not complete."""
+    conn = _sqlite_connect(path)
+    try:
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    if busy or frames != done:
+        return False
+    marker = path + CLEAN_STOP_SUFFIX
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(marker)
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _current_version(tx: Tx) -> int:
@@ -235,6 +300,7 @@ class Database:
 
     def __init__(self, config: DatabaseConfig, reactor: Any):
         self.kind = config.kind
+        self.path = config.path
         if config.kind == "sqlite":
             assert config.path is not None
             _ensure_sqlite_dir(config.path)
@@ -265,8 +331,9 @@ class Database:
         ``durable=False`` (SQLite only) commits without waiting for the disk (WAL with
         ``synchronous=NORMAL``): the transaction survives a crash of the manager process but
         may be lost, whole, on a power cut or kernel crash — for writes that are repeated
-        anyway (heartbeats). Everything else, redemptions first, commits with
-        ``synchronous=FULL``: on disk before the answer leaves.
+        anyway (heartbeats) and for redemptions, whose loss ``recover_sqlite`` makes safe
+        at the next start. Everything else commits with ``synchronous=FULL``: on disk
+        before the answer leaves.
         """
         kind = self.kind
 
@@ -285,3 +352,13 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
+
+    def mark_clean_stop(self) -> bool:
+        """After ``close``, from the manager's own stop only (SQLite): leave the marker that
+        spares pending tokens at the next start (see ``recover_sqlite``). True if written."""
+        if self.kind != "sqlite" or self.path is None:
+            return False
+        try:
+            return _mark_clean_stop(self.path)
+        except (OSError, sqlite3.Error):
+            return False  # the next start voids pending tokens: safe, only less kind

@@ -39,6 +39,9 @@ class DatabaseService(service.Service):
     def stopService(self):
         super().stopService()
         self.database.close()
+        if self.database.kind == "sqlite" and not self.database.mark_clean_stop():
+            _log.warn("could not record a clean stop: pending console tokens will be voided "
+                      "at the next start")
 
 
 class ManagerService(service.MultiService):
@@ -76,6 +79,16 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     except Exception as e:
         raise ConfigError(config.source, "database", "url",
                           f"cannot open or migrate the database: {e}") from None
+    if config.database.kind == "sqlite":
+        try:
+            voided = dbmodule.recover_sqlite(config.database, clock.seconds())
+        except Exception as e:
+            raise ConfigError(config.source, "database", "url",
+                              f"cannot recover the database: {e}") from None
+        if voided:
+            _log.warn("the previous run did not stop cleanly: {voided} pending console "
+                      "token(s) voided (their redemption may not have reached the disk)",
+                      voided=voided)
     database = dbmodule.Database(config.database, reactor)
     metrics = ManagerMetrics()
     settings = BrokerSettings(
