@@ -15,10 +15,14 @@ from typing import Any
 import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError, Deferred, TimeoutError, ensureDeferred, succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from cpvm.outcome import REDEMPTION_ERRORS, Outcome
 
@@ -162,7 +166,7 @@ class ManagerClient:
             kwargs = {"pool": self.pool, "connectTimeout": timeout}
             if contextFactory is not None:
                 kwargs["contextFactory"] = contextFactory
-            http = HTTPClient(Agent(reactor, **kwargs))
+            http = HTTPClient(Agent(reactor, **kwargs), data_to_body_producer=BytesBody)
         else:
             self.pool = None
         self._http = http
@@ -246,6 +250,33 @@ class ManagerClient:
         if url is None:
             url = self._urls[path] = EncodedURL.from_text(self._base + path)
         return url
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory, written at once.
+
+    treq's default wraps bytes in a ``FileBodyProducer``, which writes them from a
+    ``Cooperator`` task on a later reactor turn: a turn and a timer per call for a
+    body of a few hundred bytes.
+    """
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred:  # noqa: N802
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        pass
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
 
 
 class _TooBig(Exception):

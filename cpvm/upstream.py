@@ -119,7 +119,7 @@ class VncClientProtocol(Protocol):
     def _handle(self, events: list) -> None:
         for event in events:
             if isinstance(event, rfb.Send):
-                self.transport.write(event.data)
+                fastwrite.write(self.transport, event.data)
             elif isinstance(event, rfb.StartTLS):
                 self._start_tls(event.anonymous)
             elif isinstance(event, rfb.SecurityComplete):
