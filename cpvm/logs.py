@@ -34,7 +34,8 @@ _SECRET = re.compile(
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
 
-_settings: dict = {"format": "text", "level": "info", "name": "cpvm", "worker": 0}
+_settings: dict = {"format": "text", "level": "info", "name": "cpvm", "worker": 0,
+                   "workers": 1}
 
 
 def redact(text: str) -> str:
@@ -44,9 +45,10 @@ def redact(text: str) -> str:
 
 
 def configure(*, format: str, level: str, name: str, audit_file: Path | None = None,
-              worker: int | None = None) -> None:
+              worker: int | None = None, workers: int = 1) -> None:
     """Remember the log settings for ``observer()``; open the audit file now."""
-    _settings.update(format=format, level=level, name=name, worker=worker or 0)
+    _settings.update(format=format, level=level, name=name, worker=worker or 0,
+                     workers=workers)
     if audit_file is not None:
         globalLogPublisher.addObserver(audit_observer(audit_file.open("a", encoding="utf-8")))
 
@@ -74,9 +76,18 @@ def make_observer(stream: IO[str], format: str, level: str) -> ILogObserver:
     if format == "json":
         inner = _RedactingObserver(_JsonLines(stream))
     else:
-        inner = FileLogObserver(stream, lambda e: redact(formatEventAsClassicLogText(e) or ""))
+        inner = FileLogObserver(stream, lambda e: redact(_classic_text(e)))
     return FilteringLogObserver(
         inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
+
+
+def _classic_text(event: dict) -> str:
+    if _settings["workers"] > 1 and "log_system" not in event:
+        # Several processes write to one journal: say which one wrote the line.
+        level = getattr(event.get("log_level"), "name", "-")
+        event = dict(event, log_system=f"{event.get('log_namespace', '-')}#{level} "
+                                       f"worker {_settings['worker']}")
+    return formatEventAsClassicLogText(event) or ""
 
 
 @implementer(ILogObserver)

@@ -159,7 +159,8 @@ def makeService(options: Options):  # noqa: N802 (twistd's name)
 
     config = options["parsed"]
     logs.configure(format=config.log.format, level=config.log.level, name="cpvm",
-                   audit_file=config.log.audit_file, worker=options["worker"])
+                   audit_file=config.log.audit_file, worker=options["worker"],
+                   workers=config.server.workers)
     svc = build_service(config, reactor, worker=options["worker"])
     _install_signal_handlers(reactor, svc)
     return svc
