@@ -4,8 +4,9 @@ One asyncio process listens on three ports, one per mode:
 
 * ``stream``: after the client's first FramebufferUpdateRequest, sends raw-encoded
   FramebufferUpdate messages (one large rectangle each) flat out, or at ``--rate`` bytes/s
-  per connection; flow control follows the socket (``pause_writing``), so a slow reader
-  slows the stream instead of filling this process's memory.
+  per connection. The updates are prebuilt once in a memory file and sent with
+  ``os.sendfile`` (no copy through Python or asyncio), non-blocking, when the socket is
+  writable: a slow reader slows the stream instead of filling this process's memory.
 * ``echo``: answers each KeyEvent at once with a Bell (one byte, message type 2).
 * ``idle``: completes the handshake and then says nothing.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import resource
@@ -38,10 +40,96 @@ BELL = b"\x02"
 _FIXED = {0: 20, 3: 10, 4: 8, 5: 6}
 
 
+# Updates per stream file: several MB, so one sendfile call can fill a whole socket buffer.
+UPDATES_PER_FILE = 16
+
+
 def framebuffer_update(width: int, height: int) -> bytes:
     """One FramebufferUpdate with a single raw rectangle of width x height at 32 bpp."""
     header = struct.pack(">BxH", 0, 1) + struct.pack(">HHHHi", 0, 0, width, height, 0)
     return header + bytes(range(256)) * (width * height * 4 // 256)
+
+
+def stream_file(update: bytes, count: int = UPDATES_PER_FILE) -> tuple[int, int]:
+    """A memory file holding ``count`` copies of ``update``: (descriptor, size).
+
+    Streams are sent from it with sendfile, wrapping around at its end; as it holds whole
+    messages only, the byte stream stays a sequence of whole FramebufferUpdates.
+    """
+    fd = os.memfd_create("rfb-stream", os.MFD_CLOEXEC)
+    with open(fd, "wb", closefd=False) as f:
+        for _ in range(count):
+            f.write(update)
+    return fd, count * len(update)
+
+
+class Streamer:
+    """Sends one connection's stream from the shared memory file with ``os.sendfile``.
+
+    It works on a duplicate of the connection's descriptor: asyncio refuses writer
+    callbacks on a descriptor its transport owns, and the transport keeps reading the
+    client's messages (KeyEvents) meanwhile. Flat out, it sends whenever the socket is
+    writable; at a rate, a timer hands out byte credit (capped, so a full socket does not
+    earn a burst).
+    """
+
+    def __init__(self, protocol: "RfbServerProtocol", sock: socket.socket):
+        self.protocol = protocol
+        self.loop = asyncio.get_running_loop()
+        self.fd = os.dup(sock.fileno())
+        self.src, self.size = protocol.source
+        self.offset = 0
+        self.rate = protocol.rate
+        self.stopped = False
+        self._credit = 0.0
+        self._last = self.loop.time()
+        if self.rate:
+            self._tick()
+        else:
+            self.loop.add_writer(self.fd, self._writable)
+
+    def _send(self, budget: int) -> int:
+        """sendfile until the socket is full or ``budget`` bytes are sent; bytes sent."""
+        sent = 0
+        while sent < budget:
+            count = min(self.size - self.offset, budget - sent)
+            try:
+                n = os.sendfile(self.fd, self.src, self.offset, count)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    self.protocol.lost()
+                    break
+                raise
+            sent += n
+            self.offset = (self.offset + n) % self.size
+            if n < count:  # the socket buffer is full
+                break
+        self.protocol.stats.bytes_sent += sent
+        return sent
+
+    def _writable(self) -> None:
+        if not self.stopped:
+            self._send(1 << 62)
+
+    def _tick(self) -> None:
+        if self.stopped:
+            return
+        now = self.loop.time()
+        cap = 4 * len(self.protocol.update)
+        self._credit = min(self._credit + (now - self._last) * self.rate, cap)
+        self._last = now
+        self._credit -= self._send(int(self._credit))
+        self.loop.call_later(0.005, self._tick)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if not self.rate:
+            self.loop.remove_writer(self.fd)
+        os.close(self.fd)
 
 
 class Stats:
@@ -59,25 +147,24 @@ class Stats:
 class RfbServerProtocol(asyncio.Protocol):
     """Server side of RFB 3.8 with security None, then the mode's behaviour."""
 
-    def __init__(self, mode: str, stats: Stats, update: bytes, rate: float):
+    def __init__(self, mode: str, stats: Stats, update: bytes, rate: float,
+                 source: tuple[int, int]):
         self.mode = mode
         self.stats = stats
         self.update = update
         self.rate = rate
+        self.source = source  # (memory file, size) the stream is sent from
         self.buf = bytearray()
         self.state = "version"
-        self.paused = False
         self.streaming = False
+        self.streamer: Streamer | None = None
         self.closed = False
         self.transport: asyncio.Transport | None = None
-        self._credit = 0.0
-        self._last = 0.0
 
     def connection_made(self, transport):  # type: ignore[override]
         self.transport = transport
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=1 << 20, low=1 << 18)
         self.stats.connections += 1
         self.stats.active += 1
         transport.write(VERSION)
@@ -85,14 +172,14 @@ class RfbServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc):  # type: ignore[override]
         self.closed = True
         self.stats.active -= 1
+        if self.streamer is not None:
+            self.streamer.stop()
 
-    def pause_writing(self):  # type: ignore[override]
-        self.paused = True
-
-    def resume_writing(self):  # type: ignore[override]
-        self.paused = False
-        if self.streaming and not self.rate:
-            self._pump()
+    def lost(self) -> None:
+        """The stream's socket failed (the peer went away): close the connection."""
+        if self.streamer is not None:
+            self.streamer.stop()
+        self.transport.abort()
 
     def data_received(self, data):  # type: ignore[override]
         buf = self.buf
@@ -143,36 +230,17 @@ class RfbServerProtocol(asyncio.Protocol):
                         t.write(BELL)
                 elif kind == 3 and self.mode == "stream" and not self.streaming:
                     self.streaming = True
-                    if self.rate:
-                        self._last = asyncio.get_running_loop().time()
-                        self._tick()
-                    else:
-                        self._pump()
+                    self._start_stream()
 
-    def _pump(self) -> None:
-        # Write until the transport pushes back; yield to the loop now and then so other
-        # connections get their turn.
-        t = self.transport
-        update = self.update
-        for _ in range(16):
-            if self.paused or self.closed:
-                return
-            t.write(update)
-            self.stats.bytes_sent += len(update)
-        asyncio.get_running_loop().call_soon(self._pump)
-
-    def _tick(self) -> None:
+    def _start_stream(self) -> None:
         if self.closed:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._credit = min(self._credit + (now - self._last) * self.rate, 4 * len(self.update))
-        self._last = now
-        while self._credit >= len(self.update) and not self.paused:
-            self.transport.write(self.update)
-            self.stats.bytes_sent += len(self.update)
-            self._credit -= len(self.update)
-        loop.call_later(0.005, self._tick)
+        # sendfile bypasses the transport: what the transport still buffers (the end of
+        # the handshake, rarely) must go out first or the stream would overtake it.
+        if self.transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(0.001, self._start_stream)
+            return
+        self.streamer = Streamer(self, self.transport.get_extra_info("socket"))
 
 
 class ControlProtocol(asyncio.Protocol):
@@ -205,11 +273,12 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     update = framebuffer_update(args.rect_width, args.rect_height)
+    source = stream_file(update)
     ports = {}
     servers = []
     for mode in ("stream", "echo", "idle"):
         server = await loop.create_server(
-            lambda mode=mode: RfbServerProtocol(mode, stats, update, args.rate),
+            lambda mode=mode: RfbServerProtocol(mode, stats, update, args.rate, source),
             args.host, 0, backlog=4096, reuse_address=True)
         servers.append(server)
         ports[mode] = server.sockets[0].getsockname()[1]
