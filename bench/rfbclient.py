@@ -3,7 +3,9 @@ raw RFB over TCP (for socat and direct connections, which speak no WebSocket).
 
 The WebSocket framing is our own and minimal: client frames are masked (the mask is random
 per connection, applied with one big-integer XOR), server frames are unmasked and parsed
-without copying the payload when only its size matters. Autobahn is far slower than this
+without copying the payload when only its size matters: streams are read with ``MSG_PEEK``
+for frame headers and ``MSG_TRUNC`` for payloads, which the kernel discards without copying
+them to user space (raw TCP streams are discarded the same way). Autobahn is far slower than this
 and would make the client the bottleneck.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import mmap
 import os
 import socket
 import struct
@@ -87,12 +90,44 @@ def ws_frame(payload: bytes, opcode: int = 2) -> bytes:
     return head + mask + body
 
 
+def frame_header(head) -> tuple[int, int, int] | None:
+    """(header size, payload length, opcode) of the frame ``head`` begins with; None while
+    ``head`` is too short to tell."""
+    if len(head) < 2:
+        return None
+    length = head[1] & 0x7F
+    size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if head[1] & 0x80 else 0)
+    if len(head) < size:
+        return None
+    if length == 126:
+        length = struct.unpack_from(">H", head, 2)[0]
+    elif length == 127:
+        length = struct.unpack_from(">Q", head, 2)[0]
+    return size, length, head[0] & 0x0F
+
+
+# Discarded data is never copied (MSG_TRUNC), so the sink's pages are never touched: an
+# anonymous mapping this size costs address space only, and lets one recv discard all a
+# socket holds (loopback receive buffers grow to 6 MiB).
+SINK_SIZE = 16 << 20
+_sink: mmap.mmap | None = None
+
+
+def sink() -> mmap.mmap:
+    """The process's buffer for ``recv_into(..., MSG_TRUNC)``."""
+    global _sink
+    if _sink is None:
+        _sink = mmap.mmap(-1, SINK_SIZE)
+    return _sink
+
+
 class FrameParser:
     """Incremental parser of unmasked server frames.
 
     ``feed(view)`` returns the binary/continuation payload bytes seen; with ``keep`` the
     payload is appended to ``self.data`` too. Control frames are collected in ``control``
-    (opcode, payload) so the owner can answer pings and notice close frames.
+    (opcode, payload) so the owner can answer pings and notice close frames. ``skim(sock)``
+    reads from the socket itself and discards data payloads without copying them.
     """
 
     __slots__ = ("remaining", "head", "keep", "data", "control", "_opcode", "_ctl")
@@ -105,6 +140,17 @@ class FrameParser:
         self.control: list[tuple[int, bytes]] = []
         self._opcode = 2
         self._ctl = bytearray()
+
+    def _begin(self, length: int, opcode: int) -> None:
+        """A frame header was consumed: its payload comes next."""
+        self.head = b""
+        if opcode != 0:  # 0 continues the current message
+            self._opcode = opcode
+        if opcode >= 8:
+            self._ctl = bytearray()
+            if length == 0:
+                self.control.append((opcode, b""))
+        self.remaining = length
 
     def feed(self, view) -> int:
         pos = 0
@@ -125,38 +171,56 @@ class FrameParser:
                     self.control.append((self._opcode, bytes(self._ctl)))
                 continue
             # A frame header, possibly split over reads.
-            need = 2
             head = self.head + bytes(view[pos:pos + 14])
-            if len(head) < 2:
-                self.head = head
+            parsed = frame_header(head)
+            if parsed is None:
+                self.head = head  # all that was left of view
                 return payload
-            length = head[1] & 0x7F
-            if length == 126:
-                need = 4
-            elif length == 127:
-                need = 10
-            if head[1] & 0x80:
-                need += 4
-            if len(head) < need:
-                self.head = head
-                return payload
-            consumed = need - len(self.head)
-            self.head = b""
-            pos += consumed
-            if length == 126:
-                length = struct.unpack_from(">H", head, 2)[0]
-            elif length == 127:
-                length = struct.unpack_from(">Q", head, 2)[0]
-            opcode = head[0] & 0x0F
-            if opcode != 0:
-                self._opcode = opcode
-            if opcode >= 8:
-                self._opcode = opcode
-                self._ctl = bytearray()
-                if length == 0:
-                    self.control.append((opcode, b""))
-            self.remaining = length
+            size, length, opcode = parsed
+            pos += size - len(self.head)
+            self._begin(length, opcode)
         return payload
+
+    def skim(self, sock: socket.socket) -> int:
+        """One step of reading ``sock`` with data payloads discarded by the kernel.
+
+        Returns the payload bytes discarded (0 for a header or control step); -1 at the end
+        of the stream. A frame header is peeked (``MSG_PEEK``, ≤ 14 bytes), then the header
+        and as much of the payload as is there go in one ``MSG_TRUNC`` recv, which drops
+        them in the kernel without copying. Split headers and control frames are small and
+        go through :meth:`feed`. On a non-blocking socket, raises ``BlockingIOError`` when
+        there is nothing to read (before consuming anything).
+        """
+        if self.remaining and self._opcode < 8:
+            n = sock.recv_into(sink(), min(self.remaining, SINK_SIZE), socket.MSG_TRUNC)
+            if not n:
+                return -1
+            self.remaining -= n
+            return n
+        if self.remaining:  # the rest of a control frame
+            data = sock.recv(self.remaining)
+            if not data:
+                return -1
+            self.feed(data)
+            return 0
+        have = len(self.head)
+        peek = sock.recv(14 - have, socket.MSG_PEEK)
+        if not peek:
+            return -1
+        parsed = frame_header(self.head + peek)
+        if parsed is None or parsed[2] >= 8:
+            # Part of a header (consumed into self.head), or a whole control frame.
+            take = len(peek) if parsed is None else parsed[0] - have + parsed[1]
+            data = sock.recv(take)
+            if not data:
+                return -1
+            self.feed(data)
+            return 0
+        size, length, opcode = parsed
+        take = size - have  # the header's bytes are all there: n >= take
+        n = sock.recv_into(sink(), min(take + length, SINK_SIZE), socket.MSG_TRUNC)
+        self._begin(length - (n - take), opcode)
+        return n - take
 
 
 # --- blocking client ---------------------------------------------------------------------
@@ -235,30 +299,33 @@ class BlockingSession:
         del self.rfb[:n]
         return out
 
-    def stream_for(self, seconds: float, bufsize: int = 1 << 20) -> tuple[int, float]:
-        """Read (and only count) RFB payload for ``seconds``; returns (bytes, elapsed)."""
-        sock = self.sock
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
-        self.parser.keep = False
-        total = len(self.rfb)
-        self.rfb.clear()
-        start = time.perf_counter()
-        end = start + seconds
-        feed = self.parser.feed
-        recv_into = sock.recv_into
-        ws = self.ws
-        while True:
-            n = recv_into(buf)
-            if not n:
-                break
-            total += feed(view[:n]) if ws else n
+    def skim(self) -> int:
+        """One zero-copy read step of a stream: RFB payload bytes discarded; sets
+        ``closed`` at its end (see :meth:`FrameParser.skim`)."""
+        if self.ws:
+            n = self.parser.skim(self.sock)
             if self.parser.control:
                 self._control()
-            now = time.perf_counter()
+        else:
+            n = self.sock.recv_into(sink(), SINK_SIZE, socket.MSG_TRUNC) or -1
+        if n < 0:
+            self.closed = True
+            return 0
+        return n
+
+    def stream_for(self, seconds: float) -> tuple[int, float]:
+        """Read (and only count) RFB payload for ``seconds``; returns (bytes, elapsed)."""
+        total = len(self.rfb)
+        self.rfb.clear()
+        start = now = time.perf_counter()
+        end = start + seconds
+        skim = self.skim
+        clock = time.perf_counter
+        while not self.closed:
+            total += skim()
+            now = clock()
             if now >= end:
                 break
-        self.parser.keep = True
         return total, now - start
 
     def close(self) -> None:
