@@ -115,6 +115,7 @@ class Runner:
             w.recv(timeout)
         if on_ready is not None:
             on_ready()
+        sent0 = self.server.stats()["bytes_sent"]
         window = accounting.CpuWindow({"proxy": proxy.pids(), "server": [self.server.pid]})
         window.start()
         t0 = time.perf_counter()
@@ -123,6 +124,8 @@ class Runner:
         results = [w.recv(timeout) for w in workers]
         cpu = window.stop()
         cpu["wall"] = time.perf_counter() - t0
+        # Stream bytes the server sent in the window (it contains the clients' windows).
+        cpu["server_sent"] = self.server.stats()["bytes_sent"] - sent0
         cpu["client"] = sum(r["client_cpu"] for r in results)
         for w in workers:
             w.join()
@@ -134,6 +137,15 @@ class Runner:
         for who in ("proxy", "server", "client"):
             out[f"{prefix}_cpu_{who}"] = cpu[who] / wall  # cores busy
 
+    def _bytes_check(self, prefix: str, counted: float, cpu: dict, out: dict) -> None:
+        """Payload the clients counted ÷ what the server sent: ~1.00 (what sits in socket
+        and relay buffers differs between the two snapshots), else the counting is wrong."""
+        sent = cpu["server_sent"]
+        out[f"{prefix}_counted_per_sent"] = counted / sent if sent else float("nan")
+        if sent and abs(counted / sent - 1) > 0.05:
+            self.notes.append(f"{prefix}: clients counted {counted / MB:.0f} MB, the server "
+                              f"sent {sent / MB:.0f} MB")
+
     # -- scenarios -----------------------------------------------------------------------------
 
     def throughput(self, proxy: Proxy, r: dict) -> None:
@@ -144,6 +156,7 @@ class Runner:
         r["tp1_MBps"] = mb / res["seconds"]
         r["tp1_proxy_cpu_s_per_GB"] = cpu["proxy"] / mb * 1000 if mb else float("nan")
         self._cpu_fields("tp1", cpu, r)
+        self._bytes_check("tp1", res["bytes"], cpu, r)
 
     def multi(self, proxy: Proxy, r: dict) -> None:
         n, procs = self.p.multi_sessions, self.p.multi_procs
@@ -171,6 +184,7 @@ class Runner:
         r["tpN_cpu_ceiling_MBps"] = (os.cpu_count() or 1) / per_gb * 1000 if per_gb else None
         r["tpN_proxy_processes"] = accounting.memory(proxy.pids(), full=False)["processes"]
         self._cpu_fields("tpN", cpu, r)
+        self._bytes_check("tpN", total * MB, cpu, r)
 
     def latency(self, proxy: Proxy, r: dict) -> None:
         targets = proxy.targets("echo", 1)
