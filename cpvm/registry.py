@@ -59,9 +59,6 @@ class ConsoleSessions:
             max_duration=s.max_duration,
             shared=s.shared,
         )
-        # Bytes of sessions that have ended; live sessions are added at scrape time.
-        self._ended_bytes = [0, 0]
-        metrics.add_relayed_bytes(self.relayed_bytes)
 
     # -- creation ------------------------------------------------------------------------
 
@@ -89,12 +86,22 @@ class ConsoleSessions:
     def __len__(self) -> int:
         return len(self._all)
 
-    def relayed_bytes(self) -> tuple[int, int]:
-        to_client, to_server = self._ended_bytes
+    def count_relayed(self) -> None:
+        """Add what live sessions relayed since the last call to the byte counters (at a
+        scrape and each heartbeat; an ending session adds the rest itself)."""
         for s in self._all:
-            to_client += s.stats.bytes_to_client
-            to_server += s.stats.bytes_to_server
-        return to_client, to_server
+            self._count_relayed(s.stats)
+
+    def _count_relayed(self, stats) -> None:
+        m = self.metrics
+        delta = stats.bytes_to_client - stats.counted_to_client
+        if delta:
+            m.relayed_to_client.inc(delta)
+            stats.counted_to_client = stats.bytes_to_client
+        delta = stats.bytes_to_server - stats.counted_to_server
+        if delta:
+            m.relayed_to_server.inc(delta)
+            stats.counted_to_server = stats.bytes_to_server
 
     # -- redemption and upstream ---------------------------------------------------------
 
@@ -176,8 +183,7 @@ class ConsoleSessions:
         if stats.relay_started is not None:
             self.metrics.active_sessions.dec()
         self.metrics.sessions.labels(outcome=outcome.report).inc()
-        self._ended_bytes[0] += stats.bytes_to_client
-        self._ended_bytes[1] += stats.bytes_to_server
+        self._count_relayed(stats)
         if outcome in (Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED,
                        Outcome.VNC_PROTOCOL_ERROR, Outcome.VNC_HANDSHAKE_TIMEOUT):
             self.metrics.upstream_failures.labels(kind=outcome.report).inc()
@@ -292,6 +298,8 @@ class Heartbeat(Service):
 
     def beat(self) -> Deferred:
         self._next = None
+        # Other workers' scrapes see this process's live byte counts as of its last beat.
+        self._sessions.count_relayed()
         ended = self._sessions.take_ended()
         payload = {**self._sessions.heartbeat_payload(), "ended": ended}
         d = self._manager.heartbeat(payload)

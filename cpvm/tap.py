@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cpvm import __version__, logs
+from cpvm import metrics as metrics_module
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import ProxyMetrics
@@ -51,13 +52,15 @@ class ProxyService(service.MultiService):
 
     def __init__(self, config: CpvmConfig, sessions: ConsoleSessions,
                  manager: ManagerClient, heartbeat: Heartbeat,
-                 tls: ReloadableServerTLS | None):
+                 tls: ReloadableServerTLS | None, metrics: ProxyMetrics):
         super().__init__()
         self.config = config
         self.sessions = sessions
         self.manager = manager
         self.heartbeat = heartbeat
         self.tls = tls
+        self.metrics = metrics
+        self.workers: WorkerPool | None = None  # the first of several processes only
 
     def stopService(self):  # noqa: N802
         # Stop listening and beating first (children stop), end the sessions (1001), then
@@ -66,14 +69,17 @@ class ProxyService(service.MultiService):
         d.addCallback(lambda _: self.sessions.shutdown())
         d.addCallback(lambda _: self.heartbeat.flush(self.config.server.grace_period))
         d.addCallback(lambda _: self.manager.close())
+        shared = self.metrics.shared_directory if self.workers is not None else None
+        if shared:
+            # The first process, after its workers exited: nobody writes there any more.
+            d.addBoth(lambda r: (metrics_module.remove_shared_directory(shared), r)[1])
         return d
 
     def reload_tls(self) -> None:
         if self.tls is not None:
             self.tls.reload()
-        pool = getattr(self, "workers", None)
-        if pool is not None:
-            pool.signal_all("HUP")  # each worker reloads its own copy
+        if self.workers is not None:
+            self.workers.signal_all("HUP")  # each worker reloads its own copy
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -91,7 +97,14 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     """Everything cpvm runs, from a parsed configuration (``worker``: index of an extra
     worker process, which shares the port and starts no workers itself)."""
     server = config.server
-    metrics = ProxyMetrics()
+    shared = None
+    if server.workers > 1:
+        # Worker processes inherit the first process's directory through the environment.
+        shared = (metrics_module.create_shared_directory() if worker is None
+                  else os.environ.get(metrics_module.SHARED_DIR_ENV))
+        if shared:
+            metrics_module.use_shared_directory(shared)
+    metrics = ProxyMetrics(shared_directory=shared)
     manager = ManagerClient(
         reactor, config.manager.url, config.manager.credential, config.manager.timeout,
         contextFactory=manager_tls_policy(config.manager.ca_file)
@@ -118,7 +131,8 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         return True, f"{len(sessions)} session(s)"
 
     root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
-                      metrics=metrics.registry, readiness=readiness)
+                      metrics=metrics.exposition_registry(), readiness=readiness,
+                      before_scrape=sessions.count_relayed)
     # An HTTP connection that has not finished its request (or its WebSocket upgrade)
     # within this time is dropped: slow-loris clients cannot pile up.
     site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
@@ -135,19 +149,19 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
                                                 interface=server.bind)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
-    top = ProxyService(config, sessions, manager, heartbeat, tls)
+    top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)
     if server.workers > 1 and worker is None:
         pool = WorkerPool(reactor, server.workers, worker_argv(sys.argv),
-                          server.grace_period)
+                          server.grace_period,
+                          on_exit=lambda pid: metrics_module.process_gone(shared, pid))
         pool.setServiceParent(top)
-        top.workers = pool  # type: ignore[attr-defined]
+        top.workers = pool
     listener = internet.StreamServerEndpointService(endpoint, site)
     # A port that cannot be bound must stop start-up, not be logged and forgotten.
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
-    top.metrics = metrics  # type: ignore[attr-defined]
     log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}",
              version=__version__, path=config.path, scheme=server.scheme, bind=server.bind,
              port=server.port)

@@ -63,6 +63,22 @@ class StaticFiles(static.File):
         return f
 
 
+class Metrics(resource.Resource):
+    """``/metrics``: brings live sessions' byte counts up to date (here, in the reactor
+    thread), then lets prometheus_client's resource format the page (in a pool thread)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry, before: Callable[[], None]):
+        super().__init__()
+        self._page = MetricsResource(registry=registry)
+        self._before = before
+
+    def render(self, request):
+        self._before()
+        return self._page.render(request)
+
+
 class Health(resource.Resource):
     """``/healthz`` answers 200 while the process serves; ``/readyz`` adds a check."""
 
@@ -84,7 +100,8 @@ class Health(resource.Resource):
 
 
 def build_root(*, novnc_dir: Path, websocket_factory, metrics: CollectorRegistry,
-               readiness: Callable[[], tuple[bool, str]]) -> Root:
+               readiness: Callable[[], tuple[bool, str]],
+               before_scrape: Callable[[], None] = lambda: None) -> Root:
     """The whole URL space of cpvm."""
     root = Root()
     res = Root()
@@ -93,7 +110,7 @@ def build_root(*, novnc_dir: Path, websocket_factory, metrics: CollectorRegistry
     root.putChild(b"websockify", WebSocketResource(websocket_factory))
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
-    root.putChild(b"metrics", MetricsResource(registry=metrics))
+    root.putChild(b"metrics", Metrics(metrics, before_scrape))
     return root
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Callable
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
@@ -55,6 +56,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, pool: "WorkerPool", index: int):
         self.pool = pool
         self.index = index
+        self.pid = 0
         self.ended: defer.Deferred[None] = defer.Deferred()
 
     def processEnded(self, reason):  # noqa: N802
@@ -67,8 +69,10 @@ class WorkerPool(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, count: int, argv: list[str], grace: float):
+    def __init__(self, reactor, count: int, argv: list[str], grace: float,
+                 on_exit: Callable[[int], None] = lambda pid: None):
         self._reactor = reactor
+        self._on_exit = on_exit
         self._count = count
         self._argv = argv
         self._grace = grace
@@ -86,6 +90,7 @@ class WorkerPool(service.Service):
         transport = self._reactor.spawnProcess(
             proto, sys.executable, argv, env=os.environ.copy(),
             childFDs={0: "w", 1: 1, 2: 2})
+        proto.pid = transport.pid  # the transport forgets it once the process ended
         self._running[index] = (proto, transport)
         self._log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
 
@@ -101,7 +106,9 @@ class WorkerPool(service.Service):
                 pass
 
     def _ended(self, proto: _WorkerProtocol, reason) -> None:
-        self._running.pop(proto.index, None)
+        running = self._running.pop(proto.index, None)
+        if running is not None and proto.pid:
+            self._on_exit(proto.pid)
         if not self.running:
             return
         self._restarts += 1

@@ -256,12 +256,29 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
             if conn.raddr and conn.raddr.port == echo_server:
                 owners.add(pid)
     assert owners == pids, "sessions landed on only one worker"
+    # Whichever process answers a scrape, it counts every process's sessions.
+    shared = psutil.Process(first.children()[0].pid).environ()["PROMETHEUS_MULTIPROC_DIR"]
+    for _ in range(8):
+        text = (await get(cpvm.url("/metrics")))[1]
+        assert metric(text, "cpvm_active_sessions") == 16
+        assert metric(text, "cpvm_token_redemptions_total", result="ok") == 16
+        assert metric(text, "cpvm_rfb_handshake_seconds_count") == 16
     for c in clients:
         c.sendClose(1000)
+        await c.wait_closed()
+
+    async def all_ended():
+        text = (await get(cpvm.url("/metrics")))[1]
+        return (metric(text, "cpvm_active_sessions") == 0
+                and metric(text, "cpvm_sessions_total", outcome="client_closed") == 16)
+    await wait_for(all_ended, what="every worker's sessions counted as ended")
+    text = (await get(cpvm.url("/metrics")))[1]
+    assert metric(text, "cpvm_relayed_bytes_total", direction="to_server") >= 16 * 100
     os.kill(cpvm.pid, signal.SIGTERM)
     await wait_for(lambda: _exited(cpvm), timeout=15, what="cpvm exit")
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                    for p in pids)
+    assert not os.path.exists(shared), "the shared metrics directory outlived cpvm"
 
 
 def _slow_loris(port: int, wait: float) -> bytes:

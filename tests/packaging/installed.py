@@ -180,6 +180,7 @@ def sandboxed_command(argv: list[str], settings: dict[str, list[str]]) -> list[s
     """``argv`` wrapped to run in the approximation of a unit's sandbox (module docstring)."""
     writable = [f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()]
     writable += [f"/var/log/{d}" for v in settings.get("LogsDirectory", []) for d in v.split()]
+    writable += [f"/run/{d}" for v in settings.get("RuntimeDirectory", []) for d in v.split()]
     writable += [p.lstrip("-") for v in settings.get("ReadWritePaths", []) for p in v.split()]
     return ["unshare", "--mount", "sh", "-c", _SANDBOX_SCRIPT, "sandbox", *writable, "--",
             *argv]
