@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import treq
 from hyperlink import EncodedURL
@@ -157,11 +157,14 @@ class ManagerClient:
         self._base = base_url.rstrip("/")
         self._urls: dict[str, EncodedURL] = {}
         self._timeout = timeout
-        self._headers = {b"Content-Type": [b"application/json"]}
+        # The type treq's headers parameter takes (a dict: invariant in keys and values).
+        self._headers: dict[bytes | str, list[bytes | str]] = {
+            b"Content-Type": [b"application/json"]
+        }
         if credential:
             self._headers[b"Authorization"] = [b"Bearer " + credential.encode("ascii")]
         if http is None:
-            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool: HTTPConnectionPool | None = HTTPConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = 8
             kwargs = {"pool": self.pool, "connectTimeout": timeout}
             if contextFactory is not None:
@@ -198,7 +201,8 @@ class ManagerClient:
         outcome = REDEMPTION_ERRORS.get(error) if isinstance(error, str) else None
         if outcome is None or status >= 500 or status == 401:
             raise ManagerUnavailable(f"manager answered HTTP {status} ({error or 'no error code'})")
-        raise RedemptionRefused(outcome, error, str(message or "")[:200])
+        # A known outcome means error is a string.
+        raise RedemptionRefused(outcome, cast(str, error), str(message or "")[:200])
 
     def heartbeat(self, payload: dict) -> Deferred:
         """Send a heartbeat; fires with the manager's answer (a dict)."""

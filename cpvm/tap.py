@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import cast
 
 from twisted.application import internet, service
 from twisted.internet import endpoints
@@ -151,9 +152,11 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
     top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)
     if server.workers > 1 and worker is None:
+        # Here shared is the directory create_shared_directory() made above.
         pool = WorkerPool(reactor, server.workers, worker_argv(sys.argv),
                           server.grace_period,
-                          on_exit=lambda pid: metrics_module.process_gone(shared, pid))
+                          on_exit=lambda pid: metrics_module.process_gone(
+                              cast(str, shared), pid))
         pool.setServiceParent(top)
         top.workers = pool
     listener = internet.StreamServerEndpointService(endpoint, site)

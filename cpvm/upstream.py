@@ -6,11 +6,13 @@ state machine, then hands every later byte to its session unchanged.
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol, cast
 
 from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator, ITCPTransport, ITLSTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -114,7 +116,7 @@ class VncClientProtocol(Protocol):
         """
         if not self._closing and self.transport is not None:
             self._closing = True
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def _handle(self, events: list) -> None:
         for event in events:
@@ -142,7 +144,7 @@ class VncClientProtocol(Protocol):
             self._listener.upstream_failed("unsupported-security", str(e))
             self.close()
             return
-        self.transport.startTLS(creator)
+        cast(ITLSTransport, self.transport).startTLS(creator)
         assert self._handshake is not None
         self._handle(self._handshake.tls_started())
 

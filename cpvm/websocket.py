@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -33,6 +33,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     _log = Logger()
     factory: "ConsoleWebSocketFactory"
+    maxFramePayloadSize: int  # an option Autobahn sets (here: the factory's class)
 
     def __init__(self) -> None:
         super().__init__()
@@ -176,7 +177,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 class ConsoleWebSocketFactory(WebSocketServerFactory):
     """Holds what every browser connection needs: policy and the session registry."""
 
-    protocol = ConsoleWebSocketProtocol
+    # Autobahn's factory subclasses ServerFactory unparametrized, pinning protocol to
+    # Twisted's _ProtoWithFactory, whose invariant factory type no typed subclass matches.
+    protocol = ConsoleWebSocketProtocol  # type: ignore[assignment]
 
     def __init__(self, *, sessions: "ConsoleSessions", scheme: str,
                  allowed_origins: tuple[str, ...], trusted_proxies: tuple,
@@ -204,8 +207,9 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
         # connection). A class of this factory's own holds them once, for every session,
         # and an empty CONFIG_ATTRS leaves Autobahn nothing to copy or print.
         options = {name: getattr(self, name) for name in self.protocol.CONFIG_ATTRS}
-        self.protocol = type(self.protocol.__name__, (self.protocol,),
-                             {**options, "CONFIG_ATTRS": ()})
+        self.protocol = cast(type[ConsoleWebSocketProtocol],
+                             type(self.protocol.__name__, (self.protocol,),
+                                  {**options, "CONFIG_ATTRS": ()}))
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

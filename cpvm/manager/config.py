@@ -132,7 +132,9 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     listen = reader.string("server", "listen", "tcp:8250")
     if not listen.startswith(("tcp:", "ssl:", "unix:")):
         raise reader.error("server", "listen", f"expected a tcp:/ssl: endpoint, got {listen!r}")
-    trusted = reader.get("server", "trusted_proxies", (), _networks, "a list of CIDRs")
+    trusted: tuple[IPNetwork, ...] = reader.get(
+        "server", "trusted_proxies", (), _networks, "a list of CIDRs"
+    )
     server = ServerConfig(listen=listen, trusted_proxies=trusted)
     database = _database(reader, data_dir)
     key_file = reader.path("security", "secret_key_file", str(data_dir / "secret.key"))

@@ -8,7 +8,7 @@ exactly the same SQL. Rows come back as small frozen dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from cpvm.manager.db import Tx
 
@@ -427,6 +427,8 @@ _TOKEN_COLS = (
     "s.id, s.proxy_id, s.expires_at, s.acquired_at, s.ended_at, s.extra_hash, "
     "s.bound_address, s.account_name, s.vm_id"
 )
+# What _TOKEN_COLS read: TokenRow's fields but the VM.
+_TokenCols = tuple[str, str, float, float | None, float | None, str | None, str | None, str, str]
 _TOKEN_SQL = (
     # One statement for the token and its VM (the VM may have been removed since: LEFT JOIN).
     f"SELECT {_TOKEN_COLS}, {_VM_COLS} FROM console_sessions s "
@@ -440,7 +442,7 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
     if row is None:
         return None
     vm = _vm(row[9:]) if row[9] is not None and row[12] is not None else None
-    return TokenRow(*row[:9], vm=vm)
+    return TokenRow(*cast(_TokenCols, row[:9]), vm=vm)
 
 
 def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, cast
 
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from cpvm.manager import signing, store
@@ -180,7 +180,8 @@ class PublicApiResource(Resource):
     def _params(self, request: server.Request) -> dict[str, str]:
         params: dict[str, str] = {}
         try:
-            for key, values in (request.args or {}).items():
+            # Twisted types Request.args (and .content) by their class default, None.
+            for key, values in cast("dict[bytes, list[bytes]]", request.args or {}).items():
                 if values:
                     params.setdefault(key.decode("utf-8"), values[0].decode("utf-8"))
         except UnicodeDecodeError:
@@ -308,8 +309,9 @@ def _bad(message: str) -> ProxyApiError:
 
 
 def _json_body(request: server.Request) -> dict[str, Any]:
-    request.content.seek(0)
-    raw = request.content.read(1024 * 1024 + 1)
+    content = cast(BinaryIO, request.content)
+    content.seek(0)
+    raw = content.read(1024 * 1024 + 1)
     if len(raw) > 1024 * 1024:
         raise _bad("body too large")
     try:
@@ -353,7 +355,7 @@ class ProxyApiResource(Resource):
         return server.NOT_DONE_YET
 
     async def _handle(self, request: server.Request) -> None:
-        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        parts = [p.decode("utf-8", "replace") for p in cast("list[bytes]", request.postpath)]
         endpoint = "unknown"
         try:
             if parts[:1] != ["v1"]:
@@ -520,7 +522,7 @@ def _ended_reports(body: dict) -> list[tuple[str, dict]]:
     return reports
 
 
-def _peer(request: server.Request) -> str | None:
+def _peer(request: http.Request) -> str | None:
     return getattr(request.getClientAddress(), "host", None)
 
 
@@ -573,7 +575,7 @@ class ManagerSite(server.Site):
     _log = Logger(namespace="cpvm.manager.access")
     displayTracebacks = False
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         self._log.info(
             "{client_address} {method} {path} {status} {length}",
             client_address=_peer(request),
