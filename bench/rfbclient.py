@@ -110,15 +110,7 @@ def frame_header(head) -> tuple[int, int, int] | None:
 # anonymous mapping this size costs address space only, and lets one recv discard all a
 # socket holds (loopback receive buffers grow to 6 MiB).
 SINK_SIZE = 16 << 20
-_sink: mmap.mmap | None = None
-
-
-def sink() -> mmap.mmap:
-    """The process's buffer for ``recv_into(..., MSG_TRUNC)``."""
-    global _sink
-    if _sink is None:
-        _sink = mmap.mmap(-1, SINK_SIZE)
-    return _sink
+SINK = mmap.mmap(-1, SINK_SIZE)
 
 
 class FrameParser:
@@ -192,7 +184,7 @@ class FrameParser:
         there is nothing to read (before consuming anything).
         """
         if self.remaining and self._opcode < 8:
-            n = sock.recv_into(sink(), min(self.remaining, SINK_SIZE), socket.MSG_TRUNC)
+            n = sock.recv_into(SINK, min(self.remaining, SINK_SIZE), socket.MSG_TRUNC)
             if not n:
                 return -1
             self.remaining -= n
@@ -218,7 +210,7 @@ class FrameParser:
             return 0
         size, length, opcode = parsed
         take = size - have  # the header's bytes are all there: n >= take
-        n = sock.recv_into(sink(), min(take + length, SINK_SIZE), socket.MSG_TRUNC)
+        n = sock.recv_into(SINK, min(take + length, SINK_SIZE), socket.MSG_TRUNC)
         self._begin(length - (n - take), opcode)
         return n - take
 
@@ -307,7 +299,7 @@ class BlockingSession:
             if self.parser.control:
                 self._control()
         else:
-            n = self.sock.recv_into(sink(), SINK_SIZE, socket.MSG_TRUNC) or -1
+            n = self.sock.recv_into(SINK, SINK_SIZE, socket.MSG_TRUNC) or -1
         if n < 0:
             self.closed = True
             return 0
