@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import types
 from typing import TYPE_CHECKING, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -206,10 +207,16 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
         # pretty-prints them for a debug line even when debug is off (~85 µs per
         # connection). A class of this factory's own holds them once, for every session,
         # and an empty CONFIG_ATTRS leaves Autobahn nothing to copy or print.
-        options = {name: getattr(self, name) for name in self.protocol.CONFIG_ATTRS}
+        # Callables (perMessageCompressionAccept) stay plain functions, not methods.
+        options = {name: _class_attribute(getattr(self, name))
+                   for name in self.protocol.CONFIG_ATTRS}
         self.protocol = cast(type[ConsoleWebSocketProtocol],
                              type(self.protocol.__name__, (self.protocol,),
                                   {**options, "CONFIG_ATTRS": ()}))
+
+
+def _class_attribute(value):
+    return staticmethod(value) if isinstance(value, types.FunctionType) else value
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

@@ -11,7 +11,7 @@ import struct
 
 class RawWebSocket:
     def __init__(self, host: str, port: int, path: str, *, rcvbuf: int | None = None,
-                 timeout: float = 10):
+                 timeout: float = 10, headers: dict[str, str] | None = None):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -21,7 +21,9 @@ class RawWebSocket:
         self.sock.sendall((
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n").encode())
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            + "\r\n").encode())
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(1)
@@ -30,6 +32,7 @@ class RawWebSocket:
             head += chunk
         if not head.startswith(b"HTTP/1.1 101"):
             raise ConnectionError(head.split(b"\r\n")[0].decode())
+        self.response_head = head
         self._pending = b""  # raw bytes from the socket
         self._payload = b""  # message payload bytes not yet consumed
 

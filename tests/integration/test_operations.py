@@ -18,6 +18,7 @@ from twisted.internet import reactor, task, threads
 from tests.daemons import http_get
 from tests.integration import scripted_vnc
 from tests.peers import free_port
+from tests.rawws import RawWebSocket
 from tests.wsclient import open_console
 
 
@@ -122,6 +123,27 @@ async def test_access_log_never_holds_tokens(cpvm, manager, echo_server):
     assert '"GET /resource/noVNC/vnc.html HTTP/1.1" 200' in log
     assert "console session acquired" in log
     assert token not in log and "SeCrEt123" not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_compression_offer_declined_and_session_works(cpvm, manager, echo_server):
+    # Chromium offers permessage-deflate on every upgrade; cpvm declines (RFB encodings
+    # compress already) and the session goes on uncompressed.
+    token, _ = manager.issue({"host": "127.0.0.1", "port": echo_server})
+
+    def browser():
+        ws = RawWebSocket("127.0.0.1", cpvm.port, f"/websockify?token={token}", headers={
+            "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"})
+        try:
+            ws.rfb_handshake()
+            ws.send(b"ping")
+            return ws.response_head, ws.read_message_bytes(4)
+        finally:
+            ws.close()
+
+    head, echoed = await threads.deferToThread(browser)
+    assert b"sec-websocket-extensions" not in head.lower()
+    assert echoed == b"ping"
 
 
 # -- metrics -----------------------------------------------------------------------------
