@@ -27,7 +27,8 @@ def create_shared_directory() -> str:
     """The first of several processes: a fresh, private directory for every process's
     values (systemd's RuntimeDirectory when there is one), named to the workers through
     the environment they inherit."""
-    path = tempfile.mkdtemp(prefix="cpvm-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    path = tempfile.mkdtemp(prefix="cpvm-metrics-", dir=runtime)
     os.environ[SHARED_DIR_ENV] = path
     return path
 

@@ -101,8 +101,13 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     shared = None
     if server.workers > 1:
         # Worker processes inherit the first process's directory through the environment.
-        shared = (metrics_module.create_shared_directory() if worker is None
-                  else os.environ.get(metrics_module.SHARED_DIR_ENV))
+        try:
+            shared = (metrics_module.create_shared_directory() if worker is None
+                      else os.environ.get(metrics_module.SHARED_DIR_ENV))
+        except OSError as e:
+            raise ConfigError(config.path, "server", "workers",
+                              f"cannot create the workers' shared metrics directory: {e}"
+                              ) from None
         if shared:
             metrics_module.use_shared_directory(shared)
     metrics = ProxyMetrics(shared_directory=shared)
@@ -178,7 +183,10 @@ def makeService(options: Options):  # noqa: N802 (twistd's name)
     logs.configure(format=config.log.format, level=config.log.level, name="cpvm",
                    audit_file=config.log.audit_file, worker=options["worker"],
                    workers=config.server.workers)
-    svc = build_service(config, reactor, worker=options["worker"])
+    try:
+        svc = build_service(config, reactor, worker=options["worker"])
+    except ConfigError as e:
+        raise SystemExit(f"cpvm: {e}") from None
     _install_signal_handlers(reactor, svc)
     return svc
 

@@ -131,6 +131,14 @@ def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
     # What systemd sets for a service with User=.
     env = {**_SERVICE_ENV, "HOME": user.pw_dir, "USER": user.pw_name,
            "LOGNAME": user.pw_name, "SHELL": user.pw_shell}
+    # RuntimeDirectory=: created for the user before start, removed after stop.
+    runtime = [f"/run/{d}" for v in settings.get("RuntimeDirectory", []) for d in v.split()]
+    for directory in runtime:
+        os.makedirs(directory, exist_ok=True)
+        os.chown(directory, user.pw_uid, user.pw_gid)
+        os.chmod(directory, int(settings.get("RuntimeDirectoryMode", ["0755"])[0], 8))
+    if runtime:
+        env["RUNTIME_DIRECTORY"] = ":".join(runtime)
     # Every wrapper execs the next, so proc.pid is the daemon's own pid ($MAINPID).
     proc = subprocess.Popen(argv, cwd="/", env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, umask=umask,
@@ -150,6 +158,8 @@ def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
     finally:
         _stop(proc, stop_timeout)
         reader.join(5)
+        for directory in runtime:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def as_user(user: pwd.struct_passwd) -> list[str]:

@@ -380,6 +380,11 @@ async def test_two_workers_under_the_unit(console_stack, proxy_tls):
             clients.append(client)
             served.add(_holder_of_connection(port, client.transport.getHost().port, pids))
         assert served == pids, f"sessions in {served} of {pids}"
+        # The processes share their metrics in the unit's runtime directory (the first
+        # made it; the worker was started with it in its environment).
+        environ = dict(item.split(b"=", 1) for item in
+                       Path(f"/proc/{worker}/environ").read_bytes().split(b"\0") if item)
+        assert environ[b"PROMETHEUS_MULTIPROC_DIR"].startswith(b"/run/cpvm/cpvm-metrics-")
 
         # ExecReload reaches every process: each re-reads the certificate.
         def reloads() -> int:
