@@ -19,11 +19,6 @@ from bench.rfbclient import FB_UPDATE_REQUEST, AsyncSession, BlockingSession, Ta
 from bench.rfbserver import raise_fd_limit
 
 _ctx = mp.get_context("fork")
-# A raw-TCP stream socket wakes its reader (and its blocking recv returns) only once this
-# much is queued: fewer wake-ups, reads and ACKs per GB (socat writes 8 KiB at a time), and
-# socat's own CPU per GB stays the same. Not for WebSocket relays: it makes websockify spend
-# ~20 % more CPU per GB, so they are read as soon as anything arrives, like a browser.
-STREAM_RCVLOWAT = 256 * 1024
 
 
 def _cpu() -> float:
@@ -79,8 +74,6 @@ def stream(conn, targets: list[Target], seconds: float) -> None:
         s = BlockingSession(t)
         s.handshake()
         s.send(FB_UPDATE_REQUEST)
-        if not s.ws:
-            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, STREAM_RCVLOWAT)
         sessions.append(s)
     if len(sessions) == 1:
         s = sessions[0]

@@ -155,8 +155,7 @@ def test_skim_counts_frames_split_anywhere_over_a_real_socket():
     assert saw_split
 
 
-@pytest.mark.parametrize("rcvlowat", [None, 256 * 1024])
-def test_blocking_session_counts_a_ws_stream(rcvlowat):
+def test_blocking_session_counts_a_ws_stream():
     """A BlockingSession reads a stream written from another process's socket in pieces."""
     data, payload, control = stream_and_expected()
     sender, receiver = tcp_pair()
@@ -182,8 +181,6 @@ def test_blocking_session_counts_a_ws_stream(rcvlowat):
     s.parser = FrameParser(keep=False)
     s.rfb = bytearray()
     s.closed = False
-    if rcvlowat:
-        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, rcvlowat)
     try:
         got, _ = s.stream_for(600)  # ends with the close frame
     finally:
