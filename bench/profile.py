@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
         if workload == "stream":
             w = Worker(workloads.stream, proxy.targets("stream", 1), seconds + 2)
         elif workload == "echo":
-            w = Worker(workloads.echo, proxy.targets("echo", 1)[0], int(seconds * 4000))
+            w = Worker(workloads.echo_interleaved, {"cpvm": proxy.targets("echo", 1)[0]},
+                       int(seconds * 4000))
         else:
             w = Worker(workloads.setup_sequential, proxy.targets("idle", int(seconds * 250)))
         w.recv(60)

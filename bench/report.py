@@ -24,6 +24,7 @@ ROWS = [
     ("Round trip p50 (µs)", "rtt_p50_us", "{:.0f}"),
     ("Round trip p90 (µs)", "rtt_p90_us", "{:.0f}"),
     ("Round trip p99 (µs)", "rtt_p99_us", "{:.0f}"),
+    ("  after idle, p50 / p99 (µs)", ("rtt_cold_p50_us", "rtt_cold_p99_us"), "{:.0f}"),
     ("Setup, sequential (sessions/s)", "setup_seq_per_s", "{:.0f}"),
     ("  setup p50 / p99 (ms)", ("setup_seq_p50_ms", "setup_seq_p99_ms"), "{:.2f}"),
     ("  proxy CPU per setup (ms)", "setup_seq_proxy_cpu_ms", "{:.2f}"),

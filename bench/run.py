@@ -186,13 +186,47 @@ class Runner:
         self._cpu_fields("tpN", cpu, r)
         self._bytes_check("tpN", total * MB, cpu, r)
 
-    def latency(self, proxy: Proxy, r: dict) -> None:
-        targets = proxy.targets("echo", 1)
-        w = Worker(workloads.echo, targets[0], self.p.rounds)
-        (res,), cpu = self._measure(proxy, [w], 120)
-        s = res["samples"]
-        for q in (50, 90, 99):
-            r[f"rtt_p{q}_us"] = percentile(s, q) * 1e6
+    def latency(self, names: list[str]) -> None:
+        """Round trips through every relay in one client, the relays taking turns block
+        by block, every process on one CPU.
+
+        On a virtual machine a round trip between processes on different CPUs mostly
+        measures how fast an idle virtual CPU wakes up (≈ 80 µs here, or ≈ 10 µs when
+        the other CPU happens to be busy), and which CPU each process runs on changes from
+        run to run. On one CPU a round trip is the relay's own work plus the same context
+        switches for every relay. Taking turns gives every relay the same machine noise
+        (one relay after the other, a busy minute would land on one of them). Then round
+        trips after idle (see echo_interleaved).
+        """
+        cpu = {min(os.sched_getaffinity(0))}
+        everywhere = os.sched_getaffinity(self.server.pid)
+        proxies = {}
+        try:
+            os.sched_setaffinity(self.server.pid, cpu)
+            for name in names:
+                proxies[name] = self._proxy(name)
+                # socat and websockify fork per connection: children inherit it.
+                for pid in proxies[name].pids():
+                    os.sched_setaffinity(pid, cpu)
+            targets = {name: proxy.targets("echo", 1)[0] for name, proxy in proxies.items()}
+            cold_rounds = self.p.rounds // 5
+            w = Worker(workloads.echo_interleaved, targets, self.p.rounds, 250, cold_rounds)
+            os.sched_setaffinity(w.pid, cpu)
+            w.recv(120)
+            w.send("go")
+            res = w.recv(120 + self.p.rounds * len(names) / 1000)
+            w.join()
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+            os.sched_setaffinity(self.server.pid, everywhere)
+        for name, s in res["samples"].items():
+            r = self.results.setdefault(name, {})
+            for q in (50, 90, 99):
+                r[f"rtt_p{q}_us"] = percentile(s, q) * 1e6
+            cold = res["cold"][name]
+            r["rtt_cold_p50_us"] = percentile(cold, 50) * 1e6
+            r["rtt_cold_p99_us"] = percentile(cold, 99) * 1e6
 
     def setup(self, proxy: Proxy, r: dict) -> None:
         mint0 = getattr(proxy, "mint_seconds", 0.0)
@@ -326,7 +360,7 @@ class Runner:
                 proxy = self._proxy(name)
                 try:
                     steps = (["multi"] if compare_only else
-                             [s for s in ("throughput", "multi", "latency", "setup", "slow")
+                             [s for s in ("throughput", "multi", "setup", "slow")
                               if s in self.p.scenarios])
                     for step in steps:
                         if step == "slow" and name == "direct":
@@ -346,6 +380,11 @@ class Runner:
                         self.idle(name, r, sizes)
                         self.log(f"   idle {sizes}: {time.time() - t1:.1f}s")
                 self.log(f"   {name} done in {time.time() - t0:.1f}s")
+            if "latency" in self.p.scenarios:
+                t0 = time.time()
+                self.log(f"== latency, interleaved: {', '.join(names)}")
+                self.latency(names)
+                self.log(f"   latency: {time.time() - t0:.1f}s")
         finally:
             server_cpu = accounting.cpu_seconds([self.server.pid]) - server_cpu0
             self.server.stop()

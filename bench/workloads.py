@@ -121,28 +121,56 @@ def stream(conn, targets: list[Target], seconds: float) -> None:
 # --- latency ---------------------------------------------------------------------------------
 
 
-def echo(conn, target: Target, rounds: int) -> None:
-    """KeyEvent -> Bell round trips, one at a time; returns the sorted samples (seconds)."""
-    s = BlockingSession(target)
-    s.handshake()
+def echo_interleaved(conn, targets: dict[str, Target], rounds: int, block: int = 250,
+                     cold_rounds: int = 0) -> None:
+    """KeyEvent -> Bell round trips through every target, one at a time.
+
+    ``rounds`` per target in blocks of ``block`` back-to-back rounds, the targets taking
+    turns block by block (the order rotates), so every relay sees the same machine noise
+    over the run; the first rounds of a block are warm-up, not samples. Then
+    ``cold_rounds`` per target one round each in turn: every relay has been idle for the
+    others' rounds, as between a person's keystrokes. Returns the sorted samples (seconds)
+    per target, and per target the cold ones.
+    """
+    sessions = {}
+    for name, target in targets.items():
+        s = BlockingSession(target)
+        s.handshake()
+        sessions[name] = s
     down = key_event(1, 0x61)
-    for _ in range(200):
-        s.send(down)
-        s.read(1)
-    conn.send(("ready", 1))
-    conn.recv()
-    cpu = _cpu()
-    samples = []
     clock = time.perf_counter
-    for _ in range(rounds):
+
+    def round_trip(s: BlockingSession) -> float:
         t0 = clock()
         s.send(down)
         s.read(1)
-        samples.append(clock() - t0)
-    cpu = _cpu() - cpu
-    s.close()
-    samples.sort()
-    conn.send(("result", {"samples": samples, "client_cpu": cpu}))
+        return clock() - t0
+
+    for s in sessions.values():
+        for _ in range(200):
+            round_trip(s)
+    conn.send(("ready", 1))
+    conn.recv()
+    order = list(sessions.items())
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    cold: dict[str, list[float]] = {name: [] for name in sessions}
+    warm_up = min(10, block // 10)
+    for b in range(-(-rounds // block)):
+        k = b % len(order)
+        for name, s in order[k:] + order[:k]:
+            for _ in range(warm_up):
+                round_trip(s)
+            n = min(block, rounds - len(samples[name]))
+            samples[name].extend(round_trip(s) for _ in range(n))
+    for i in range(cold_rounds):
+        k = i % len(order)
+        for name, s in order[k:] + order[:k]:
+            cold[name].append(round_trip(s))
+    for s in sessions.values():
+        s.close()
+    for values in (*samples.values(), *cold.values()):
+        values.sort()
+    conn.send(("result", {"samples": samples, "cold": cold}))
 
 
 # --- session set-up --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_smallest_case_produces_a_table(tmp_path):
     proxies = "direct,socat,websockify,cpvm"
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--proxies", proxies,
-         "--scenarios", "throughput", "--seconds", "1", "--no-workers-compare",
+         "--scenarios", "throughput,latency", "--seconds", "1", "--no-workers-compare",
          "--results", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -46,4 +46,7 @@ def test_smallest_case_produces_a_table(tmp_path):
     run = json.loads((tmp_path / "latest.json").read_text())
     for name in proxies.split(","):
         assert run["results"][name]["tp1_MBps"] > 0
+        # Round trips through every relay, taking turns, and after idle.
+        assert 0 < run["results"][name]["rtt_p50_us"] <= run["results"][name]["rtt_p99_us"]
+        assert run["results"][name]["rtt_cold_p99_us"] > 0
     assert (tmp_path / "latest.png").stat().st_size > 1000
