@@ -231,7 +231,8 @@ class Cpvm(Proxy):
                                          "bench", "--vnc-host", HOST, "--vnc-port", str(port))
         cred = d / "proxy.key"
         self._admin("proxy-key", "create", "--name", self.name, "--output", str(cred))
-        manager = Process([sys.executable, "-m", "twisted", "--log-format=text", "cpvm-manager",
+        manager = Process([sys.executable, "-m", "twisted", "--reactor=cpvm", "--log-format=text",
+                           "cpvm-manager",
                            "--config", str(self.manager_conf)], d / "manager.log", env, REPO)
         self.processes.append(manager)
         wait_until(lambda: port_open(self.manager_port), 20, "cpvm-manager", manager.proc,
@@ -249,7 +250,8 @@ class Cpvm(Proxy):
         # re-run this twistd command line with ``--worker i`` (cpvm/workers.py), and
         # ``twist``'s options (--log-format, --log-level) are not twistd's.
         proxy = Process([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                         "--nodaemon", "--pidfile=", "--logger=cpvm.logs.observer", "cpvm",
+                         "--nodaemon", "--pidfile=", "--reactor=cpvm",
+                         "--logger=cpvm.logs.observer", "cpvm",
                          "--config", str(conf)], d / "cpvm.log", env, REPO)
         self.processes.append(proxy)
         wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",

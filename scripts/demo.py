@@ -32,7 +32,7 @@ from cpvm.manager.signing import sign  # noqa: E402  (the same signing any API c
 STATE = Path(os.environ.get("CPVM_DEMO_DIR", "/var/tmp/cpvm-demo"))
 GUEST = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cpvm" / "guest"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-          "--nodaemon", "--pidfile="]
+          "--nodaemon", "--pidfile=", "--reactor=cpvm"]
 
 
 def say(message: str) -> None:

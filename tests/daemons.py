@@ -51,7 +51,7 @@ class Daemon(Peer):
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", *extra_args, plugin,
+                "--nodaemon", "--pidfile=", "--reactor=cpvm", *extra_args, plugin,
                 "--config", str(self.config_path)]
         # The plugin module is found through the checkout's twisted/plugins directory.
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -241,9 +241,9 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
     for unit in UNITS:
         s = unit_settings(REPO / "systemd" / f"{unit}.service")
         argv = unit_command(unit, "/x.conf", REPO / "systemd")
-        assert argv[:4] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile=",
+        assert argv[:5] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile=", "--reactor=cpvm",
                             "--logger=cpvm.logs.observer"]
-        assert argv[4:] == [unit, "--config", "/x.conf"]
+        assert argv[5:] == [unit, "--config", "/x.conf"]
         assert s["User"] == [unit]
         config = "/etc/cpvm/cpvm.conf" if unit == "cpvm" else "/etc/cpvm/manager.conf"
         assert s["ExecStart"][0].endswith(f"--config {config}")

@@ -1,5 +1,6 @@
 # Only ServiceMaker objects naming modules by string: importing the reactor (or our code)
 # here would break every twistd plugin whenever dropin.cache must be rebuilt.
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 cpvm = ServiceMaker(
@@ -14,4 +15,11 @@ cpvmManager = ServiceMaker(
     "cpvm.manager.tap",
     "Management endpoint: createConsoleEndpoint, one-time tokens, console sessions",
     "cpvm-manager",
+)
+
+# ``twistd --reactor=cpvm``: epoll without a log context per I/O event (cpvm/reactor.py).
+cpvmReactor = Reactor(
+    "cpvm",
+    "cpvm.reactor",
+    "epoll without a log context per I/O event (cpvm's relay path)",
 )
