@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cpvm.addresses import Network, parse_networks
 from cpvm.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -84,6 +82,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``/metrics``: served at all, and to which client addresses."""
+
+    enabled: bool
+    allow: tuple[Network, ...]
+
+
+@dataclass(frozen=True)
 class CpvmConfig:
     """Everything cpvm needs, as read from one file."""
 
@@ -93,6 +99,7 @@ class CpvmConfig:
     vnc: VncConfig
     session: SessionConfig
     log: LogConfig
+    metrics: MetricsConfig
 
 
 def load_config(path: str | None) -> CpvmConfig:
@@ -178,11 +185,15 @@ def parse_config(r: IniReader) -> CpvmConfig:
         level=r.choice("log", "level", "info", ("debug", "info", "warn", "error")),
         audit_file=r.path("log", "audit_file", None),
     )
+    metrics = MetricsConfig(
+        enabled=r.boolean("metrics", "enabled", True),
+        allow=_networks(r, "metrics", "allow", ("127.0.0.1", "::1")),
+    )
     if server.workers > 1 and server.port == 0:
         raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
     r.check_unknown()
     return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
-                      session=session, log=log)
+                      session=session, log=log, metrics=metrics)
 
 
 def _check_address(r: IniReader, section: str, key: str, value: str) -> None:
@@ -192,14 +203,12 @@ def _check_address(r: IniReader, section: str, key: str, value: str) -> None:
         raise r.error(section, key, f"expected an IP address, got {value!r}") from None
 
 
-def _networks(r: IniReader, section: str, key: str) -> tuple[Network, ...]:
-    result = []
-    for item in r.string_list(section, key, ()):
-        try:
-            result.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise r.error(section, key, f"{item!r} is not an address or CIDR network") from None
-    return tuple(result)
+def _networks(r: IniReader, section: str, key: str,
+              default: tuple[str, ...] = ()) -> tuple[Network, ...]:
+    try:
+        return parse_networks(r.string_list(section, key, default))
+    except ValueError as e:
+        raise r.error(section, key, str(e)) from None
 
 
 __all__ = ["ConfigError", "CpvmConfig", "load_config", "parse_config"]

@@ -16,7 +16,7 @@ from cpvm import __version__, logs
 from cpvm import metrics as metrics_module
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
 from cpvm.manager_client import ManagerClient
-from cpvm.metrics import ProxyMetrics
+from cpvm.metrics import MetricsPage, ProxyMetrics
 from cpvm.registry import ConsoleSessions, Heartbeat
 from cpvm.tls import ReloadableServerTLS, manager_tls_policy
 from cpvm.web import ConsoleSite, build_root
@@ -136,9 +136,11 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
             return False, "manager not reachable"
         return True, f"{len(sessions)} session(s)"
 
+    page = (MetricsPage(metrics.exposition_registry(), config.metrics.allow,
+                        before=sessions.count_relayed)
+            if config.metrics.enabled else None)
     root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
-                      metrics=metrics.exposition_registry(), readiness=readiness,
-                      before_scrape=sessions.count_relayed)
+                      readiness=readiness, metrics=page)
     # An HTTP connection that has not finished its request (or its WebSocket upgrade)
     # within this time is dropped: slow-loris clients cannot pile up.
     site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 from autobahn.twisted.resource import WebSocketResource
-from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.web import resource, server, static
 from twisted.web.http import _escape
 
@@ -63,22 +61,6 @@ class StaticFiles(static.File):
         return f
 
 
-class Metrics(resource.Resource):
-    """``/metrics``: brings live sessions' byte counts up to date (here, in the reactor
-    thread), then lets prometheus_client's resource format the page (in a pool thread)."""
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry, before: Callable[[], None]):
-        super().__init__()
-        self._page = MetricsResource(registry=registry)
-        self._before = before
-
-    def render(self, request):
-        self._before()
-        return self._page.render(request)
-
-
 class Health(resource.Resource):
     """``/healthz`` answers 200 while the process serves; ``/readyz`` adds a check."""
 
@@ -99,9 +81,9 @@ class Health(resource.Resource):
         return (("ready" if ready else "not ready") + f": {why}\n").encode("utf-8")
 
 
-def build_root(*, novnc_dir: Path, websocket_factory, metrics: CollectorRegistry,
+def build_root(*, novnc_dir: Path, websocket_factory,
                readiness: Callable[[], tuple[bool, str]],
-               before_scrape: Callable[[], None] = lambda: None) -> Root:
+               metrics: resource.Resource | None = None) -> Root:
     """The whole URL space of cpvm."""
     root = Root()
     res = Root()
@@ -110,7 +92,8 @@ def build_root(*, novnc_dir: Path, websocket_factory, metrics: CollectorRegistry
     root.putChild(b"websockify", WebSocketResource(websocket_factory))
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
-    root.putChild(b"metrics", Metrics(metrics, before_scrape))
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     return root
 
 

@@ -17,6 +17,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from cpvm import fastwrite
+from cpvm.addresses import address_in
 from cpvm.outcome import Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,7 +248,7 @@ def origin_allowed(origin: str | None, host: str | None, scheme: str,
 def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
     """The browser's address: the TCP peer, unless that is a trusted proxy, then the
     right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
-    if not forwarded_for or not trusted or not _in(peer, trusted):
+    if not forwarded_for or not trusted or not address_in(peer, trusted):
         return peer
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     for hop in reversed(hops):
@@ -255,14 +256,6 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
             ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a garbled header is not trusted at all
-        if not _in(hop, trusted):
+        if not address_in(hop, trusted):
             return hop
     return hops[0] if hops else peer
-
-
-def _in(address: str, networks: tuple) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)

@@ -5,15 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Sequence
 
+from cpvm.addresses import address_in
 from cpvm.manager.config import IPNetwork
-
-
-def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in trusted)
 
 
 def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]) -> str:
@@ -23,7 +16,7 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IP
     are walked right to left and the first address that is not itself a trusted proxy is
     the client (anything left of it could have been written by the client).
     """
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not address_in(peer, trusted):
         return peer
     hops: list[str] = []
     for header in forwarded_for:
@@ -36,6 +29,6 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IP
             # Garbage in the header: stop at the last address we could trust.
             return current
         current = hop
-        if not _trusted(hop, trusted):
+        if not address_in(hop, trusted):
             return hop
     return current

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpvm.addresses import LOOPBACK, parse_networks
 from cpvm.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
@@ -76,6 +77,7 @@ class SessionConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool
+    allow: tuple[IPNetwork, ...]
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ class ManagerConfig:
     proxies: ProxyConfig
     sessions: SessionConfig
     metrics: MetricsConfig
+
+
+def _allowed(raw: str) -> tuple[IPNetwork, ...]:
+    return parse_networks(p for p in raw.replace(",", " ").split() if p)
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -157,7 +163,11 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
     )
-    metrics = MetricsConfig(enabled=reader.boolean("metrics", "enabled", True))
+    metrics = MetricsConfig(
+        enabled=reader.boolean("metrics", "enabled", True),
+        allow=reader.get("metrics", "allow", LOOPBACK, _allowed,
+                         "addresses or CIDRs, or any"),
+    )
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
         raise reader.error(

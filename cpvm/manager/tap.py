@@ -103,7 +103,7 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     )
     broker = ConsoleBroker(database, box, clock, settings, metrics)
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
-                      config.metrics.enabled, reactor)
+                      config.metrics.allow if config.metrics.enabled else None, reactor)
     http = strports.service(config.server.listen, site, reactor=reactor)
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)

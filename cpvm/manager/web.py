@@ -11,7 +11,6 @@ import json
 import uuid
 from typing import Any, BinaryIO, Callable, cast
 
-from prometheus_client.twisted import MetricsResource
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.web import http, server
@@ -31,6 +30,7 @@ from cpvm.manager.consoles import (
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
+from cpvm.metrics import MetricsPage
 
 _STATUS_TEXT = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
@@ -593,7 +593,7 @@ def build_site(
     clock: Any,
     trusted_proxies: tuple[IPNetwork, ...],
     metrics: ManagerMetrics,
-    metrics_enabled: bool,
+    metrics_allow: tuple[IPNetwork, ...] | None,
     reactor: Any,
 ) -> ManagerSite:
     """The resource tree of the manager."""
@@ -604,7 +604,7 @@ def build_site(
     root.putChild(b"proxy", ProxyApiResource(broker, metrics))
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(db, reactor))
-    if metrics_enabled:
-        root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    if metrics_allow is not None:
+        root.putChild(b"metrics", MetricsPage(metrics.registry, metrics_allow))
     site = ManagerSite(root, timeout=60, reactor=reactor)
     return site

@@ -48,8 +48,13 @@ async def get(url):
 
 
 def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    return raw_get_with(port, target)
+
+
+def raw_get_with(port: int, target: str, *headers: str) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        extra = "".join(h + "\r\n" for h in headers)
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
                   "Connection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
@@ -147,6 +152,21 @@ async def test_compression_offer_declined_and_session_works(cpvm, manager, echo_
 
 
 # -- metrics -----------------------------------------------------------------------------
+
+
+def test_metrics_only_for_allowed_addresses(cpvm_factory):
+    # The default allows loopback only (the other tests scrape from 127.0.0.1).
+    cpvm = cpvm_factory(metrics={"allow": "192.0.2.0/24, 2001:db8::/32"},
+                        server={"trusted_proxies": "127.0.0.1"})
+    status, text = http_get(cpvm.url("/metrics"))
+    assert status == 404 and "cpvm_" not in text
+    # Even from a trusted proxy the forwarded-for header proves nothing: the TCP peer
+    # decides (the scraper talks to each cpvm directly).
+    status, _ = raw_get_with(cpvm.port, "/metrics", "X-Forwarded-For: 192.0.2.7")
+    assert status == 404
+    assert http_get(cpvm.url("/healthz"))[0] == 200
+    cpvm = cpvm_factory(metrics={"enabled": "false"})
+    assert http_get(cpvm.url("/metrics"))[0] == 404
 
 
 @pytest_twisted.ensureDeferred

@@ -136,6 +136,15 @@ async def test_cli_changes_seen_by_running_service(managers):
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_only_for_allowed_addresses(managers):
+    m = await managers(sections={"metrics": {"allow": "192.0.2.0/24"}})
+    r = await treq.get(m.base + "/metrics", persistent=False)
+    assert r.code == 404 and "cpvm_manager" not in await r.text()
+    r = await treq.get(m.base + "/healthz", persistent=False)
+    assert r.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_health_ready_metrics(managers):
     m = await managers()
     alice = m.account("alice")

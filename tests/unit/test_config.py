@@ -74,6 +74,8 @@ def test_credential_readable_by_others_is_refused(tmp_path):
      "cannot read"),
     ("[session]\nidle_timeout = soon\n", "[session] idle_timeout", "expected a number"),
     ("[log]\nformat = xml\n", "[log] format", "expected one of text, json"),
+    ("[metrics]\nallow = prometheus.example.com\n", "[metrics] allow",
+     "not an address, CIDR network or 'any'"),
     ("not an ini file\n", "cpvm.conf", "not a valid INI file"),
 ])
 def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
@@ -97,3 +99,14 @@ def test_empty_credential_file_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path / "absent.conf"))
+
+
+def test_metrics_readable_from_loopback_unless_told_otherwise(tmp_path):
+    import ipaddress
+    default = load_config(None).metrics
+    assert default.enabled
+    assert [str(n) for n in default.allow] == ["127.0.0.1/32", "::1/128"]
+    c = load_config(write(tmp_path, "[metrics]\nallow = 10.1.2.0/24, 2001:db8::7\n")).metrics
+    assert c.allow == (ipaddress.ip_network("10.1.2.0/24"), ipaddress.ip_network("2001:db8::7"))
+    c = load_config(write(tmp_path, "[metrics]\nallow = any\nenabled = false\n")).metrics
+    assert not c.enabled and [str(n) for n in c.allow] == ["0.0.0.0/0", "::/0"]

@@ -41,3 +41,15 @@ def test_client_address_refuses_garbled_header():
 
 def test_client_address_all_trusted_hops():
     assert client_address("10.1.1.1", "10.2.2.2, 10.3.3.3", NETS) == "10.2.2.2"
+
+
+def test_addresses_match_networks_including_ipv4_mapped_peers():
+    from cpvm.addresses import LOOPBACK, address_in, parse_networks
+
+    assert address_in("127.0.0.1", LOOPBACK) and address_in("::1", LOOPBACK)
+    assert address_in("::ffff:127.0.0.1", LOOPBACK)  # a dual-stack listener's peer
+    assert not address_in("10.0.0.1", LOOPBACK)
+    assert not address_in("unknown", LOOPBACK)
+    assert address_in("203.0.113.9", parse_networks(["any"]))
+    with pytest.raises(ValueError, match="'example.com' is not"):
+        parse_networks(["example.com"])

@@ -1,0 +1,43 @@
+"""IP addresses against configured networks (trusted proxies, who may read metrics)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# ``allow = any`` in a configuration file.
+EVERYWHERE: tuple[Network, ...] = (ipaddress.ip_network("0.0.0.0/0"),
+                                   ipaddress.ip_network("::/0"))
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
+                                 ipaddress.ip_network("::1/128"))
+
+
+def address_in(address: str, networks: Iterable[Network]) -> bool:
+    """Whether ``address`` (a textual IP; anything else is in no network) is in one of
+    ``networks``; an IPv4-mapped IPv6 address (a dual-stack listener's peer) counts as
+    its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip in net for net in networks)
+
+
+def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses or CIDR networks; ``any`` means every address. ``ValueError`` names the
+    first item that is neither."""
+    result: list[Network] = []
+    for item in items:
+        if item.lower() == "any":
+            result.extend(EVERYWHERE)
+            continue
+        try:
+            result.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address, CIDR network or 'any'") from None
+    return tuple(result)
