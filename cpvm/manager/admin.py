@@ -83,10 +83,19 @@ def account_list(ctx: AdminContext, a: argparse.Namespace) -> None:
     _table(ctx, ("name", "id", "role", "created", "disabled"), rows, a.json)
 
 
+def command_line_safe_key(nbytes: int = 48) -> str:
+    """A random URL-safe key that does not start with "-" (one in 64 would): operators
+    pass API keys as arguments (``key revoke KEY``), where it would read as an option."""
+    while True:
+        key = secrets.token_urlsafe(nbytes)
+        if not key.startswith("-"):
+            return key
+
+
 def key_create(ctx: AdminContext, a: argparse.Namespace) -> None:
     account = ctx.run(store.find_account, a.account)
-    api_key = secrets.token_urlsafe(48)
-    secret = secrets.token_urlsafe(48)
+    api_key = command_line_safe_key()
+    secret = command_line_safe_key()
     ctx.run(store.create_api_key, str(uuid.uuid4()), account.id, api_key,
             ctx.box.encrypt(secret), time.time())
     if a.json:

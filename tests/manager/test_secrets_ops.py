@@ -72,6 +72,13 @@ async def test_no_plaintext_secret_in_sqlite_or_logs(managers, log_events):
         assert secret not in logged, secret
 
 
+def test_generated_keys_never_start_with_a_dash(monkeypatch):
+    # A key starting with "-" reads as an option on the admin command line.
+    drawn = iter(["-looks-like-an-option", "_fine-key"])
+    monkeypatch.setattr(admin.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert admin.command_line_safe_key() == "_fine-key"
+
+
 def test_admin_cli(tmp_path):
     conf = tmp_path / "m.conf"
     conf.write_text(f"[server]\ndata_dir = {tmp_path}/data\n")
