@@ -45,6 +45,26 @@ class RelayReactor(EPollReactor):
 
     doIteration = doPoll
 
+    # A second stop signal while the first is draining sessions (systemd and an operator,
+    # a supervisor and a parent-death signal) is not an error: say so, do not stop twice
+    # (Twisted's own handlers log a critical ReactorNotRunning traceback).
+    def sigInt(self, number, frame=None):  # noqa: N802
+        self._stop_on_signal("SIGINT", number)
+
+    def sigTerm(self, number, frame=None):  # noqa: N802
+        self._stop_on_signal("SIGTERM", number)
+
+    def _stop_on_signal(self, name: str, number: int) -> None:
+        self._exitSignal = number
+        self.callFromThread(self._stop_once, name)
+
+    def _stop_once(self, name: str) -> None:
+        if self._stopped:
+            self._log.info("Received {signal} while already stopping", signal=name)
+            return
+        self._log.info("Received {signal}, shutting down.", signal=name)
+        self.stop()
+
 
 def install() -> None:
     installReactor(RelayReactor())

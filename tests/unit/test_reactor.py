@@ -56,3 +56,22 @@ def test_an_error_in_one_handler_is_logged_and_the_others_run():
     assert broken.reads == 1 and fine.reads == 1
     failures = [e["log_failure"] for e in events if "log_failure" in e]
     assert [f.type for f in failures] == [RuntimeError]
+
+
+def test_a_second_stop_signal_while_stopping_is_no_error():
+    import signal
+
+    reactor = RelayReactor()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor.callWhenRunning(reactor.sigTerm, signal.SIGTERM)
+        reactor.callWhenRunning(reactor.sigTerm, signal.SIGTERM)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        reactor._poller.close()
+    texts = [e.get("log_format", "") for e in events if e.get("signal") == "SIGTERM"]
+    assert texts == ["Received {signal}, shutting down.",
+                     "Received {signal} while already stopping"]
+    assert not [e for e in events if "log_failure" in e]
