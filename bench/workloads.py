@@ -11,7 +11,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import selectors
-import socket
 import time
 import traceback
 
