@@ -10,7 +10,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # ``allow = any`` in a configuration file.
 EVERYWHERE: tuple[Network, ...] = (ipaddress.ip_network("0.0.0.0/0"),
                                    ipaddress.ip_network("::/0"))
-LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),
+# Who may read /metrics unless told otherwise.
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"),
                                  ipaddress.ip_network("::1/128"))
 
 
@@ -28,16 +29,19 @@ def address_in(address: str, networks: Iterable[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
-def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
-    """Addresses or CIDR networks; ``any`` means every address. ``ValueError`` names the
-    first item that is neither."""
+def parse_networks(items: Iterable[str], *, allow_any: bool = True) -> tuple[Network, ...]:
+    """Addresses or CIDR networks; ``any`` means every address, where ``allow_any`` (not
+    for trusted proxies: trusting everyone's X-Forwarded-For must be spelled out).
+    ``ValueError`` names the first item that is not accepted."""
     result: list[Network] = []
     for item in items:
-        if item.lower() == "any":
+        if allow_any and item.lower() == "any":
             result.extend(EVERYWHERE)
             continue
         try:
             result.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ValueError(f"{item!r} is not an address, CIDR network or 'any'") from None
+            what = "an address, CIDR network or 'any'" if allow_any else (
+                "an address or CIDR network")
+            raise ValueError(f"{item!r} is not {what}") from None
     return tuple(result)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cpvm.addresses import Network, parse_networks
+from cpvm.addresses import LOOPBACK, Network, parse_networks
 from cpvm.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
@@ -83,10 +83,18 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``/metrics``: served at all, and to which client addresses."""
+    """``/metrics``: served at all, and to which client addresses (both daemons)."""
 
     enabled: bool
     allow: tuple[Network, ...]
+
+
+def read_metrics(r: IniReader) -> MetricsConfig:
+    """The ``[metrics]`` section, the same in cpvm.conf and manager.conf."""
+    return MetricsConfig(
+        enabled=r.boolean("metrics", "enabled", True),
+        allow=_networks(r, "metrics", "allow", allow_any=True) or LOOPBACK,
+    )
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         level=r.choice("log", "level", "info", ("debug", "info", "warn", "error")),
         audit_file=r.path("log", "audit_file", None),
     )
-    metrics = MetricsConfig(
-        enabled=r.boolean("metrics", "enabled", True),
-        allow=_networks(r, "metrics", "allow", ("127.0.0.1", "::1")),
-    )
+    metrics = read_metrics(r)
     if server.workers > 1 and server.port == 0:
         raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
     r.check_unknown()
@@ -203,10 +208,10 @@ def _check_address(r: IniReader, section: str, key: str, value: str) -> None:
         raise r.error(section, key, f"expected an IP address, got {value!r}") from None
 
 
-def _networks(r: IniReader, section: str, key: str,
-              default: tuple[str, ...] = ()) -> tuple[Network, ...]:
+def _networks(r: IniReader, section: str, key: str, *,
+              allow_any: bool = False) -> tuple[Network, ...]:
     try:
-        return parse_networks(r.string_list(section, key, default))
+        return parse_networks(r.string_list(section, key, ()), allow_any=allow_any)
     except ValueError as e:
         raise r.error(section, key, str(e)) from None
 

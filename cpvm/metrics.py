@@ -30,12 +30,9 @@ SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 def create_shared_directory() -> str:
     """The first of several processes: a fresh, private directory for every process's
-    values (systemd's RuntimeDirectory when there is one), named to the workers through
-    the environment they inherit."""
+    values (systemd's RuntimeDirectory when there is one)."""
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
-    path = tempfile.mkdtemp(prefix="cpvm-metrics-", dir=runtime)
-    os.environ[SHARED_DIR_ENV] = path
-    return path
+    return tempfile.mkdtemp(prefix="cpvm-metrics-", dir=runtime)
 
 
 def remove_shared_directory(path: str) -> None:
@@ -44,7 +41,8 @@ def remove_shared_directory(path: str) -> None:
 
 def use_shared_directory(path: str) -> None:
     """Keep this process's metric values in files under ``path``; before any metric is
-    created (the library chooses its value class once, at import, from the environment)."""
+    created (the library chooses its value class once, at import, from the environment).
+    Worker processes started afterwards inherit the setting through the environment."""
     os.environ[SHARED_DIR_ENV] = path
     values.ValueClass = values.MultiProcessValue()
 

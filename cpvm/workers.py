@@ -106,9 +106,8 @@ class WorkerPool(service.Service):
                 pass
 
     def _ended(self, proto: _WorkerProtocol, reason) -> None:
-        running = self._running.pop(proto.index, None)
-        if running is not None and proto.pid:
-            self._on_exit(proto.pid)
+        self._running.pop(proto.index, None)
+        self._on_exit(proto.pid)
         if not self.running:
             return
         self._restarts += 1

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpvm.addresses import LOOPBACK, parse_networks
+from cpvm.addresses import parse_networks
+from cpvm.config import MetricsConfig, read_metrics
 from cpvm.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
@@ -75,12 +76,6 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool
-    allow: tuple[IPNetwork, ...]
-
-
-@dataclass(frozen=True)
 class ManagerConfig:
     """Everything the manager needs, as read from one file."""
 
@@ -95,14 +90,8 @@ class ManagerConfig:
     metrics: MetricsConfig
 
 
-def _allowed(raw: str) -> tuple[IPNetwork, ...]:
-    return parse_networks(p for p in raw.replace(",", " ").split() if p)
-
-
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
-    return tuple(
-        ipaddress.ip_network(p, strict=False) for p in raw.replace(",", " ").split() if p
-    )
+    return parse_networks((p for p in raw.replace(",", " ").split() if p), allow_any=False)
 
 
 def _optional_int(reader: IniReader, section: str, key: str, minimum: int) -> int | None:
@@ -163,11 +152,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
     )
-    metrics = MetricsConfig(
-        enabled=reader.boolean("metrics", "enabled", True),
-        allow=reader.get("metrics", "allow", LOOPBACK, _allowed,
-                         "addresses or CIDRs, or any"),
-    )
+    metrics = read_metrics(reader)
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
         raise reader.error(

@@ -69,6 +69,8 @@ def test_credential_readable_by_others_is_refused(tmp_path):
     ("[server]\nallowed_origins = dashboard.example.com\n", "[server] allowed_origins",
      "is not an origin"),
     ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies", "CIDR"),
+    ("[server]\ntrusted_proxies = any\n", "[server] trusted_proxies",
+     "'any' is not an address or CIDR network"),
     ("[manager]\nurl = ftp://x\n", "[manager] url", "http:// or https://"),
     ("[manager]\ncredential_file = /nonexistent/key\n", "[manager] credential_file",
      "cannot read"),
