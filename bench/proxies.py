@@ -247,11 +247,11 @@ class Cpvm(Proxy):
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"
             "[log]\nlevel = warn\n")
         # Started like the systemd unit (twistd, not ``python -m twisted``): extra workers
-        # re-run this twistd command line with ``--worker i`` (cpvm/workers.py), and
+        # re-run this twistd command line with ``--worker i`` (cpvm/proxy/workers.py), and
         # ``twist``'s options (--log-format, --log-level) are not twistd's.
         proxy = Process([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                          "--nodaemon", "--pidfile=", "--reactor=cpvm",
-                         "--logger=cpvm.logs.observer", "cpvm",
+                         "--logger=cpvm.common.logs.observer", "cpvm",
                          "--config", str(conf)], d / "cpvm.log", env, REPO)
         self.processes.append(proxy)
         wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",

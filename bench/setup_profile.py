@@ -46,7 +46,7 @@ def _stacks(raw: Path) -> list[tuple[list[str], int]]:
             if " (" in f:
                 name, _, where = f.partition(" (")
                 path = where.split(":")[0]
-                # Keep cpvm's own files recognisable (cpvm/session.py vs twisted's).
+                # Keep cpvm's own files recognisable (cpvm/proxy/session.py vs twisted's).
                 if path.startswith("cpvm/"):
                     short = path
                 elif "/cpvm/" in path:

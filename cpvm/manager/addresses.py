@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Sequence
 
-from cpvm.addresses import address_in
+from cpvm.common.addresses import address_in
 from cpvm.manager.config import IPNetwork
 
 

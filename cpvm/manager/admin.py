@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence, TextIO
 
-from cpvm.inifile import ConfigError
+from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager import store
 from cpvm.manager.config import ManagerConfig, load_config

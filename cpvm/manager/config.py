@@ -1,8 +1,8 @@
 """The manager's configuration, parsed once into frozen dataclasses.
 
 Every setting is documented in ``etc/cpvm/manager.conf``. ``load_config`` reads the
-INI file with :class:`cpvm.inifile.IniReader`, refuses unknown keys and returns a
-:class:`ManagerConfig`; a bad file raises :class:`cpvm.inifile.ConfigError` naming the
+INI file with :class:`cpvm.common.inifile.IniReader`, refuses unknown keys and returns a
+:class:`ManagerConfig`; a bad file raises :class:`cpvm.common.inifile.ConfigError` naming the
 file, the ``[section] key`` and the reason.
 """
 
@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpvm.addresses import parse_networks
-from cpvm.config import MetricsConfig, read_metrics
-from cpvm.inifile import ConfigError, IniReader
+from cpvm.common.addresses import parse_networks
+from cpvm.common.sections import MetricsConfig, read_metrics
+from cpvm.common.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
 DEFAULT_DATA_DIR = "/var/lib/cpvm-manager"

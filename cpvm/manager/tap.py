@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cpvm import __version__
-from cpvm.inifile import ConfigError
+from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker

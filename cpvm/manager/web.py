@@ -30,7 +30,7 @@ from cpvm.manager.consoles import (
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
-from cpvm.metrics import MetricsPage
+from cpvm.common.metrics import MetricsPage
 
 _STATUS_TEXT = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",

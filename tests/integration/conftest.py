@@ -35,7 +35,7 @@ def cpvm_factory(manager, proxy_key, tmp_path):
         text = cpvm_config(manager.url, credential_file=proxy_key[1], **sections)
         # As the systemd unit runs it: our log observer applies [log] format and level.
         daemon = start_cpvm(text, workdir=tmp_path / f"cpvm{len(started)}",
-                            extra_args=("--logger=cpvm.logs.observer",))
+                            extra_args=("--logger=cpvm.common.logs.observer",))
         started.append(daemon)
         return daemon
 

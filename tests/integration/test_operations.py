@@ -219,7 +219,7 @@ async def test_json_logs_and_audit_file(cpvm_factory, manager, echo_server, tmp_
     assert events[1]["bytes_to_server"] >= 2000
     assert token not in audit.read_text() and token not in cpvm.log_text()
     # Started like the units, on cpvm's reactor.
-    assert "cpvm.reactor.RelayReactor" in cpvm.log_text()
+    assert "cpvm.proxy.reactor.RelayReactor" in cpvm.log_text()
 
 
 # -- graceful stop and TLS reload --------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock as MemoryReactor
 
-from cpvm.inifile import ConfigError, IniReader
+from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.manager import tap
 from cpvm.manager.config import load_config, parse_config
 

@@ -161,7 +161,7 @@ def test_users_directories_and_permissions(installed: Path) -> None:
     assert mode_owner("/etc/cpvm/manager.conf") == (0o640, "root", "cpvm-manager")
     assert mode_owner("/etc/cpvm/tls") == (0o750, "root", "cpvm")
     # Byte-code compiled by root at installation, for the service users to use.
-    assert list((PYLIB / "cpvm" / "__pycache__").glob("tap.cpython-3*.pyc"))
+    assert list((PYLIB / "cpvm" / "proxy" / "__pycache__").glob("tap.cpython-3*.pyc"))
 
 
 def test_debians_twistd_lists_the_plugins_for_the_service_user(installed: Path) -> None:
@@ -242,7 +242,7 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
         s = unit_settings(REPO / "systemd" / f"{unit}.service")
         argv = unit_command(unit, "/x.conf", REPO / "systemd")
         assert argv[:5] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile=", "--reactor=cpvm",
-                            "--logger=cpvm.logs.observer"]
+                            "--logger=cpvm.common.logs.observer"]
         assert argv[5:] == [unit, "--config", "/x.conf"]
         assert s["User"] == [unit]
         config = "/etc/cpvm/cpvm.conf" if unit == "cpvm" else "/etc/cpvm/manager.conf"

@@ -6,7 +6,7 @@ import json
 import pytest
 from twisted.logger import Logger, LogPublisher
 
-from cpvm import logs
+from cpvm.common import logs
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def _emit(fmt: str, **fields) -> str:
     out = io.StringIO()
     publisher = LogPublisher()
     publisher.addObserver(logs.make_observer(out, fmt, "info"))
-    Logger(namespace="cpvm.registry", observer=publisher).info(
+    Logger(namespace="cpvm.proxy.registry", observer=publisher).info(
         "redeeming token=abc123 for {client}", client="203.0.113.7", **fields)
     return out.getvalue()
 
@@ -31,7 +31,7 @@ def _emit(fmt: str, **fields) -> str:
 def test_text_lines_name_the_worker_when_there_are_several(settings, workers, worker, named):
     logs.configure(format="text", level="info", name="cpvm", worker=worker, workers=workers)
     line = _emit("text")
-    assert "[cpvm.registry#info" in line
+    assert "[cpvm.proxy.registry#info" in line
     assert ("worker " + str(worker or 0) in line) is named
     assert "abc123" not in line and "token=<redacted>" in line
 

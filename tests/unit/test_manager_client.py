@@ -8,10 +8,10 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from cpvm.manager_client import (
+from cpvm.proxy.manager_client import (
     ManagerClient, ManagerUnavailable, RedemptionRefused, parse_redemption,
 )
-from cpvm.outcome import Outcome
+from cpvm.common.contract import Outcome
 
 GOOD = {
     "session_id": "s-1",

@@ -8,7 +8,7 @@ import socket
 from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 
-from cpvm.reactor import RelayReactor
+from cpvm.proxy.reactor import RelayReactor
 
 
 class Reader:

@@ -25,7 +25,7 @@ from cpvm.rfb import (
     ServerInitReceived,
     StartTLS,
 )
-from cpvm.vncauth import vnc_auth_response
+from cpvm.rfb.vncauth import vnc_auth_response
 
 PASSWORD = b"hunter2!"
 CHALLENGE = bytes(range(0x10, 0x20))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cpvm.vncauth import vnc_auth_response
+from cpvm.rfb.vncauth import vnc_auth_response
 
 # The fixed key every VNC implementation uses to scramble stored passwords (the vncpasswd
 # file, TightVNC's registry value). Scrambling is the same operation as answering a

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from cpvm.websocket import client_address, origin_allowed
+from cpvm.proxy.websocket import client_address, origin_allowed
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32"))
 
@@ -44,7 +44,7 @@ def test_client_address_all_trusted_hops():
 
 
 def test_addresses_match_networks_including_ipv4_mapped_peers():
-    from cpvm.addresses import LOOPBACK, address_in, parse_networks
+    from cpvm.common.addresses import LOOPBACK, address_in, parse_networks
 
     assert address_in("127.0.0.1", LOOPBACK) and address_in("::1", LOOPBACK)
     assert address_in("::ffff:127.0.0.1", LOOPBACK)  # a dual-stack listener's peer

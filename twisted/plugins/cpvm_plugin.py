@@ -5,7 +5,7 @@ from twisted.application.service import ServiceMaker
 
 cpvm = ServiceMaker(
     "cpvm",
-    "cpvm.tap",
+    "cpvm.proxy.tap",
     "Console proxy: noVNC and WebSocket to VNC relay on one-time tokens",
     "cpvm",
 )
@@ -17,9 +17,9 @@ cpvmManager = ServiceMaker(
     "cpvm-manager",
 )
 
-# ``twistd --reactor=cpvm``: epoll without a log context per I/O event (cpvm/reactor.py).
+# ``twistd --reactor=cpvm``: epoll without a log context per I/O event (cpvm/proxy/reactor.py).
 cpvmReactor = Reactor(
     "cpvm",
-    "cpvm.reactor",
+    "cpvm.proxy.reactor",
     "epoll without a log context per I/O event (cpvm's relay path)",
 )

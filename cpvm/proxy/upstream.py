@@ -17,9 +17,11 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cpvm import fastwrite, rfb
-from cpvm.manager_client import VncTarget
-from cpvm.tls import pem_certificates
+from cpvm import rfb
+
+from cpvm.proxy import fastwrite
+from cpvm.proxy.manager_client import VncTarget
+from cpvm.common.tls import pem_certificates
 
 
 MAX_HANDSHAKE_BYTES = 256 * 1024

@@ -18,11 +18,9 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from prometheus_client.twisted import MetricsResource
-from twisted.web import resource
 
-from cpvm.addresses import Network, address_in
-from cpvm.outcome import Outcome
+from cpvm.common.addresses import Network, address_in
+from cpvm.common.contract import Outcome
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -98,28 +96,3 @@ class ProxyMetrics:
         shared = CollectorRegistry()
         MultiProcessCollector(shared, path=self.shared_directory)
         return shared
-
-
-class MetricsPage(resource.Resource):
-    """``/metrics`` for the addresses in ``allow`` (the TCP peer's: a forwarded-for header
-    proves nothing); anyone else gets the 404 of a page that does not exist. ``before`` runs
-    first, in the reactor thread; prometheus_client then formats the page in a pool thread.
-    """
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry, allow: Iterable[Network],
-                 before: Callable[[], None] = lambda: None):
-        super().__init__()
-        self._page = MetricsResource(registry=registry)
-        self._allow = tuple(allow)
-        self._before = before
-
-    def render(self, request):
-        peer = getattr(request.getClientAddress(), "host", "")
-        if not address_in(peer, self._allow):
-            request.setResponseCode(404)
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            return b"not found\n"
-        self._before()
-        return self._page.render(request)

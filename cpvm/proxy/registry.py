@@ -19,12 +19,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import __version__, rfb
-from cpvm.config import CpvmConfig
-from cpvm.manager_client import ManagerClient, ManagerUnavailable, Redemption
-from cpvm.metrics import ProxyMetrics
-from cpvm.outcome import Outcome
-from cpvm.session import ConsoleSession, SessionLimits
-from cpvm.upstream import VncClientFactory, tls_creator
+from cpvm.proxy.config import CpvmConfig
+from cpvm.proxy.manager_client import ManagerClient, ManagerUnavailable, Redemption
+from cpvm.proxy.metrics import ProxyMetrics
+from cpvm.common.contract import Outcome
+from cpvm.proxy.session import ConsoleSession, SessionLimits
+from cpvm.proxy.upstream import VncClientFactory, tls_creator
 
 audit_log = Logger(namespace="cpvm.audit")
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cpvm.addresses import LOOPBACK, Network, parse_networks
-from cpvm.inifile import ConfigError, IniReader
+from cpvm.common.addresses import Network
+from cpvm.common.inifile import ConfigError, IniReader
+from cpvm.common.sections import LogConfig, MetricsConfig, networks, read_log, read_metrics
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
 
@@ -75,29 +76,6 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
-class LogConfig:
-    format: str
-    level: str
-    audit_file: Path | None
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """``/metrics``: served at all, and to which client addresses (both daemons)."""
-
-    enabled: bool
-    allow: tuple[Network, ...]
-
-
-def read_metrics(r: IniReader) -> MetricsConfig:
-    """The ``[metrics]`` section, the same in cpvm.conf and manager.conf."""
-    return MetricsConfig(
-        enabled=r.boolean("metrics", "enabled", True),
-        allow=_networks(r, "metrics", "allow", allow_any=True) or LOOPBACK,
-    )
-
-
-@dataclass(frozen=True)
 class CpvmConfig:
     """Everything cpvm needs, as read from one file."""
 
@@ -149,7 +127,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         public_port=r.port("server", "public_port", port),
         public_address=public_address,
         allowed_origins=tuple(o.rstrip("/").lower() for o in origins),
-        trusted_proxies=_networks(r, "server", "trusted_proxies"),
+        trusted_proxies=networks(r, "server", "trusted_proxies"),
         workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
@@ -188,11 +166,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         shared=r.boolean("session", "shared", True),
     )
 
-    log = LogConfig(
-        format=r.choice("log", "format", "text", ("text", "json")),
-        level=r.choice("log", "level", "info", ("debug", "info", "warn", "error")),
-        audit_file=r.path("log", "audit_file", None),
-    )
+    log = read_log(r)
     metrics = read_metrics(r)
     if server.workers > 1 and server.port == 0:
         raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
@@ -206,14 +180,6 @@ def _check_address(r: IniReader, section: str, key: str, value: str) -> None:
         ipaddress.ip_address(value)
     except ValueError:
         raise r.error(section, key, f"expected an IP address, got {value!r}") from None
-
-
-def _networks(r: IniReader, section: str, key: str, *,
-              allow_any: bool = False) -> tuple[Network, ...]:
-    try:
-        return parse_networks(r.string_list(section, key, ()), allow_any=allow_any)
-    except ValueError as e:
-        raise r.error(section, key, str(e)) from None
 
 
 __all__ = ["ConfigError", "CpvmConfig", "load_config", "parse_config"]

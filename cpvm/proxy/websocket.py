@@ -16,12 +16,12 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from cpvm import fastwrite
-from cpvm.addresses import address_in
-from cpvm.outcome import Outcome
+from cpvm.proxy import fastwrite
+from cpvm.common.addresses import address_in
+from cpvm.common.contract import Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpvm.registry import ConsoleSessions
+    from cpvm.proxy.registry import ConsoleSessions
 
 WEBSOCKET_PATH = "/websockify"
 _HEADER16 = struct.Struct("!BBH")

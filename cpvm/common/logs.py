@@ -1,7 +1,7 @@
 """Log output of the daemons: text or JSON lines, level filtering, redaction, audit file.
 
 twistd builds the application (``makeService``) before it starts logging, so
-``makeService`` calls ``configure()`` and twistd's ``--logger=cpvm.logs.observer``
+``makeService`` calls ``configure()`` and twistd's ``--logger=cpvm.common.logs.observer``
 then gets an observer built from the configuration.
 
 Redaction is a last line of defence: our own code never logs a token, password or

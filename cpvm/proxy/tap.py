@@ -12,16 +12,19 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cpvm import __version__, logs
-from cpvm import metrics as metrics_module
-from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
-from cpvm.manager_client import ManagerClient
-from cpvm.metrics import MetricsPage, ProxyMetrics
-from cpvm.registry import ConsoleSessions, Heartbeat
-from cpvm.tls import ReloadableServerTLS, manager_tls_policy
-from cpvm.web import ConsoleSite, build_root
-from cpvm.websocket import ConsoleWebSocketFactory
-from cpvm.workers import ReusePortEndpoint, WorkerPool
+from cpvm import __version__
+
+from cpvm.common import logs
+from cpvm.proxy import metrics as metrics_module
+from cpvm.proxy.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
+from cpvm.proxy.manager_client import ManagerClient
+from cpvm.common.metrics import MetricsPage
+from cpvm.proxy.metrics import ProxyMetrics
+from cpvm.proxy.registry import ConsoleSessions, Heartbeat
+from cpvm.common.tls import ReloadableServerTLS, manager_tls_policy
+from cpvm.proxy.web import ConsoleSite, build_root
+from cpvm.proxy.websocket import ConsoleWebSocketFactory
+from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
 
 log = Logger()
 

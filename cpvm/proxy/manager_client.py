@@ -24,7 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cpvm.outcome import REDEMPTION_ERRORS, Outcome
+from cpvm.common.contract import REDEMPTION_ERRORS, Outcome
 
 MAX_ANSWER = 256 * 1024
 VNC_TLS_MODES = ("none", "x509", "anonymous")

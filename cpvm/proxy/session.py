@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import rfb
-from cpvm.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
-from cpvm.outcome import UPSTREAM_FAILURES, Outcome
+from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
+from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024

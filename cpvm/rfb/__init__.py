@@ -1,0 +1,44 @@
+"""RFB (VNC) protocol logic as sans-IO state machines.
+
+cpvm sits between a browser (noVNC) and a hypervisor's VNC server. It performs the RFB
+handshake on both sides itself, so that the VNC password and any TLS towards the hypervisor
+stay inside cpvm, and then relays the message streams unchanged:
+
+- :class:`RfbClientHandshake` talks to the real VNC server (QEMU, TigerVNC) as a client.
+- :class:`RfbServerHandshake` talks to the browser as a server offering security type None.
+- :class:`ClientInputScanner` watches the browser's messages after the handshake to tell user
+  input (keys, pointer, clipboard) from automatic traffic, for idle timeouts.
+
+The machines do no I/O: they are fed the bytes that arrived and return events telling the
+caller what to send or do. Bytes may arrive in any chunking, down to one byte at a time.
+Nothing here imports Twisted; the protocols in other modules are thin adapters.
+
+Modules: ``events`` (constants, events, ServerInit), ``machine`` (what both handshakes
+share), ``client`` (towards the VNC server), ``server`` (towards the browser),
+``scanner`` (the browser's messages after the handshake), ``vncauth`` (the DES response).
+"""
+
+from __future__ import annotations
+
+from cpvm.rfb.events import ClientInitReceived, ClientVersionReceived, Event, Failed, FailureKind, MAX_NAME_LENGTH, MAX_REASON_LENGTH, SecurityComplete, Send, ServerInit, ServerInitReceived, StartTLS
+from cpvm.rfb.client import RfbClientHandshake
+from cpvm.rfb.server import RfbServerHandshake
+from cpvm.rfb.scanner import ClientInputScanner
+
+__all__ = [
+    "ClientInitReceived",
+    "ClientInputScanner",
+    "ClientVersionReceived",
+    "Event",
+    "Failed",
+    "FailureKind",
+    "MAX_NAME_LENGTH",
+    "MAX_REASON_LENGTH",
+    "RfbClientHandshake",
+    "RfbServerHandshake",
+    "SecurityComplete",
+    "Send",
+    "ServerInit",
+    "ServerInitReceived",
+    "StartTLS",
+]
