@@ -64,11 +64,11 @@ def place(path: Path, data: bytes, group: str, mode: int = 0o640) -> None:
     os.chmod(path, mode)
 
 
-def metadata(path: Path) -> tuple[str, int, int, int]:
+def metadata(path: Path) -> tuple[str, str, int, int]:
     """(type, mode, uid, gid) of ``path`` itself (a link is not followed)."""
     st = os.lstat(path)
     kind = "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file"
-    return kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    return kind, f"{stat.S_IMODE(st.st_mode):04o}", st.st_uid, st.st_gid
 
 
 @contextlib.contextmanager
@@ -164,8 +164,8 @@ def new_layout(installed: Path, pki) -> Iterator[Placed]:
 def test_installation_gives_each_daemon_its_tls_directory(installed: Path) -> None:
     cpvm_gid = grp.getgrnam("cpvm").gr_gid
     manager_gid = grp.getgrnam("cpvm-manager").gr_gid
-    assert metadata(PROXY_TLS) == ("dir", 0o750, 0, cpvm_gid)
-    assert metadata(MANAGER_TLS) == ("dir", 0o750, 0, manager_gid)
+    assert metadata(PROXY_TLS) == ("dir", "0750", 0, cpvm_gid)
+    assert metadata(MANAGER_TLS) == ("dir", "0750", 0, manager_gid)
     assert not os.path.lexists(LEGACY_TLS)
 
 
@@ -193,8 +193,9 @@ def legacy_layout(installed: Path, pki) -> Iterator[Placed]:
     as its operator fixed them after the old postinst (the directory 0751 so the manager
     can pass, the manager's certificate 0644, its key a link to a certbot-like tree)."""
     proxy, manager = pki
-    PROXY_TLS.rmdir()
-    MANAGER_TLS.rmdir()
+    for path in (PROXY_TLS, MANAGER_TLS, LEGACY_TLS):  # empty ones only: rmdir
+        if path.exists():
+            path.rmdir()
     LEGACY_TLS.mkdir()
     os.chown(LEGACY_TLS, 0, grp.getgrnam("cpvm").gr_gid)
     os.chmod(LEGACY_TLS, 0o751)
@@ -234,8 +235,8 @@ def test_upgrade_leaves_the_old_tls_directory_as_the_operator_set_it(
     manager_config = manager_conf(LEGACY_TLS / "manager.key", LEGACY_TLS / "manager.crt")
     both_serve_tls(placed, cpvm_conf(), manager_config)
     # The new directories are there for the operator to move to.
-    assert metadata(PROXY_TLS) == ("dir", 0o750, 0, grp.getgrnam("cpvm").gr_gid)
-    assert metadata(MANAGER_TLS) == ("dir", 0o750, 0, grp.getgrnam("cpvm-manager").gr_gid)
+    assert metadata(PROXY_TLS) == ("dir", "0750", 0, grp.getgrnam("cpvm").gr_gid)
+    assert metadata(MANAGER_TLS) == ("dir", "0750", 0, grp.getgrnam("cpvm-manager").gr_gid)
 
 
 def test_units_hide_the_other_daemons_secrets(installed: Path, new_layout: Placed) -> None:
