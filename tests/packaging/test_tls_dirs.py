@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import pwd
 import shutil
 import ssl
 import stat
@@ -161,6 +162,32 @@ def new_layout(installed: Path, pki) -> Iterator[Placed]:
                 (MANAGER_TLS / name).unlink(missing_ok=True)
 
 
+@pytest.fixture
+def linked_proxy_key(installed: Path) -> Iterator[list[Path]]:
+    """``/etc/cpvm/proxy.key`` as a link to a file elsewhere that its operator made cpvm's
+    own, 0400 (0.1.0's postinst made it root:cpvm 0640 through the link); yields both.
+    An existing proxy.key is set aside and put back."""
+    key = Path("/etc/cpvm/proxy.key")
+    saved = key.with_name("proxy.key.test-saved")
+    if os.path.lexists(key):
+        key.rename(saved)
+    top = Path(tempfile.mkdtemp(prefix="cpvm-test-secrets-", dir="/etc"))
+    try:
+        os.chmod(top, 0o755)
+        target = top / "proxy.key"
+        target.write_text("cpvmk_00000000.not-a-real-key\n")
+        cpvm = pwd.getpwnam("cpvm")
+        os.chown(target, cpvm.pw_uid, cpvm.pw_gid)
+        os.chmod(target, 0o400)
+        key.symlink_to(target)
+        yield [key, target]
+    finally:
+        key.unlink(missing_ok=True)
+        if os.path.lexists(saved):
+            saved.rename(key)
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def test_installation_gives_each_daemon_its_tls_directory(installed: Path) -> None:
     cpvm_gid = grp.getgrnam("cpvm").gr_gid
     manager_gid = grp.getgrnam("cpvm-manager").gr_gid
@@ -169,8 +196,10 @@ def test_installation_gives_each_daemon_its_tls_directory(installed: Path) -> No
     assert not os.path.lexists(LEGACY_TLS)
 
 
-def test_each_daemon_keeps_its_tls_through_an_upgrade(installed: Path, new_layout: Placed):
+def test_each_daemon_keeps_its_tls_through_an_upgrade(installed: Path, new_layout: Placed,
+                                                      linked_proxy_key: list[Path]) -> None:
     placed = new_layout
+    placed.watched += linked_proxy_key
     cpvm_config = cpvm_conf(f"certificate = {PROXY_TLS}/cert.pem",
                             f"private_key = {PROXY_TLS}/key.pem")
     manager_config = manager_conf(MANAGER_TLS / "key.pem", MANAGER_TLS / "cert.pem")
@@ -182,7 +211,7 @@ def test_each_daemon_keeps_its_tls_through_an_upgrade(installed: Path, new_layou
     assert {p: metadata(p) for p in placed.watched} == before
     assert_each_key_readable_by_its_daemon_only(placed)
     both_serve_tls(placed, cpvm_config, manager_config)
-    # The unit's defaults find the proxy's pair in its directory.
+    # cpvm's default certificate and private_key are the pair in its directory.
     with installed_daemon("cpvm", cpvm_conf()) as port:
         assert https_healthz(port, placed.proxy_ca) == 200
 
@@ -221,8 +250,9 @@ def legacy_layout(installed: Path, pki) -> Iterator[Placed]:
 
 
 def test_upgrade_leaves_the_old_tls_directory_as_the_operator_set_it(
-        installed: Path, legacy_layout: Placed) -> None:
+        installed: Path, legacy_layout: Placed, linked_proxy_key: list[Path]) -> None:
     placed = legacy_layout
+    placed.watched += linked_proxy_key
     before = {p: metadata(p) for p in placed.watched}
 
     result = reinstall(installed)
