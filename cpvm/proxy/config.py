@@ -6,6 +6,7 @@ Every setting, its default and its meaning is documented in ``etc/cpvm/cpvm.conf
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, networks, read_log, read_metrics
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
+# The proxy's own TLS directory (the package makes it root:cpvm 0750; docs/operations.md).
+TLS_DIR = "/etc/cpvm/proxy-tls"
+# The 0.1.0 package's directory, shared with the manager's key: upgrades leave it alone.
+LEGACY_TLS_DIR = "/etc/cpvm/tls"
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -97,9 +102,10 @@ def load_config(path: str | None) -> CpvmConfig:
 def parse_config(r: IniReader) -> CpvmConfig:
     tls = r.boolean("server", "tls", False)
     port = r.port("server", "port", 8443 if tls else 8080)
-    certificate = r.path("server", "certificate", "/etc/cpvm/tls/cert.pem" if tls else None,
+    tls_dir = default_tls_dir()
+    certificate = r.path("server", "certificate", f"{tls_dir}/cert.pem" if tls else None,
                          must_exist=tls)
-    private_key = r.path("server", "private_key", "/etc/cpvm/tls/key.pem" if tls else None,
+    private_key = r.path("server", "private_key", f"{tls_dir}/key.pem" if tls else None,
                          must_exist=tls)
     chain = r.path("server", "chain", None, must_exist=True)
     bind = r.string("server", "bind", "0.0.0.0")
@@ -173,6 +179,15 @@ def parse_config(r: IniReader) -> CpvmConfig:
     r.check_unknown()
     return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
                       session=session, log=log, metrics=metrics)
+
+
+def default_tls_dir() -> str:
+    """Where ``certificate``/``private_key`` default to: ``TLS_DIR``, or ``LEGACY_TLS_DIR``
+    when only that holds a ``cert.pem``, so a 0.1.0 configuration relying on the default
+    keeps working after the upgrade."""
+    if not os.path.exists(f"{TLS_DIR}/cert.pem") and os.path.exists(f"{LEGACY_TLS_DIR}/cert.pem"):
+        return LEGACY_TLS_DIR
+    return TLS_DIR
 
 
 def _check_address(r: IniReader, section: str, key: str, value: str) -> None:

@@ -5,7 +5,9 @@ file (``/lib/systemd/system/<unit>.service``) and starts its ``ExecStart=`` comm
 the unit's ``User=`` (``setpriv``, which like systemd's ``User=`` goes through no PAM
 session), with the unit's ``UMask=`` and ``LimitNOFILE=``, ``/`` as working directory and
 systemd's environment for a service user. Only the ``--config`` argument is replaced, by a
-file holding the given text. Part of the sandbox is reproduced (``sandboxed_command``).
+file holding the given text. Part of the sandbox is reproduced (``sandboxed_command``: the
+read-only OS, the unit's writable directories, ``InaccessiblePaths=``, ``ProcSubset=pid``,
+``ProtectProc=invisible``, ``NoNewPrivileges=``).
 
 Not ``runuser``: its PAM session (``pam_limits``) lowers the soft open-files limit back to
 1024, so the daemon would not run with the unit's ``LimitNOFILE=``.
@@ -170,18 +172,33 @@ def as_user(user: pwd.struct_passwd) -> list[str]:
 
 
 # Runs as root in a new mount namespace, then execs the command ("$@" after the "--").
+# Arguments before it: "rw:PATH" (StateDirectory= and the like: writable), "hide:PATH"
+# (InaccessiblePaths=: a mode 0000 empty directory or file mounted over it, as systemd does;
+# a missing path is skipped, as with systemd's "-" prefix).
 _SANDBOX_SCRIPT = r"""
 set -eu
-writable=""
-while [ "$1" != -- ]; do writable="$writable $1"; shift; done
+writable="" hidden=""
+while [ "$1" != -- ]; do
+    case "$1" in rw:*) writable="$writable ${1#rw:}" ;; hide:*) hidden="$hidden ${1#hide:}" ;; esac
+    shift
+done
 shift
 mount --make-rprivate /
 mount -t proc -o subset=pid,hidepid=invisible proc /proc
 for dir in $writable; do mkdir -p "$dir"; done
+# The 0000 nodes, on a tmpfs only this namespace sees (/dev/shm stays writable, for rmdir).
+nodes=$(mktemp -d /dev/shm/cpvm-sandbox.XXXXXX)
+mount -t tmpfs -o mode=0755,size=16k tmpfs "$nodes"
+mkdir -m 0 "$nodes/dir"; : > "$nodes/file"; chmod 0 "$nodes/file"
 for dir in / /usr /etc /var /boot; do
     if [ -d "$dir" ]; then mount --bind "$dir" "$dir" && mount -o remount,bind,ro "$dir"; fi
 done
 for dir in $writable; do mount --bind "$dir" "$dir" && mount -o remount,bind,rw "$dir"; done
+for path in $hidden; do
+    if [ -d "$path" ]; then mount --bind "$nodes/dir" "$path"
+    elif [ -e "$path" ]; then mount --bind "$nodes/file" "$path"; fi
+done
+umount -l "$nodes" && rmdir "$nodes"
 exec setpriv --no-new-privs "$@"
 """
 
@@ -192,8 +209,9 @@ def sandboxed_command(argv: list[str], settings: dict[str, list[str]]) -> list[s
     writable += [f"/var/log/{d}" for v in settings.get("LogsDirectory", []) for d in v.split()]
     writable += [f"/run/{d}" for v in settings.get("RuntimeDirectory", []) for d in v.split()]
     writable += [p.lstrip("-") for v in settings.get("ReadWritePaths", []) for p in v.split()]
-    return ["unshare", "--mount", "sh", "-c", _SANDBOX_SCRIPT, "sandbox", *writable, "--",
-            *argv]
+    hidden = [p.lstrip("-") for v in settings.get("InaccessiblePaths", []) for p in v.split()]
+    return ["unshare", "--mount", "sh", "-c", _SANDBOX_SCRIPT, "sandbox",
+            *(f"rw:{p}" for p in writable), *(f"hide:{p}" for p in hidden), "--", *argv]
 
 
 def _wait_for_port(proc: subprocess.Popen, lines: list[str], timeout: float,

@@ -71,6 +71,12 @@ def install(deb: Path) -> None:
                     f"reachable?):\n{result.stdout}\n{result.stderr}", pytrace=False)
 
 
+def reinstall(deb: Path) -> subprocess.CompletedProcess:
+    """Install ``deb`` over the installed copy (``dpkg -i``: prerm upgrade, unpack, postinst
+    configure with the old version), as an upgrade does; its output, for postinst's notes."""
+    return run(["dpkg", "-i", str(deb)], env=APT_ENV, timeout=300)
+
+
 def purge() -> subprocess.CompletedProcess:
     """``apt-get purge cpvm``."""
     return run(["apt-get", "purge", "-y", "cpvm"], env=APT_ENV)

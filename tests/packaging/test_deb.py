@@ -14,7 +14,9 @@ import grp
 import os
 import pwd
 import re
+import shutil
 import stat
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -159,7 +161,9 @@ def test_users_directories_and_permissions(installed: Path) -> None:
     assert mode_owner("/var/log/cpvm") == (0o750, "cpvm", "cpvm")
     assert mode_owner("/etc/cpvm/cpvm.conf") == (0o640, "root", "cpvm")
     assert mode_owner("/etc/cpvm/manager.conf") == (0o640, "root", "cpvm-manager")
-    assert mode_owner("/etc/cpvm/tls") == (0o750, "root", "cpvm")
+    # One TLS directory per daemon (tests/packaging/test_tls_dirs.py upgrades over them).
+    assert mode_owner("/etc/cpvm/proxy-tls") == (0o750, "root", "cpvm")
+    assert mode_owner("/etc/cpvm/manager-tls") == (0o750, "root", "cpvm-manager")
     # Byte-code compiled by root at installation, for the service users to use.
     assert list((PYLIB / "cpvm" / "proxy" / "__pycache__").glob("tap.cpython-3*.pyc"))
 
@@ -322,7 +326,18 @@ def test_memory_deny_write_execute_breaks_tls(installed: Path) -> None:
 @pytest.mark.purges_package
 def test_purge_leaves_nothing(installed: Path) -> None:
     uids = {str(pwd.getpwnam(user).pw_uid) for user in USERS}
-    purge()
+    # A certbot-style link in /etc/cpvm: the purge removes the link, never its target.
+    target_dir = Path(tempfile.mkdtemp(prefix="cpvm-test-letsencrypt-", dir="/etc"))
+    target = target_dir / "privkey1.pem"
+    target.write_text("not a real key\n")
+    target.chmod(0o600)
+    Path("/etc/cpvm/manager-tls/key.pem").symlink_to(target)
+    try:
+        purge()
+        assert target.read_text() == "not a real key\n"
+        assert (stat.S_IMODE(target.stat().st_mode), target.stat().st_uid) == (0o600, 0)
+    finally:
+        shutil.rmtree(target_dir)
     assert package_state() == "not-installed"
     leftovers = [p for p in (
         "/etc/cpvm", "/var/lib/cpvm-manager", "/var/log/cpvm",

@@ -10,7 +10,7 @@ Then the same with ``[server] workers = 2`` over TLS, as the unit runs it (every
 under the unit's limits, both reloaded by its ExecReload, both stopped by its KillSignal).
 Last, none of the daemons' logs holds a secret. ``test_purge_leaves_nothing`` (in
 ``test_deb.py``) runs after this module and checks that the purge removes what it left:
-``/etc/cpvm/proxy.key``, ``/etc/cpvm/tls/``, the database, ``/var/log/cpvm/audit.log``.
+``/etc/cpvm/proxy.key``, ``/etc/cpvm/proxy-tls/``, the database, ``/var/log/cpvm/audit.log``.
 
 If the installed code breaks on Debian's libraries, the failure carries the daemons' log
 tails and their tracebacks (file:line) rather than a bare timeout.
@@ -61,7 +61,7 @@ pytestmark = pytest.mark.packaging
 ADMIN = "/usr/bin/cpvm-manager-admin"
 DATA_DIR = "/var/lib/cpvm-manager"  # the unit's StateDirectory: writable in its sandbox
 PROXY_KEY = Path("/etc/cpvm/proxy.key")
-TLS_DIR = Path("/etc/cpvm/tls")
+TLS_DIR = Path("/etc/cpvm/proxy-tls")
 AUDIT_FILE = Path("/var/log/cpvm/audit.log")
 VM_NAME = "installed-console-vm"
 ACCOUNT = "installed-console"
@@ -312,7 +312,7 @@ def _exec_reload(unit: str, main_pid: int) -> None:
 
 @pytest.fixture
 def proxy_tls(tmp_path: Path) -> Iterator[bytes]:
-    """A test CA's server certificate in /etc/cpvm/tls (root:cpvm 0640); yields the CA."""
+    """A test CA's server certificate in /etc/cpvm/proxy-tls (root:cpvm 0640); yields the CA."""
     pki = peers.make_test_ca(tmp_path / "pki")
     write_root_file(TLS_DIR / "cert.pem", pki.server_cert.read_bytes(), "cpvm")
     write_root_file(TLS_DIR / "key.pem", pki.server_key.read_bytes(), "cpvm")
