@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpvm.common.addresses import parse_networks
-from cpvm.common.sections import MetricsConfig, read_metrics
+from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
 from cpvm.common.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
@@ -88,6 +88,7 @@ class ManagerConfig:
     proxies: ProxyConfig
     sessions: SessionConfig
     metrics: MetricsConfig
+    log: LogConfig
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -153,6 +154,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
     )
     metrics = read_metrics(reader)
+    log = read_log(reader)
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
         raise reader.error(
@@ -168,6 +170,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         proxies=proxies,
         sessions=sessions,
         metrics=metrics,
+        log=log,
     )
 
 

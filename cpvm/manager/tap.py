@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cpvm import __version__
+from cpvm.common import logs
 from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
@@ -128,6 +129,8 @@ def makeService(options: Options, reactor: Any = None) -> ManagerService:
         reactor = global_reactor
     try:
         config = load_config(options["config"])
+        logs.configure(format=config.log.format, level=config.log.level,
+                       name="cpvm-manager", audit_file=config.log.audit_file)
         return build_manager(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"cpvm-manager: configuration error: {e}") from None
