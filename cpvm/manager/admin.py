@@ -329,7 +329,7 @@ def proxy_list(ctx: AdminContext, a: argparse.Namespace) -> None:
         policy = policies.get(p.id, ProxyPolicy())
         rows.append((p.id, p.name, status, endpoint, p.address,
                      f"{p.active_count}/{p.capacity if p.capacity is not None else '-'}",
-                     _fmt_ceiling(policy), _fmt_allowed(policy),
+                     policy.max_capacity, _fmt_allowed(policy),
                      p.version, _fmt(p.last_heartbeat)))
     _table(ctx, ("id", "name", "status", "endpoint", "address", "load", "max_capacity",
                  "allow", "version", "last_heartbeat"), rows, a.json)

@@ -63,7 +63,7 @@ async def test_stolen_key_claiming_huge_capacity_does_not_get_the_consoles(manag
     assert hosts.count("evil.example") <= 2
     assert hosts.count("cpvm.example.com") >= 18
     listed = proxies(m)["stolen"]
-    assert listed["max_capacity"] == "2" and listed["load"] == "0/2"
+    assert listed["max_capacity"] == 2 and listed["load"] == "0/2"
     clamps = [e for e in log_events if "above its key's ceiling" in e.get("log_format", "")]
     assert len(clamps) == 1 and clamps[0]["claimed"] == 10**7 and clamps[0]["ceiling"] == 2
 
@@ -143,3 +143,36 @@ async def test_heartbeat_with_a_bad_public_host_is_refused(managers):
     for host in ("::1", "192.0.2.1", "cpvm-2.example.com."):
         status, _ = await m.proxy(key, "heartbeat", beat(host))
         assert status == 200, host
+
+
+def test_keys_from_before_migration_4_keep_working_without_limits(tmp_path):
+    """An existing database (schema 3) gains the columns; its keys have no limits."""
+    from cpvm.manager import db, store
+    from cpvm.manager.config import DatabaseConfig
+    from cpvm.manager.proxy_policy import NO_LIMITS
+
+    config = DatabaseConfig("sqlite", str(tmp_path / "m.db"), None, 1)
+    conn = db.connect_sync(config)
+    try:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+                     "applied_at DOUBLE PRECISION NOT NULL)")
+        for version, statements in db.MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+        conn.execute("INSERT INTO proxies (id, name, secret_hash, created_at, capacity) "
+                     "VALUES ('abcd1234', 'old', 'h', 0, 500)")
+    finally:
+        conn.close()
+    assert 4 in db.migrate(config, 1.0)
+    conn = db.connect_sync(config)
+    try:
+        assert db.run_sync(conn, "sqlite", store.proxy_key_record, "abcd1234") == (
+            "h", NO_LIMITS)
+        policy = db.run_sync(conn, "sqlite", lambda tx: store.set_proxy_policy(
+            tx, "old", max_capacity=100))
+        assert policy.max_capacity == 100 and policy.allowed_networks is None
+        # The capacity the last heartbeat claimed is clamped at once.
+        assert db.run_sync(conn, "sqlite", store.list_proxies)[0].capacity == 100
+    finally:
+        conn.close()

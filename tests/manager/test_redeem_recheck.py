@@ -49,3 +49,16 @@ async def test_vm_moved_to_another_owner_is_refused(managers):
     m.admin("account", "disable", "root")
     status, body = await m.redeem(key, admin_token)
     assert (status, body["error"]) == (403, "account_unavailable")
+
+
+def test_every_redemption_error_is_known_to_cpvm():
+    """The contract both ways: each error the manager can answer maps to a close code."""
+    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
+    from cpvm.outcome import REDEMPTION_ERRORS, Outcome
+
+    assert set(REDEEM_MESSAGE) == set(REDEEM_STATUS) - {None}
+    for error in REDEEM_MESSAGE:
+        assert REDEMPTION_ERRORS[error].report == error
+    assert REDEMPTION_ERRORS["account_unavailable"] is Outcome.ACCOUNT_UNAVAILABLE
+    assert Outcome.ACCOUNT_UNAVAILABLE.code == 4009
+    assert REDEEM_STATUS["account_unavailable"] == 403

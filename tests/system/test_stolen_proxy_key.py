@@ -68,7 +68,7 @@ async def test_stolen_key_does_not_capture_new_consoles(system):
     real = [h for h in hosts if h["host"] == "127.0.0.1"]
     assert len(real) >= 9 and all(h["port"] == str(port) for h in real)
     listed = proxies(m)["cpvm1"]
-    assert (listed["max_capacity"], listed["allow"]) == ("100", "127.0.0.1/32")
+    assert (listed["max_capacity"], listed["allow"]) == (100, "127.0.0.1/32")
     assert listed["load"].endswith("/100")  # cpvm claims 1000, counted as 100
     assert key.split(".", 1)[1] not in m.admin("proxy", "list")
 

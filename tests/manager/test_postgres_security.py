@@ -1,4 +1,5 @@
-"""``endConsoleSession`` racing a redemption on PostgreSQL (READ COMMITTED).
+"""Security fixes on PostgreSQL: ``endConsoleSession`` racing a redemption (READ
+COMMITTED), and the proxy key limits of migration 4.
 
 The manager reads the session (not yet redeemed), then writes its end; a redemption that
 commits in between must not be overwritten: the live session is asked to terminate
@@ -18,6 +19,7 @@ from twisted.internet.task import deferLater
 from cpvm.manager import store
 from cpvm.manager.db import Tx
 from tests.manager.test_postgres import _pg_sections
+from tests.manager.test_proxy_keys import OUTSIDER, beat, proxies, proxy_from
 
 
 def _waiting_on_a_lock(dsn: str, database: str) -> int:
@@ -69,3 +71,22 @@ async def test_end_request_racing_a_redemption_terminates_the_live_session(
     # The proxy that redeemed it is told to end it.
     answer = await m.heartbeat(key, active=[session_id])
     assert answer["terminate"] == [session_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_key_limits_on_postgresql(managers, postgres, tmp_path):
+    """Migration 4 on PostgreSQL: the limits are stored, listed and enforced there too."""
+    _, sections = _pg_sections(postgres, tmp_path / "kek")
+    m = await managers("a", sections)
+    key = m.admin("proxy-key", "create", "--name", "p1", "--max-capacity", "3",
+                  "--allow", "127.0.0.1/32").strip()
+    m.secrets_seen.append(key)
+    status, body = await proxy_from(m, OUTSIDER, key, "heartbeat", beat("evil.example", 10**7))
+    assert (status, body["error"]) == (403, "source_not_allowed")
+    status, _ = await proxy_from(m, "127.0.0.1", key, "heartbeat", beat(capacity=10**7))
+    assert status == 200
+    listed = proxies(m)["p1"]
+    assert (listed["max_capacity"], listed["allow"], listed["load"]) == (3, "127.0.0.1/32", "0/3")
+    m.admin("proxy-key", "update", "p1", "--max-capacity", "1", "--allow", "any")
+    listed = proxies(m)["p1"]
+    assert (listed["max_capacity"], listed["allow"], listed["load"]) == (1, "any", "0/1")
