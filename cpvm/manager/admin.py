@@ -218,6 +218,10 @@ def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
            rows, a.json)
 
 
+# The most capacity a heartbeat may claim at all (cpvm.manager.web).
+MAX_CAPACITY = 10**7
+
+
 def _max_capacity(value: str) -> int:
     try:
         number = int(value)
@@ -226,10 +230,6 @@ def _max_capacity(value: str) -> int:
     if not 0 <= number <= MAX_CAPACITY:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_CAPACITY}")
     return number
-
-
-# The most capacity a heartbeat may claim at all (cpvm.manager.web).
-MAX_CAPACITY = 10**7
 
 
 def _allow(items: Sequence[str] | None) -> Any:
@@ -304,7 +304,9 @@ def _fmt_ceiling(policy: ProxyPolicy) -> str:
 
 
 def _fmt_allowed(policy: ProxyPolicy) -> str:
-    return format_networks(policy.allowed_networks) or "any"
+    if policy.allowed_networks is None:
+        return "any"
+    return format_networks(policy.allowed_networks) or "none"
 
 
 def proxy_key_revoke(ctx: AdminContext, a: argparse.Namespace) -> None:

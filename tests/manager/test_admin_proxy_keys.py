@@ -1,4 +1,5 @@
-"""``cpvm-manager-admin proxy-key create --output``: a new 0600 file, nothing else."""
+"""``cpvm-manager-admin proxy-key``: ``create --output`` makes a new 0600 file and nothing
+else; ``create|update --max-capacity/--allow`` set the key's limits, or say why not."""
 
 from __future__ import annotations
 
@@ -78,3 +79,33 @@ def test_name_conflict_removes_the_new_file(run, tmp_path):
     status, _ = run("proxy-key", "create", "--name", "p1", "-o", str(tmp_path / "k2"))
     assert status == 1
     assert not (tmp_path / "k2").exists()
+
+
+def test_limits_set_listed_and_refused_with_reasons(run, capsys):
+    import json
+
+    assert run("proxy-key", "create", "--name", "p1", "--max-capacity", "10",
+               "--allow", "10.0.0.0/8,192.0.2.7", "2001:db8::/32")[0] == 0
+    status, out = run("proxy", "list")
+    assert status == 0 and "10.0.0.0/8 192.0.2.7/32 2001:db8::/32" in out
+    assert "max_capacity" in out.splitlines()[0] and "allow" in out.splitlines()[0]
+    status, out = run("proxy-key", "update", "p1", "--no-max-capacity")
+    assert status == 0 and "max capacity -" in out
+    (listed,) = json.loads(run("--json", "proxy", "list")[1])
+    assert listed["max_capacity"] is None and listed["allow"].startswith("10.0.0.0/8")
+    capsys.readouterr()
+    for args, reason in (
+        (["update", "p1"], "nothing to change"),
+        (["update", "p1", "--max-capacity", "3", "--no-max-capacity"], "not both"),
+        (["update", "p1", "--allow", "10.0.0.0/33"], "--allow"),
+        (["update", "p1", "--allow", "any", "10.0.0.0/8"], "cannot be combined"),
+        (["update", "nosuch", "--max-capacity", "3"], "no active proxy key"),
+        (["create", "--name", "p2", "--allow", "evil.example"], "--allow"),
+    ):
+        assert run("proxy-key", *args)[0] == 1, args
+        assert reason in capsys.readouterr().err, args
+    for bad in ("-1", "10000001", "many"):
+        with pytest.raises(SystemExit):
+            run("proxy-key", "update", "p1", "--max-capacity", bad)
+    assert run("proxy-key", "revoke", "p1")[0] == 0
+    assert run("proxy-key", "update", "p1", "--max-capacity", "3")[0] == 1
