@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from cpvm.manager import store
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
 
 NOVNC_PATH = "/resource/noVNC/vnc.html"
@@ -80,6 +81,7 @@ REDEEM_STATUS = {
     "address_mismatch": 403,
     "wrong_proxy": 403,
     "vm_unavailable": 409,
+    "account_unavailable": 403,
 }
 
 REDEEM_MESSAGE = {
@@ -90,6 +92,7 @@ REDEEM_MESSAGE = {
     "address_mismatch": "client address does not match the token's creator",
     "wrong_proxy": "the token was issued for another console proxy",
     "vm_unavailable": "the VM was removed or stopped since the token was issued",
+    "account_unavailable": "the account was disabled or no longer owns the VM",
 }
 
 
@@ -165,6 +168,8 @@ def check_redemption(
         return "address_mismatch"
     if row.vm is None or row.vm.state != "Running":
         return "vm_unavailable"
+    if not row.account_ok:
+        return "account_unavailable"
     return None
 
 
@@ -172,7 +177,7 @@ def parse_proxy_key(key: str) -> tuple[str, str] | None:
     """(proxy id, SHA-256 of the secret) of a ``cpvmk_<id>.<secret>`` key, or None.
 
     Only the syntax: whether the key is known and not revoked is decided in the database,
-    in the same transaction as the request it authorises (see :func:`proxy_key_valid`).
+    in the same transaction as the request it authorises (see :func:`admit_proxy`).
     """
     if not key.startswith("cpvmk_") or "." not in key:
         return None
@@ -182,14 +187,37 @@ def parse_proxy_key(key: str) -> tuple[str, str] | None:
     return proxy_id, sha256_hex(secret)
 
 
-def proxy_key_valid(tx: Any, parsed: tuple[str, str]) -> bool:
-    """Whether the parsed key belongs to an active proxy (constant-time hash comparison)."""
-    stored = store.proxy_secret_hash(tx, parsed[0])
-    return stored is not None and hmac.compare_digest(stored.encode(), parsed[1].encode())
+def proxy_key_policy(tx: Any, parsed: tuple[str, str]) -> ProxyPolicy | None:
+    """The limits of the active proxy the parsed key belongs to, or None when it is unknown
+    or revoked (constant-time hash comparison)."""
+    record = store.proxy_key_record(tx, parsed[0])
+    if record is None or not hmac.compare_digest(record[0].encode(), parsed[1].encode()):
+        return None
+    return record[1]
 
 
-# Returned by the ``*_with_key`` methods when the proxy key is unknown or revoked.
+class _Forbidden:
+    def __repr__(self) -> str:
+        return "FORBIDDEN"
+
+
+# Returned by the ``*_with_key`` methods when the proxy key is unknown or revoked...
 UNAUTHORIZED = None
+# ...and when the key is valid but the call comes from outside its allowed networks.
+FORBIDDEN: Any = _Forbidden()
+
+
+def admit_proxy(tx: Any, key: tuple[str, str] | None, peer: str | None) -> Any:
+    """In the request's transaction: the key's :class:`ProxyPolicy` when the call may go
+    on, else ``UNAUTHORIZED`` or ``FORBIDDEN``. No key: a trusted internal caller."""
+    if key is None:
+        return NO_LIMITS
+    policy = proxy_key_policy(tx, key)
+    if policy is None:
+        return UNAUTHORIZED
+    if not policy.admits(peer):
+        return FORBIDDEN
+    return policy
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -217,6 +245,9 @@ class ConsoleBroker:
         self._clock = clock
         self.settings = settings
         self._metrics = metrics
+        # Proxy id -> the claimed capacity last logged as clamped (one line per change,
+        # not one per heartbeat).
+        self._clamped: dict[str, int] = {}
 
     def _extra_hash(self, extra: str | None) -> str:
         return self._box.keyed_hash(extra) if extra else ""
@@ -329,31 +360,45 @@ class ConsoleBroker:
     # Proxy API ------------------------------------------------------------------------
 
     @inlineCallbacks
-    def authenticate_proxy(self, key: str):
-        """The proxy id for a ``cpvmk_<id>.<secret>`` key, or None."""
+    def authenticate_proxy(self, key: str, peer: str | None = None):
+        """The proxy id for a ``cpvmk_<id>.<secret>`` key used from TCP peer ``peer``, or
+        ``UNAUTHORIZED`` (None), or ``FORBIDDEN``."""
         parsed = parse_proxy_key(key)
         if parsed is None:
-            return None
-        valid = yield self._db.run(proxy_key_valid, parsed)
-        return parsed[0] if valid else None
+            return UNAUTHORIZED
+        admitted = yield self._db.run(admit_proxy, parsed, peer)
+        if isinstance(admitted, ProxyPolicy):
+            return parsed[0]
+        return self._refused(admitted, parsed[0], peer)
+
+    def _refused(self, admitted: Any, proxy_id: str, peer: str | None) -> Any:
+        """Pass on a refusal of :func:`admit_proxy` (``UNAUTHORIZED`` or ``FORBIDDEN``),
+        logging a ``FORBIDDEN`` (the key id, never its secret)."""
+        if admitted is FORBIDDEN:
+            self._log.warn(
+                "proxy key {proxy} refused: call from {client_address}, outside the key's "
+                "allowed networks", proxy=proxy_id, client_address=peer)
+        return admitted
 
     def redeem(self, proxy_id: str, token: str, extra: str | None, client_address: str):
         """One atomic check-and-mark of a token; fires with a :class:`Redemption`."""
         return self._redeem(proxy_id, None, token, extra, client_address)
 
     def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str,
-                        worker: int = 0):
-        """:meth:`redeem` for the proxy holding ``key``, checked in the same transaction
-        (one database round trip instead of two); fires with ``UNAUTHORIZED`` (None) when
-        the key is unknown or revoked, and then nothing was read or written."""
+                        worker: int = 0, peer: str | None = None):
+        """:meth:`redeem` for the proxy holding ``key``, called from TCP peer ``peer``,
+        checked in the same transaction (one database round trip instead of two); fires
+        with ``UNAUTHORIZED`` (None) when the key is unknown or revoked, ``FORBIDDEN`` when
+        ``peer`` is outside its allowed networks, and then nothing was read or written."""
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._redeem(parsed[0], parsed, token, extra, client_address, worker)
+        return self._redeem(parsed[0], parsed, token, extra, client_address, worker, peer)
 
     @inlineCallbacks
     def _redeem(self, proxy_id: str, key: tuple[str, str] | None, token: str,
-                extra: str | None, client_address: str, worker: int = 0):
+                extra: str | None, client_address: str, worker: int = 0,
+                peer: str | None = None):
         started = self._clock.seconds()
         now = started
         token_hash = sha256_hex(token)
@@ -362,8 +407,9 @@ class ConsoleBroker:
         settings = self.settings
 
         def txn(tx):
-            if key is not None and not proxy_key_valid(tx, key):
-                return UNAUTHORIZED
+            admitted = admit_proxy(tx, key, peer)
+            if not isinstance(admitted, ProxyPolicy):
+                return admitted
             row = store.token_row(tx, token_hash)
             error = check_redemption(
                 row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address,
@@ -380,8 +426,8 @@ class ConsoleBroker:
         # Not waiting for the disk saves ~0.4 ms per console set-up; a power cut can
         # forget the redemption, so the next start voids pending tokens (recover_sqlite).
         result = yield self._db.run(txn, durable=False)
-        if result is UNAUTHORIZED:
-            return UNAUTHORIZED
+        if not isinstance(result, tuple):
+            return self._refused(result, proxy_id, peer)
         error, row = result
         outcome = error or "ok"
         self._metrics.redemptions.labels(outcome).inc()
@@ -422,16 +468,17 @@ class ConsoleBroker:
     def heartbeat(self, proxy_id: str, beat: dict[str, Any]):
         return self._heartbeat(proxy_id, None, beat)
 
-    def heartbeat_with_key(self, key: str, beat: dict[str, Any]):
-        """:meth:`heartbeat` authorised by ``key`` in the same transaction, or
-        ``UNAUTHORIZED``."""
+    def heartbeat_with_key(self, key: str, beat: dict[str, Any], peer: str | None = None):
+        """:meth:`heartbeat` authorised by ``key`` (from TCP peer ``peer``) in the same
+        transaction, or ``UNAUTHORIZED`` / ``FORBIDDEN``."""
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._heartbeat(parsed[0], parsed, beat)
+        return self._heartbeat(parsed[0], parsed, beat, peer)
 
     @inlineCallbacks
-    def _heartbeat(self, proxy_id: str, key: tuple[str, str] | None, beat: dict[str, Any]):
+    def _heartbeat(self, proxy_id: str, key: tuple[str, str] | None, beat: dict[str, Any],
+                   peer: str | None = None):
         now = self._clock.seconds()
 
         ended = beat.get("ended") or []
@@ -440,20 +487,26 @@ class ConsoleBroker:
         grace = self.settings.proxy_timeout
 
         def txn(tx):
-            if key is not None and not proxy_key_valid(tx, key):
-                return UNAUTHORIZED, [], []
+            admitted = admit_proxy(tx, key, peer)
+            if not isinstance(admitted, ProxyPolicy):
+                return admitted
             # End reports first, so a session ended in this beat is not asked to terminate.
             records = [(store.end_session(tx, sid, proxy_id, report, now), report)
                        for sid, report in ended]
             lost = ([] if active is None else
                     store.reconcile(tx, proxy_id, worker, active, now - grace, now))
-            return store.heartbeat(tx, proxy_id, beat, now), records, lost
+            # Never more than the administrator's ceiling, whatever the key's holder claims.
+            granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
+            return (store.heartbeat(tx, proxy_id, granted, now), records, lost,
+                    admitted.max_capacity)
 
         # A bare heartbeat is repeated every interval: it need not survive a power loss;
         # end reports must.
-        terminate, records, lost = yield self._db.run(txn, durable=bool(ended))
-        if terminate is UNAUTHORIZED:
-            return UNAUTHORIZED
+        result = yield self._db.run(txn, durable=bool(ended))
+        if not isinstance(result, tuple):
+            return self._refused(result, proxy_id, peer)
+        terminate, records, lost, ceiling = result
+        self._note_clamp(proxy_id, beat["capacity"], ceiling)
         for record, report in records:
             if record is not None:
                 self._ended(record, report)
@@ -465,31 +518,45 @@ class ConsoleBroker:
         """Record a session end; False when the session is unknown to this proxy."""
         return self._report_end(proxy_id, None, session_id, report)
 
-    def report_end_with_key(self, key: str, session_id: str, report: dict[str, Any]):
-        """:meth:`report_end` authorised by ``key`` in the same transaction, or
-        ``UNAUTHORIZED``."""
+    def report_end_with_key(self, key: str, session_id: str, report: dict[str, Any],
+                            peer: str | None = None):
+        """:meth:`report_end` authorised by ``key`` (from TCP peer ``peer``) in the same
+        transaction, or ``UNAUTHORIZED`` / ``FORBIDDEN``."""
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._report_end(parsed[0], parsed, session_id, report)
+        return self._report_end(parsed[0], parsed, session_id, report, peer)
 
     @inlineCallbacks
     def _report_end(self, proxy_id: str, key: tuple[str, str] | None, session_id: str,
-                    report: dict[str, Any]):
+                    report: dict[str, Any], peer: str | None = None):
         now = self._clock.seconds()
 
         def txn(tx):
-            if key is not None and not proxy_key_valid(tx, key):
-                return UNAUTHORIZED, None
+            admitted = admit_proxy(tx, key, peer)
+            if not isinstance(admitted, ProxyPolicy):
+                return admitted
             return True, store.end_session(tx, session_id, proxy_id, report, now)
 
-        authorized, record = yield self._db.run(txn)
-        if authorized is UNAUTHORIZED:
-            return UNAUTHORIZED
+        result = yield self._db.run(txn)
+        if not isinstance(result, tuple):
+            return self._refused(result, proxy_id, peer)
+        _, record = result
         if record is None:
             return False
         self._ended(record, report)
         return True
+
+    def _note_clamp(self, proxy_id: str, claimed: int, ceiling: int | None) -> None:
+        """Log, once per change, that a heartbeat claimed more than the key's ceiling."""
+        if ceiling is None or claimed <= ceiling:
+            self._clamped.pop(proxy_id, None)
+            return
+        if self._clamped.get(proxy_id) != claimed:
+            self._clamped[proxy_id] = claimed
+            self._log.warn(
+                "proxy {proxy} claims capacity {claimed}, above its key's ceiling: counted "
+                "as {ceiling}", proxy=proxy_id, claimed=claimed, ceiling=ceiling)
 
     def _lost(self, record: store.SessionRecord, now: float) -> None:
         self._metrics.sessions_ended.labels("proxy_lost").inc()

@@ -118,6 +118,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX console_sessions_ended ON console_sessions (ended_at)",
         ],
     ),
+    (
+        4,
+        [
+            # Per proxy key, set by the administrator (cpvm-manager-admin proxy-key
+            # create|update): the most capacity a heartbeat may claim, and the networks
+            # its calls may come from (canonical CIDRs, space-separated). NULL: no limit.
+            "ALTER TABLE proxies ADD COLUMN max_capacity INTEGER",
+            "ALTER TABLE proxies ADD COLUMN allowed_networks TEXT",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, cast
 
 from cpvm.manager.db import Tx
+from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy, format_networks, policy_from_row
 
 ROLES = ("admin", "user")
 VM_STATES = ("Running", "Stopped")
@@ -149,6 +150,15 @@ def find_account(tx: Tx, name_or_id: str) -> Account:
     return _account(row)
 
 
+def set_account_disabled(tx: Tx, name_or_id: str, disabled: bool) -> Account:
+    """Disable (or enable again) an account: a disabled one can neither call the API nor
+    have its pending tokens redeemed."""
+    account = find_account(tx, name_or_id)
+    tx.execute("UPDATE accounts SET disabled = ? WHERE id = ?", (1 if disabled else 0,
+                                                                account.id))
+    return find_account(tx, account.id)
+
+
 def list_accounts(tx: Tx) -> list[Account]:
     return [_account(r) for r in tx.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")
             .fetchall()]
@@ -273,14 +283,55 @@ def _proxy(row: tuple) -> Proxy:
     return Proxy(*r)
 
 
-def create_proxy(tx: Tx, proxy_id: str, name: str, secret_hash: str, now: float) -> None:
+def create_proxy(tx: Tx, proxy_id: str, name: str, secret_hash: str, now: float,
+                 policy: ProxyPolicy = NO_LIMITS) -> None:
     if tx.execute("SELECT 1 FROM proxies WHERE name = ?", (name,)).fetchone():
         raise Conflict(f"proxy {name!r} already exists")
     tx.execute(
-        "INSERT INTO proxies (id, name, secret_hash, created_at, active_count) "
-        "VALUES (?, ?, ?, ?, 0)",
-        (proxy_id, name, secret_hash, now),
+        "INSERT INTO proxies (id, name, secret_hash, created_at, active_count, max_capacity, "
+        "allowed_networks) VALUES (?, ?, ?, ?, 0, ?, ?)",
+        (proxy_id, name, secret_hash, now, policy.max_capacity,
+         format_networks(policy.allowed_networks)),
     )
+
+
+# ``set_proxy_policy``: leave this limit as it is.
+KEEP: Any = object()
+
+
+def set_proxy_policy(tx: Tx, name_or_id: str, *, max_capacity: Any = KEEP,
+                     allowed_networks: Any = KEEP) -> ProxyPolicy:
+    """Change an active proxy key's limits (``None`` lifts one); returns the new policy.
+
+    A lowered ceiling applies at once: the capacity the last heartbeat claimed is clamped
+    too, so no new console goes beyond it before the next beat.
+    """
+    row = tx.execute(
+        "SELECT id, max_capacity, allowed_networks FROM proxies "
+        "WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+        (name_or_id, name_or_id),
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no active proxy key {name_or_id!r}")
+    proxy_id, ceiling, allowed = row
+    if max_capacity is not KEEP:
+        ceiling = max_capacity
+    if allowed_networks is not KEEP:
+        allowed = format_networks(allowed_networks)
+    tx.execute("UPDATE proxies SET max_capacity = ?, allowed_networks = ? WHERE id = ?",
+               (ceiling, allowed, proxy_id))
+    if ceiling is not None:
+        tx.execute("UPDATE proxies SET capacity = ? WHERE id = ? AND capacity > ?",
+                   (ceiling, proxy_id, ceiling))
+    return policy_from_row(ceiling, allowed)
+
+
+def proxy_policies(tx: Tx) -> dict[str, ProxyPolicy]:
+    """Every proxy key's limits, by proxy id."""
+    return {
+        r[0]: policy_from_row(r[1], r[2])
+        for r in tx.execute("SELECT id, max_capacity, allowed_networks FROM proxies").fetchall()
+    }
 
 
 def revoke_proxy(tx: Tx, name_or_id: str, now: float) -> None:
@@ -297,12 +348,14 @@ def list_proxies(tx: Tx) -> list[Proxy]:
             .fetchall()]
 
 
-def proxy_secret_hash(tx: Tx, proxy_id: str) -> str | None:
-    """The stored hash of an active proxy key, or None when unknown or revoked."""
+def proxy_key_record(tx: Tx, proxy_id: str) -> tuple[str, ProxyPolicy] | None:
+    """The stored hash of an active proxy key and its limits, or None when unknown or
+    revoked."""
     row = tx.execute(
-        "SELECT secret_hash FROM proxies WHERE id = ? AND revoked_at IS NULL", (proxy_id,)
+        "SELECT secret_hash, max_capacity, allowed_networks FROM proxies "
+        "WHERE id = ? AND revoked_at IS NULL", (proxy_id,)
     ).fetchone()
-    return row[0] if row else None
+    return (row[0], policy_from_row(row[1], row[2])) if row else None
 
 
 def reconcile(tx: Tx, proxy_id: str, worker: int, active: list[str], acquired_before: float,
@@ -421,6 +474,10 @@ class TokenRow:
     account_name: str
     vm_id: str
     vm: Vm | None
+    # The token's account still exists, is not disabled, and is an admin or still owns
+    # the VM: read in the redeeming transaction, so a change made after the token was
+    # issued counts.
+    account_ok: bool = True
 
 
 _TOKEN_COLS = (
@@ -431,8 +488,9 @@ _TOKEN_COLS = (
 _TokenCols = tuple[str, str, float, float | None, float | None, str | None, str | None, str, str]
 _TOKEN_SQL = (
     # One statement for the token and its VM (the VM may have been removed since: LEFT JOIN).
-    f"SELECT {_TOKEN_COLS}, {_VM_COLS} FROM console_sessions s "
+    f"SELECT {_TOKEN_COLS}, {_VM_COLS}, sa.id, sa.disabled, sa.role FROM console_sessions s "
     "LEFT JOIN vms v ON v.id = s.vm_id LEFT JOIN accounts a ON a.id = v.owner_id "
+    "LEFT JOIN accounts sa ON sa.id = s.account_id "
     "WHERE s.token_hash = ?"
 )
 
@@ -441,8 +499,11 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
     row = tx.execute(_TOKEN_SQL, (token_hash,)).fetchone()
     if row is None:
         return None
-    vm = _vm(row[9:]) if row[9] is not None and row[12] is not None else None
-    return TokenRow(*cast(_TokenCols, row[:9]), vm=vm)
+    vm = _vm(row[9:20]) if row[9] is not None and row[12] is not None else None
+    account_id, disabled, role = row[20:23]
+    account_ok = account_id is not None and not disabled and (
+        role == "admin" or (vm is not None and vm.owner_id == account_id))
+    return TokenRow(*cast(_TokenCols, row[:9]), vm=vm, account_ok=account_ok)
 
 
 def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float,
@@ -503,17 +564,23 @@ def request_terminate(tx: Tx, session_id: str, now: float) -> SessionRecord | No
     if record is None or record.ended_at is not None:
         return record
     if record.acquired_at is None:
+        # Conditional: on PostgreSQL a redemption may commit between the read above and
+        # this write (READ COMMITTED re-checks the WHERE on the row it waited for). Ending
+        # a session that was just redeemed would leave it live and never terminated.
         tx.execute(
             "UPDATE console_sessions SET ended_at = ?, end_reason = 'terminated', "
-            "terminate_requested_at = ?, token_hash = NULL, extra_hash = NULL WHERE id = ?",
+            "terminate_requested_at = ?, token_hash = NULL, extra_hash = NULL "
+            "WHERE id = ? AND acquired_at IS NULL AND ended_at IS NULL",
             (now, now, session_id),
         )
-    else:
-        tx.execute(
-            "UPDATE console_sessions SET terminate_requested_at = COALESCE("
-            "terminate_requested_at, ?) WHERE id = ?",
-            (now, session_id),
-        )
+        if tx.rowcount == 1:
+            return get_session(tx, session_id)
+    # Live (or redeemed meanwhile): its proxy is asked to end it at the next heartbeat.
+    tx.execute(
+        "UPDATE console_sessions SET terminate_requested_at = COALESCE("
+        "terminate_requested_at, ?) WHERE id = ? AND ended_at IS NULL",
+        (now, session_id),
+    )
     return get_session(tx, session_id)
 
 

@@ -21,6 +21,7 @@ from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
     END_REASONS,
+    FORBIDDEN,
     REDEEM_MESSAGE,
     REDEEM_STATUS,
     UNAUTHORIZED,
@@ -29,6 +30,7 @@ from cpvm.manager.consoles import (
 )
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.proxy_policy import public_host_problem
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.common.metrics import MetricsPage
 
@@ -308,6 +310,19 @@ def _bad(message: str) -> ProxyApiError:
     return ProxyApiError(400, "bad_request", message)
 
 
+def _source_not_allowed() -> ProxyApiError:
+    return ProxyApiError(403, "source_not_allowed",
+                         "this proxy key may not be used from this address")
+
+
+def _check_admitted(result: Any) -> None:
+    """Raise the 401 or 403 for a refusal of the broker's ``*_with_key`` methods."""
+    if result is UNAUTHORIZED:
+        raise _unauthorized()
+    if result is FORBIDDEN:
+        raise _source_not_allowed()
+
+
 def _json_body(request: server.Request) -> dict[str, Any]:
     content = cast(BinaryIO, request.content)
     content.seek(0)
@@ -372,18 +387,21 @@ class ProxyApiResource(Resource):
             if request.method != b"POST":
                 raise ProxyApiError(405, "method_not_allowed", "use POST")
             key = self._bearer_key(request)
+            # The TCP peer, never X-Forwarded-For: a key's allowed networks are checked
+            # against the address that really connected.
+            peer = _peer(request)
             try:
                 body = _json_body(request)
                 if endpoint == "redeem":
-                    call = self._redeem(key, body)
+                    call = self._redeem(key, body, peer)
                 elif endpoint == "heartbeat":
-                    call = self._heartbeat(key, body)
+                    call = self._heartbeat(key, body, peer)
                 else:
-                    call = self._end(key, route[1], body)
+                    call = self._end(key, route[1], body, peer)
             except ProxyApiError:
-                # A caller without a valid key is told so, whatever its body holds.
-                if await self._broker.authenticate_proxy(key) is None:
-                    raise _unauthorized() from None
+                # A caller without a valid key (or from outside its networks) is told so,
+                # whatever its body holds.
+                _check_admitted(await self._broker.authenticate_proxy(key, peer))
                 raise
             # The key is checked in the same database transaction as the request.
             status, answer = await call
@@ -412,7 +430,7 @@ class ProxyApiResource(Resource):
     # Each handler validates the body at once (raising 400 before any database work) and
     # returns the coroutine that does the work, the key's check included.
 
-    def _redeem(self, key: str, body: dict):
+    def _redeem(self, key: str, body: dict, peer: str | None):
         token = _string(body, "token")
         extra = body.get("extra")
         if extra is not None and not isinstance(extra, str):
@@ -422,28 +440,32 @@ class ProxyApiResource(Resource):
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
         worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
-        return self._redeem_call(key, token, extra, address, worker)
+        return self._redeem_call(key, token, extra, address, worker, peer)
 
     async def _redeem_call(self, key: str, token: str, extra: str | None, address: str,
-                           worker: int):
-        result = await self._broker.redeem_with_key(key, token, extra, address, worker)
-        if result is UNAUTHORIZED:
-            raise _unauthorized()
+                           worker: int, peer: str | None):
+        result = await self._broker.redeem_with_key(key, token, extra, address, worker, peer)
+        _check_admitted(result)
         if result.error is None:
             return 200, result.body
         return REDEEM_STATUS[result.error], {
             "error": result.error, "message": REDEEM_MESSAGE[result.error]
         }
 
-    def _heartbeat(self, key: str, body: dict):
+    def _heartbeat(self, key: str, body: dict, peer: str | None):
         sessions = body.get("active_sessions", [])
         if not isinstance(sessions, list) or not all(isinstance(s, str) for s in sessions):
             raise _bad("active_sessions must be a list of session ids")
         tls = body.get("tls")
         if not isinstance(tls, bool):
             raise _bad("tls must be true or false")
+        public_host = _string(body, "public_host", maximum=255)
+        assert public_host is not None
+        problem = public_host_problem(public_host)
+        if problem is not None:
+            raise _bad(problem)
         beat = {
-            "public_host": _string(body, "public_host", maximum=255),
+            "public_host": public_host,
             "public_port": _int(body, "public_port", 1, 65535),
             "tls": tls,
             "address": _string(body, "address", optional=True, maximum=100),
@@ -455,28 +477,25 @@ class ProxyApiResource(Resource):
             # Absent (an older cpvm): no reconciliation against the list.
             "active_sessions": sessions if "active_sessions" in body else None,
         }
-        return self._heartbeat_call(key, beat)
+        return self._heartbeat_call(key, beat, peer)
 
-    async def _heartbeat_call(self, key: str, beat: dict):
-        answer = await self._broker.heartbeat_with_key(key, beat)
-        if answer is UNAUTHORIZED:
-            raise _unauthorized()
+    async def _heartbeat_call(self, key: str, beat: dict, peer: str | None):
+        answer = await self._broker.heartbeat_with_key(key, beat, peer)
+        _check_admitted(answer)
         return 200, answer
 
-    def _end(self, key: str, session_id: str, body: dict):
-        return self._end_call(key, session_id, _end_report(body))
+    def _end(self, key: str, session_id: str, body: dict, peer: str | None):
+        return self._end_call(key, session_id, _end_report(body), peer)
 
-    async def _end_call(self, key: str, session_id: str, report: dict):
+    async def _end_call(self, key: str, session_id: str, report: dict, peer: str | None):
         try:
             session_id = str(uuid.UUID(session_id))
         except ValueError:
             # Unauthenticated callers get 401, not a hint about session ids.
-            if await self._broker.authenticate_proxy(key) is None:
-                raise _unauthorized() from None
+            _check_admitted(await self._broker.authenticate_proxy(key, peer))
             raise ProxyApiError(404, "unknown_session", "no such session") from None
-        found = await self._broker.report_end_with_key(key, session_id, report)
-        if found is UNAUTHORIZED:
-            raise _unauthorized()
+        found = await self._broker.report_end_with_key(key, session_id, report, peer)
+        _check_admitted(found)
         if not found:
             raise ProxyApiError(404, "unknown_session",
                                 "not a session redeemed through this proxy")
