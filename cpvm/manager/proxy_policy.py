@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from cpvm.addresses import Network, address_in, parse_networks
+from cpvm.common.addresses import Network, address_in, parse_networks
 
 
 @dataclass(frozen=True)
