@@ -300,7 +300,7 @@ class ConsoleBroker:
     def list_sessions(self, account: store.Account, **filters: Any):
         if not account.is_admin:
             filters["account_id"] = account.id
-        result = yield self._db.run(lambda tx: store.list_sessions(tx, **filters))
+        result = yield self._db.read(lambda tx: store.list_sessions(tx, **filters))
         return result
 
     @inlineCallbacks
@@ -334,7 +334,7 @@ class ConsoleBroker:
         parsed = parse_proxy_key(key)
         if parsed is None:
             return None
-        valid = yield self._db.run(proxy_key_valid, parsed)
+        valid = yield self._db.read(proxy_key_valid, parsed)
         return parsed[0] if valid else None
 
     def redeem(self, proxy_id: str, token: str, extra: str | None, client_address: str):
