@@ -21,8 +21,6 @@ from twisted.web.resource import Resource
 from cpvm.manager import signing, store
 from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
-from cpvm.manager.params import ParamError, parse_params
-from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.consoles import (
     END_REASONS,
     REDEEM_MESSAGE,
@@ -33,6 +31,8 @@ from cpvm.manager.consoles import (
 )
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.params import ParamError, parse_params
+from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.metrics import MetricsPage
 

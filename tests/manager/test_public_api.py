@@ -272,3 +272,23 @@ async def test_documented_signing_snippet_works(managers):
                                 headers={"Content-Type": ["application/x-www-form-urlencoded"]})
         # signature accepted; then activeonly's bad value is a 431, not a 401
         assert r.code == 431, await r.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_rate_limit_follows_the_injected_clock(managers):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    m = await managers(clock=clock, sections={"security": {"create_rate": "0.5",
+                                                           "create_burst": "1"}})
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    await m.heartbeat(m.proxy_key("p1"))
+    answers = []
+    for step in (0, 0, 1, 1):  # one token back every 2 s of the manager's clock
+        clock.advance(step)
+        answers.append(await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm))
+    assert [status for status, _ in answers] == [200, 429, 429, 200]
+    texts = [_error(body, "createConsoleEndpoint")["errortext"] for _, body in answers[1:3]]
+    assert "please retry after 2000 ms." in texts[0] and "after 1000 ms." in texts[1]
+    # other commands are not limited
+    assert (await m.api(alice, "listConsoleSessions"))[0] == 200
