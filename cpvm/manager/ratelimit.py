@@ -24,6 +24,7 @@ class KeyedRateLimiter:
         self._clock = clock
         # key -> (tokens left, time they were counted)
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._prune_above = _PRUNE_ABOVE
 
     @property
     def enabled(self) -> bool:
@@ -43,7 +44,7 @@ class KeyedRateLimiter:
         tokens = self._level(key, now)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
-            if len(self._buckets) > _PRUNE_ABOVE:
+            if len(self._buckets) > self._prune_above:
                 self._prune(now)
             return 0.0
         self._buckets[key] = (tokens, now)
@@ -53,6 +54,8 @@ class KeyedRateLimiter:
         full = [k for k in self._buckets if self._level(k, now) >= self.burst]
         for key in full:
             del self._buckets[key]
+        # Amortised: with many busy keys, the next sweep waits until their number doubles.
+        self._prune_above = max(_PRUNE_ABOVE, 2 * len(self._buckets))
 
     def __len__(self) -> int:
         return len(self._buckets)
