@@ -182,6 +182,7 @@ class PublicApiResource(Resource):
     async def _handle(self, request: server.Request) -> None:
         command = ""
         account_name = None
+        reason = ""
         try:
             params = self._params(request)
             command = params.get("command", "")
@@ -189,6 +190,7 @@ class PublicApiResource(Resource):
             account_name = getattr(request, "_cpvm_account", None)
         except ApiError as e:
             status = e.code
+            reason = e.text  # errortexts name parameters; none carries a key, token or signature
             if e.retry_after is not None and _alive(request):
                 request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(e.retry_after)))
             body = {f"{(command or 'error').lower()}response": {
@@ -205,7 +207,8 @@ class PublicApiResource(Resource):
         label = COMMANDS.get(command.lower(), "unknown")
         self._metrics.api_requests.labels(label, str(status)).inc()
         self._log.info(
-            "api {command} -> {status}", command=command or None, status=status,
+            "api {command} -> {status} {reason}", command=command or None, status=status,
+            reason=reason,
             account=account_name or getattr(request, "_cpvm_account", None),
             client_address=self._creator_address(request),
         )

@@ -70,7 +70,9 @@ def test_expired_signed_url_regrouped_is_refused(ready):
     assert status == 200 and body["createconsoleendpointresponse"]["consoleendpoint"]["success"]
     status, body = m.api(alice, LIST)
     assert body["listconsolesessionsresponse"]["count"] == 1  # only the genuine one
-    assert leaked["signature"] not in m.log_text()
+    log = m.log_text()
+    assert "api None -> 431 Invalid parameter name 'expires=" in log  # refused, and logged
+    assert leaked["signature"] not in log and alice.secret not in log
 
 
 def test_names_repeated_case_insensitively_are_refused(ready):
