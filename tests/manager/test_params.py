@@ -128,3 +128,17 @@ def test_a_query_parameter_hidden_by_the_post_body_counts():
     with pytest.raises(ParamError, match="'apiKey': given more than once"):
         parse_params(args, {b"apiKey": [b"from-query"]})
     assert parse_params(args, {b"command": [b"x"]}) == {"apiKey": "from-body", "command": "x"}
+
+
+_raw = st.dictionaries(st.binary(max_size=12), st.lists(st.binary(max_size=12), max_size=3),
+                       max_size=6)
+
+
+@given(_raw, st.none() | _raw)
+def test_any_bytes_give_params_or_a_param_error(args, query_args):
+    try:
+        params = parse_params(args, query_args)
+    except ParamError as e:
+        assert e.text
+    else:
+        validate_names(params)  # whatever is admitted obeys the rules
