@@ -217,7 +217,9 @@ class Cpvm(Proxy):
         self.manager_conf = d / "manager.conf"
         self.manager_conf.write_text(
             f"[server]\nlisten = tcp:{self.manager_port}:interface={HOST}\n"
-            f"data_dir = {d / 'data'}\n[tokens]\nttl = 3600\n[proxies]\n"
+            f"data_dir = {d / 'data'}\n[tokens]\nttl = 3600\n"
+            # The bench mints a token per session as fast as it can: no rate limit.
+            "[security]\ncreate_rate = 0\n[proxies]\n"
             "heartbeat_interval = 1\nproxy_timeout = 20\n")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._admin("account", "create", "bench", "--admin")
@@ -301,10 +303,11 @@ class Cpvm(Proxy):
                 c.close()
 
     def _mint_one(self, mode: str, conn: http.client.HTTPConnection | None = None) -> str | None:
-        from cpvm.manager.signing import sign
+        from cpvm.manager.signing import format_time, sign
 
         query = {"command": "createConsoleEndpoint", "virtualmachineid": self.vms[mode],
-                 "response": "json", "apiKey": self.api_key}
+                 "response": "json", "apiKey": self.api_key, "signatureVersion": "3",
+                 "expires": format_time(time.time() + 300)}
         query["signature"] = sign(query, self.secret)
         status, body = self._http(self.manager_port,
                                   "/client/api?" + urllib.parse.urlencode(query), conn)

@@ -19,6 +19,8 @@ from cpvm.common.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
 DEFAULT_DATA_DIR = "/var/lib/cpvm-manager"
+# Loopback only: the API is plain HTTP unless an ssl: endpoint is configured.
+DEFAULT_LISTEN = "tcp:8250:interface=127.0.0.1"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,9 +45,14 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    """The key-encryption key file protecting API secrets and VNC passwords at rest."""
+    """The key-encryption key file protecting API secrets and VNC passwords at rest, how
+    strictly API signatures must carry an expiry, and the createConsoleEndpoint rate."""
 
     secret_key_file: Path
+    signature_expiry_required: bool = True
+    max_request_lifetime: float = 600.0
+    create_rate: float = 10.0
+    create_burst: int = 50
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,26 @@ def _database(reader: IniReader, data_dir: Path) -> DatabaseConfig:
     )
 
 
+def _security(reader: IniReader, data_dir: Path) -> SecurityConfig:
+    key_file = reader.path("security", "secret_key_file", str(data_dir / "secret.key"))
+    assert key_file is not None
+    expiry = reader.choice("security", "signature_expiry", "required", ("required", "optional"))
+    return SecurityConfig(
+        secret_key_file=key_file,
+        signature_expiry_required=expiry == "required",
+        max_request_lifetime=reader.number(
+            "security", "max_request_lifetime", 600.0, minimum=1.0, maximum=86400.0
+        ),
+        create_rate=reader.number("security", "create_rate", 10.0, minimum=0.0, maximum=1e6),
+        create_burst=reader.integer("security", "create_burst", 50, minimum=1, maximum=10**6),
+    )
+
+
 def parse_config(reader: IniReader) -> ManagerConfig:
     """Read every setting from ``reader`` and refuse unknown ones."""
     data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
     assert data_dir is not None
-    listen = reader.string("server", "listen", "tcp:8250")
+    listen = reader.string("server", "listen", DEFAULT_LISTEN)
     if not listen.startswith(("tcp:", "ssl:", "unix:")):
         raise reader.error("server", "listen", f"expected a tcp:/ssl: endpoint, got {listen!r}")
     trusted: tuple[IPNetwork, ...] = reader.get(
@@ -133,8 +155,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     )
     server = ServerConfig(listen=listen, trusted_proxies=trusted)
     database = _database(reader, data_dir)
-    key_file = reader.path("security", "secret_key_file", str(data_dir / "secret.key"))
-    assert key_file is not None
+    security = _security(reader, data_dir)
     tokens = TokenConfig(
         ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
         bind_client_address=reader.boolean("tokens", "bind_client_address", False),
@@ -165,7 +186,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         data_dir=data_dir,
         server=server,
         database=database,
-        security=SecurityConfig(secret_key_file=key_file),
+        security=security,
         tokens=tokens,
         proxies=proxies,
         sessions=sessions,

@@ -7,6 +7,11 @@ One schema, numbered migrations recorded in ``schema_version``, two back-ends:
 * PostgreSQL: psycopg2, a pool of connections; single-use is guaranteed by a conditional
   ``UPDATE … WHERE acquired_at IS NULL`` (row lock + re-check under READ COMMITTED).
 
+Read-only queries (API caller lookups, listConsoleSessions, proxy key checks, readiness)
+go through :meth:`Database.read`: a second pool of read-only connections, so they neither
+take SQLite's write lock nor wait for a pool connection held by a writer (a write blocked
+on a lock, a flood of redemptions).
+
 SQL is written with ``?`` placeholders; :class:`Tx` rewrites them for psycopg2.
 """
 
@@ -181,6 +186,20 @@ def _sqlite_setup(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+def _sqlite_read_setup(conn: sqlite3.Connection) -> None:
+    _sqlite_setup(conn)
+    # A bug that writes through a reader fails instead of taking the write lock.
+    conn.execute("PRAGMA query_only=ON")
+
+
+def _pg_read_setup(conn: Any) -> None:
+    conn.set_session(readonly=True)
+
+
+# Read-only SQLite connections per manager (WAL readers run side by side with the writer).
+SQLITE_READERS = 4
+
+
 def _ensure_sqlite_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o750, exist_ok=True)
@@ -315,6 +334,11 @@ def migrate(config: DatabaseConfig, now: float) -> list[int]:
         conn.close()
 
 
+def read_pool_size(pool_size: int) -> int:
+    """PostgreSQL read-only connections next to ``pool_size`` writing ones."""
+    return max(2, pool_size // 2)
+
+
 class Database:
     """Non-blocking access for the service: interactions run in adbapi's thread pool."""
 
@@ -335,6 +359,17 @@ class Database:
                 cp_openfun=_sqlite_setup,
                 cp_reactor=reactor,
             )
+            self.read_pool = adbapi.ConnectionPool(
+                "sqlite3",
+                config.path,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=10,
+                cp_min=1,
+                cp_max=SQLITE_READERS,
+                cp_openfun=_sqlite_read_setup,
+                cp_reactor=reactor,
+            )
         else:
             self.pool = adbapi.ConnectionPool(
                 "psycopg2",
@@ -342,6 +377,15 @@ class Database:
                 cp_min=1,
                 cp_max=config.pool_size,
                 cp_reconnect=True,
+                cp_reactor=reactor,
+            )
+            self.read_pool = adbapi.ConnectionPool(
+                "psycopg2",
+                config.dsn,
+                cp_min=1,
+                cp_max=read_pool_size(config.pool_size),
+                cp_reconnect=True,
+                cp_openfun=_pg_read_setup,
                 cp_reactor=reactor,
             )
 
@@ -367,11 +411,26 @@ class Database:
 
         return self.pool.runInteraction(interaction)
 
+    def read(self, fn: Callable[..., T], *args: Any) -> Any:
+        """Deferred firing with ``fn(tx, *args)`` in a read-only transaction on the read
+        pool: SQLite ``BEGIN`` (deferred: a WAL snapshot, never the write lock),
+        PostgreSQL ``READ ONLY``. ``fn`` must not write (the connection refuses it)."""
+        kind = self.kind
+
+        def interaction(cursor: Any) -> T:
+            tx = Tx(cursor, kind)
+            if kind == "sqlite":
+                cursor.execute("BEGIN")
+            return fn(tx, *args)
+
+        return self.read_pool.runInteraction(interaction)
+
     def ping(self) -> Any:
-        return self.pool.runQuery("SELECT 1")
+        return self.read_pool.runQuery("SELECT 1")
 
     def close(self) -> None:
         self.pool.close()
+        self.read_pool.close()
 
     def mark_clean_stop(self) -> bool:
         """After ``close``, from the manager's own stop only (SQLite): leave the marker that

@@ -16,7 +16,9 @@ from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
+from cpvm.manager.signing import ExpiryPolicy
 from cpvm.manager.web import build_site
 
 _log = Logger()
@@ -103,8 +105,13 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
         retention_seconds=config.sessions.retention_days * 86400.0,
     )
     broker = ConsoleBroker(database, box, clock, settings, metrics)
+    security = config.security
+    expiry = ExpiryPolicy(required=security.signature_expiry_required,
+                          max_lifetime=security.max_request_lifetime)
+    limiter = KeyedRateLimiter(security.create_rate, security.create_burst, clock)
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
-                      config.metrics.allow if config.metrics.enabled else None, reactor)
+                      config.metrics.allow if config.metrics.enabled else None, reactor,
+                      expiry, limiter)
     http = strports.service(config.server.listen, site, reactor=reactor)
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)

@@ -8,8 +8,10 @@ Resources parse requests and format answers; the decisions are in
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any, BinaryIO, Callable, cast
+from urllib.parse import parse_qs
 
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.logger import Logger
@@ -30,6 +32,8 @@ from cpvm.manager.consoles import (
 )
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.params import ParamError, parse_params
+from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.proxy_policy import public_host_problem
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.common.metrics import MetricsPage
@@ -37,7 +41,8 @@ from cpvm.common.metrics import MetricsPage
 _STATUS_TEXT = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
     403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
-    410: b"Gone", 431: b"Invalid Parameter", 432: b"Unknown Command", 500: b"Internal Error",
+    410: b"Gone", 429: b"Too Many Requests", 431: b"Invalid Parameter",
+    432: b"Unknown Command", 500: b"Internal Error",
     503: b"Service Unavailable", 530: b"Internal Error",
 }
 
@@ -62,12 +67,25 @@ def _send_json(request: server.Request, status: int, body: Any | None) -> None:
 
 
 class ApiError(Exception):
-    """A CloudStack error envelope to send: errorcode is also the HTTP status."""
+    """A CloudStack error envelope to send: errorcode is also the HTTP status;
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header."""
 
-    def __init__(self, code: int, text: str):
+    def __init__(self, code: int, text: str, retry_after: float | None = None):
         super().__init__(text)
         self.code = code
         self.text = text
+        self.retry_after = retry_after
+
+
+def _throttled(wait: float) -> ApiError:
+    # CloudStack's own answer when api.throttling is on (errorcode 429, API_LIMIT_EXCEED).
+    ms = max(1, math.ceil(wait * 1000))
+    return ApiError(
+        429,
+        f"The given user has reached his/her account api limit, please retry after {ms} ms. "
+        "(createConsoleEndpoint is rate-limited per API key)",
+        retry_after=wait,
+    )
 
 
 def _session_json(r: store.SessionRecord) -> dict[str, Any]:
@@ -116,6 +134,14 @@ def _uuid_param(name: str, value: str) -> str:
         raise ApiError(431, f"Invalid parameter {name} value: not a UUID") from None
 
 
+# The commands, by lower-cased name (the API reads names case-insensitively), with the
+# spelling used in metrics labels.
+COMMANDS = {
+    name.lower(): name
+    for name in ("createConsoleEndpoint", "listConsoleSessions", "endConsoleSession")
+}
+
+
 class PublicApiResource(Resource):
     """``/client/api``: CloudStack-compatible, signed, JSON only."""
 
@@ -130,6 +156,8 @@ class PublicApiResource(Resource):
         clock: Any,
         trusted_proxies: tuple[IPNetwork, ...],
         metrics: ManagerMetrics,
+        expiry: signing.ExpiryPolicy = signing.ExpiryPolicy(),
+        create_limiter: KeyedRateLimiter | None = None,
     ):
         super().__init__()
         self._broker = broker
@@ -138,6 +166,9 @@ class PublicApiResource(Resource):
         self._clock = clock
         self._trusted = trusted_proxies
         self._metrics = metrics
+        self._expiry = expiry
+        self._create_limiter = (create_limiter if create_limiter is not None
+                                else KeyedRateLimiter(0, 1, clock))
         self._commands: dict[str, Callable[..., Any]] = {
             "createconsoleendpoint": self._create_console_endpoint,
             "listconsolesessions": self._list_console_sessions,
@@ -153,6 +184,7 @@ class PublicApiResource(Resource):
     async def _handle(self, request: server.Request) -> None:
         command = ""
         account_name = None
+        reason = ""
         try:
             params = self._params(request)
             command = params.get("command", "")
@@ -160,6 +192,9 @@ class PublicApiResource(Resource):
             account_name = getattr(request, "_cpvm_account", None)
         except ApiError as e:
             status = e.code
+            reason = e.text  # errortexts name parameters; none carries a key, token or signature
+            if e.retry_after is not None and _alive(request):
+                request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(e.retry_after)))
             body = {f"{(command or 'error').lower()}response": {
                 "uuidList": [], "errorcode": e.code, "cserrorcode": 9999, "errortext": e.text,
             }}
@@ -170,25 +205,27 @@ class PublicApiResource(Resource):
                 "uuidList": [], "errorcode": 530, "cserrorcode": 9999,
                 "errortext": "internal error, see the manager's log",
             }}
-        label = command if command.lower() in self._commands else "unknown"
+        # The canonical name: the caller's spelling would make one series per spelling.
+        label = COMMANDS.get(command.lower(), "unknown")
         self._metrics.api_requests.labels(label, str(status)).inc()
         self._log.info(
-            "api {command} -> {status}", command=command or None, status=status,
+            "api {command} -> {status} {reason}", command=command or None, status=status,
+            reason=reason,
             account=account_name or getattr(request, "_cpvm_account", None),
             client_address=self._creator_address(request),
         )
         _send_json(request, status, body)
 
     def _params(self, request: server.Request) -> dict[str, str]:
-        params: dict[str, str] = {}
+        query_args = None
+        if request.method == b"POST" and b"?" in request.uri:
+            query_args = parse_qs(request.uri.split(b"?", 1)[1], keep_blank_values=True)
         try:
             # Twisted types Request.args (and .content) by their class default, None.
-            for key, values in cast("dict[bytes, list[bytes]]", request.args or {}).items():
-                if values:
-                    params.setdefault(key.decode("utf-8"), values[0].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(431, "parameters must be UTF-8") from None
-        return params
+            return parse_params(cast("dict[bytes, list[bytes]]", request.args or {}),
+                                query_args)
+        except ParamError as e:
+            raise ApiError(431, e.text) from None
 
     def _creator_address(self, request: server.Request) -> str:
         peer = request.getClientAddress()
@@ -209,6 +246,11 @@ class PublicApiResource(Resource):
         handler = self._commands.get(command.lower())
         if handler is None:
             raise ApiError(432, f"unknown command {command!r}")
+        if command.lower() == "createconsoleendpoint":
+            # Per API key, after the signature: nobody drains another key's budget.
+            wait = self._create_limiter.take(lower["apikey"])
+            if wait > 0:
+                raise _throttled(wait)
         return await handler(request, account, lower, command.lower())
 
     async def _authenticate(self, params: dict[str, str], lower: dict[str, str]):
@@ -216,19 +258,11 @@ class PublicApiResource(Resource):
         signature = lower.get("signature")
         if not api_key or not signature:
             raise ApiError(401, BAD_CREDENTIALS)
-        if lower.get("signatureversion") == "3":
-            expires = lower.get("expires")
-            if not expires:
-                raise ApiError(401, "signatureVersion=3 requires expires")
-            try:
-                deadline = signing.parse_expires(expires)
-            except ValueError:
-                raise ApiError(401, "expires is not an ISO-8601 date") from None
-            if self._clock.seconds() > deadline:
-                raise ApiError(401, "request expired")
-        elif lower.get("signatureversion") not in (None, "1", "2"):
-            raise ApiError(401, "unsupported signatureVersion")
-        caller = await self._db.run(store.lookup_caller, api_key)
+        try:
+            signing.check_expiry(lower, self._clock.seconds(), self._expiry)
+        except signing.SignatureTimeError as e:
+            raise ApiError(401, e.text) from None
+        caller = await self._db.read(store.lookup_caller, api_key)
         if caller is None:
             raise ApiError(401, BAD_CREDENTIALS)
         try:
@@ -272,7 +306,7 @@ class PublicApiResource(Resource):
         if p.get("accountid") or p.get("account"):
             wanted = p.get("accountid") or p.get("account")
             try:
-                target = await self._db.run(store.find_account, wanted)
+                target = await self._db.read(store.find_account, wanted)
             except store.NotFound:
                 raise ApiError(431, "Invalid parameter account: no such account") from None
             if not account.is_admin and target.id != account.id:
@@ -614,11 +648,14 @@ def build_site(
     metrics: ManagerMetrics,
     metrics_allow: tuple[IPNetwork, ...] | None,
     reactor: Any,
+    expiry: signing.ExpiryPolicy = signing.ExpiryPolicy(),
+    create_limiter: KeyedRateLimiter | None = None,
 ) -> ManagerSite:
     """The resource tree of the manager."""
     root = Resource()
     client = Resource()
-    client.putChild(b"api", PublicApiResource(broker, db, box, clock, trusted_proxies, metrics))
+    client.putChild(b"api", PublicApiResource(broker, db, box, clock, trusted_proxies, metrics,
+                                              expiry, create_limiter))
     root.putChild(b"client", client)
     root.putChild(b"proxy", ProxyApiResource(broker, metrics))
     root.putChild(b"healthz", HealthResource())

@@ -15,7 +15,7 @@ from twisted.internet import reactor
 
 from cpvm.manager import admin
 from cpvm.manager.config import load_config
-from cpvm.manager.signing import sign
+from cpvm.manager.signing import format_time, sign
 from cpvm.manager.tap import ManagerService, build_manager
 
 
@@ -51,6 +51,7 @@ class Manager:
     config_path: Path
     port: int
     directory: Path
+    clock: Any = reactor
     secrets_seen: list[str] = field(default_factory=list)
 
     @property
@@ -110,12 +111,21 @@ class Manager:
 
     async def api(self, creds: Credentials | None, command: str, method: str = "GET",
                   headers: dict[str, str] | None = None, **params: str) -> tuple[int, Any]:
-        """Call the public API, signed with ``creds`` (unless ``signature`` is given)."""
+        """Call the public API, signed with ``creds`` (unless ``signature`` is given).
+
+        Signed requests carry ``signatureVersion=3`` and an ``expires`` 5 minutes ahead on
+        the manager's clock, as the default ``[security] signature_expiry = required``
+        demands, unless ``signatureVersion`` or ``expires`` is given.
+        """
         query = {"command": command, "response": "json", **params}
         if creds is not None:
             query.setdefault("apiKey", creds.api_key)
             if "signature" not in query:
+                if "signatureVersion" not in query and "expires" not in query:
+                    query["signatureVersion"] = "3"
+                    query["expires"] = format_time(self.clock.seconds() + 300)
                 query["signature"] = sign(query, creds.secret)
+                self.secrets_seen.append(query["signature"])
         hdrs = {k: [v] for k, v in (headers or {}).items()}
         url = f"{self.base}/client/api"
         if method == "GET":
@@ -169,4 +179,5 @@ async def start_manager(directory: Path, sections: dict[str, dict[str, Any]] | N
     service = build_manager(load_config(str(config_path)), reactor, clock=clock)
     service.startService()
     port = await service.http._waitingForPort  # type: ignore[attr-defined]
-    return Manager(service, config_path, port.getHost().port, directory)
+    return Manager(service, config_path, port.getHost().port, directory,
+                   clock if clock is not None else reactor)

@@ -17,7 +17,10 @@ SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "cpvm" / "manager.conf"
 
 def test_defaults():
     c = parse_config(IniReader.empty())
-    assert c.server.listen == "tcp:8250"
+    assert c.server.listen == "tcp:8250:interface=127.0.0.1"  # loopback by default
+    assert c.security.signature_expiry_required is True
+    assert c.security.max_request_lifetime == 600
+    assert (c.security.create_rate, c.security.create_burst) == (10, 50)
     assert c.database.kind == "sqlite"
     assert c.database.path == "/var/lib/cpvm-manager/manager.db"
     assert str(c.security.secret_key_file) == "/var/lib/cpvm-manager/secret.key"
@@ -40,12 +43,22 @@ def test_values_and_errors():
                                         ipaddress.ip_network("127.0.0.1/32"))
     assert (c.database.kind, c.database.dsn, c.database.pool_size) == (
         "postgresql", "postgresql://u@db/cpvm", 4)
+    c = parse_config(IniReader("m.conf", text=(
+        "[security]\nsignature_expiry = optional\nmax_request_lifetime = 60\n"
+        "create_rate = 0\ncreate_burst = 5\n")))
+    assert c.security.signature_expiry_required is False
+    assert c.security.max_request_lifetime == 60
+    assert (c.security.create_rate, c.security.create_burst) == (0, 5)
     for text, where in [
         ("[tokens]\nttl = soon\n", "[tokens] ttl"),
         ("[tokens]\ntll = 5\n", "[tokens] tll"),
         ("[database]\nurl = mysql://x\n", "[database] url"),
         ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies"),
         ("[proxies]\nproxy_timeout = 3\n", "[proxies] proxy_timeout"),
+        ("[security]\nsignature_expiry = sometimes\n", "[security] signature_expiry"),
+        ("[security]\nmax_request_lifetime = 0\n", "[security] max_request_lifetime"),
+        ("[security]\ncreate_rate = -1\n", "[security] create_rate"),
+        ("[security]\ncreate_burst = 0\n", "[security] create_burst"),
     ]:
         with pytest.raises(ConfigError) as e:
             parse_config(IniReader("m.conf", text=text))
@@ -57,10 +70,9 @@ def test_missing_explicit_file_fails(tmp_path):
         load_config(str(tmp_path / "nope.conf"))
 
 
-def test_make_service_listens_from_config(tmp_path):
+def test_make_service_listens_on_loopback_by_default(tmp_path):
     conf = tmp_path / "m.conf"
-    conf.write_text(f"[server]\ndata_dir = {tmp_path}/data\n"
-                    "listen = tcp:8250:interface=127.0.0.1\n")
+    conf.write_text(f"[server]\ndata_dir = {tmp_path}/data\n")
     options = tap.Options()
     options.parseOptions(["--config", str(conf)])
     reactor = MemoryReactor()

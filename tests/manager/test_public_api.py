@@ -31,16 +31,19 @@ async def test_signature_failures_use_cloudstack_envelope(managers):
     wrong = type(alice)("alice", alice.api_key, "not-the-secret")
     status, body = await m.api(wrong, "listConsoleSessions")
     assert status == 401
+    signing_failed = "unable to verify user credentials and/or request signature"
     assert body == {"listconsolesessionsresponse": {
-        "uuidList": [], "errorcode": 401, "cserrorcode": 9999,
-        "errortext": "unable to verify user credentials and/or request signature"}}
+        "uuidList": [], "errorcode": 401, "cserrorcode": 9999, "errortext": signing_failed}}
     # tampered parameter: signed for one VM id, sent with another
+    expires = signing.format_time(m.clock.seconds() + 60)
     params = {"command": "listConsoleSessions", "response": "json", "apiKey": alice.api_key,
-              "activeonly": "true"}
+              "activeonly": "true", "signatureVersion": "3", "expires": expires}
     sig = signing.sign(params, alice.secret)
     status, body = await m.api(None, "listConsoleSessions", apiKey=alice.api_key,
-                               activeonly="false", signature=sig)
+                               activeonly="false", signature=sig, signatureVersion="3",
+                               expires=expires)
     assert status == 401
+    assert _error(body, "listConsoleSessions")["errortext"] == signing_failed
     # missing signature / missing apiKey
     status, body = await m.api(None, "listConsoleSessions", apiKey=alice.api_key)
     assert status == 401 and _error(body, "listConsoleSessions")["errorcode"] == 401
@@ -67,6 +70,7 @@ async def test_signature_version_3_expires(managers):
     assert "expired" in _error(body, "listConsoleSessions")["errortext"]
     status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3")
     assert status == 401
+    assert _error(body, "listConsoleSessions")["errortext"] == "signatureVersion=3 requires expires"
     # Z suffix accepted as well
     status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3",
                                expires=future.replace("+0000", "Z"))
@@ -268,3 +272,23 @@ async def test_documented_signing_snippet_works(managers):
                                 headers={"Content-Type": ["application/x-www-form-urlencoded"]})
         # signature accepted; then activeonly's bad value is a 431, not a 401
         assert r.code == 431, await r.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_rate_limit_follows_the_injected_clock(managers):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    m = await managers(clock=clock, sections={"security": {"create_rate": "0.5",
+                                                           "create_burst": "1"}})
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    await m.heartbeat(m.proxy_key("p1"))
+    answers = []
+    for step in (0, 0, 1, 1):  # one token back every 2 s of the manager's clock
+        clock.advance(step)
+        answers.append(await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm))
+    assert [status for status, _ in answers] == [200, 429, 429, 200]
+    texts = [_error(body, "createConsoleEndpoint")["errortext"] for _, body in answers[1:3]]
+    assert "please retry after 2000 ms." in texts[0] and "after 1000 ms." in texts[1]
+    # other commands are not limited
+    assert (await m.api(alice, "listConsoleSessions"))[0] == 200
