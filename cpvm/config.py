@@ -183,7 +183,10 @@ def parse_config(r: IniReader) -> CpvmConfig:
         idle_timeout=r.number("session", "idle_timeout", 900.0, minimum=0),
         max_duration=r.number("session", "max_duration", 28800.0, minimum=0),
         max_sessions=r.integer("session", "max_sessions", 1000, minimum=1),
-        max_message_size=r.integer("session", "max_message_size", 4 * 1024 * 1024,
+        # noVNC sends every message through its 10 KiB send queue (clipboard pastes
+        # are split into 10 KiB messages): 64 KiB leaves room and bounds what one
+        # browser can make cpvm hold before a message is complete.
+        max_message_size=r.integer("session", "max_message_size", 64 * 1024,
                                    minimum=1024),
         shared=r.boolean("session", "shared", True),
     )

@@ -21,6 +21,7 @@ def test_embedded_defaults():
     assert c.manager.url == "http://127.0.0.1:8250"
     assert c.manager.credential is None
     assert c.session.idle_timeout == 900
+    assert c.session.max_message_size == 64 * 1024
     assert c.server.workers == 1
 
 
