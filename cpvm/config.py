@@ -50,6 +50,7 @@ class ManagerConfig:
     ca_file: Path | None
     timeout: float
     heartbeat_interval: float
+    allow_plaintext: bool
 
 
 @dataclass(frozen=True)
@@ -155,20 +156,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
     )
 
-    url = r.string("manager", "url", "http://127.0.0.1:8250")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise r.error("manager", "url", f"expected an http:// or https:// URL, got {url!r}")
-    credential = r.secret_file("manager", "credential_file", None)
-    if credential is not None and any(c.isspace() for c in credential):
-        raise r.error("manager", "credential_file", "the proxy key must be a single word")
-    manager = ManagerConfig(
-        url=url.rstrip("/"),
-        credential=credential,
-        ca_file=r.path("manager", "ca_file", None, must_exist=True),
-        timeout=r.number("manager", "timeout", 5.0, minimum=0.1, maximum=300),
-        heartbeat_interval=r.number("manager", "heartbeat_interval", 5.0, minimum=0.5),
-    )
+    manager = _read_manager(r)
 
     vnc = VncConfig(
         connect_timeout=r.number("vnc", "connect_timeout", 10.0, minimum=0.1),
@@ -202,6 +190,49 @@ def parse_config(r: IniReader) -> CpvmConfig:
     r.check_unknown()
     return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
                       session=session, log=log, metrics=metrics)
+
+
+def _read_manager(r: IniReader) -> ManagerConfig:
+    """The ``[manager]`` section; plain HTTP only to loopback unless allowed."""
+    url = r.string("manager", "url", "http://127.0.0.1:8250")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error("manager", "url", f"expected an http:// or https:// URL, got {url!r}")
+    credential = r.secret_file("manager", "credential_file", None)
+    if credential is not None and any(c.isspace() for c in credential):
+        raise r.error("manager", "credential_file", "the proxy key must be a single word")
+    allow_plaintext = r.boolean("manager", "allow_plaintext", False)
+    if parts.scheme == "http" and not allow_plaintext and not is_loopback_host(parts.hostname):
+        # The proxy key goes to the manager and VNC passwords come back over this URL.
+        raise r.error("manager", "allow_plaintext",
+                      f"[manager] url {url!r} is plain HTTP to a host that is not loopback: "
+                      "use https:// (with ca_file), or set allow_plaintext = true to send "
+                      "the proxy key and receive VNC passwords unencrypted")
+    manager = ManagerConfig(
+        url=url.rstrip("/"),
+        credential=credential,
+        ca_file=r.path("manager", "ca_file", None, must_exist=True),
+        timeout=r.number("manager", "timeout", 5.0, minimum=0.1, maximum=300),
+        heartbeat_interval=r.number("manager", "heartbeat_interval", 5.0, minimum=0.5),
+        allow_plaintext=allow_plaintext,
+    )
+    return manager
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """A URL host that stays on this machine: a loopback address, or ``localhost`` (which
+    RFC 6761 reserves for loopback). Any other name could resolve anywhere."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def _check_address(r: IniReader, section: str, key: str, value: str) -> None:

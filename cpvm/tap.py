@@ -18,7 +18,7 @@ from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_confi
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import MetricsPage, ProxyMetrics
 from cpvm.registry import ConsoleSessions, Heartbeat
-from cpvm.tls import ReloadableServerTLS, manager_tls_policy
+from cpvm.tls import ReloadableServerTLS, TLSFilesError, manager_tls_policy
 from cpvm.web import ConsoleSite, build_root
 from cpvm.websocket import ConsoleWebSocketFactory
 from cpvm.workers import ReusePortEndpoint, WorkerPool
@@ -77,10 +77,14 @@ class ProxyService(service.MultiService):
         return d
 
     def reload_tls(self) -> None:
-        if self.tls is not None:
-            self.tls.reload()
-        if self.workers is not None:
-            self.workers.signal_all("HUP")  # each worker reloads its own copy
+        """SIGHUP: re-read the certificate here, and have every worker re-read its own."""
+        try:
+            if self.tls is not None:
+                self.tls.reload()  # logs and keeps the old pair when the files are bad
+        finally:
+            # Even then: each worker reads the files for itself and keeps its own old pair.
+            if self.workers is not None:
+                self.workers.signal_all("HUP")
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -149,7 +153,10 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     if server.tls:
         # parse_config guarantees both paths when tls = true.
         assert server.certificate is not None and server.private_key is not None
-        tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
+        try:
+            tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
+        except TLSFilesError as e:
+            raise ConfigError(config.path, "server", "private_key", str(e)) from None
     if server.workers > 1 or worker is not None:
         endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)
     elif tls is not None:
