@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cpvm.addresses import LOOPBACK, Network, parse_networks
+from cpvm.headers import check_frame_ancestors
 from cpvm.inifile import ConfigError, IniReader
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
@@ -31,6 +32,8 @@ class ServerConfig:
     public_address: str
     # "self" stands for the page's own origin (scheme://Host of the request).
     allowed_origins: tuple[str, ...]
+    # CSP frame-ancestors sources: who may embed cpvm's pages ('self' by default).
+    frame_ancestors: str
     trusted_proxies: tuple[Network, ...]
     workers: int
     grace_period: float
@@ -150,6 +153,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         public_port=r.port("server", "public_port", port),
         public_address=public_address,
         allowed_origins=tuple(o.rstrip("/").lower() for o in origins),
+        frame_ancestors=_frame_ancestors(r),
         trusted_proxies=_networks(r, "server", "trusted_proxies"),
         workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
@@ -233,6 +237,13 @@ def is_loopback_host(host: str | None) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip).is_loopback
+
+
+def _frame_ancestors(r: IniReader) -> str:
+    try:
+        return check_frame_ancestors(r.string_list("server", "frame_ancestors", ("'self'",)))
+    except ValueError as e:
+        raise r.error("server", "frame_ancestors", str(e)) from None
 
 
 def _check_address(r: IniReader, section: str, key: str, value: str) -> None:

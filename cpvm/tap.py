@@ -15,6 +15,7 @@ from twisted.python import usage
 from cpvm import __version__, logs
 from cpvm import metrics as metrics_module
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
+from cpvm.headers import SecurityHeaders
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import MetricsPage, ProxyMetrics
 from cpvm.registry import ConsoleSessions, Heartbeat
@@ -147,7 +148,9 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
                       readiness=readiness, metrics=page)
     # An HTTP connection that has not finished its request (or its WebSocket upgrade)
     # within this time is dropped: slow-loris clients cannot pile up.
-    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
+    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout,
+                       security_headers=SecurityHeaders(
+                           tls=server.tls, frame_ancestors=server.frame_ancestors))
     tls = None
     endpoint: IStreamServerEndpoint
     if server.tls:

@@ -119,3 +119,60 @@ def test_plain_http_manager_allowed_when_the_operator_says_so(cpvm_factory):
     cpvm = cpvm_factory(manager={"url": "http://192.0.2.10:8250", "allow_plaintext": "true"})
     assert cpvm.alive()
     assert http_get(cpvm.url("/readyz"))[0] == 503
+
+
+# -- security headers on every answer ----------------------------------------------------
+
+PATHS = ("/resource/noVNC/vnc.html", "/resource/noVNC/app/ui.js", "/resource/noVNC/",
+         "/nothing-here", "/", "/healthz", "/readyz", "/metrics")
+
+
+def answers(port: int, tls_ca: str | None = None) -> dict[str, tuple[int, dict[str, str]]]:
+    """Status and headers (lower-case names) of a real GET of each of PATHS."""
+    import http.client
+
+    out = {}
+    for path in PATHS:
+        if tls_ca is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        else:
+            ctx = ssl.create_default_context(cafile=tls_ca)
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            r.read()
+            out[path] = (r.status, {k.lower(): v for k, v in r.getheaders()})
+        finally:
+            conn.close()
+    return out
+
+
+def test_every_answer_carries_the_security_headers(cpvm_factory):
+    cpvm = cpvm_factory(server={"frame_ancestors": "'self' https://dash.example"})
+    got = answers(cpvm.port)
+    statuses = {p: s for p, (s, _) in got.items()}
+    assert statuses.pop("/readyz") in (200, 503)  # 503 until the first heartbeat
+    assert statuses == {
+        "/resource/noVNC/vnc.html": 200, "/resource/noVNC/app/ui.js": 200,
+        "/resource/noVNC/": 404, "/nothing-here": 404, "/": 404, "/healthz": 200,
+        "/metrics": 200}
+    for path, (_, headers) in got.items():
+        csp = headers.get("content-security-policy", "")
+        assert f"connect-src 'self' ws://127.0.0.1:{cpvm.port};" in csp, path
+        assert csp.endswith("frame-ancestors 'self' https://dash.example"), path
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp, path
+        assert headers.get("x-content-type-options") == "nosniff", path
+        assert headers.get("referrer-policy") == "no-referrer", path
+        assert "strict-transport-security" not in headers, path  # no HSTS over plain HTTP
+        assert "x-frame-options" not in headers, path  # a list needs frame-ancestors
+
+
+def test_hsts_and_frame_options_with_tls(cpvm_factory, pki):
+    cpvm = cpvm_factory(server={"tls": "true", "certificate": pki.server_cert,
+                                "private_key": pki.server_key})
+    got = answers(cpvm.port, tls_ca=str(pki.ca_cert))
+    for path, (_, headers) in got.items():
+        assert headers.get("strict-transport-security") == "max-age=31536000", path
+        assert headers.get("x-frame-options") == "SAMEORIGIN", path
+        assert f"wss://127.0.0.1:{cpvm.port}" in headers["content-security-policy"], path
