@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
@@ -21,6 +22,11 @@ def pem_certificates(data: bytes) -> list[ssl.Certificate]:
     return certs
 
 
+class TLSFilesError(Exception):
+    """The certificate, key or chain files cannot be used together. The message names the
+    files and the reason, never their content."""
+
+
 class ReloadableServerTLS:
     """A server context factory whose certificate and key can be re-read (SIGHUP).
 
@@ -32,7 +38,7 @@ class ReloadableServerTLS:
 
     def __init__(self, certificate: Path, private_key: Path, chain: Path | None = None):
         self._paths = (certificate, private_key, chain)
-        self._options = self._load()
+        self._options = self._load_checked()
 
     def _load(self) -> ssl.CertificateOptions:
         cert_path, key_path, chain_path = self._paths
@@ -48,12 +54,30 @@ class ReloadableServerTLS:
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
 
-    def reload(self) -> bool:
+    def _load_checked(self) -> ssl.CertificateOptions:
+        """``_load``, with every way the files can be unusable as one ``TLSFilesError``."""
+        cert_path, key_path, _ = self._paths
         try:
-            self._options = self._load()
-        except (OSError, SSL.Error, ValueError) as e:
+            options = self._load()
+            options.getContext()  # built (and cached) now: a bad pair fails here, not per client
+        except VerifyError:
+            raise TLSFilesError(f"the private key {key_path} does not match the "
+                                f"certificate {cert_path}") from None
+        except OSError as e:
+            raise TLSFilesError(f"cannot read {e.filename}: {e.strerror}") from None
+        except (SSL.Error, crypto.Error, ValueError) as e:
+            # OpenSSL's and the PEM loader's messages can quote file content: name the kind.
+            raise TLSFilesError(f"{cert_path}, {key_path} or the chain is not a usable PEM "
+                                f"certificate and key ({type(e).__name__})") from None
+        return options
+
+    def reload(self) -> bool:
+        """Re-read the files (SIGHUP); on any problem keep serving the old pair."""
+        try:
+            self._options = self._load_checked()
+        except TLSFilesError as e:
             self._log.error("TLS reload failed, keeping the old certificate: {why}",
-                            why=type(e).__name__)
+                            why=str(e))
             return False
         self._log.info("TLS certificate reloaded from {path}", path=str(self._paths[0]))
         return True

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from cpvm.common.addresses import Network
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, networks, read_log, read_metrics
+from cpvm.proxy.headers import check_frame_ancestors
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/cpvm.conf"
 # The proxy's own TLS directory (the package makes it root:cpvm 0750; docs/operations.md).
@@ -37,6 +38,8 @@ class ServerConfig:
     public_address: str
     # "self" stands for the page's own origin (scheme://Host of the request).
     allowed_origins: tuple[str, ...]
+    # CSP frame-ancestors sources: who may embed cpvm's pages ('self' by default).
+    frame_ancestors: str
     trusted_proxies: tuple[Network, ...]
     workers: int
     grace_period: float
@@ -56,6 +59,7 @@ class ManagerConfig:
     ca_file: Path | None
     timeout: float
     heartbeat_interval: float
+    allow_plaintext: bool
 
 
 @dataclass(frozen=True)
@@ -133,26 +137,14 @@ def parse_config(r: IniReader) -> CpvmConfig:
         public_port=r.port("server", "public_port", port),
         public_address=public_address,
         allowed_origins=tuple(o.rstrip("/").lower() for o in origins),
+        frame_ancestors=_frame_ancestors(r),
         trusted_proxies=networks(r, "server", "trusted_proxies"),
         workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
     )
 
-    url = r.string("manager", "url", "http://127.0.0.1:8250")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise r.error("manager", "url", f"expected an http:// or https:// URL, got {url!r}")
-    credential = r.secret_file("manager", "credential_file", None)
-    if credential is not None and any(c.isspace() for c in credential):
-        raise r.error("manager", "credential_file", "the proxy key must be a single word")
-    manager = ManagerConfig(
-        url=url.rstrip("/"),
-        credential=credential,
-        ca_file=r.path("manager", "ca_file", None, must_exist=True),
-        timeout=r.number("manager", "timeout", 5.0, minimum=0.1, maximum=300),
-        heartbeat_interval=r.number("manager", "heartbeat_interval", 5.0, minimum=0.5),
-    )
+    manager = _read_manager(r)
 
     vnc = VncConfig(
         connect_timeout=r.number("vnc", "connect_timeout", 10.0, minimum=0.1),
@@ -167,7 +159,10 @@ def parse_config(r: IniReader) -> CpvmConfig:
         idle_timeout=r.number("session", "idle_timeout", 900.0, minimum=0),
         max_duration=r.number("session", "max_duration", 28800.0, minimum=0),
         max_sessions=r.integer("session", "max_sessions", 1000, minimum=1),
-        max_message_size=r.integer("session", "max_message_size", 4 * 1024 * 1024,
+        # noVNC sends every message through its 10 KiB send queue (clipboard pastes
+        # are split into 10 KiB messages): 64 KiB leaves room and bounds what one
+        # browser can make cpvm hold before a message is complete.
+        max_message_size=r.integer("session", "max_message_size", 64 * 1024,
                                    minimum=1024),
         shared=r.boolean("session", "shared", True),
     )
@@ -188,6 +183,56 @@ def default_tls_dir() -> str:
     if not os.path.exists(f"{TLS_DIR}/cert.pem") and os.path.exists(f"{LEGACY_TLS_DIR}/cert.pem"):
         return LEGACY_TLS_DIR
     return TLS_DIR
+
+
+def _read_manager(r: IniReader) -> ManagerConfig:
+    """The ``[manager]`` section; plain HTTP only to loopback unless allowed."""
+    url = r.string("manager", "url", "http://127.0.0.1:8250")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error("manager", "url", f"expected an http:// or https:// URL, got {url!r}")
+    credential = r.secret_file("manager", "credential_file", None)
+    if credential is not None and any(c.isspace() for c in credential):
+        raise r.error("manager", "credential_file", "the proxy key must be a single word")
+    allow_plaintext = r.boolean("manager", "allow_plaintext", False)
+    if parts.scheme == "http" and not allow_plaintext and not is_loopback_host(parts.hostname):
+        # The proxy key goes to the manager and VNC passwords come back over this URL.
+        raise r.error("manager", "allow_plaintext",
+                      f"[manager] url {url!r} is plain HTTP to a host that is not loopback: "
+                      "use https:// (with ca_file), or set allow_plaintext = true to send "
+                      "the proxy key and receive VNC passwords unencrypted")
+    manager = ManagerConfig(
+        url=url.rstrip("/"),
+        credential=credential,
+        ca_file=r.path("manager", "ca_file", None, must_exist=True),
+        timeout=r.number("manager", "timeout", 5.0, minimum=0.1, maximum=300),
+        heartbeat_interval=r.number("manager", "heartbeat_interval", 5.0, minimum=0.5),
+        allow_plaintext=allow_plaintext,
+    )
+    return manager
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """A URL host that stays on this machine: a loopback address, or ``localhost`` (which
+    RFC 6761 reserves for loopback). Any other name could resolve anywhere."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _frame_ancestors(r: IniReader) -> str:
+    try:
+        return check_frame_ancestors(r.string_list("server", "frame_ancestors", ("'self'",)))
+    except ValueError as e:
+        raise r.error("server", "frame_ancestors", str(e)) from None
 
 
 def _check_address(r: IniReader, section: str, key: str, value: str) -> None:

@@ -21,10 +21,11 @@ from cpvm.proxy.manager_client import ManagerClient
 from cpvm.common.metrics import MetricsPage
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.registry import ConsoleSessions, Heartbeat
-from cpvm.common.tls import ReloadableServerTLS, manager_tls_policy
+from cpvm.common.tls import ReloadableServerTLS, TLSFilesError, manager_tls_policy
 from cpvm.proxy.web import ConsoleSite, build_root
 from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
+from cpvm.proxy.headers import SecurityHeaders
 
 log = Logger()
 
@@ -80,10 +81,14 @@ class ProxyService(service.MultiService):
         return d
 
     def reload_tls(self) -> None:
-        if self.tls is not None:
-            self.tls.reload()
-        if self.workers is not None:
-            self.workers.signal_all("HUP")  # each worker reloads its own copy
+        """SIGHUP: re-read the certificate here, and have every worker re-read its own."""
+        try:
+            if self.tls is not None:
+                self.tls.reload()  # logs and keeps the old pair when the files are bad
+        finally:
+            # Even then: each worker reads the files for itself and keeps its own old pair.
+            if self.workers is not None:
+                self.workers.signal_all("HUP")
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -146,13 +151,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
                       readiness=readiness, metrics=page)
     # An HTTP connection that has not finished its request (or its WebSocket upgrade)
     # within this time is dropped: slow-loris clients cannot pile up.
-    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
+    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout,
+                       security_headers=SecurityHeaders(
+                           tls=server.tls, frame_ancestors=server.frame_ancestors))
     tls = None
     endpoint: IStreamServerEndpoint
     if server.tls:
         # parse_config guarantees both paths when tls = true.
         assert server.certificate is not None and server.private_key is not None
-        tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
+        try:
+            tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
+        except TLSFilesError as e:
+            raise ConfigError(config.path, "server", "private_key", str(e)) from None
     if server.workers > 1 or worker is not None:
         endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)
     elif tls is not None:

@@ -13,12 +13,12 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web import resource, server, static
 from twisted.web.http import _escape
 
+from cpvm.proxy.headers import SecurityHeaders
+
 NOVNC_PREFIX = (b"resource", b"noVNC")
 
+# On top of what ConsoleSite sets on every answer (cpvm.proxy.headers).
 _SECURITY_HEADERS = {
-    b"X-Content-Type-Options": b"nosniff",
-    # The console URL holds a token: never send it onwards as a referrer.
-    b"Referrer-Policy": b"no-referrer",
     b"Cache-Control": b"no-store",
 }
 
@@ -113,12 +113,15 @@ def access_log_line(timestamp: str, request) -> str:
 
 
 class ConsoleSite(server.Site):
-    """A ``Site`` whose access log never holds tokens; no server version banner."""
+    """A ``Site`` whose access log never holds tokens; no server version banner; the
+    security headers (CSP, frame-ancestors, nosniff, HSTS with TLS) on every answer."""
 
-    def __init__(self, root, **kwargs):
+    def __init__(self, root, *, security_headers: SecurityHeaders, **kwargs):
         super().__init__(root, logFormatter=access_log_line, **kwargs)
         self.displayTracebacks = False
+        self._security_headers = security_headers
 
     def getResourceFor(self, request):  # noqa: N802
         request.setHeader(b"Server", b"cpvm")
+        self._security_headers.apply(request)
         return super().getResourceFor(request)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from cpvm.proxy import fastwrite
 from cpvm.common.addresses import address_in
 from cpvm.common.contract import Outcome
+from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
     from cpvm.proxy.registry import ConsoleSessions
@@ -40,50 +41,31 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self._session = None
-        # Incoming frames are parsed here while the connection is open and unfragmented;
-        # everything else (control frames, fragments, oversize, closing) goes to Autobahn.
-        self._fast = True
-        self._inbuf = b""
+        # Incoming frames are parsed by a FrameReader while the connection is open and
+        # unfragmented; everything else (control frames, fragments, oversize, closing)
+        # goes to Autobahn. None: Autobahn has bytes or a frame of its own in hand.
+        self._frames: FrameReader | None = None
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if not self._fast or self.state != self.STATE_OPEN or self.data:
-            super().dataReceived(data)
-            return
-        buf = self._inbuf + data if self._inbuf else data
-        pos = 0
-        end = len(buf)
-        limit = self.maxFramePayloadSize
-        while end - pos >= 6:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            length = b1 & 0x7F
-            head = 6
-            if length == 126:
-                head = 8
-                if end - pos < head:
-                    break
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-            elif length == 127:
-                head = 14
-                if end - pos < head:
-                    break
-                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
-            if b0 != 0x82 or not b1 & 0x80 or (limit and length > limit):
-                # Not a final, masked, binary frame within bounds: Autobahn decides.
-                if b0 & 0x0F == 0 or not b0 & 0x80:
-                    self._fast = False  # a fragmented message: Autobahn assembles the rest
-                self._inbuf = b""
-                super().dataReceived(buf[pos:])
+        frames = self._frames
+        if frames is None:
+            if not self._autobahn_idle():
+                super().dataReceived(data)
                 return
-            if end - pos < head + length:
-                break
-            mask = buf[pos + head - 4:pos + head]
-            start = pos + head
-            pos = start + length
-            self._binary(_unmask(buf[start:pos], mask))
+            frames = self._frames = FrameReader(self.maxFramePayloadSize)
+        for payload in frames.feed(data):
+            self._binary(payload)
             if self.state != self.STATE_OPEN:
+                self._frames = None
                 return
-        self._inbuf = buf[pos:] if pos < end else b""
+        if frames.handoff is not None:
+            self._frames = None
+            super().dataReceived(frames.handoff)
+
+    def _autobahn_idle(self) -> bool:
+        """Open, and Autobahn holds no partial frame, message or unparsed bytes."""
+        return (self.state == self.STATE_OPEN and not self.data
+                and self.current_frame is None and not self.inside_message)
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
         f = self.factory
@@ -218,16 +200,6 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
 
 def _class_attribute(value):
     return staticmethod(value) if isinstance(value, types.FunctionType) else value
-
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte mask, as one big-integer operation."""
-    n = len(payload)
-    if not n:
-        return b""
-    key = mask * (n // 4 + 1)
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(
-        n, "little")
 
 
 def origin_allowed(origin: str | None, host: str | None, scheme: str,

@@ -16,6 +16,8 @@ SERVER_INIT = struct.pack("!HH16sI", 64, 48, bytes(16), 4) + b"echo"
 class EchoRfb(protocol.Protocol):
     """RFB 3.8, security None, then echoes every byte after ClientInit."""
 
+    echo = True
+
     def connectionMade(self):  # noqa: N802
         self.factory.connections.append(self)
         self.buf = b""
@@ -26,7 +28,8 @@ class EchoRfb(protocol.Protocol):
     def dataReceived(self, data):  # noqa: N802
         if self.stage == "relay":
             self.received += len(data)
-            self.transport.write(data)
+            if self.echo:
+                self.transport.write(data)
             return
         self.buf += data
         if self.stage == "version" and len(self.buf) >= 12:
@@ -43,6 +46,12 @@ class EchoRfb(protocol.Protocol):
             self.stage = "relay"
             if rest:
                 self.dataReceived(rest)
+
+
+class SinkRfb(EchoRfb):
+    """Like ``EchoRfb``, but only counts what it receives after ClientInit."""
+
+    echo = False
 
 
 class Hanging(protocol.Protocol):

@@ -14,12 +14,21 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
+from tests.integration import scripted_vnc
 from tests.peers import XVNC_TEST_PASSWORD, launch_chromium
 
 pytestmark = pytest.mark.browser
 
 CONNECTED = ("document.querySelector('#noVNC_status') && "
              "document.querySelector('#noVNC_status').textContent.startsWith('Connected')")
+
+
+# Records every Content-Security-Policy violation the page reports.
+RECORD_VIOLATIONS = """
+window.__violations = [];
+document.addEventListener('securitypolicyviolation', e =>
+    window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
 
 
 def console_url(cpvm, token: str) -> str:
@@ -35,6 +44,7 @@ def type_into_console(url: str, text: str, screenshot: Path, point=(200, 150)) -
         browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.add_init_script(RECORD_VIOLATIONS)
             page.goto(url)
             page.wait_for_function(CONNECTED, timeout=30_000)
             status = page.inner_text("#noVNC_status")
@@ -47,6 +57,8 @@ def type_into_console(url: str, text: str, screenshot: Path, point=(200, 150)) -
             page.keyboard.type(text, delay=20)
             time.sleep(1.0)
             page.screenshot(path=str(screenshot))
+            # cpvm's Content-Security-Policy leaves everything noVNC does alone.
+            assert page.evaluate("window.__violations") == []
             return status
         finally:
             browser.close()
@@ -92,6 +104,48 @@ async def test_typed_text_reaches_a_program_in_the_vnc_desktop(cpvm, manager, xv
         assert again == "New connection has been rejected with reason: token already used"
     finally:
         xterm.terminate()
+
+
+def follow_hostile_link(url: str, connected) -> dict:
+    """Open ``url``; wait until the page connected elsewhere, reported a violation, or
+    noVNC gave up connecting."""
+    from playwright.sync_api import sync_playwright
+
+    settled = ("window.__violations.length > 0 || (() => {"
+               " const t = document.querySelector('#noVNC_status').textContent;"
+               " return !!t && !t.startsWith('Connecting'); })()")
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page()
+            page.add_init_script(RECORD_VIOLATIONS)
+            page.goto(url)
+            deadline = time.monotonic() + 30
+            while not (connected() or page.evaluate(settled)):
+                assert time.monotonic() < deadline, "the page neither connected nor failed"
+                time.sleep(0.1)
+            time.sleep(1.0)  # anything still on its way reaches the listener meanwhile
+            return {"violations": page.evaluate("window.__violations"),
+                    "status": page.inner_text("#noVNC_status")}
+        finally:
+            browser.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_cannot_point_the_console_at_another_websocket(cpvm):
+    # The attacker's WebSocket: a listener that only records who connected.
+    port, listener, listening = scripted_vnc.listen(scripted_vnc.Hanging)
+    try:
+        path = urllib.parse.quote("websockify?token=stolen-keys-go-here", safe="")
+        url = (f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
+               f"&reconnect=false&host=127.0.0.1&port={port}&path={path}")
+        seen = await threads.deferToThread(follow_hostile_link, url,
+                                           lambda: bool(listener.connections))
+        assert listener.connections == [], "the page connected to the other WebSocket"
+        assert seen["violations"] == [
+            f"connect-src ws://127.0.0.1:{port}/websockify?token=stolen-keys-go-here"], seen
+    finally:
+        await listening.stopListening()
 
 
 def _read(path: Path) -> str:

@@ -129,8 +129,10 @@ async def test_plain_server_refused_when_tls_required(cpvm, manager, xvnc):
 
 
 @pytest_twisted.ensureDeferred
-async def test_bytes_flow_both_ways_unchanged(cpvm, manager):
+async def test_bytes_flow_both_ways_unchanged(cpvm_factory, manager):
     port, factory, listening = scripted_vnc.listen(scripted_vnc.EchoRfb)
+    # Messages up to 300 kB: above the default limit (noVNC's are at most 10 KiB).
+    cpvm = cpvm_factory(session={"max_message_size": 512 * 1024})
     try:
         client, info, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": port})
         assert info["name"] == b"test-vm"

@@ -287,10 +287,11 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
     first = psutil.Process(cpvm.pid)
 
     async def two_processes():
-        return len(first.children()) == 1
-    await wait_for(two_processes, what="the second worker")
+        # Listening, not only started: under load a worker takes seconds to bind.
+        return len(first.children()) == 1 and any(
+            c.status == psutil.CONN_LISTEN for c in first.children()[0].net_connections())
+    await wait_for(two_processes, what="the second worker listening")
     pids = {cpvm.pid, first.children()[0].pid}
-    await task.deferLater(reactor, 1.0, lambda: None)  # let the worker bind
     clients = [(await session(cpvm, manager, echo_server))[0] for _ in range(16)]
     for c in clients:
         await healthy(c, 100)

@@ -21,6 +21,7 @@ def test_embedded_defaults():
     assert c.manager.url == "http://127.0.0.1:8250"
     assert c.manager.credential is None
     assert c.session.idle_timeout == 900
+    assert c.session.max_message_size == 64 * 1024
     assert c.server.workers == 1
 
 
@@ -88,6 +89,37 @@ def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
     assert message.startswith(path) or "cpvm.conf" in message
     assert where in message
     assert reason in message
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8250", "http://127.8.9.10", "http://[::1]:8250", "http://localhost:8250",
+    "http://LOCALHOST./", "http://manager.localhost", "https://manager.example.com",
+    "https://10.0.0.5:8250",
+])
+def test_manager_url_secure_or_loopback_is_accepted(tmp_path, url):
+    c = load_config(write(tmp_path, f"[manager]\nurl = {url}\n"))
+    assert c.manager.allow_plaintext is False
+    assert c.manager.url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.5:8250", "http://manager.example.com", "http://[2001:db8::1]:8250",
+    "http://localhost.example.com", "http://0.0.0.0:8250", "http://[::ffff:10.0.0.1]",
+])
+def test_plain_http_manager_off_loopback_is_refused(tmp_path, url):
+    path = write(tmp_path, f"[manager]\nurl = {url}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: [manager] allow_plaintext: ")
+    assert "plain HTTP" in str(e.value) and "allow_plaintext = true" in str(e.value)
+    c = load_config(write(tmp_path, f"[manager]\nurl = {url}\nallow_plaintext = true\n"))
+    assert c.manager.allow_plaintext is True and c.manager.url == url
+
+
+def test_ipv4_mapped_loopback_counts_as_loopback():
+    from cpvm.proxy.config import is_loopback_host
+    assert is_loopback_host("::ffff:127.0.0.1")
+    assert not is_loopback_host("")
 
 
 def test_empty_credential_file_is_refused(tmp_path):
