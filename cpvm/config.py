@@ -35,6 +35,8 @@ class ServerConfig:
     workers: int
     grace_period: float
     novnc_dir: Path
+    # Where the instance id lives (cpvm/instance.py): the unit's StateDirectory=.
+    state_directory: Path
 
     @property
     def scheme(self) -> str:
@@ -153,6 +155,8 @@ def parse_config(r: IniReader) -> CpvmConfig:
         workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
+        state_directory=r.path(  # type: ignore[arg-type]
+            "server", "state_directory", "/var/lib/cpvm"),
     )
 
     url = r.string("manager", "url", "http://127.0.0.1:8250")

@@ -24,6 +24,7 @@ class Outcome(Enum):
     ADDRESS_MISMATCH = (4005, "client address mismatch", "address_mismatch")
     WRONG_PROXY = (4006, "token issued for another console proxy", "wrong_proxy")
     VM_UNAVAILABLE = (4007, "VM not available", "vm_unavailable")
+    INSTANCE_CONFLICT = (4008, "console proxy identity conflict", "instance_conflict")
     MANAGER_UNREACHABLE = (4010, "management server unreachable", "manager_unreachable")
     VNC_UNREACHABLE = (4011, "VNC server unreachable", "vnc_unreachable")
     VNC_AUTH_FAILED = (4012, "VNC authentication failed", "vnc_auth_failed")
@@ -58,6 +59,7 @@ REDEMPTION_ERRORS: dict[str, Outcome] = {
     "address_mismatch": Outcome.ADDRESS_MISMATCH,
     "wrong_proxy": Outcome.WRONG_PROXY,
     "vm_unavailable": Outcome.VM_UNAVAILABLE,
+    "instance_conflict": Outcome.INSTANCE_CONFLICT,
     "bad_request": Outcome.BAD_REQUEST,
 }
 

@@ -15,6 +15,7 @@ from twisted.python import usage
 from cpvm import __version__, logs
 from cpvm import metrics as metrics_module
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
+from cpvm.instance import instance_id_for
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import MetricsPage, ProxyMetrics
 from cpvm.registry import ConsoleSessions, Heartbeat
@@ -111,11 +112,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         if shared:
             metrics_module.use_shared_directory(shared)
     metrics = ProxyMetrics(shared_directory=shared)
+    try:
+        # Before any worker starts: they inherit it (cpvm/instance.py).
+        instance_id = instance_id_for(server.state_directory, worker)
+    except OSError as e:
+        raise ConfigError(config.path, "server", "state_directory",
+                          f"cannot keep the instance id there: {e}") from None
     manager = ManagerClient(
         reactor, config.manager.url, config.manager.credential, config.manager.timeout,
         contextFactory=manager_tls_policy(config.manager.ca_file)
         if config.manager.url.startswith("https:") else None,
         worker=worker or 0,
+        instance=instance_id,
     )
     sessions = ConsoleSessions(reactor, config, manager, metrics)
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
@@ -132,6 +140,9 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     def readiness():
         if not sessions.accepting:
             return False, "shutting down"
+        if heartbeat.conflict:
+            return False, (f"proxy key {manager.key_id} is in use by another running cpvm "
+                           "instance (instance_conflict)")
         if not heartbeat.manager_reachable:
             return False, "manager not reachable"
         return True, f"{len(sessions)} session(s)"
@@ -172,9 +183,10 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
-    log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}",
+    log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}, "
+             "instance {instance}",
              version=__version__, path=config.path, scheme=server.scheme, bind=server.bind,
-             port=server.port)
+             port=server.port, instance=instance_id)
     return top
 
 

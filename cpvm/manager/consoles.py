@@ -18,7 +18,7 @@ from urllib.parse import quote
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from cpvm.manager import store
+from cpvm.manager import instances, store
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
@@ -80,6 +80,7 @@ REDEEM_STATUS = {
     "address_mismatch": 403,
     "wrong_proxy": 403,
     "vm_unavailable": 409,
+    "instance_conflict": 409,
 }
 
 REDEEM_MESSAGE = {
@@ -90,6 +91,7 @@ REDEEM_MESSAGE = {
     "address_mismatch": "client address does not match the token's creator",
     "wrong_proxy": "the token was issued for another console proxy",
     "vm_unavailable": "the VM was removed or stopped since the token was issued",
+    "instance_conflict": instances.CONFLICT_MESSAGE,
 }
 
 
@@ -190,6 +192,25 @@ def proxy_key_valid(tx: Any, parsed: tuple[str, str]) -> bool:
 
 # Returned by the ``*_with_key`` methods when the proxy key is unknown or revoked.
 UNAUTHORIZED = None
+
+
+def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | None,
+                   now: float, timeout: float, *, refresh: bool
+                   ) -> instances.Refusal | None:
+    """Apply the one-instance-per-key rule in the caller's transaction: a
+    :class:`~cpvm.manager.instances.Refusal` (recorded) or None (served; with ``refresh``
+    — a heartbeat — the caller's binding is renewed, else only a takeover is written)."""
+    binding = store.instance_binding(tx, proxy_id)
+    if binding is None:
+        return None
+    decision = instances.decide(binding.instance_id, binding.seen_at, caller, now, timeout)
+    if not decision.accepted:
+        store.refuse_instance(tx, proxy_id, caller, address, now)
+        return instances.Refusal(binding, caller, address, now)
+    if decision.bind and caller is not None and (refresh or decision.takeover
+                                                  or binding.instance_id is None):
+        store.bind_instance(tx, proxy_id, caller, address, now)
+    return None
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -342,18 +363,21 @@ class ConsoleBroker:
         return self._redeem(proxy_id, None, token, extra, client_address)
 
     def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str,
-                        worker: int = 0):
+                        worker: int = 0, instance: str | None = None,
+                        peer: str | None = None):
         """:meth:`redeem` for the proxy holding ``key``, checked in the same transaction
         (one database round trip instead of two); fires with ``UNAUTHORIZED`` (None) when
         the key is unknown or revoked, and then nothing was read or written."""
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._redeem(parsed[0], parsed, token, extra, client_address, worker)
+        return self._redeem(parsed[0], parsed, token, extra, client_address, worker,
+                            instance, peer)
 
     @inlineCallbacks
     def _redeem(self, proxy_id: str, key: tuple[str, str] | None, token: str,
-                extra: str | None, client_address: str, worker: int = 0):
+                extra: str | None, client_address: str, worker: int = 0,
+                instance: str | None = None, peer: str | None = None):
         started = self._clock.seconds()
         now = started
         token_hash = sha256_hex(token)
@@ -364,6 +388,11 @@ class ConsoleBroker:
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
                 return UNAUTHORIZED
+            # Before the token is looked at: a refused instance consumes nothing.
+            refusal = check_instance(tx, proxy_id, instance, peer, now,
+                                     settings.proxy_timeout, refresh=False)
+            if refusal is not None:
+                return "instance_conflict", refusal
             row = store.token_row(tx, token_hash)
             error = check_redemption(
                 row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address,
@@ -383,6 +412,9 @@ class ConsoleBroker:
         if result is UNAUTHORIZED:
             return UNAUTHORIZED
         error, row = result
+        if error == "instance_conflict":
+            self._instance_refused(proxy_id, "redeem", row)
+            return Redemption(error)
         outcome = error or "ok"
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - started))
@@ -442,6 +474,12 @@ class ConsoleBroker:
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
                 return UNAUTHORIZED, [], []
+            # Before anything is recorded: a second instance must not move the proxy's
+            # endpoint or reconcile away the sessions of the one that holds the key.
+            refusal = check_instance(tx, proxy_id, beat.get("instance"), beat.get("peer"),
+                                     now, grace, refresh=True)
+            if refusal is not None:
+                return refusal, [], []
             # End reports first, so a session ended in this beat is not asked to terminate.
             records = [(store.end_session(tx, sid, proxy_id, report, now), report)
                        for sid, report in ended]
@@ -454,6 +492,9 @@ class ConsoleBroker:
         terminate, records, lost = yield self._db.run(txn, durable=bool(ended))
         if terminate is UNAUTHORIZED:
             return UNAUTHORIZED
+        if isinstance(terminate, instances.Refusal):
+            self._instance_refused(proxy_id, "heartbeat", terminate)
+            return terminate
         for record, report in records:
             if record is not None:
                 self._ended(record, report)
@@ -490,6 +531,21 @@ class ConsoleBroker:
             return False
         self._ended(record, report)
         return True
+
+    def _instance_refused(self, proxy_id: str, endpoint: str,
+                          refusal: instances.Refusal) -> None:
+        self._metrics.instance_conflicts.labels(endpoint).inc()
+        if not refusal.worth_logging:
+            return
+        bound = refusal.binding
+        self._log.error(
+            "proxy {proxy}: refused {endpoint} from cpvm instance {instance} at "
+            "{client_address}: the key is in use by instance {bound} at {bound_address}, "
+            "last heard {age:.1f} s ago (one proxy key per running cpvm)",
+            proxy=proxy_id, endpoint=endpoint, instance=refusal.caller or "(none sent)",
+            client_address=refusal.address, bound=bound.instance_id,
+            bound_address=bound.address, age=refusal.now - (bound.seen_at or refusal.now),
+        )
 
     def _lost(self, record: store.SessionRecord, now: float) -> None:
         self._metrics.sessions_ended.labels("proxy_lost").inc()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, cast
 
 from cpvm.manager.db import Tx
+from cpvm.manager.instances import InstanceBinding
 
 ROLES = ("admin", "user")
 VM_STATES = ("Running", "Stopped")
@@ -389,6 +390,48 @@ def live_proxies(tx: Tx, now: float, proxy_timeout: float, vm_id: str) -> list[P
     return [ProxyLoad(p, int(pending.get(p.id, 0)), int(vm_sessions.get(p.id, 0)),
                       int(live.get(p.id, 0)))
             for p in proxies]
+
+
+# Instance binding (cpvm/manager/instances.py) --------------------------------------
+
+_BINDING_COLS = (
+    "id, instance_id, instance_seen_at, instance_address, refused_instance_id, "
+    "refused_at, refused_address"
+)
+
+
+def instance_binding(tx: Tx, proxy_id: str) -> InstanceBinding | None:
+    """The key's binding, locked for this transaction on PostgreSQL (two instances calling
+    at once must not both take over)."""
+    lock = " FOR UPDATE" if tx.kind == "postgresql" else ""
+    row = tx.execute(f"SELECT {_BINDING_COLS} FROM proxies WHERE id = ?{lock}",
+                     (proxy_id,)).fetchone()
+    return InstanceBinding(*row) if row else None
+
+
+def bind_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
+                  now: float) -> None:
+    """The key's instance is ``instance_id``, seen now."""
+    tx.execute(
+        "UPDATE proxies SET instance_id = ?, instance_seen_at = ?, instance_address = ? "
+        "WHERE id = ?",
+        (instance_id, now, address, proxy_id),
+    )
+
+
+def refuse_instance(tx: Tx, proxy_id: str, instance_id: str | None, address: str | None,
+                    now: float) -> None:
+    """Remember the last instance refused for this key (for ``proxy list``)."""
+    tx.execute(
+        "UPDATE proxies SET refused_instance_id = ?, refused_at = ?, refused_address = ? "
+        "WHERE id = ?",
+        (instance_id, now, address, proxy_id),
+    )
+
+
+def list_bindings(tx: Tx) -> dict[str, InstanceBinding]:
+    return {r[0]: InstanceBinding(*r)
+            for r in tx.execute(f"SELECT {_BINDING_COLS} FROM proxies").fetchall()}
 
 
 # Console sessions --------------------------------------------------------------------

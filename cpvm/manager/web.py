@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from cpvm.manager import signing, store
+from cpvm.manager import instances, signing, store
 from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
@@ -375,9 +375,9 @@ class ProxyApiResource(Resource):
             try:
                 body = _json_body(request)
                 if endpoint == "redeem":
-                    call = self._redeem(key, body)
+                    call = self._redeem(key, body, _peer(request))
                 elif endpoint == "heartbeat":
-                    call = self._heartbeat(key, body)
+                    call = self._heartbeat(key, body, _peer(request))
                 else:
                     call = self._end(key, route[1], body)
             except ProxyApiError:
@@ -412,7 +412,7 @@ class ProxyApiResource(Resource):
     # Each handler validates the body at once (raising 400 before any database work) and
     # returns the coroutine that does the work, the key's check included.
 
-    def _redeem(self, key: str, body: dict):
+    def _redeem(self, key: str, body: dict, peer: str | None):
         token = _string(body, "token")
         extra = body.get("extra")
         if extra is not None and not isinstance(extra, str):
@@ -422,11 +422,12 @@ class ProxyApiResource(Resource):
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
         worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
-        return self._redeem_call(key, token, extra, address, worker)
+        return self._redeem_call(key, token, extra, address, worker, _instance(body), peer)
 
     async def _redeem_call(self, key: str, token: str, extra: str | None, address: str,
-                           worker: int):
-        result = await self._broker.redeem_with_key(key, token, extra, address, worker)
+                           worker: int, instance: str | None, peer: str | None):
+        result = await self._broker.redeem_with_key(key, token, extra, address, worker,
+                                                    instance, peer)
         if result is UNAUTHORIZED:
             raise _unauthorized()
         if result.error is None:
@@ -435,7 +436,7 @@ class ProxyApiResource(Resource):
             "error": result.error, "message": REDEEM_MESSAGE[result.error]
         }
 
-    def _heartbeat(self, key: str, body: dict):
+    def _heartbeat(self, key: str, body: dict, peer: str | None):
         sessions = body.get("active_sessions", [])
         if not isinstance(sessions, list) or not all(isinstance(s, str) for s in sessions):
             raise _bad("active_sessions must be a list of session ids")
@@ -454,6 +455,8 @@ class ProxyApiResource(Resource):
             "worker": _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0,
             # Absent (an older cpvm): no reconciliation against the list.
             "active_sessions": sessions if "active_sessions" in body else None,
+            "instance": _instance(body),
+            "peer": peer,
         }
         return self._heartbeat_call(key, beat)
 
@@ -461,6 +464,8 @@ class ProxyApiResource(Resource):
         answer = await self._broker.heartbeat_with_key(key, beat)
         if answer is UNAUTHORIZED:
             raise _unauthorized()
+        if isinstance(answer, instances.Refusal):
+            raise ProxyApiError(409, "instance_conflict", instances.CONFLICT_MESSAGE)
         return 200, answer
 
     def _end(self, key: str, session_id: str, body: dict):
@@ -485,6 +490,16 @@ class ProxyApiResource(Resource):
 
 MAX_ENDED_PER_BEAT = 1000
 MAX_WORKER = 1023
+
+
+def _instance(body: dict) -> str | None:
+    """The caller's cpvm instance id (absent or null: a cpvm older than the rule)."""
+    value = body.get("instance")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not instances.INSTANCE_ID.match(value):
+        raise _bad("instance must be 1 to 64 letters, digits, '-' or '_'")
+    return value
 
 
 def _end_report(body: Any) -> dict:
