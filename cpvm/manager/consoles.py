@@ -195,11 +195,13 @@ UNAUTHORIZED = None
 
 
 def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | None,
-                   now: float, timeout: float, *, refresh: bool
+                   now: float, timeout: float, *, heartbeat: bool
                    ) -> instances.Refusal | None:
     """Apply the one-instance-per-key rule in the caller's transaction: a
-    :class:`~cpvm.manager.instances.Refusal` (recorded) or None (served; with ``refresh``
-    — a heartbeat — the caller's binding is renewed, else only a takeover is written)."""
+    :class:`~cpvm.manager.instances.Refusal` (recorded; ``refused`` false for a takeover)
+    or None. A heartbeat renews its instance's binding, or takes over the key of a silent
+    instance; a redemption only binds a key nobody held (it leaves takeovers to the
+    heartbeat, which logs them)."""
     binding = store.instance_binding(tx, proxy_id)
     if binding is None:
         return None
@@ -207,9 +209,12 @@ def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | No
     if not decision.accepted:
         store.refuse_instance(tx, proxy_id, caller, address, now)
         return instances.Refusal(binding, caller, address, now)
-    if decision.bind and caller is not None and (refresh or decision.takeover
-                                                  or binding.instance_id is None):
+    if caller is None or not decision.bind:
+        return None
+    if heartbeat or binding.instance_id is None:
         store.bind_instance(tx, proxy_id, caller, address, now)
+    if heartbeat and decision.takeover:
+        return instances.Refusal(binding, caller, address, now, refused=False)
     return None
 
 
@@ -390,7 +395,7 @@ class ConsoleBroker:
                 return UNAUTHORIZED
             # Before the token is looked at: a refused instance consumes nothing.
             refusal = check_instance(tx, proxy_id, instance, peer, now,
-                                     settings.proxy_timeout, refresh=False)
+                                     settings.proxy_timeout, heartbeat=False)
             if refusal is not None:
                 return "instance_conflict", refusal
             row = store.token_row(tx, token_hash)
@@ -470,21 +475,24 @@ class ConsoleBroker:
         active = beat.get("active_sessions")
         worker = beat.get("worker", 0)
         grace = self.settings.proxy_timeout
+        takeovers: list[instances.Refusal] = []
 
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
                 return UNAUTHORIZED, [], []
             # Before anything is recorded: a second instance must not move the proxy's
             # endpoint or reconcile away the sessions of the one that holds the key.
-            refusal = check_instance(tx, proxy_id, beat.get("instance"), beat.get("peer"),
-                                     now, grace, refresh=True)
-            if refusal is not None:
-                return refusal, [], []
+            event = check_instance(tx, proxy_id, beat.get("instance"), beat.get("peer"),
+                                   now, grace, heartbeat=True)
+            if event is not None and event.refused:
+                return event, [], []
             # End reports first, so a session ended in this beat is not asked to terminate.
             records = [(store.end_session(tx, sid, proxy_id, report, now), report)
                        for sid, report in ended]
             lost = ([] if active is None else
                     store.reconcile(tx, proxy_id, worker, active, now - grace, now))
+            if event is not None:
+                takeovers.append(event)  # logged after the commit
             return store.heartbeat(tx, proxy_id, beat, now), records, lost
 
         # A bare heartbeat is repeated every interval: it need not survive a power loss;
@@ -495,6 +503,14 @@ class ConsoleBroker:
         if isinstance(terminate, instances.Refusal):
             self._instance_refused(proxy_id, "heartbeat", terminate)
             return terminate
+        for event in takeovers:
+            old = event.binding
+            self._log.warn(
+                "proxy {proxy}: cpvm instance {instance} at {client_address} took the key "
+                "over from instance {bound} at {bound_address}, silent for {age:.1f} s",
+                proxy=proxy_id, instance=event.caller, client_address=event.address,
+                bound=old.instance_id, bound_address=old.address,
+                age=event.now - (old.seen_at or event.now))
         for record, report in records:
             if record is not None:
                 self._ended(record, report)

@@ -71,12 +71,14 @@ def decide(bound: str | None, seen_at: float | None, caller: str | None, now: fl
 
 @dataclass(frozen=True)
 class Refusal:
-    """A call refused for ``instance_conflict``: what the log line needs."""
+    """A call refused for ``instance_conflict`` (or, with ``refused`` false, a heartbeat
+    that took the key over from a silent instance): what the log line needs."""
 
-    binding: InstanceBinding  # as it was before the refusal was recorded
+    binding: InstanceBinding  # as it was before this call
     caller: str | None
     address: str | None
     now: float
+    refused: bool = True
 
     @property
     def worth_logging(self) -> bool:

@@ -100,8 +100,17 @@ async def test_second_instance_is_refused_until_the_first_falls_silent(managers,
     await m.heartbeat(key, host="two.example", port=18443, tls=True, instance=B)
     row = _proxy_row(m, "p1")
     assert row["endpoint"] == "wss://two.example:18443" and row["instance"] == B
+    took = [e for e in log_events if "took the key" in e.get("log_format", "")]
+    assert [(e["instance"], e["bound"]) for e in took] == [(B, A)]
     await m.heartbeat(key, host="one.example", port=57345, instance=A, expect=409)
     assert _proxy_row(m, "p1")["refused_instance"] == A
+    # A redemption never takes a key over (the heartbeat does, and logs it): C, while B
+    # is silent, is served but B stays bound until C heartbeats.
+    token = (await m.endpoint(alice, vm))["websocket"]["token"]
+    clock.advance(TIMEOUT + 1)
+    status, _ = await m.redeem(key, token, instance="c" * 32)
+    assert status == 200
+    assert _proxy_row(m, "p1")["instance"] == B
 
 
 @pytest_twisted.ensureDeferred
