@@ -13,11 +13,12 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task, threads
 
-from tests.daemons import Daemon, cpvm_config, start_cpvm
+from tests.daemons import Daemon, PeerStartError, cpvm_config, start_cpvm
 from tests.integration.test_console_path import full_update
 from tests.manager.harness import start_manager
 from tests.peers import QEMU_TEST_PASSWORD, free_port
@@ -214,3 +215,56 @@ async def _not_ready_conflict(cpvm: Daemon):
 
 async def _more_conflicts(m, at_least: float) -> bool:
     return await _conflicts(m) >= at_least
+
+
+async def _heartbeats_ok(m) -> float:
+    r = await treq.get(m.base + "/metrics", persistent=False)
+    for line in (await r.text()).splitlines():
+        if line.startswith('cpvm_manager_proxy_requests_total{endpoint="heartbeat",'
+                           'status="200"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_of_one_instance_share_its_id(tmp_path):
+    """``workers = 2``: both processes heartbeat as the one instance, never a conflict."""
+    m = await start_manager(tmp_path / "manager", {
+        "proxies": {"proxy_timeout": str(PROXY_TIMEOUT), "heartbeat_interval": "1"}})
+    key = m.proxy_key("multi")
+    key_file = tmp_path / "proxy.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    state = tmp_path / "state"
+    text = cpvm_config(m.base, credential_file=key_file,
+                       server={"state_directory": state, "port": free_port(), "workers": 2})
+    workdir = tmp_path / "cpvm"
+    workdir.mkdir()
+    daemon = await threads.deferToThread(start_cpvm, text, workdir=workdir)
+    try:
+        await _until(lambda: _ready(daemon), "cpvm with two workers is ready")
+        # Both processes beat once a second: a dozen accepted beats cover both many times.
+        await _until(lambda: _at_least(_heartbeats_ok(m), 12), "a dozen heartbeats")
+        assert await _conflicts(m) == 0
+        assert _proxy_row(m)["instance"] == _instance_id(state)
+        assert _proxy_row(m)["refused_instance"] is None
+        assert [p.name for p in state.iterdir()] == ["instance-id"]
+    finally:
+        await threads.deferToThread(daemon.stop)
+        await m.stop()
+
+
+async def _at_least(value, minimum: float) -> bool:
+    return await value >= minimum
+
+
+def test_unusable_state_directory_stops_start_up(tmp_path):
+    """No instance id, no start: the error names the file, section and key."""
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file, not a directory\n")
+    text = cpvm_config("http://127.0.0.1:9", server={"state_directory": not_a_dir})
+    workdir = tmp_path / "cpvm"
+    workdir.mkdir()
+    with pytest.raises(PeerStartError) as e:
+        start_cpvm(text, workdir=workdir, timeout=20)
+    assert "[server] state_directory: cannot keep the instance id there" in str(e.value)
