@@ -196,9 +196,9 @@ UNAUTHORIZED = None
 
 def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | None,
                    now: float, timeout: float, *, heartbeat: bool
-                   ) -> instances.Refusal | None:
+                   ) -> instances.InstanceEvent | None:
     """Apply the one-instance-per-key rule in the caller's transaction: a
-    :class:`~cpvm.manager.instances.Refusal` (recorded; ``refused`` false for a takeover)
+    :class:`~cpvm.manager.instances.InstanceEvent` (recorded; ``refused`` false for a takeover)
     or None. A heartbeat renews its instance's binding, or takes over the key of a silent
     instance; a redemption only binds a key nobody held (it leaves takeovers to the
     heartbeat, which logs them)."""
@@ -208,13 +208,13 @@ def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | No
     decision = instances.decide(binding.instance_id, binding.seen_at, caller, now, timeout)
     if not decision.accepted:
         store.refuse_instance(tx, proxy_id, caller, address, now)
-        return instances.Refusal(binding, caller, address, now)
+        return instances.InstanceEvent(binding, caller, address, now)
     if caller is None or not decision.bind:
         return None
     if heartbeat or binding.instance_id is None:
         store.bind_instance(tx, proxy_id, caller, address, now)
     if heartbeat and decision.takeover:
-        return instances.Refusal(binding, caller, address, now, refused=False)
+        return instances.InstanceEvent(binding, caller, address, now, refused=False)
     return None
 
 
@@ -396,7 +396,7 @@ class ConsoleBroker:
             # Before the token is looked at: a refused instance consumes nothing.
             refusal = check_instance(tx, proxy_id, instance, peer, now,
                                      settings.proxy_timeout, heartbeat=False)
-            if refusal is not None:
+            if refusal is not None and refusal.refused:
                 return "instance_conflict", refusal
             row = store.token_row(tx, token_hash)
             error = check_redemption(
@@ -418,6 +418,7 @@ class ConsoleBroker:
             return UNAUTHORIZED
         error, row = result
         if error == "instance_conflict":
+            self._metrics.redemptions.labels(error).inc()
             self._instance_refused(proxy_id, "redeem", row)
             return Redemption(error)
         outcome = error or "ok"
@@ -475,7 +476,7 @@ class ConsoleBroker:
         active = beat.get("active_sessions")
         worker = beat.get("worker", 0)
         grace = self.settings.proxy_timeout
-        takeovers: list[instances.Refusal] = []
+        takeovers: list[instances.InstanceEvent] = []
 
         def txn(tx):
             if key is not None and not proxy_key_valid(tx, key):
@@ -500,7 +501,7 @@ class ConsoleBroker:
         terminate, records, lost = yield self._db.run(txn, durable=bool(ended))
         if terminate is UNAUTHORIZED:
             return UNAUTHORIZED
-        if isinstance(terminate, instances.Refusal):
+        if isinstance(terminate, instances.InstanceEvent):
             self._instance_refused(proxy_id, "heartbeat", terminate)
             return terminate
         for event in takeovers:
@@ -549,7 +550,7 @@ class ConsoleBroker:
         return True
 
     def _instance_refused(self, proxy_id: str, endpoint: str,
-                          refusal: instances.Refusal) -> None:
+                          refusal: instances.InstanceEvent) -> None:
         self._metrics.instance_conflicts.labels(endpoint).inc()
         if not refusal.worth_logging:
             return

@@ -70,9 +70,9 @@ def decide(bound: str | None, seen_at: float | None, caller: str | None, now: fl
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """A call refused for ``instance_conflict`` (or, with ``refused`` false, a heartbeat
-    that took the key over from a silent instance): what the log line needs."""
+class InstanceEvent:
+    """A call refused for ``instance_conflict`` (``refused``), or a heartbeat that took
+    the key over from a silent instance: what the log line needs."""
 
     binding: InstanceBinding  # as it was before this call
     caller: str | None

@@ -464,7 +464,7 @@ class ProxyApiResource(Resource):
         answer = await self._broker.heartbeat_with_key(key, beat)
         if answer is UNAUTHORIZED:
             raise _unauthorized()
-        if isinstance(answer, instances.Refusal):
+        if isinstance(answer, instances.InstanceEvent):
             raise ProxyApiError(409, "instance_conflict", instances.CONFLICT_MESSAGE)
         return 200, answer
 
