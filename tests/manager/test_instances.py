@@ -167,3 +167,16 @@ async def test_two_instances_racing_for_a_fresh_key_on_postgres(managers, postgr
         assert len(winners) == 1, results
         assert all(status == 409 for i, status in results if i not in winners)
         assert _proxy_row(m1, f"p{n}")["instance"] in winners
+
+
+def test_every_redemption_error_reaches_the_browser_with_its_code():
+    """The contract both sides share: each error the manager can answer a redemption with
+    is one cpvm maps to a close code (instance_conflict to 4008)."""
+    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
+    from cpvm.outcome import REDEMPTION_ERRORS, Outcome
+
+    errors = {e for e in REDEEM_STATUS if e is not None}
+    assert errors <= set(REDEMPTION_ERRORS) and errors == set(REDEEM_MESSAGE)
+    assert REDEEM_STATUS["instance_conflict"] == 409
+    assert REDEMPTION_ERRORS["instance_conflict"] is Outcome.INSTANCE_CONFLICT
+    assert Outcome.INSTANCE_CONFLICT.code == 4008
