@@ -201,20 +201,26 @@ def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | No
     :class:`~cpvm.manager.instances.InstanceEvent` (recorded; ``refused`` false for a takeover)
     or None. A heartbeat renews its instance's binding, or takes over the key of a silent
     instance; a redemption only binds a key nobody held (it leaves takeovers to the
-    heartbeat, which logs them)."""
-    binding = store.instance_binding(tx, proxy_id)
+    heartbeat, which logs them). Redemptions take no lock: they must not queue behind
+    each other on the proxy's row (PostgreSQL)."""
+    binding = store.instance_binding(tx, proxy_id, lock=heartbeat)
     if binding is None:
         return None
     decision = instances.decide(binding.instance_id, binding.seen_at, caller, now, timeout)
+    if decision.accepted and caller is not None and decision.bind:
+        if heartbeat:
+            store.bind_instance(tx, proxy_id, caller, address, now)
+            if decision.takeover:
+                return instances.InstanceEvent(binding, caller, address, now, refused=False)
+        elif binding.instance_id is None and not store.claim_instance(
+                tx, proxy_id, caller, address, now):
+            # Another instance bound the key since we read it: decide again on that.
+            binding = store.instance_binding(tx, proxy_id, lock=False) or binding
+            decision = instances.decide(binding.instance_id, binding.seen_at, caller, now,
+                                        timeout)
     if not decision.accepted:
         store.refuse_instance(tx, proxy_id, caller, address, now)
         return instances.InstanceEvent(binding, caller, address, now)
-    if caller is None or not decision.bind:
-        return None
-    if heartbeat or binding.instance_id is None:
-        store.bind_instance(tx, proxy_id, caller, address, now)
-    if heartbeat and decision.takeover:
-        return instances.InstanceEvent(binding, caller, address, now, refused=False)
     return None
 
 

@@ -400,11 +400,12 @@ _BINDING_COLS = (
 )
 
 
-def instance_binding(tx: Tx, proxy_id: str) -> InstanceBinding | None:
-    """The key's binding, locked for this transaction on PostgreSQL (two instances calling
-    at once must not both take over)."""
-    lock = " FOR UPDATE" if tx.kind == "postgresql" else ""
-    row = tx.execute(f"SELECT {_BINDING_COLS} FROM proxies WHERE id = ?{lock}",
+def instance_binding(tx: Tx, proxy_id: str, *, lock: bool = True) -> InstanceBinding | None:
+    """The key's binding; with ``lock``, locked for this transaction on PostgreSQL (two
+    instances beating at once must not both take over). SQLite's transactions are
+    serialised anyway."""
+    lock_sql = " FOR UPDATE" if lock and tx.kind == "postgresql" else ""
+    row = tx.execute(f"SELECT {_BINDING_COLS} FROM proxies WHERE id = ?{lock_sql}",
                      (proxy_id,)).fetchone()
     return InstanceBinding(*row) if row else None
 
@@ -417,6 +418,17 @@ def bind_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
         "WHERE id = ?",
         (instance_id, now, address, proxy_id),
     )
+
+
+def claim_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
+                   now: float) -> bool:
+    """Bind a key nobody holds, unless another transaction just did; True if we did."""
+    tx.execute(
+        "UPDATE proxies SET instance_id = ?, instance_seen_at = ?, instance_address = ? "
+        "WHERE id = ? AND instance_id IS NULL",
+        (instance_id, now, address, proxy_id),
+    )
+    return tx.rowcount == 1
 
 
 def refuse_instance(tx: Tx, proxy_id: str, instance_id: str | None, address: str | None,

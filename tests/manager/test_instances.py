@@ -180,3 +180,37 @@ def test_every_redemption_error_reaches_the_browser_with_its_code():
     assert REDEEM_STATUS["instance_conflict"] == 409
     assert REDEMPTION_ERRORS["instance_conflict"] is Outcome.INSTANCE_CONFLICT
     assert Outcome.INSTANCE_CONFLICT.code == 4008
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_instances_redeeming_on_a_fresh_key_on_postgres(managers, postgres,
+                                                                   tmp_path):
+    """Redemptions lock nothing, yet only one instance binds a fresh key: the others are
+    refused and their tokens stay unused."""
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from tests.manager.test_postgres import _pg_sections
+
+    _, sections = _pg_sections(postgres, tmp_path / "kek")
+    m1 = await managers("a", sections)
+    m2 = await managers("b", sections)
+    alice = m1.account("alice")
+    vm = m1.vm("alice")
+    for n in range(6):
+        key = m1.proxy_key(f"p{n}")
+        await m1.heartbeat(key)  # an older cpvm's beat: live, bound to nobody
+        tokens = [(await m1.endpoint(alice, vm))["websocket"]["token"] for _ in range(8)]
+
+        async def redeem(i, token):
+            status, body = await (m1, m2)[i % 2].redeem(key, token, instance=(A, B)[i % 2])
+            return (A, B)[i % 2], status, body
+
+        results = await gatherResults([Deferred.fromCoroutine(redeem(i, t))
+                                       for i, t in enumerate(tokens)])
+        winners = {who for who, status, _ in results if status == 200}
+        assert len(winners) == 1, results
+        losers = [(status, body["error"]) for who, status, body in results
+                  if who not in winners]
+        assert losers == [(409, "instance_conflict")] * 4
+        assert _proxy_row(m1, f"p{n}")["instance"] in winners
+        m1.admin("proxy-key", "revoke", f"p{n}")  # the next tokens go to the next key
