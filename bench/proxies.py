@@ -243,7 +243,7 @@ class Cpvm(Proxy):
         conf = d / "cpvm.conf"
         conf.write_text(
             f"[server]\nbind = {HOST}\nport = {self.port}\nworkers = {self.workers}\n"
-            f"public_host = {HOST}\n"
+            f"public_host = {HOST}\nstate_directory = {d / 'state'}\n"
             f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
             "heartbeat_interval = 1\n"
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"

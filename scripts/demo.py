@@ -152,7 +152,7 @@ def start(args: argparse.Namespace) -> None:
     # 3. cpvm, plain HTTP and WebSocket.
     (STATE / "cpvm.conf").write_text(
         f"[server]\nbind = {args.bind}\nport = {args.http_port}\n"
-        f"public_host = {args.public_host}\n"
+        f"public_host = {args.public_host}\nstate_directory = {STATE / 'cpvm'}\n"
         f"[manager]\nurl = http://127.0.0.1:{args.manager_port}\n"
         f"credential_file = {STATE / 'proxy.key'}\nheartbeat_interval = 2\n")
     cpvm, cpvm_log = spawn("cpvm", TWISTD + ["cpvm", "--config", str(STATE / "cpvm.conf")])

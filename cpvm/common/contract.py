@@ -24,6 +24,7 @@ class Outcome(Enum):
     ADDRESS_MISMATCH = (4005, "client address mismatch", "address_mismatch")
     WRONG_PROXY = (4006, "token issued for another console proxy", "wrong_proxy")
     VM_UNAVAILABLE = (4007, "VM not available", "vm_unavailable")
+    INSTANCE_CONFLICT = (4008, "console proxy identity conflict", "instance_conflict")
     ACCOUNT_UNAVAILABLE = (4009, "account disabled or no longer owns the VM",
                            "account_unavailable")
     MANAGER_UNREACHABLE = (4010, "management server unreachable", "manager_unreachable")
@@ -60,6 +61,7 @@ REDEMPTION_ERRORS: dict[str, Outcome] = {
     "address_mismatch": Outcome.ADDRESS_MISMATCH,
     "wrong_proxy": Outcome.WRONG_PROXY,
     "vm_unavailable": Outcome.VM_UNAVAILABLE,
+    "instance_conflict": Outcome.INSTANCE_CONFLICT,
     "account_unavailable": Outcome.ACCOUNT_UNAVAILABLE,
     "bad_request": Outcome.BAD_REQUEST,
 }

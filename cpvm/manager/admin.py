@@ -21,6 +21,7 @@ from cpvm.manager import db as dbmodule
 from cpvm.manager import store
 from cpvm.manager.config import ManagerConfig, load_config
 from cpvm.manager.proxy_policy import ProxyPolicy, format_networks, parse_allow
+from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError, sha256_hex
 from cpvm.manager.signing import format_time
 
@@ -319,6 +320,7 @@ def proxy_list(ctx: AdminContext, a: argparse.Namespace) -> None:
     timeout = ctx.config.proxies.proxy_timeout
     rows = []
     policies = ctx.run(store.proxy_policies)
+    bindings = ctx.run(store.list_bindings)
     for p in ctx.run(store.list_proxies):
         if p.revoked_at is not None:
             status = "revoked"
@@ -332,9 +334,23 @@ def proxy_list(ctx: AdminContext, a: argparse.Namespace) -> None:
         rows.append((p.id, p.name, status, endpoint, p.address,
                      f"{p.active_count}/{p.capacity if p.capacity is not None else '-'}",
                      policy.max_capacity, _fmt_allowed(policy),
-                     p.version, _fmt(p.last_heartbeat)))
+                     p.version, _fmt(p.last_heartbeat), *_instance_cells(bindings.get(p.id))))
     _table(ctx, ("id", "name", "status", "endpoint", "address", "load", "max_capacity",
-                 "allow", "version", "last_heartbeat"), rows, a.json)
+                 "allow", "version", "last_heartbeat", *INSTANCE_COLUMNS), rows, a.json)
+
+
+# One running cpvm per key (cpvm/manager/instances.py): the bound instance and the last
+# one refused for holding the same key.
+INSTANCE_COLUMNS = ("instance", "instance_from", "instance_seen",
+                    "refused_instance", "refused_from", "refused_at")
+
+
+def _instance_cells(b: InstanceBinding | None) -> tuple[Any, ...]:
+    if b is None:
+        return (None,) * len(INSTANCE_COLUMNS)
+    return (b.instance_id, b.address, _fmt(b.seen_at) if b.seen_at else None,
+            b.refused_id or ("(none sent)" if b.refused_at else None), b.refused_address,
+            _fmt(b.refused_at) if b.refused_at else None)
 
 
 def session_list(ctx: AdminContext, a: argparse.Namespace) -> None:

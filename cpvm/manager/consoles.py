@@ -18,7 +18,7 @@ from urllib.parse import quote
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from cpvm.manager import store
+from cpvm.manager import instances, store
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy
@@ -82,6 +82,7 @@ REDEEM_STATUS = {
     "wrong_proxy": 403,
     "vm_unavailable": 409,
     "account_unavailable": 403,
+    "instance_conflict": 409,
 }
 
 REDEEM_MESSAGE = {
@@ -93,6 +94,7 @@ REDEEM_MESSAGE = {
     "wrong_proxy": "the token was issued for another console proxy",
     "vm_unavailable": "the VM was removed or stopped since the token was issued",
     "account_unavailable": "the account was disabled or no longer owns the VM",
+    "instance_conflict": instances.CONFLICT_MESSAGE,
 }
 
 
@@ -218,6 +220,36 @@ def admit_proxy(tx: Any, key: tuple[str, str] | None, peer: str | None) -> Any:
     if not policy.admits(peer):
         return FORBIDDEN
     return policy
+
+
+def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | None,
+                   now: float, timeout: float, *, heartbeat: bool
+                   ) -> instances.InstanceEvent | None:
+    """Apply the one-instance-per-key rule in the caller's transaction: a
+    :class:`~cpvm.manager.instances.InstanceEvent` (recorded; ``refused`` false for a takeover)
+    or None. A heartbeat renews its instance's binding, or takes over the key of a silent
+    instance; a redemption only binds a key nobody held (it leaves takeovers to the
+    heartbeat, which logs them). Redemptions take no lock: they must not queue behind
+    each other on the proxy's row (PostgreSQL)."""
+    binding = store.instance_binding(tx, proxy_id, lock=heartbeat)
+    if binding is None:
+        return None
+    decision = instances.decide(binding.instance_id, binding.seen_at, caller, now, timeout)
+    if decision.accepted and caller is not None and decision.bind:
+        if heartbeat:
+            store.bind_instance(tx, proxy_id, caller, address, now)
+            if decision.takeover:
+                return instances.InstanceEvent(binding, caller, address, now, refused=False)
+        elif binding.instance_id is None and not store.claim_instance(
+                tx, proxy_id, caller, address, now):
+            # Another instance bound the key since we read it: decide again on that.
+            binding = store.instance_binding(tx, proxy_id, lock=False) or binding
+            decision = instances.decide(binding.instance_id, binding.seen_at, caller, now,
+                                        timeout)
+    if not decision.accepted:
+        store.refuse_instance(tx, proxy_id, caller, address, now)
+        return instances.InstanceEvent(binding, caller, address, now)
+    return None
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -386,7 +418,8 @@ class ConsoleBroker:
         return self._redeem(proxy_id, None, token, extra, client_address)
 
     def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str,
-                        worker: int = 0, peer: str | None = None):
+                        worker: int = 0, instance: str | None = None,
+                        peer: str | None = None):
         """:meth:`redeem` for the proxy holding ``key``, called from TCP peer ``peer``,
         checked in the same transaction (one database round trip instead of two); fires
         with ``UNAUTHORIZED`` (None) when the key is unknown or revoked, ``FORBIDDEN`` when
@@ -394,12 +427,13 @@ class ConsoleBroker:
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._redeem(parsed[0], parsed, token, extra, client_address, worker, peer)
+        return self._redeem(parsed[0], parsed, token, extra, client_address, worker,
+                            instance, peer)
 
     @inlineCallbacks
     def _redeem(self, proxy_id: str, key: tuple[str, str] | None, token: str,
                 extra: str | None, client_address: str, worker: int = 0,
-                peer: str | None = None):
+                instance: str | None = None, peer: str | None = None):
         started = self._clock.seconds()
         now = started
         token_hash = sha256_hex(token)
@@ -411,6 +445,11 @@ class ConsoleBroker:
             admitted = admit_proxy(tx, key, peer)
             if not isinstance(admitted, ProxyPolicy):
                 return admitted
+            # Before the token is looked at: a refused instance consumes nothing.
+            refusal = check_instance(tx, proxy_id, instance, peer, now,
+                                     settings.proxy_timeout, heartbeat=False)
+            if refusal is not None and refusal.refused:
+                return "instance_conflict", refusal
             row = store.token_row(tx, token_hash)
             error = check_redemption(
                 row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address,
@@ -430,6 +469,10 @@ class ConsoleBroker:
         if not isinstance(result, tuple):
             return self._refused(result, proxy_id, peer)
         error, row = result
+        if error == "instance_conflict":
+            self._metrics.redemptions.labels(error).inc()
+            self._instance_refused(proxy_id, "redeem", row)
+            return Redemption(error)
         outcome = error or "ok"
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - started))
@@ -486,16 +529,25 @@ class ConsoleBroker:
         active = beat.get("active_sessions")
         worker = beat.get("worker", 0)
         grace = self.settings.proxy_timeout
+        takeovers: list[instances.InstanceEvent] = []
 
         def txn(tx):
             admitted = admit_proxy(tx, key, peer)
             if not isinstance(admitted, ProxyPolicy):
                 return admitted
+            # Before anything is recorded: a second instance must not move the proxy's
+            # endpoint or reconcile away the sessions of the one that holds the key.
+            event = check_instance(tx, proxy_id, beat.get("instance"), beat.get("peer"),
+                                   now, grace, heartbeat=True)
+            if event is not None and event.refused:
+                return event
             # End reports first, so a session ended in this beat is not asked to terminate.
             records = [(store.end_session(tx, sid, proxy_id, report, now), report)
                        for sid, report in ended]
             lost = ([] if active is None else
                     store.reconcile(tx, proxy_id, worker, active, now - grace, now))
+            if event is not None:
+                takeovers.append(event)  # logged after the commit
             # Never more than the administrator's ceiling, whatever the key's holder claims.
             granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
             return (store.heartbeat(tx, proxy_id, granted, now), records, lost,
@@ -504,10 +556,21 @@ class ConsoleBroker:
         # A bare heartbeat is repeated every interval: it need not survive a power loss;
         # end reports must.
         result = yield self._db.run(txn, durable=bool(ended))
+        if isinstance(result, instances.InstanceEvent):
+            self._instance_refused(proxy_id, "heartbeat", result)
+            return result
         if not isinstance(result, tuple):
             return self._refused(result, proxy_id, peer)
         terminate, records, lost, ceiling = result
         self._note_clamp(proxy_id, beat["capacity"], ceiling)
+        for event in takeovers:
+            old = event.binding
+            self._log.warn(
+                "proxy {proxy}: cpvm instance {instance} at {client_address} took the key "
+                "over from instance {bound} at {bound_address}, silent for {age:.1f} s",
+                proxy=proxy_id, instance=event.caller, client_address=event.address,
+                bound=old.instance_id, bound_address=old.address,
+                age=event.now - (old.seen_at or event.now))
         for record, report in records:
             if record is not None:
                 self._ended(record, report)
@@ -558,6 +621,21 @@ class ConsoleBroker:
             self._log.warn(
                 "proxy {proxy} claims capacity {claimed}, above its key's ceiling: counted "
                 "as {ceiling}", proxy=proxy_id, claimed=claimed, ceiling=ceiling)
+
+    def _instance_refused(self, proxy_id: str, endpoint: str,
+                          refusal: instances.InstanceEvent) -> None:
+        self._metrics.instance_conflicts.labels(endpoint).inc()
+        if not refusal.worth_logging:
+            return
+        bound = refusal.binding
+        self._log.error(
+            "proxy {proxy}: refused {endpoint} from cpvm instance {instance} at "
+            "{client_address}: the key is in use by instance {bound} at {bound_address}, "
+            "last heard {age:.1f} s ago (one proxy key per running cpvm)",
+            proxy=proxy_id, endpoint=endpoint, instance=refusal.caller or "(none sent)",
+            client_address=refusal.address, bound=bound.instance_id,
+            bound_address=bound.address, age=refusal.now - (bound.seen_at or refusal.now),
+        )
 
     def _lost(self, record: store.SessionRecord, now: float) -> None:
         self._metrics.sessions_ended.labels("proxy_lost").inc()

@@ -133,6 +133,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE proxies ADD COLUMN allowed_networks TEXT",
         ],
     ),
+    (
+        5,
+        [
+            # One running cpvm instance per proxy key (cpvm/manager/instances.py): the
+            # instance the key is bound to, when it was last heard from and from where,
+            # and the last instance refused for holding the same key.
+            "ALTER TABLE proxies ADD COLUMN instance_id TEXT",
+            "ALTER TABLE proxies ADD COLUMN instance_seen_at DOUBLE PRECISION",
+            "ALTER TABLE proxies ADD COLUMN instance_address TEXT",
+            "ALTER TABLE proxies ADD COLUMN refused_instance_id TEXT",
+            "ALTER TABLE proxies ADD COLUMN refused_at DOUBLE PRECISION",
+            "ALTER TABLE proxies ADD COLUMN refused_address TEXT",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

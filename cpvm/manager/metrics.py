@@ -35,3 +35,8 @@ class ManagerMetrics:
             "cpvm_manager_sessions_ended", "Console sessions ended by reason", ["reason"],
             registry=self.registry,
         )
+        self.instance_conflicts = Counter(
+            "cpvm_manager_instance_conflicts",
+            "Proxy API calls refused because another running cpvm instance holds the key",
+            ["endpoint"], registry=self.registry,
+        )

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from cpvm.manager import signing, store
+from cpvm.manager import instances, signing, store
 from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
@@ -474,11 +474,12 @@ class ProxyApiResource(Resource):
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
         worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
-        return self._redeem_call(key, token, extra, address, worker, peer)
+        return self._redeem_call(key, token, extra, address, worker, _instance(body), peer)
 
     async def _redeem_call(self, key: str, token: str, extra: str | None, address: str,
-                           worker: int, peer: str | None):
-        result = await self._broker.redeem_with_key(key, token, extra, address, worker, peer)
+                           worker: int, instance: str | None, peer: str | None):
+        result = await self._broker.redeem_with_key(key, token, extra, address, worker,
+                                                    instance, peer)
         _check_admitted(result)
         if result.error is None:
             return 200, result.body
@@ -510,12 +511,16 @@ class ProxyApiResource(Resource):
             "worker": _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0,
             # Absent (an older cpvm): no reconciliation against the list.
             "active_sessions": sessions if "active_sessions" in body else None,
+            "instance": _instance(body),
+            "peer": peer,
         }
         return self._heartbeat_call(key, beat, peer)
 
     async def _heartbeat_call(self, key: str, beat: dict, peer: str | None):
         answer = await self._broker.heartbeat_with_key(key, beat, peer)
         _check_admitted(answer)
+        if isinstance(answer, instances.InstanceEvent):
+            raise ProxyApiError(409, "instance_conflict", instances.CONFLICT_MESSAGE)
         return 200, answer
 
     def _end(self, key: str, session_id: str, body: dict, peer: str | None):
@@ -538,6 +543,16 @@ class ProxyApiResource(Resource):
 
 MAX_ENDED_PER_BEAT = 1000
 MAX_WORKER = 1023
+
+
+def _instance(body: dict) -> str | None:
+    """The caller's cpvm instance id (absent or null: a cpvm older than the rule)."""
+    value = body.get("instance")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not instances.INSTANCE_ID.match(value):
+        raise _bad("instance must be 1 to 64 letters, digits, '-' or '_'")
+    return value
 
 
 def _end_report(body: Any) -> dict:

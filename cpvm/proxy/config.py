@@ -44,6 +44,8 @@ class ServerConfig:
     workers: int
     grace_period: float
     novnc_dir: Path
+    # Where the instance id lives (cpvm/proxy/instance.py): the unit's StateDirectory=.
+    state_directory: Path
 
     @property
     def scheme(self) -> str:
@@ -142,6 +144,8 @@ def parse_config(r: IniReader) -> CpvmConfig:
         workers=r.integer("server", "workers", 1, minimum=1, maximum=256),
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
+        state_directory=r.path(  # type: ignore[arg-type]
+            "server", "state_directory", "/var/lib/cpvm"),
     )
 
     manager = _read_manager(r)

@@ -9,6 +9,7 @@ manager is trusted, but a broken or impostor one must not take cpvm down with it
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -32,6 +33,10 @@ VNC_TLS_MODES = ("none", "x509", "anonymous")
 
 class ManagerUnavailable(Exception):
     """The manager could not be reached or gave an answer cpvm cannot use."""
+
+
+class InstanceConflict(ManagerUnavailable):
+    """The manager refused a heartbeat: the proxy key is bound to another live instance."""
 
 
 class RedemptionRefused(Exception):
@@ -135,6 +140,15 @@ def _seconds(obj: dict, key: str) -> float | None:
     return float(value)
 
 
+def proxy_key_id(credential: str | None) -> str:
+    """The public part of a ``cpvmk_<id>.<secret>`` key, fit for log lines."""
+    if credential and credential.startswith("cpvmk_") and "." in credential:
+        key_id = credential[len("cpvmk_"):].partition(".")[0]
+        if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key_id):
+            return key_id
+    return "(unnamed)" if credential else "(none)"
+
+
 class ManagerClient:
     """Calls the manager's proxy API: redeem tokens, heartbeat (with session end reports)."""
 
@@ -149,8 +163,13 @@ class ManagerClient:
         http: HTTPClient | None = None,
         contextFactory: Any = None,
         worker: int = 0,
+        instance: str | None = None,
     ):
         self._reactor = reactor
+        # Which running cpvm this is (cpvm/proxy/instance.py): the manager lets one instance at
+        # a time use a proxy key.
+        self._instance = instance
+        self.key_id = proxy_key_id(credential)
         # Which worker process of this proxy we are: the manager reconciles each worker's
         # sessions with that worker's heartbeats.
         self._worker = worker
@@ -189,7 +208,7 @@ class ManagerClient:
         status, body = await self._post(
             "/proxy/v1/redeem",
             {"token": token, "extra": extra, "client_address": client_address,
-             "worker": self._worker},
+             "worker": self._worker, "instance": self._instance},
         )
         if status == 200:
             try:
@@ -210,7 +229,11 @@ class ManagerClient:
 
     async def _heartbeat(self, payload: dict) -> dict:
         status, body = await self._post("/proxy/v1/heartbeat",
-                                        {**payload, "worker": self._worker})
+                                        {**payload, "worker": self._worker,
+                                         "instance": self._instance})
+        if status == 409 and isinstance(body, dict) and body.get("error") == "instance_conflict":
+            raise InstanceConflict(f"proxy key {self.key_id} is in use by another running "
+                                   "cpvm instance (HTTP 409 instance_conflict)")
         if status != 200 or not isinstance(body, dict):
             raise ManagerUnavailable(f"heartbeat answered HTTP {status}")
         return body

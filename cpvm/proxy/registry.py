@@ -20,7 +20,9 @@ from twisted.python.failure import Failure
 
 from cpvm import __version__, rfb
 from cpvm.proxy.config import CpvmConfig
-from cpvm.proxy.manager_client import ManagerClient, ManagerUnavailable, Redemption
+from cpvm.proxy.manager_client import (
+    InstanceConflict, ManagerClient, ManagerUnavailable, Redemption,
+)
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.common.contract import Outcome
 from cpvm.proxy.session import ConsoleSession, SessionLimits
@@ -120,6 +122,11 @@ class ConsoleSessions:
                 else:
                     err = getattr(result.value, "error", "error")
                     self.metrics.redemptions.labels(result=err).inc()
+                    if err == "instance_conflict":
+                        self._log.error(
+                            "manager refused a redemption: proxy key {key_id} is in use by "
+                            "another running cpvm instance", key_id=self._manager.key_id,
+                            client=client)
             else:
                 self.metrics.redemptions.labels(result="ok").inc()
             return result
@@ -284,6 +291,8 @@ class Heartbeat(Service):
         self._sessions = sessions
         self.interval = interval
         self.manager_reachable = False
+        # The manager refuses us: our proxy key is bound to another live cpvm instance.
+        self.conflict = False
         self._next = None
 
     def startService(self):  # noqa: N802
@@ -319,7 +328,11 @@ class Heartbeat(Service):
     def _answered(self, answer: dict) -> None:
         if not self.manager_reachable:
             self._log.info("manager reachable")
+        if self.conflict:
+            self._log.info("manager accepts this instance for proxy key {key_id} again",
+                           key_id=self._manager.key_id)
         self.manager_reachable = True
+        self.conflict = False
         interval = answer.get("heartbeat_interval")
         if isinstance(interval, (int, float)) and not isinstance(interval, bool):
             self.interval = min(max(float(interval), 0.5), 300.0)
@@ -331,8 +344,19 @@ class Heartbeat(Service):
 
     def _failed(self, failure: Failure, ended: list[dict]) -> None:
         self._sessions.give_back_ended(ended)
-        if self.manager_reachable:
-            self._log.warn("manager heartbeat failed: {why}", why=str(failure.value))
+        if failure.check(InstanceConflict):
+            if not self.conflict:
+                # An operator's mistake (one key on two running proxies), not a network
+                # blip: an error, once per episode; /readyz says so meanwhile.
+                self._log.error(
+                    "manager refused the heartbeat: proxy key {key_id} is in use by another "
+                    "running cpvm instance; give each proxy its own key "
+                    "(cpvm-manager-admin proxy list shows both)", key_id=self._manager.key_id)
+            self.conflict = True
+        else:
+            self.conflict = False  # unknown now; "manager not reachable" says the rest
+            if self.manager_reachable:
+                self._log.warn("manager heartbeat failed: {why}", why=str(failure.value))
         self.manager_reachable = False
         self._sessions.metrics.manager_failures.labels(call="heartbeat").inc()
 

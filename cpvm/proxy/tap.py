@@ -26,6 +26,7 @@ from cpvm.proxy.web import ConsoleSite, build_root
 from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
 from cpvm.proxy.headers import SecurityHeaders
+from cpvm.proxy.instance import instance_id_for
 
 log = Logger()
 
@@ -119,11 +120,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         if shared:
             metrics_module.use_shared_directory(shared)
     metrics = ProxyMetrics(shared_directory=shared)
+    try:
+        # Before any worker starts: they inherit it (cpvm/proxy/instance.py).
+        instance_id = instance_id_for(server.state_directory, worker)
+    except OSError as e:
+        raise ConfigError(config.path, "server", "state_directory",
+                          f"cannot keep the instance id there: {e}") from None
     manager = ManagerClient(
         reactor, config.manager.url, config.manager.credential, config.manager.timeout,
         contextFactory=manager_tls_policy(config.manager.ca_file)
         if config.manager.url.startswith("https:") else None,
         worker=worker or 0,
+        instance=instance_id,
     )
     sessions = ConsoleSessions(reactor, config, manager, metrics)
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
@@ -140,6 +148,9 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     def readiness():
         if not sessions.accepting:
             return False, "shutting down"
+        if heartbeat.conflict:
+            return False, (f"proxy key {manager.key_id} is in use by another running cpvm "
+                           "instance (instance_conflict)")
         if not heartbeat.manager_reachable:
             return False, "manager not reachable"
         return True, f"{len(sessions)} session(s)"
@@ -185,9 +196,10 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
-    log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}",
+    log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}, "
+             "instance {instance}",
              version=__version__, path=config.path, scheme=server.scheme, bind=server.bind,
-             port=server.port)
+             port=server.port, instance=instance_id)
     return top
 
 

@@ -158,18 +158,25 @@ class Manager:
 
     async def heartbeat(self, key: str, *, host: str = "cpvm.example.com", port: int = 8080,
                         tls: bool = False, capacity: int = 10, active: list[str] | None = None,
-                        address: str = "192.0.2.10") -> dict[str, Any]:
-        status, body = await self.proxy(key, "heartbeat", {
+                        address: str = "192.0.2.10", instance: str | None = None,
+                        expect: int = 200) -> dict[str, Any]:
+        beat = {
             "public_host": host, "public_port": port, "tls": tls, "address": address,
             "capacity": capacity, "active_sessions": active or [], "version": "test",
-        })
-        assert status == 200, body
+        }
+        if instance is not None:
+            beat["instance"] = instance
+        status, body = await self.proxy(key, "heartbeat", beat)
+        assert status == expect, body
         return body
 
     async def redeem(self, key: str, token: str, extra: str | None = None,
-                     client_address: str = "127.0.0.1") -> tuple[int, Any]:
-        return await self.proxy(key, "redeem", {"token": token, "extra": extra,
-                                                "client_address": client_address})
+                     client_address: str = "127.0.0.1",
+                     instance: str | None = None) -> tuple[int, Any]:
+        body = {"token": token, "extra": extra, "client_address": client_address}
+        if instance is not None:
+            body["instance"] = instance
+        return await self.proxy(key, "redeem", body)
 
 
 async def start_manager(directory: Path, sections: dict[str, dict[str, Any]] | None = None,

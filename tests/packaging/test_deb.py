@@ -159,6 +159,7 @@ def test_users_directories_and_permissions(installed: Path) -> None:
     assert pwd.getpwnam("cpvm-manager").pw_dir == "/var/lib/cpvm-manager"
     assert mode_owner("/var/lib/cpvm-manager") == (0o750, "cpvm-manager", "cpvm-manager")
     assert mode_owner("/var/log/cpvm") == (0o750, "cpvm", "cpvm")
+    assert mode_owner("/var/lib/cpvm") == (0o750, "cpvm", "cpvm")
     assert mode_owner("/etc/cpvm/cpvm.conf") == (0o640, "root", "cpvm")
     assert mode_owner("/etc/cpvm/manager.conf") == (0o640, "root", "cpvm-manager")
     # One TLS directory per daemon (tests/packaging/test_tls_dirs.py upgrades over them).
@@ -277,6 +278,8 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
     assert cpvm["KillMode"] == ["mixed"]
     assert unit_settings(REPO / "systemd" / "cpvm-manager.service")["StateDirectory"] == \
         ["cpvm-manager"]
+    # The default [server] state_directory: the instance id survives restarts.
+    assert cpvm["StateDirectory"] == ["cpvm"]
 
 
 def test_units_security_exposure_stays_low() -> None:
@@ -340,7 +343,7 @@ def test_purge_leaves_nothing(installed: Path) -> None:
         shutil.rmtree(target_dir)
     assert package_state() == "not-installed"
     leftovers = [p for p in (
-        "/etc/cpvm", "/var/lib/cpvm-manager", "/var/log/cpvm",
+        "/etc/cpvm", "/var/lib/cpvm-manager", "/var/lib/cpvm", "/var/log/cpvm",
         "/lib/systemd/system/cpvm.service", "/lib/systemd/system/cpvm-manager.service",
         "/usr/bin/cpvm-manager-admin", f"{PYLIB}/cpvm", f"{PLUGINS}/cpvm_plugin.py",
         "/usr/share/doc/cpvm", "/usr/share/man/man1/cpvm-manager-admin.1.gz",

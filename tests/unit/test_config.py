@@ -144,3 +144,9 @@ def test_metrics_readable_from_loopback_unless_told_otherwise(tmp_path):
     assert c.allow == (ipaddress.ip_network("10.1.2.0/24"), ipaddress.ip_network("2001:db8::7"))
     c = load_config(write(tmp_path, "[metrics]\nallow = any\nenabled = false\n")).metrics
     assert not c.enabled and [str(n) for n in c.allow] == ["0.0.0.0/0", "::/0"]
+
+
+def test_state_directory_default_and_setting(tmp_path):
+    assert str(load_config(None).server.state_directory) == "/var/lib/cpvm"
+    c = load_config(write(tmp_path, f"[server]\nstate_directory = {tmp_path}/s\n"))
+    assert c.server.state_directory == tmp_path / "s"

@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from cpvm.proxy.manager_client import (
-    ManagerClient, ManagerUnavailable, RedemptionRefused, parse_redemption,
+    InstanceConflict, ManagerClient, ManagerUnavailable, RedemptionRefused, parse_redemption,
+    proxy_key_id,
 )
 from cpvm.common.contract import Outcome
 
@@ -40,9 +41,12 @@ class Answer(Resource):
         return json.dumps(self.body).encode()
 
 
+INSTANCE = "0123456789abcdef0123456789abcdef"
+
+
 def client(resource, clock=None):
     return ManagerClient(clock or Clock(), "http://manager.invalid", "cpvmk_a.secret", 5,
-                         http=StubTreq(resource))
+                         http=StubTreq(resource), instance=INSTANCE)
 
 
 @pytest_twisted.ensureDeferred
@@ -53,7 +57,7 @@ async def test_redeem_success_sends_credential_and_parses_target():
     assert path == b"/proxy/v1/redeem"
     assert auth == b"Bearer cpvmk_a.secret"
     assert body == {"token": "tok", "extra": "x", "client_address": "203.0.113.7",
-                    "worker": 0}
+                    "worker": 0, "instance": INSTANCE}
     assert r.session_id == "s-1" and r.vm_name == "web-01" and r.account == "alice"
     assert r.vnc.port == 5901 and r.vnc.password == b"pw"
     assert r.idle_timeout == 60 and r.max_duration is None
@@ -67,6 +71,7 @@ async def test_redeem_success_sends_credential_and_parses_target():
     (403, "extra_mismatch", Outcome.EXTRA_MISMATCH),
     (403, "address_mismatch", Outcome.ADDRESS_MISMATCH),
     (403, "wrong_proxy", Outcome.WRONG_PROXY),
+    (409, "instance_conflict", Outcome.INSTANCE_CONFLICT),
 ])
 @pytest_twisted.ensureDeferred
 async def test_refusals_map_to_close_codes(status, error, outcome):
@@ -128,3 +133,25 @@ def test_parse_redemption_rejects_bad_types():
                 {**GOOD, "limits": {"idle_timeout": -1}}):
         with pytest.raises(ValueError):
             parse_redemption(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_carries_the_instance_and_names_a_conflict():
+    ok = Answer(200, {"heartbeat_interval": 5, "terminate": []})
+    await client(ok).heartbeat({"public_host": "h"})
+    assert ok.requests[0][2] == {"public_host": "h", "worker": 0, "instance": INSTANCE}
+    refused = Answer(409, {"error": "instance_conflict", "message": "m"})
+    with pytest.raises(InstanceConflict, match="proxy key a is in use") as e:
+        await client(refused).heartbeat({})
+    assert "secret" not in str(e.value)
+    # Any other 409 is just an unusable answer.
+    with pytest.raises(ManagerUnavailable) as e:
+        await client(Answer(409, {"error": "token_used"})).heartbeat({})
+    assert not isinstance(e.value, InstanceConflict)
+
+
+def test_proxy_key_id_is_the_public_part_only():
+    assert proxy_key_id("cpvmk_0a1b2c3d.s3cret") == "0a1b2c3d"
+    assert proxy_key_id("cpvmk_a b.s3cret") == "(unnamed)"
+    assert proxy_key_id("just-a-secret") == "(unnamed)"
+    assert proxy_key_id(None) == "(none)"
