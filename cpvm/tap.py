@@ -15,6 +15,7 @@ from twisted.python import usage
 from cpvm import __version__, logs
 from cpvm import metrics as metrics_module
 from cpvm.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
+from cpvm.httplimits import HttpLimits
 from cpvm.manager_client import ManagerClient
 from cpvm.metrics import MetricsPage, ProxyMetrics
 from cpvm.registry import ConsoleSessions, Heartbeat
@@ -141,9 +142,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
             if config.metrics.enabled else None)
     root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
                       readiness=readiness, metrics=page)
-    # An HTTP connection that has not finished its request (or its WebSocket upgrade)
-    # within this time is dropped: slow-loris clients cannot pile up.
-    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout)
+    # cpvm takes no request bodies; an HTTP connection that has not sent its whole request
+    # (or WebSocket upgrade) within the handshake timeout of its accept is dropped, and
+    # connections still in that phase are capped: slow-loris clients cannot pile up.
+    limits = HttpLimits(
+        max_body=0,
+        request_deadline=config.session.websocket_handshake_timeout,
+        max_connections=server.max_http_connections,
+        max_connections_per_address=server.max_http_connections_per_address,
+        per_address_exempt=server.trusted_proxies,
+    )
+    site = ConsoleSite(root, limits=limits, reactor=reactor,
+                       timeout=config.session.websocket_handshake_timeout)
     tls = None
     endpoint: IStreamServerEndpoint
     if server.tls:

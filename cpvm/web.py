@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web import resource, server, static
+from twisted.web import resource, static
 from twisted.web.http import _escape
+
+from cpvm.httplimits import HttpLimits, LimitedSite
 
 NOVNC_PREFIX = (b"resource", b"noVNC")
 
@@ -112,11 +114,13 @@ def access_log_line(timestamp: str, request) -> str:
             f'{length} "-" "{agent}"')
 
 
-class ConsoleSite(server.Site):
-    """A ``Site`` whose access log never holds tokens; no server version banner."""
+class ConsoleSite(LimitedSite):
+    """A ``Site`` whose access log never holds tokens; no server version banner; no
+    request bodies, a deadline for each request and caps on connections not yet upgraded
+    (``limits``, see :mod:`cpvm.httplimits`)."""
 
-    def __init__(self, root, **kwargs):
-        super().__init__(root, logFormatter=access_log_line, **kwargs)
+    def __init__(self, root, *, limits: HttpLimits, **kwargs):
+        super().__init__(root, limits=limits, logFormatter=access_log_line, **kwargs)
         self.displayTracebacks = False
 
     def getResourceFor(self, request):  # noqa: N802

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cpvm import __version__
+from cpvm.httplimits import HttpLimits
 from cpvm.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
@@ -102,8 +103,12 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
         retention_seconds=config.sessions.retention_days * 86400.0,
     )
     broker = ConsoleBroker(database, box, clock, settings, metrics)
+    # Bodies are capped and each request must arrive in time, before twisted.web reads it.
+    limits = HttpLimits(max_body=config.server.max_body_size,
+                        request_deadline=config.server.request_timeout)
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
-                      config.metrics.allow if config.metrics.enabled else None, reactor)
+                      config.metrics.allow if config.metrics.enabled else None, reactor,
+                      limits)
     http = strports.service(config.server.listen, site, reactor=reactor)
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)

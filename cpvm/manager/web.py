@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from cpvm.httplimits import HttpLimits, LimitedSite
 from cpvm.manager import signing, store
 from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
@@ -568,9 +569,10 @@ class ReadyResource(Resource):
         return server.NOT_DONE_YET
 
 
-class ManagerSite(server.Site):
+class ManagerSite(LimitedSite):
     """A ``Site`` whose access log carries the path only: query strings hold apiKeys and
-    signatures, so they never reach a log line."""
+    signatures, so they never reach a log line. Bodies are capped and each request has
+    a deadline (``limits``, see :mod:`cpvm.httplimits`)."""
 
     _log = Logger(namespace="cpvm.manager.access")
     displayTracebacks = False
@@ -595,6 +597,7 @@ def build_site(
     metrics: ManagerMetrics,
     metrics_allow: tuple[IPNetwork, ...] | None,
     reactor: Any,
+    limits: HttpLimits = HttpLimits(max_body=1024 * 1024, request_deadline=60.0),
 ) -> ManagerSite:
     """The resource tree of the manager."""
     root = Resource()
@@ -606,5 +609,5 @@ def build_site(
     root.putChild(b"readyz", ReadyResource(db, reactor))
     if metrics_allow is not None:
         root.putChild(b"metrics", MetricsPage(metrics.registry, metrics_allow))
-    site = ManagerSite(root, timeout=60, reactor=reactor)
+    site = ManagerSite(root, limits=limits, timeout=60, reactor=reactor)
     return site
