@@ -128,6 +128,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         open_handshake_timeout=config.session.websocket_handshake_timeout,
         max_message_size=config.session.max_message_size,
         server_name="cpvm",
+        reactor=reactor,
     )
 
     def readiness():

@@ -18,6 +18,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "cpvm" / "manager.conf"
 def test_defaults():
     c = parse_config(IniReader.empty())
     assert c.server.listen == "tcp:8250"
+    assert c.server.max_body_size == 1024 * 1024 and c.server.request_timeout == 60
     assert c.database.kind == "sqlite"
     assert c.database.path == "/var/lib/cpvm-manager/manager.db"
     assert str(c.security.secret_key_file) == "/var/lib/cpvm-manager/secret.key"
@@ -46,6 +47,8 @@ def test_values_and_errors():
         ("[database]\nurl = mysql://x\n", "[database] url"),
         ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies"),
         ("[proxies]\nproxy_timeout = 3\n", "[proxies] proxy_timeout"),
+        ("[server]\nmax_body_size = 100\n", "[server] max_body_size"),
+        ("[server]\nrequest_timeout = never\n", "[server] request_timeout"),
     ]:
         with pytest.raises(ConfigError) as e:
             parse_config(IniReader("m.conf", text=text))
