@@ -113,6 +113,7 @@ class LimitedChannel(http.HTTPChannel):
         self._address: str | None = None  # set while counted by the site
         self._body = 0
         self._refused = False
+        self._started = False  # bytes of the next request have arrived
 
     # The WebSocket upgrade (Autobahn's WebSocketResource) takes the transport away by
     # setting ``channel.transport = None``; from then on the connection is not HTTP's.
@@ -142,6 +143,7 @@ class LimitedChannel(http.HTTPChannel):
     def dataReceived(self, data):  # noqa: N802
         if self._refused:
             return  # refused: what is still in flight is dropped unread
+        self._started = True
         super().dataReceived(data)
 
     def allHeadersReceived(self):  # noqa: N802
@@ -168,6 +170,7 @@ class LimitedChannel(http.HTTPChannel):
         if self._refused:
             return
         self._body = 0
+        self._started = False
         self._cancel_deadline()
         super().allContentReceived()
 
@@ -194,6 +197,10 @@ class LimitedChannel(http.HTTPChannel):
         if self._transport is None or self._refused:
             return
         self._refused = True
+        if not self._started and not self._dataBuffer:
+            # Nothing of a request yet (an idle kept-alive connection): just close.
+            self.loseConnection()
+            return
         self.site.refused("request not received within the deadline", self._address or "unknown")
         self._close_with(_response(408, b"Request Timeout", b"request timeout\n"))
 

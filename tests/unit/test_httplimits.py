@@ -116,7 +116,30 @@ def test_deadline_restarts_for_the_next_request_on_a_kept_alive_connection():
     assert not transport.disconnecting
     clock.advance(1.5)
     assert transport.disconnecting
-    assert b"408" in transport.value()
+    # Idle between requests: closed without an answer nobody asked for.
+    assert transport.value().count(b"HTTP/1.1") == 1 and b"408" not in transport.value()
+
+
+def test_a_request_begun_on_a_kept_alive_connection_gets_408_at_its_deadline():
+    clock = Clock()
+    site = make_site(clock, request_deadline=10.0)
+    channel, transport = connect(site)
+    channel.dataReceived(GET)
+    clock.advance(5)
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    clock.advance(5.5)
+    assert transport.disconnecting
+    assert transport.value().split(b"got 0 bytes", 1)[1].startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_silent_connection_is_closed_at_the_deadline_without_answer():
+    clock = Clock()
+    site = make_site(clock, request_deadline=10.0)
+    channel, transport = connect(site)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and transport.value() == b""
 
 
 def test_connection_caps_total_and_per_address():
