@@ -16,6 +16,7 @@ import time
 import pytest_twisted
 from twisted.internet import threads
 
+from tests.daemons import Daemon
 from tests.peers import XVNC_TEST_PASSWORD
 from tests.wsclient import open_console
 
@@ -121,3 +122,20 @@ async def test_one_address_at_its_cap_does_not_lock_out_another(cpvm_factory, ma
             t.stop.set()
         await threads.deferToThread(wait_all_closed, tricklers, DEADLINE + 10)
     assert "per-address connection limit reached" in cpvm.log_text()
+
+
+def test_manager_trickling_request_closed_at_its_deadline(tmp_path):
+    work = tmp_path / "manager"
+    work.mkdir()
+    manager = Daemon("manager", "cpvm-manager",
+                     f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {work / 'data'}\n"
+                     "request_timeout = 3\n", workdir=work)
+    try:
+        trickler = Trickler(manager.port, "127.0.0.1")
+        trickler.start()
+        trickler.join(3 + 10)
+        assert trickler.closed_after is not None, "a trickling request outlived the deadline"
+        assert 2.5 <= trickler.closed_after < 3 + 5, trickler.closed_after
+        assert trickler.answer.startswith(b"HTTP/1.1 408 "), trickler.answer
+    finally:
+        manager.stop()
