@@ -197,6 +197,7 @@ async def test_bogus_flood_from_one_address_neither_locks_out_nor_reaches_the_ma
     assert calls <= allowed, (calls, elapsed, len(flood.results))
     assert len(limited) >= len(flood.results) - allowed - threads, sorted(set(flood.results))
     assert "rate_limited" in cpvm.log_text()
+    assert token not in cpvm.log_text() and token not in manager.log_text()
 
 
 async def _until_ready(cpvm) -> None:
@@ -218,3 +219,30 @@ async def _sleep(seconds: float) -> None:
 
 async def _in_thread(fn):
     return await threads.deferToThread(fn)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_redemptions_have_their_own_cap(cpvm_factory, manager, xvnc):
+    """With the manager slow, ``max_pending`` upgrades wait for it; one more gets 503
+    at once; when the manager answers, the waiting consoles work and there is room again."""
+    cpvm = cpvm_factory(session={"max_pending": 2})
+    vnc = {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
+    manager.delay = 1.5  # below cpvm's manager timeout (3 s in these tests)
+    waiting = []
+    for _ in range(2):
+        token, _ = manager.issue(vnc)
+        waiting.append(await open_console(
+            f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}"))
+    token, issued = manager.issue(vnc)
+    with pytest.raises(ConnectionError, match="503.*too many consoles being opened"):
+        await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}")
+    assert not issued.used  # refused before any redemption
+    for client in waiting:
+        info = await client.rfb_handshake()
+        assert (info["width"], info["height"]) == (1024, 768)
+    manager.delay = 0
+    client = await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}")
+    await client.rfb_handshake()
+    for c in [*waiting, client]:
+        c.sendClose(1000)
+        await c.wait_closed()
