@@ -172,7 +172,7 @@ def test_upgrade_frees_the_slot_and_stops_the_deadline():
     assert not t2.disconnected
 
 
-def test_refusals_are_logged_once_per_interval(caplog):
+def test_refusals_are_logged_once_per_interval():
     from twisted.logger import globalLogPublisher
 
     events = []
