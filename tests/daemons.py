@@ -46,7 +46,8 @@ class Daemon(Peer):
     """A cpvm or cpvm-manager process started through twistd."""
 
     def __init__(self, name: str, plugin: str, config_text: str, *, workdir: Path | None = None,
-                 timeout: float = 20.0, extra_args: tuple[str, ...] = ()):
+                 timeout: float = 20.0, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.workdir = workdir or _workdir(name)
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
@@ -54,8 +55,10 @@ class Daemon(Peer):
                 "--nodaemon", "--pidfile=", "--reactor=cpvm", *extra_args, plugin,
                 "--config", str(self.config_path)]
         # The plugin module is found through the checkout's twisted/plugins directory.
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir, env=env)
+        # (``env`` adds to or overrides the test's own environment, e.g. TMPDIR.)
+        full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir,
+                           env=full_env)
         self._process = proc
         self.port = _wait_for_port(proc, timeout, name)
 

@@ -38,6 +38,9 @@ class Outcome(Enum):
     TERMINATED = (4022, "session terminated by administrator", "terminated")
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
+    # Refused by cpvm itself, without asking the manager (docs/management-api.md).
+    RATE_LIMITED = (4029, "too many failed console attempts from this address",
+                    "rate_limited")
 
     @property
     def code(self) -> int:

@@ -31,6 +31,10 @@ class ServerConfig:
 
     listen: str
     trusted_proxies: tuple[IPNetwork, ...]
+    # Largest request body accepted, in bytes (413 beyond, before it is read).
+    max_body_size: int
+    # Seconds for a whole request to arrive, from accept (or the previous answer).
+    request_timeout: float
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,13 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     trusted: tuple[IPNetwork, ...] = reader.get(
         "server", "trusted_proxies", (), _networks, "a list of CIDRs"
     )
-    server = ServerConfig(listen=listen, trusted_proxies=trusted)
+    server = ServerConfig(
+        listen=listen,
+        trusted_proxies=trusted,
+        max_body_size=reader.integer("server", "max_body_size", 1024 * 1024, minimum=1024,
+                                     maximum=64 * 1024 * 1024),
+        request_timeout=reader.number("server", "request_timeout", 60.0, minimum=1.0),
+    )
     database = _database(reader, data_dir)
     security = _security(reader, data_dir)
     tokens = TokenConfig(

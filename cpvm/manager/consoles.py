@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
+from cpvm.common.tokens import new_token
 
 NOVNC_PATH = "/resource/noVNC/vnc.html"
 WEBSOCKET_PATH = "websockify"
@@ -292,7 +292,7 @@ class ConsoleBroker:
     ):
         """Pick a proxy, record a pending session with a fresh token, build the URL."""
         now = self._clock.seconds()
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         session_id = str(uuid.uuid4())
         settings = self.settings
         extra_hash = self._extra_hash(extra) or None

@@ -12,6 +12,7 @@ from twisted.python import usage
 from cpvm import __version__
 from cpvm.common import logs
 from cpvm.common.inifile import ConfigError
+from cpvm.common.httplimits import HttpLimits
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
@@ -109,9 +110,12 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     expiry = ExpiryPolicy(required=security.signature_expiry_required,
                           max_lifetime=security.max_request_lifetime)
     limiter = KeyedRateLimiter(security.create_rate, security.create_burst, clock)
+    # Bodies are capped and each request must arrive in time, before twisted.web reads it.
+    limits = HttpLimits(max_body=config.server.max_body_size,
+                        request_deadline=config.server.request_timeout)
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
                       config.metrics.allow if config.metrics.enabled else None, reactor,
-                      expiry, limiter)
+                      expiry=expiry, create_limiter=limiter, limits=limits)
     http = strports.service(config.server.listen, site, reactor=reactor)
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)

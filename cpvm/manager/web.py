@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.manager import instances, signing, store
 from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
@@ -636,9 +637,10 @@ class ReadyResource(Resource):
         return server.NOT_DONE_YET
 
 
-class ManagerSite(server.Site):
+class ManagerSite(LimitedSite):
     """A ``Site`` whose access log carries the path only: query strings hold apiKeys and
-    signatures, so they never reach a log line."""
+    signatures, so they never reach a log line. Bodies are capped and each request has
+    a deadline (``limits``, see :mod:`cpvm.common.httplimits`)."""
 
     _log = Logger(namespace="cpvm.manager.access")
     displayTracebacks = False
@@ -665,6 +667,7 @@ def build_site(
     reactor: Any,
     expiry: signing.ExpiryPolicy = signing.ExpiryPolicy(),
     create_limiter: KeyedRateLimiter | None = None,
+    limits: HttpLimits = HttpLimits(max_body=1024 * 1024, request_deadline=60.0),
 ) -> ManagerSite:
     """The resource tree of the manager."""
     root = Resource()
@@ -677,5 +680,5 @@ def build_site(
     root.putChild(b"readyz", ReadyResource(db, reactor))
     if metrics_allow is not None:
         root.putChild(b"metrics", MetricsPage(metrics.registry, metrics_allow))
-    site = ManagerSite(root, timeout=60, reactor=reactor)
+    site = ManagerSite(root, limits=limits, timeout=60, reactor=reactor)
     return site

@@ -46,6 +46,10 @@ class ServerConfig:
     novnc_dir: Path
     # Where the instance id lives (cpvm/proxy/instance.py): the unit's StateDirectory=.
     state_directory: Path
+    # Connections that have not finished their HTTP phase (request or WebSocket upgrade),
+    # in total and per TCP peer address (0: no cap).
+    max_http_connections: int
+    max_http_connections_per_address: int
 
     @property
     def scheme(self) -> str:
@@ -84,6 +88,11 @@ class SessionConfig:
     max_sessions: int
     max_message_size: int
     shared: bool
+    # Sessions whose token the manager has not answered yet (part of max_sessions).
+    max_pending: int
+    # Failed redemptions per client address: a bucket of this many, refilled per second.
+    failed_redemption_burst: int
+    failed_redemption_rate: float
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,9 @@ def parse_config(r: IniReader) -> CpvmConfig:
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
         state_directory=r.path(  # type: ignore[arg-type]
             "server", "state_directory", "/var/lib/cpvm"),
+        max_http_connections=r.integer("server", "max_http_connections", 1000, minimum=0),
+        max_http_connections_per_address=r.integer(
+            "server", "max_http_connections_per_address", 64, minimum=0),
     )
 
     manager = _read_manager(r)
@@ -169,6 +181,11 @@ def parse_config(r: IniReader) -> CpvmConfig:
         max_message_size=r.integer("session", "max_message_size", 64 * 1024,
                                    minimum=1024),
         shared=r.boolean("session", "shared", True),
+        max_pending=r.integer("session", "max_pending", 200, minimum=1),
+        failed_redemption_burst=r.integer("session", "failed_redemption_burst", 20,
+                                          minimum=1),
+        failed_redemption_rate=r.number("session", "failed_redemption_rate", 0.5,
+                                        minimum=0.001),
     )
 
     log = read_log(r)

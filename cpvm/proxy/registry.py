@@ -11,7 +11,7 @@ import ipaddress
 from collections import deque
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
 )
@@ -21,11 +21,13 @@ from twisted.python.failure import Failure
 from cpvm import __version__, rfb
 from cpvm.proxy.config import CpvmConfig
 from cpvm.proxy.manager_client import (
-    InstanceConflict, ManagerClient, ManagerUnavailable, Redemption,
+    InstanceConflict, ManagerClient, ManagerUnavailable, Redemption, RedemptionRefused,
 )
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.common.contract import Outcome
+from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.proxy.session import ConsoleSession, SessionLimits
+from cpvm.common.tokens import looks_like_token
 from cpvm.proxy.upstream import VncClientFactory, tls_creator
 
 audit_log = Logger(namespace="cpvm.audit")
@@ -49,12 +51,21 @@ class ConsoleSessions:
         self.metrics = metrics
         self._all: set[ConsoleSession] = set()
         self._by_id: dict[str, ConsoleSession] = {}
+        # Capacity counts sessions the manager accepted (until they end) and redemptions
+        # it has not answered yet; a session being refused counts for neither.
+        self._live: set[ConsoleSession] = set()
+        self._pending = 0
+        s = config.session
+        # Failed redemptions per client address: every attempt spends a token, a good
+        # one gives it back, an empty bucket is refused here (4029).
+        self._attempts = TokenBuckets(reactor, burst=s.failed_redemption_burst,
+                                      rate=s.failed_redemption_rate)
+        self._quiet = LogThrottle(reactor)
         self._default_ca: bytes | None = (
             config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None)
         # End reports wait here for the next heartbeat, which carries them in one request.
         self._ended: deque[dict] = deque()
         self.accepting = True
-        s = config.session
         self._limits = SessionLimits(
             handshake_timeout=config.vnc.handshake_timeout + config.manager.timeout,
             idle_timeout=s.idle_timeout,
@@ -65,7 +76,17 @@ class ConsoleSessions:
     # -- creation ------------------------------------------------------------------------
 
     def at_capacity(self) -> bool:
-        return not self.accepting or len(self._all) >= self._config.session.max_sessions
+        """No room for one more session: stopping, or ``max_sessions`` live or pending."""
+        return (not self.accepting
+                or len(self._live) + self._pending >= self._config.session.max_sessions)
+
+    def too_many_pending(self) -> bool:
+        """``max_pending`` redemptions already wait for the manager."""
+        return self._pending >= self._config.session.max_pending
+
+    @property
+    def pending(self) -> int:
+        return self._pending
 
     def refused(self, reason: str) -> None:
         self.metrics.refused.labels(reason=reason).inc()
@@ -108,11 +129,18 @@ class ConsoleSessions:
     # -- redemption and upstream ---------------------------------------------------------
 
     def _redeem(self, token: str, extra: str | None, client: str) -> Deferred:
+        refusal = self._refuse_locally(token, client)
+        if refusal is not None:
+            return fail(refusal)
         started = self._reactor.seconds()
+        self._pending += 1
         d = self._manager.redeem(token, extra, client)
 
         def done(result):
+            self._pending -= 1
             self.metrics.redemption_latency.observe(self._reactor.seconds() - started)
+            if not isinstance(result, Failure) or result.check(ManagerUnavailable):
+                self._attempts.give_back(client)  # not the client's failure
             if isinstance(result, Failure):
                 if result.check(ManagerUnavailable):
                     self.metrics.manager_failures.labels(call="redeem").inc()
@@ -134,6 +162,19 @@ class ConsoleSessions:
         d.addBoth(done)
         return d
 
+    def _refuse_locally(self, token: str, client: str) -> RedemptionRefused | None:
+        """What cpvm refuses without a manager round trip: an address out of attempts,
+        and (spending an attempt) anything that cannot be a token."""
+        if not self._attempts.take(client):
+            self.metrics.redemptions.labels(result="rate_limited").inc()
+            return RedemptionRefused(Outcome.RATE_LIMITED, "rate_limited",
+                                     "too many failed attempts from this address")
+        if not looks_like_token(token):
+            self.metrics.redemptions.labels(result="malformed_token").inc()
+            return RedemptionRefused(Outcome.INVALID_TOKEN, "invalid_token",
+                                     "not the shape of a console token")
+        return None
+
     def _connect_upstream(self, session: ConsoleSession, r: Redemption) -> Deferred:
         vnc = self._config.vnc
         target = r.vnc
@@ -154,6 +195,7 @@ class ConsoleSessions:
     # -- hooks called by sessions --------------------------------------------------------
 
     def redeemed(self, session: ConsoleSession) -> None:
+        self._live.add(session)
         sid = session.session_id
         if sid:
             self._by_id[sid] = session
@@ -183,6 +225,7 @@ class ConsoleSessions:
 
     def ended(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
         self._all.discard(session)
+        self._live.discard(session)
         sid = session.session_id
         if sid:
             self._by_id.pop(sid, None)
@@ -197,8 +240,16 @@ class ConsoleSessions:
         duration = (stats.ended or stats.started) - stats.started
         fields = session.log_fields()
         level = self._log.info if outcome.code in (1000, 1001) else self._log.warn
-        level("console session ended: {reason} ({detail})", reason=outcome.report,
-              detail=detail, code=outcome.code, **fields)
+        if outcome is Outcome.RATE_LIMITED:
+            # A flood's refusals: one line per interval, with how many it stands for.
+            count = self._quiet.event(outcome.report)
+            if count is not None:
+                level("console sessions refused: {reason} ({count} since the last line), "
+                      "last from {client}", reason=outcome.report, count=count,
+                      code=outcome.code, client=session.client_address)
+        else:
+            level("console session ended: {reason} ({detail})", reason=outcome.report,
+                  detail=detail, code=outcome.code, **fields)
         if sid:
             audit_log.info(
                 "console session ended: vm {vm} reason {reason}, {bytes_to_client} bytes "

@@ -223,7 +223,7 @@ class ConsoleSession:
             return
         if failure.check(RedemptionRefused):
             err = failure.value
-            self._refuse(err.outcome, f"manager refused the token: {err.error}")
+            self._refuse(err.outcome, f"token refused: {err.error}")
         elif failure.check(ManagerUnavailable):
             self._refuse(Outcome.MANAGER_UNREACHABLE, str(failure.value))
         else:

@@ -27,6 +27,7 @@ from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
 from cpvm.proxy.headers import SecurityHeaders
 from cpvm.proxy.instance import instance_id_for
+from cpvm.common.httplimits import HttpLimits
 
 log = Logger()
 
@@ -143,6 +144,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         open_handshake_timeout=config.session.websocket_handshake_timeout,
         max_message_size=config.session.max_message_size,
         server_name="cpvm",
+        reactor=reactor,
     )
 
     def readiness():
@@ -160,9 +162,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
             if config.metrics.enabled else None)
     root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
                       readiness=readiness, metrics=page)
-    # An HTTP connection that has not finished its request (or its WebSocket upgrade)
-    # within this time is dropped: slow-loris clients cannot pile up.
-    site = ConsoleSite(root, timeout=config.session.websocket_handshake_timeout,
+    # cpvm takes no request bodies; an HTTP connection that has not sent its whole request
+    # (or WebSocket upgrade) within the handshake timeout of its accept is dropped, and
+    # connections still in that phase are capped: slow-loris clients cannot pile up.
+    limits = HttpLimits(
+        max_body=0,
+        request_deadline=config.session.websocket_handshake_timeout,
+        max_connections=server.max_http_connections,
+        max_connections_per_address=server.max_http_connections_per_address,
+        per_address_exempt=server.trusted_proxies,
+    )
+    site = ConsoleSite(root, limits=limits, reactor=reactor,
+                       timeout=config.session.websocket_handshake_timeout,
                        security_headers=SecurityHeaders(
                            tls=server.tls, frame_ancestors=server.frame_ancestors))
     tls = None

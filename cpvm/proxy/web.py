@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Callable
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web import resource, server, static
+from twisted.web import resource, static
 from twisted.web.http import _escape
 
 from cpvm.proxy.headers import SecurityHeaders
+from cpvm.common.httplimits import HttpLimits, LimitedSite
 
 NOVNC_PREFIX = (b"resource", b"noVNC")
 
@@ -112,12 +113,15 @@ def access_log_line(timestamp: str, request) -> str:
             f'{length} "-" "{agent}"')
 
 
-class ConsoleSite(server.Site):
+class ConsoleSite(LimitedSite):
     """A ``Site`` whose access log never holds tokens; no server version banner; the
-    security headers (CSP, frame-ancestors, nosniff, HSTS with TLS) on every answer."""
+    security headers (CSP, frame-ancestors, nosniff, HSTS with TLS) on every answer; no
+    request bodies, a deadline for each request and caps on connections not yet upgraded
+    (``limits``, see :mod:`cpvm.common.httplimits`)."""
 
-    def __init__(self, root, *, security_headers: SecurityHeaders, **kwargs):
-        super().__init__(root, logFormatter=access_log_line, **kwargs)
+    def __init__(self, root, *, limits: HttpLimits, security_headers: SecurityHeaders,
+                 **kwargs):
+        super().__init__(root, limits=limits, logFormatter=access_log_line, **kwargs)
         self.displayTracebacks = False
         self._security_headers = security_headers
 

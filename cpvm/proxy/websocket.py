@@ -20,6 +20,7 @@ from cpvm.proxy import fastwrite
 from cpvm.common.addresses import address_in
 from cpvm.common.contract import Outcome
 from cpvm.proxy.wsframes import FrameReader
+from cpvm.common.ratelimit import LogThrottle
 
 if TYPE_CHECKING:  # pragma: no cover
     from cpvm.proxy.registry import ConsoleSessions
@@ -75,8 +76,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         try:
             token, extra = self._check_request(request, client)
         except ConnectionDeny as deny:
-            self._log.info("refused WebSocket from {client}: {reason}", client=client,
-                           reason=deny.reason)
+            count = f.refusal_log.event(deny.reason)  # a flood: one line per interval
+            if count is not None:
+                self._log.info("refused WebSocket from {client}: {reason} ({count} since "
+                               "the last line)", client=client, reason=deny.reason,
+                               count=count)
             f.sessions.refused(deny.reason)
             raise
         self._session = f.sessions.create(self, token, extra, client)
@@ -99,6 +103,8 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(400, "at most one extra query parameter is allowed")
         if f.sessions.at_capacity():
             raise ConnectionDeny(503, "console proxy at capacity")
+        if f.sessions.too_many_pending():
+            raise ConnectionDeny(503, "too many consoles being opened")
         return tokens[0], (extras[0] if extras else None)
 
     def onOpen(self):  # noqa: N802
@@ -167,9 +173,11 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
 
     def __init__(self, *, sessions: "ConsoleSessions", scheme: str,
                  allowed_origins: tuple[str, ...], trusted_proxies: tuple,
-                 open_handshake_timeout: float, max_message_size: int, server_name: str):
-        super().__init__(server=server_name)
+                 open_handshake_timeout: float, max_message_size: int, server_name: str,
+                 reactor=None):
+        super().__init__(server=server_name, reactor=reactor)
         self.sessions = sessions
+        self.refusal_log = LogThrottle(self.reactor)
         self.scheme = scheme
         self.allowed_origins = allowed_origins
         self.trusted_proxies = trusted_proxies

@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
+from cpvm.common.tokens import new_token
 from tests.integration import scripted_vnc
 from tests.peers import QEMU_TEST_PASSWORD, XVNC_TEST_PASSWORD
 from tests.wsclient import RfbRefused, open_console
@@ -212,8 +213,13 @@ async def test_wrong_extra_is_refused_and_does_not_burn(cpvm, manager, echo_serv
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_token(cpvm, manager):
+    closed, reason = await refused(cpvm, new_token(), expect_code=4001)
+    assert reason == "invalid token"
+    assert len(manager.redeem_requests) == 1
+    # Not the shape of a token: the same answer, without asking the manager.
     closed, reason = await refused(cpvm, "not-a-token", expect_code=4001)
     assert reason == "invalid token"
+    assert len(manager.redeem_requests) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -321,7 +327,8 @@ async def test_manager_down(cpvm_factory, manager, echo_server, proxy_key):
     port, _, listening = scripted_vnc.listen(scripted_vnc.Hanging)
     await listening.stopListening()
     cpvm = cpvm_factory(manager={"url": f"http://127.0.0.1:{port}"})
-    closed, reason = await refused(cpvm, "some-token", expect_code=4010)
+    # A well-shaped token (a malformed one is refused without asking the manager).
+    closed, reason = await refused(cpvm, new_token(), expect_code=4010)
     assert reason == "management server unreachable"
 
 
@@ -334,7 +341,7 @@ async def test_manager_down(cpvm_factory, manager, echo_server, proxy_key):
 async def test_manager_broken_answers(cpvm, manager, echo_server, status, body):
     healthy, _, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
     manager.override = (status, body)
-    closed, reason = await refused(cpvm, "whatever", expect_code=4010)
+    closed, reason = await refused(cpvm, new_token(), expect_code=4010)
     manager.override = None
     await assert_still_healthy(healthy)
 

@@ -21,6 +21,7 @@ def test_defaults():
     assert c.security.signature_expiry_required is True
     assert c.security.max_request_lifetime == 600
     assert (c.security.create_rate, c.security.create_burst) == (10, 50)
+    assert c.server.max_body_size == 1024 * 1024 and c.server.request_timeout == 60
     assert c.database.kind == "sqlite"
     assert c.database.path == "/var/lib/cpvm-manager/manager.db"
     assert str(c.security.secret_key_file) == "/var/lib/cpvm-manager/secret.key"
@@ -59,6 +60,8 @@ def test_values_and_errors():
         ("[security]\nmax_request_lifetime = 0\n", "[security] max_request_lifetime"),
         ("[security]\ncreate_rate = -1\n", "[security] create_rate"),
         ("[security]\ncreate_burst = 0\n", "[security] create_burst"),
+        ("[server]\nmax_body_size = 100\n", "[server] max_body_size"),
+        ("[server]\nrequest_timeout = never\n", "[server] request_timeout"),
     ]:
         with pytest.raises(ConfigError) as e:
             parse_config(IniReader("m.conf", text=text))

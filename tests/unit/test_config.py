@@ -23,6 +23,10 @@ def test_embedded_defaults():
     assert c.session.idle_timeout == 900
     assert c.session.max_message_size == 64 * 1024
     assert c.server.workers == 1
+    assert (c.server.max_http_connections, c.server.max_http_connections_per_address) == (
+        1000, 64)
+    assert (c.session.max_pending, c.session.failed_redemption_burst,
+            c.session.failed_redemption_rate) == (200, 20, 0.5)
 
 
 def test_shipped_file_is_all_defaults():
@@ -80,6 +84,15 @@ def test_credential_readable_by_others_is_refused(tmp_path):
     ("[metrics]\nallow = prometheus.example.com\n", "[metrics] allow",
      "not an address, CIDR network or 'any'"),
     ("not an ini file\n", "cpvm.conf", "not a valid INI file"),
+    ("[server]\nmax_http_connections = -1\n", "[server] max_http_connections",
+     "at least 0"),
+    ("[server]\nmax_http_connections_per_address = lots\n",
+     "[server] max_http_connections_per_address", "expected an integer"),
+    ("[session]\nmax_pending = 0\n", "[session] max_pending", "at least 1"),
+    ("[session]\nfailed_redemption_burst = 0\n", "[session] failed_redemption_burst",
+     "at least 1"),
+    ("[session]\nfailed_redemption_rate = 0\n", "[session] failed_redemption_rate",
+     "at least 0.001"),
 ])
 def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
     path = write(tmp_path, text)
