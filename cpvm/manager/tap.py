@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import service, strports
-from twisted.application.internet import TimerService
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -17,6 +17,7 @@ from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.web import build_site
+from cpvm.tls import server_endpoint
 
 _log = Logger()
 
@@ -104,7 +105,9 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     broker = ConsoleBroker(database, box, clock, settings, metrics)
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
                       config.metrics.allow if config.metrics.enabled else None, reactor)
-    http = strports.service(config.server.listen, site, reactor=reactor)
+    # As strports.service, with cpvm's TLS policy on an ssl: listener (cpvm/tls.py).
+    http = StreamServerEndpointService(server_endpoint(reactor, config.server.listen), site)
+    http._raiseSynchronously = True
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)
     http.setServiceParent(top)
