@@ -2,13 +2,62 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL, crypto
-from twisted.internet import ssl
+from twisted.internet import endpoints, ssl
 from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
+
+#: The TLS 1.2 suites both daemons' listeners accept: forward-secret key exchange (ECDHE,
+#: DHE) with AEAD only. TLS 1.3 suites are all forward-secret and are left to OpenSSL.
+#: Twisted's default list also admits static-RSA key exchange (TLS_RSA_WITH_*), which lets a
+#: stolen private key decrypt recorded sessions; tests/integration/test_tls_scan.py checks
+#: the result with a real scanner.
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
+
+# Contexts already hardened: a listener asks for its context on every connection.
+_hardened: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
+def hardened(context: SSL.Context) -> SSL.Context:
+    """Apply cpvm's server TLS policy to ``context`` (once) and return it.
+
+    TLS 1.2 at least (SSLv2/3, TLS 1.0/1.1 refused), :data:`SERVER_CIPHERS` for TLS 1.2,
+    no compression (CRIME), no client-initiated renegotiation; the server's suite order wins.
+    """
+    if context not in _hardened:
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(SERVER_CIPHERS.encode("ascii"))
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                            | SSL.OP_NO_RENEGOTIATION)
+        _hardened.add(context)
+    return context
+
+
+class HardenedContextFactory:
+    """Wraps a server context factory so that every context it gives is :func:`hardened`."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 (Twisted's interface)
+        return hardened(self._inner.getContext())
+
+
+def server_endpoint(reactor: Any, description: str) -> Any:
+    """``endpoints.serverFromString``, with an ``ssl:`` listener's TLS :func:`hardened`.
+
+    Twisted's ``ssl:`` parser builds its CertificateOptions with Twisted's default cipher
+    list and offers no way to pass ours, so its context factory is wrapped after parsing.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+        endpoint._sslContextFactory = HardenedContextFactory(endpoint._sslContextFactory)
+    return endpoint
 
 
 def pem_certificates(data: bytes) -> list[ssl.Certificate]:
@@ -83,7 +132,7 @@ class ReloadableServerTLS:
         return True
 
     def getContext(self):  # noqa: N802 (Twisted's interface)
-        return self._options.getContext()
+        return hardened(self._options.getContext())
 
 
 def manager_tls_policy(ca_file: Path | None):

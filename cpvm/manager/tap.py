@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import service, strports
-from twisted.application.internet import TimerService
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -21,6 +21,7 @@ from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.signing import ExpiryPolicy
 from cpvm.manager.web import build_site
+from cpvm.common.tls import server_endpoint
 
 _log = Logger()
 
@@ -116,7 +117,9 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
                       config.metrics.allow if config.metrics.enabled else None, reactor,
                       expiry=expiry, create_limiter=limiter, limits=limits)
-    http = strports.service(config.server.listen, site, reactor=reactor)
+    # As strports.service, with cpvm's TLS policy on an ssl: listener (cpvm/common/tls.py).
+    http = StreamServerEndpointService(server_endpoint(reactor, config.server.listen), site)
+    http._raiseSynchronously = True
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)
     http.setServiceParent(top)

@@ -366,7 +366,7 @@ def _json_body(request: server.Request) -> dict[str, Any]:
         raise _bad("body too large")
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: RecursionError
         raise _bad("body is not JSON") from None
     if not isinstance(body, dict):
         raise _bad("body is not a JSON object")
@@ -543,6 +543,7 @@ class ProxyApiResource(Resource):
 
 
 MAX_ENDED_PER_BEAT = 1000
+MAX_DURATION = 10**9  # seconds (31 years) in an end report
 MAX_WORKER = 1023
 
 
@@ -564,8 +565,11 @@ def _end_report(body: Any) -> dict:
     if reason not in END_REASONS:
         raise _bad("reason is not one of the documented end reasons")
     duration = body.get("duration", 0)
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration < 0:
-        raise _bad("duration must be a non-negative number")
+    # The range check also refuses NaN, Infinity (JSON extensions Python accepts, and 1e999)
+    # and integers too large for a float: they would reach the audit log and listings.
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
+            or not 0 <= duration <= MAX_DURATION:
+        raise _bad(f"duration must be a number of seconds from 0 to {MAX_DURATION}")
     return {
         "reason": reason,
         "client_address": _string(body, "client_address", optional=True, maximum=100),

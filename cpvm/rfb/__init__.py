@@ -20,10 +20,12 @@ share), ``client`` (towards the VNC server), ``server`` (towards the browser),
 
 from __future__ import annotations
 
-from cpvm.rfb.events import ClientInitReceived, ClientVersionReceived, Event, Failed, FailureKind, MAX_NAME_LENGTH, MAX_REASON_LENGTH, SecurityComplete, Send, ServerInit, ServerInitReceived, StartTLS
+from cpvm.rfb.events import ClientInitReceived, ClientVersionReceived, Event, Failed, FailureKind, MAX_FAILURE_MESSAGE, MAX_NAME_LENGTH, MAX_REASON_LENGTH, SecurityComplete, Send, ServerInit, ServerInitReceived, StartTLS
 from cpvm.rfb.client import RfbClientHandshake
 from cpvm.rfb.server import RfbServerHandshake
 from cpvm.rfb.scanner import ClientInputScanner
+# Security types and VeNCrypt subtypes (RFC 6143 7.2, the IANA registry).
+from cpvm.rfb.events import SEC_INVALID, SEC_NONE, SEC_VENCRYPT, SEC_VNC_AUTH, VENCRYPT_TLS_NONE, VENCRYPT_TLS_VNC, VENCRYPT_X509_NONE, VENCRYPT_X509_VNC
 
 __all__ = [
     "ClientInitReceived",
@@ -32,6 +34,7 @@ __all__ = [
     "Event",
     "Failed",
     "FailureKind",
+    "MAX_FAILURE_MESSAGE",
     "MAX_NAME_LENGTH",
     "MAX_REASON_LENGTH",
     "RfbClientHandshake",
@@ -41,4 +44,12 @@ __all__ = [
     "ServerInit",
     "ServerInitReceived",
     "StartTLS",
+    "SEC_INVALID",
+    "SEC_NONE",
+    "SEC_VENCRYPT",
+    "SEC_VNC_AUTH",
+    "VENCRYPT_TLS_NONE",
+    "VENCRYPT_TLS_VNC",
+    "VENCRYPT_X509_NONE",
+    "VENCRYPT_X509_VNC",
 ]

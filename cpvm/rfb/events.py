@@ -16,6 +16,9 @@ MAX_NAME_LENGTH: Final = 64 * 1024
 
 # Reasons go into log lines and error pages: keep the message short whatever the peer sent.
 _MAX_REASON_IN_MESSAGE = 200
+#: Longest :class:`Failed` message: a server listing 255 unknown VeNCrypt subtypes made
+#: one of about 5 KB (found by tests/fuzz, target rfb_client).
+MAX_FAILURE_MESSAGE: Final = 500
 
 # Security types (RFC 6143 section 7.2 and the IANA registry).
 SEC_INVALID: Final = 0
@@ -146,7 +149,8 @@ class Failed:
     ``"auth"`` when the server refused us (bad password, too many attempts, connection
     refused with a reason) or we have no password for the authentication it demands, and
     ``"unsupported-security"`` when no security type on offer is acceptable.
-    ``message`` is meant for logs and never contains the VNC password.
+    ``message`` is meant for logs, never contains the VNC password and is at most
+    :data:`MAX_FAILURE_MESSAGE` characters.
     """
 
     kind: FailureKind

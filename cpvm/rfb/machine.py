@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cpvm.rfb.events import Event, Failed, FailureKind, MAX_REASON_LENGTH, _MAX_REASON_IN_MESSAGE, _SECURITY_NAMES, _U32, _VERSION_LENGTH, _VERSION_RE, _VERSION_TEMPLATE
+from cpvm.rfb.events import Event, Failed, FailureKind, MAX_FAILURE_MESSAGE, MAX_REASON_LENGTH, _MAX_REASON_IN_MESSAGE, _SECURITY_NAMES, _U32, _VERSION_LENGTH, _VERSION_RE, _VERSION_TEMPLATE
 
 
 def _security_name(code: int) -> str:
@@ -61,6 +61,8 @@ class _Machine:
     def _fail(self, events: list[Event], kind: FailureKind, message: str) -> bool:
         self._dead = True
         self._buf.clear()
+        if len(message) > MAX_FAILURE_MESSAGE:
+            message = message[:MAX_FAILURE_MESSAGE - 3] + "..."
         events.append(Failed(kind, message))
         return False
 
