@@ -13,12 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.peers import HOST, REPO_ROOT, Peer, PeerStartError, _Supervised, _workdir
+from tests.peers import HOST, REPO_ROOT, Peer, PeerStartError, Supervised, make_workdir
 
 _STARTING = re.compile(r"starting on (\d+)")
 
 
-def _wait_for_port(proc: _Supervised, timeout: float, what: str, skip: int = 0) -> int:
+def _wait_for_port(proc: Supervised, timeout: float, what: str, skip: int = 0) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
@@ -47,7 +47,7 @@ class Daemon(Peer):
 
     def __init__(self, name: str, plugin: str, config_text: str, *, workdir: Path | None = None,
                  timeout: float = 20.0, extra_args: tuple[str, ...] = ()):
-        self.workdir = workdir or _workdir(name)
+        self.workdir = workdir or make_workdir(name)
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -55,8 +55,9 @@ class Daemon(Peer):
                 "--config", str(self.config_path)]
         # The plugin module is found through the checkout's twisted/plugins directory.
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir, env=env)
-        self._process = proc
+        proc = Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir, env=env)
+        # The directory stays after the stop: fixtures read the log afterwards.
+        self.adopt(proc, self.workdir, owns_workdir=False)
         self.port = _wait_for_port(proc, timeout, name)
 
     def url(self, path: str = "") -> str:
