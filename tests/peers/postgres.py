@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
@@ -88,31 +89,48 @@ def start_postgres(tmpdir: Path | None = None, *, timeout: float = 30.0) -> Post
     for tool in ("initdb", "pg_isready", "createdb"):
         if not (bindir / tool).exists():
             raise PeerUnavailable(f"{bindir / tool} not found: {INSTALL_HINT}")
-    as_root = os.geteuid() == 0
+    cluster = _new_cluster(bindir, tmpdir)
+    try:
+        return start_with_port_retry(lambda: _start_once(cluster, timeout), what="postgres")
+    except BaseException:
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cluster:
+    """An initialised data directory, and whom the server runs as (None: as us)."""
+
+    bindir: Path
+    workdir: Path
+    socket_dir: Path
+    run_as: str | None
+    user_kw: dict[str, Any]
+
+
+def _new_cluster(bindir: Path, tmpdir: Path | None) -> _Cluster:
     run_as: str | None = None
-    if as_root:
+    user_kw: dict[str, Any] = {}
+    if os.geteuid() == 0:
         try:
             pwent = pwd.getpwnam("postgres")
         except KeyError:
             raise PeerUnavailable(f"no 'postgres' system user: {INSTALL_HINT}") from None
         run_as = "postgres"
+        user_kw = dict(user=pwent.pw_uid, group=pwent.pw_gid, extra_groups=[])
         workdir = make_workdir("postgres")
         os.chown(workdir, pwent.pw_uid, pwent.pw_gid)
     else:
         base = Path(tmpdir) if tmpdir is not None else Path(tempfile.gettempdir())
         workdir = Path(tempfile.mkdtemp(prefix="cpvm-postgres-", dir=base))
-    datadir = workdir / "data"
     socket_dir = workdir / "sock"
-    user_kw: dict[str, Any] = {}
-    if run_as is not None:
-        user_kw = dict(user=pwent.pw_uid, group=pwent.pw_gid, extra_groups=[])
     try:
         os.mkdir(socket_dir, 0o700)
         if run_as is not None:
-            os.chown(socket_dir, pwent.pw_uid, pwent.pw_gid)
+            os.chown(socket_dir, user_kw["user"], user_kw["group"])
         init = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(datadir), "-U", Postgres.user, "-A", "trust",
-             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+            [str(bindir / "initdb"), "-D", str(workdir / "data"), "-U", Postgres.user,
+             "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
             capture_output=True, text=True, timeout=120, cwd=workdir, **user_kw,
         )  # fmt: skip
         if init.returncode != 0:
@@ -120,53 +138,52 @@ def start_postgres(tmpdir: Path | None = None, *, timeout: float = 30.0) -> Post
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+    return _Cluster(bindir, workdir, socket_dir, run_as, user_kw)
 
-    def start_once() -> Postgres:
-        port = free_port()
-        argv = [
-            str(bindir / "postgres"), "-D", str(datadir),
-            "-c", f"listen_addresses={HOST}",
-            "-c", f"port={port}",
-            "-c", f"unix_socket_directories={socket_dir}",
-            "-c", "fsync=off",
-            "-c", "synchronous_commit=off",
-            "-c", "full_page_writes=off",
-            "-c", "max_connections=200",
-        ]  # fmt: skip
-        log_path = workdir / f"postgres-{port}.log"
-        # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, stop now.
-        proc = Supervised(
-            "postgres", argv, log_path, user=run_as, cwd=workdir, stop_signal=signal.SIGINT
-        )
-        end = deadline(timeout)
-        ready = False
-        while time.monotonic() < end and not proc.exited():
-            check = subprocess.run(
-                [str(bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-t", "1"],
-                capture_output=True, timeout=10,
-            )  # fmt: skip
-            if check.returncode == 0:
-                ready = True
-                break
-            time.sleep(0.05)
-        if not ready or not pid_listens_on(proc.pid, port):
-            detail = proc.log_tail()
-            # Ready but not ours: someone else answers on the port. Or it could not bind.
-            port_race = ready or port_in_use_failure(proc)
-            proc.stop()
-            if port_race:
-                raise PortRace(detail)
-            raise PeerStartError(f"postgres not ready on {HOST}:{port} in {timeout:g}s\n{detail}")
-        peer = Postgres(proc, port, workdir, bindir, socket_dir)
-        try:
-            peer.create_database(Postgres.database)
-        except subprocess.CalledProcessError as exc:
-            peer.stop()
-            raise PeerStartError(f"createdb {Postgres.database} failed: {exc.stderr!r}") from exc
-        return peer
 
+def _start_once(cluster: _Cluster, timeout: float) -> Postgres:
+    port = free_port()
+    argv = [
+        str(cluster.bindir / "postgres"), "-D", str(cluster.workdir / "data"),
+        "-c", f"listen_addresses={HOST}",
+        "-c", f"port={port}",
+        "-c", f"unix_socket_directories={cluster.socket_dir}",
+        "-c", "fsync=off",
+        "-c", "synchronous_commit=off",
+        "-c", "full_page_writes=off",
+        "-c", "max_connections=200",
+    ]  # fmt: skip
+    log_path = cluster.workdir / f"postgres-{port}.log"
+    # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, stop now.
+    proc = Supervised("postgres", argv, log_path, user=cluster.run_as, cwd=cluster.workdir,
+                      stop_signal=signal.SIGINT)
+    ready = _wait_ready(cluster.bindir, proc, port, timeout)
+    if not ready or not pid_listens_on(proc.pid, port):
+        detail = proc.log_tail()
+        # Ready but not ours: someone else answers on the port. Or it could not bind.
+        port_race = ready or port_in_use_failure(proc)
+        proc.stop()
+        if port_race:
+            raise PortRace(detail)
+        raise PeerStartError(f"postgres not ready on {HOST}:{port} in {timeout:g}s\n{detail}")
+    peer = Postgres(proc, port, cluster.workdir, cluster.bindir, cluster.socket_dir)
     try:
-        return start_with_port_retry(start_once, what="postgres")
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
+        peer.create_database(Postgres.database)
+    except subprocess.CalledProcessError as exc:
+        peer.stop()
+        raise PeerStartError(f"createdb {Postgres.database} failed: {exc.stderr!r}") from exc
+    return peer
+
+
+def _wait_ready(bindir: Path, proc: Supervised, port: int, timeout: float) -> bool:
+    """Poll ``pg_isready`` (bounded by ``timeout``) while the server process lives."""
+    end = deadline(timeout)
+    while time.monotonic() < end and not proc.exited():
+        check = subprocess.run(
+            [str(bindir / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-t", "1"],
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+        if check.returncode == 0:
+            return True
+        time.sleep(0.05)
+    return False

@@ -126,19 +126,8 @@ def start_qemu(
             "-nodefaults",
             "-vga", "std",
             "-monitor", f"unix:{monitor_path},server=on,wait=off",
+            *_vnc_options(workdir, port, password, tls_dir),
         ]  # fmt: skip
-        vnc = f"{HOST}:{port - 5900}"
-        if password is not None:
-            secret = write_private(workdir / "vnc-password", password.encode())
-            argv += ["-object", f"secret,id=vncpw,file={secret}"]
-            vnc += ",password-secret=vncpw"
-        if tls_dir is not None:
-            argv += [
-                "-object",
-                f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=off",
-            ]
-            vnc += ",tls-creds=tls0"
-        argv += ["-vnc", vnc]
         if guest is not None:
             kernel, initrd = guest
             argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
@@ -153,6 +142,24 @@ def start_qemu(
         return QemuVnc(proc, port, workdir, password, tls_dir, serial_log, monitor_path)
 
     return start_with_port_retry(start_once, what="qemu")
+
+
+def _vnc_options(workdir: Path, port: int, password: str | None,
+                 tls_dir: Path | None) -> list[str]:
+    """QEMU's ``-vnc`` on 127.0.0.1:port, with the password (from a 0600 file) and TLS."""
+    options: list[str] = []
+    vnc = f"{HOST}:{port - 5900}"
+    if password is not None:
+        secret = write_private(workdir / "vnc-password", password.encode())
+        options += ["-object", f"secret,id=vncpw,file={secret}"]
+        vnc += ",password-secret=vncpw"
+    if tls_dir is not None:
+        options += [
+            "-object",
+            f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=off",
+        ]
+        vnc += ",tls-creds=tls0"
+    return [*options, "-vnc", vnc]
 
 
 def demo_guest_paths(cache_dir: Path | None = None) -> tuple[Path, Path]:
