@@ -13,12 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.peers import HOST, REPO_ROOT, Peer, PeerStartError, _Supervised, _workdir
+from tests.peers import HOST, REPO_ROOT, Peer, PeerStartError, Supervised, make_workdir
 
 _STARTING = re.compile(r"starting on (\d+)")
 
 
-def _wait_for_port(proc: _Supervised, timeout: float, what: str, skip: int = 0) -> int:
+def _wait_for_port(proc: Supervised, timeout: float, what: str, skip: int = 0) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
@@ -48,7 +48,7 @@ class Daemon(Peer):
     def __init__(self, name: str, plugin: str, config_text: str, *, workdir: Path | None = None,
                  timeout: float = 20.0, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None):
-        self.workdir = workdir or _workdir(name)
+        self.workdir = workdir or make_workdir(name)
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -57,9 +57,10 @@ class Daemon(Peer):
         # The plugin module is found through the checkout's twisted/plugins directory.
         # (``env`` adds to or overrides the test's own environment, e.g. TMPDIR.)
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-        proc = _Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir,
-                           env=full_env)
-        self._process = proc
+        proc = Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir,
+                          env=full_env)
+        # The directory stays after the stop: fixtures read the log afterwards.
+        self.adopt(proc, self.workdir, owns_workdir=False)
         self.port = _wait_for_port(proc, timeout, name)
 
     def url(self, path: str = "") -> str:

@@ -97,11 +97,37 @@ def worker_argv(argv: list[str]) -> list[str]:
     """The command line of an extra worker: our own twistd command line, without pid file
     or daemonizing (the first process owns those)."""
     args = list(argv[1:])
-    split = args.index("cpvm") if "cpvm" in args else len(args)
-    twistd_options = [a for a in args[:split] if not a.startswith("--pidfile")]
+    takes_value = _twistd_options_with_values()
+    split, i = len(args), 0
+    while i < len(args):
+        if args[i] == "cpvm":
+            split = i
+            break
+        # "--reactor cpvm", "-r cpvm", "--pidfile PATH": the next word is a value.
+        i += 2 if args[i] in takes_value else 1
+    twistd_options: list[str] = []
+    i = 0
+    while i < split:
+        if args[i] == "--pidfile":
+            i += 2
+            continue
+        if not args[i].startswith("--pidfile="):
+            twistd_options.append(args[i])
+        i += 1
     plugin = args[split:] or ["cpvm"]
     return ["-c", "from twisted.scripts.twistd import run; run()", *twistd_options,
             "--nodaemon", "--pidfile=", *plugin]
+
+
+def _twistd_options_with_values() -> set[str]:
+    """twistd's own options that take a value (``--name value`` or ``-x value``)."""
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    names = {"--" + name[:-1] for name in options.longOpt if name.endswith("=")}
+    short = options.shortOpt
+    names |= {"-" + c for i, c in enumerate(short) if i + 1 < len(short) and short[i + 1] == ":"}
+    return names
 
 
 def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> ProxyService:

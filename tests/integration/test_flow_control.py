@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.peers import REPO_ROOT, _Supervised, _workdir
+from tests.peers import REPO_ROOT, Supervised, make_workdir
 from tests.daemons import process_rss_kib
 from tests.rawws import RawWebSocket
 
@@ -31,9 +31,9 @@ MAX_RSS_GROWTH_KIB = 16 * 1024
 
 @pytest.fixture
 def stream_server():
-    workdir = _workdir("rfbstream")
+    workdir = make_workdir("rfbstream")
     ports_file = workdir / "ports.json"
-    proc = _Supervised("rfbserver", [sys.executable, "-m", "bench.rfbserver",
+    proc = Supervised("rfbserver", [sys.executable, "-m", "bench.rfbserver",
                                      "--ports-file", str(ports_file)],
                        workdir / "rfbserver.log", cwd=REPO_ROOT)
     deadline = time.monotonic() + 15

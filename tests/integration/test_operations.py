@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, threads
 
-from tests.daemons import http_get
+from tests.daemons import cpvm_config, http_get, start_cpvm
 from tests.integration import scripted_vnc
 from tests.peers import free_port
 from tests.rawws import RawWebSocket
@@ -324,6 +324,30 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                    for p in pids)
     assert not os.path.exists(shared), "the shared metrics directory outlived cpvm"
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_start_with_a_two_word_pidfile_option(manager, proxy_key, tmp_path):
+    # "--pidfile PATH": a worker's command line once dropped the option but kept PATH,
+    # which twistd then took for the plugin's name: every worker died at start.
+    port = free_port()
+    pidfile = tmp_path / "cpvm.pid"
+    text = cpvm_config(manager.url, credential_file=proxy_key[1],
+                       server={"workers": 2, "port": port})
+    (tmp_path / "cpvm").mkdir()
+    cpvm = start_cpvm(text, workdir=tmp_path / "cpvm", extra_args=("--pidfile", str(pidfile)))
+    try:
+        first = psutil.Process(cpvm.pid)
+
+        async def worker_listens():
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                       for w in first.children() for c in w.net_connections(kind="tcp"))
+        await wait_for(worker_listens, timeout=20, what="the second worker on the port")
+        [worker] = first.children()
+        assert "--pidfile=" in worker.cmdline() and str(pidfile) not in worker.cmdline()
+        assert pidfile.read_text().strip() == str(cpvm.pid)  # the first process's own
+    finally:
+        cpvm.stop()
 
 
 def _slow_loris(port: int, wait: float) -> bytes:

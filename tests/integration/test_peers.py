@@ -1,17 +1,21 @@
-"""Smoke tests for the real test peers in tests/peers.py: each starts, speaks RFB (or SQL)
-the way the integration tests expect, and is gone after stop()."""
+"""The real test peers of tests/peers/ do what the integration tests rely on: each starts,
+offers the RFB security types it was asked for, accepts the test password and no other,
+sends its ServerInit (size and name as configured), speaks SQL, and is gone after stop()."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import struct
-import time
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from cpvm.rfb.vncauth import vnc_auth_response
 from tests import peers
 
 
@@ -42,6 +46,45 @@ def _vencrypt_subtypes(sock: socket.socket) -> list[int]:
     assert _recv_exactly(sock, 1) == b"\x00", "server rejected VeNCrypt 0.2"
     count = _recv_exactly(sock, 1)[0]
     return list(struct.unpack(f">{count}I", _recv_exactly(sock, 4 * count)))
+
+
+def _security_result(sock: socket.socket) -> tuple[int, bytes]:
+    """The SecurityResult (0: OK) and, on failure, the server's reason (RFB 3.8)."""
+    (result,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    if result == 0:
+        return 0, b""
+    (length,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    return result, _recv_exactly(sock, length)
+
+
+def _vnc_auth(peer: peers.Peer, password: str) -> tuple[int, bytes, socket.socket]:
+    """VNC Authentication (type 2) with ``password``: (result, reason, the open socket)."""
+    sock = socket.create_connection((peer.host, peer.port), timeout=10)
+    assert 2 in _security_types(sock)
+    sock.sendall(bytes([2]))
+    challenge = _recv_exactly(sock, 16)
+    sock.sendall(vnc_auth_response(password.encode(), challenge))
+    return (*_security_result(sock), sock)
+
+
+def _server_init(sock: socket.socket) -> tuple[int, int, bytes]:
+    """Send a shared ClientInit; the ServerInit's width, height and desktop name."""
+    sock.sendall(b"\x01")
+    width, height = struct.unpack(">HH", _recv_exactly(sock, 4))
+    _recv_exactly(sock, 16)  # pixel format
+    (length,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    return width, height, _recv_exactly(sock, length)
+
+
+def _assert_password_is_checked(peer: peers.Peer, password: str) -> tuple[int, int, bytes]:
+    """The wrong password is refused, the right one accepted; returns the ServerInit."""
+    result, reason, sock = _vnc_auth(peer, "wrong-" + password)
+    sock.close()
+    assert result == 1 and reason, reason
+    result, reason, sock = _vnc_auth(peer, password)
+    with sock:
+        assert (result, reason) == (0, b"")
+        return _server_init(sock)
 
 
 def _x509vnc_tls(port: int, cafile: Path) -> ssl.SSLSocket:
@@ -87,12 +130,56 @@ def test_missing_binary_says_to_run_install_deps() -> None:
         peers.require_binary("cpvm-no-such-binary")
 
 
-def test_wait_for_rfb_banner_is_bounded() -> None:
+@contextlib.contextmanager
+def _serving(answer: bytes | None) -> Iterator[int]:
+    """A listener on 127.0.0.1 (its port) sending every client ``answer`` (None: nothing
+    at all) and holding the connection open until the block ends."""
+    listener = socket.create_server((peers.HOST, 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            held.append(conn)
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+        for conn in held:
+            conn.close()
+
+
+def test_wait_for_rfb_banner_returns_the_banner() -> None:
+    with _serving(b"RFB 003.008\n") as port:
+        assert peers.wait_for_rfb_banner(peers.HOST, port, timeout=10) == b"RFB 003.008\n"
+
+
+@pytest.mark.parametrize("answer, why", [
+    (None, "timed out"),                             # accepts, says nothing
+    (b"HTTP/1.1 400 Bad\r\n", "unexpected banner"),  # something else on the port
+])
+def test_wait_for_rfb_banner_gives_up_with_the_reason(answer, why) -> None:
+    with _serving(answer) as port:
+        with pytest.raises(peers.PeerStartError, match=f"no RFB banner on 127.0.0.1:{port} "
+                           rf"within 0.5s \(last: .*{why}"):
+            peers.wait_for_rfb_banner(peers.HOST, port, timeout=0.5)
+
+
+def test_wait_for_rfb_banner_on_a_closed_port_is_bounded() -> None:
     port = peers.free_port()  # nobody listens there
-    started = time.monotonic()
-    with pytest.raises(peers.PeerStartError):
+    with pytest.raises(peers.PeerStartError, match="refused"):
         peers.wait_for_rfb_banner(peers.HOST, port, timeout=0.5)
-    assert time.monotonic() - started < 3
 
 
 def test_qemu_with_password_offers_vnc_auth(qemu_vnc: peers.QemuVnc) -> None:
@@ -104,6 +191,8 @@ def test_qemu_with_password_offers_vnc_auth(qemu_vnc: peers.QemuVnc) -> None:
     assert b"qemu-system-x86_64" in cmdline
     assert peers.QEMU_TEST_PASSWORD.encode() not in cmdline
     assert "7.2" in qemu_vnc.monitor("info version")
+    width, height, name = _assert_password_is_checked(qemu_vnc, peers.QEMU_TEST_PASSWORD)
+    assert width > 0 and height > 0 and name == b"QEMU"
     _assert_stopped(qemu_vnc)
 
 
@@ -119,13 +208,20 @@ def test_qemu_with_tls_offers_vencrypt_x509vnc(
 
 def test_qemu_without_password_offers_none() -> None:
     with peers.start_qemu(None) as qemu:
-        assert _probe_types(qemu) == [1]
+        with socket.create_connection((qemu.host, qemu.port), timeout=10) as sock:
+            assert _security_types(sock) == [1]
+            sock.sendall(b"\x01")
+            assert _security_result(sock) == (0, b"")
+            assert _server_init(sock)[2] == b"QEMU"
     assert not qemu.alive()
 
 
 def test_xvnc_vncauth_offers_vnc_auth(xvnc: peers.Xvnc) -> None:
     assert xvnc.host == "127.0.0.1"
     assert _probe_types(xvnc) == [2]
+    # As start_xvnc was asked: -geometry 1024x768, -desktop cpvm-test.
+    assert _assert_password_is_checked(xvnc, peers.XVNC_TEST_PASSWORD) == (
+        1024, 768, b"cpvm-test")
     assert Path(f"/tmp/.X11-unix/X{xvnc.display}").exists()
     xterm = xvnc.run_xterm()
     assert xterm.poll() is None
@@ -178,7 +274,15 @@ def test_postgres_answers_select_1(postgres: peers.Postgres) -> None:
     conn.close()
     other_dsn = postgres.create_database("cpvm_test_smoke")
     conn = psycopg2.connect(other_dsn, connect_timeout=10)
-    conn.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_database(), count(*) FROM pg_tables "
+                        "WHERE schemaname = 'public'")
+            assert cur.fetchone() == ("cpvm_test_smoke", 0)  # a new, empty database
+    finally:
+        conn.close()
+    # The server is the process the peer started, listening where it says.
+    assert peers.pid_listens_on(postgres.pid, postgres.port)
 
 
 def test_demo_guest_kernel_boots(demo_guest: tuple[Path, Path], tmp_path: Path) -> None:
@@ -189,6 +293,7 @@ def test_demo_guest_kernel_boots(demo_guest: tuple[Path, Path], tmp_path: Path) 
         log = qemu.wait_for_serial("Linux version", timeout=30)
         assert "Linux version" in log
         log = qemu.wait_for_serial(peers.GUEST_READY_MARKER, timeout=45)
+        assert log.index("Linux version") < log.index(peers.GUEST_READY_MARKER)
 
 
 def test_demo_guest_shell_gets_typed_keys(qemu_guest: peers.QemuVnc) -> None:

@@ -1,19 +1,13 @@
-"""The schema's migrations, and the indexes the hot queries rely on (SQLite's planner)."""
+"""The schema's migrations, and the indexes the hot queries rely on: SQLite's plan of the
+SQL the store really sends (recorded at the cursor, not copied here)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from cpvm.manager import db
+from cpvm.manager import db, store
 from cpvm.manager.config import DatabaseConfig
-
-# What choosing a proxy for a new token asks (store.live_proxies): open sessions only.
-LOAD_QUERIES = [
-    "SELECT proxy_id, COUNT(*) FROM console_sessions WHERE acquired_at IS NULL "
-    "AND ended_at IS NULL AND expires_at >= 0 GROUP BY proxy_id",
-    "SELECT proxy_id, COUNT(*) FROM console_sessions WHERE acquired_at IS NOT NULL "
-    "AND ended_at IS NULL GROUP BY proxy_id",
-]
 
 
 def test_migrations_reach_the_latest_version_once(tmp_path):
@@ -28,14 +22,55 @@ def test_migrations_reach_the_latest_version_once(tmp_path):
         conn.close()
 
 
-def test_counting_open_sessions_searches_an_index(tmp_path):
-    # A scan would grow with every session kept for retention_days.
+class RecordingCursor:
+    """A DB-API cursor that remembers every statement it runs, with its parameters."""
+
+    def __init__(self, cursor: Any):
+        self._cursor = cursor
+        self.statements: list[tuple[str, tuple]] = []
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        self.statements.append((sql, tuple(params)))
+        return self._cursor.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def run_recorded(conn: Any, fn: Any, *args: Any) -> list[tuple[str, tuple]]:
+    """Run ``fn(tx, *args)`` as the store runs it; the SQL it sent to SQLite."""
+    cursor = RecordingCursor(conn.cursor())
+    fn(db.Tx(cursor, "sqlite"), *args)
+    return cursor.statements
+
+
+def plan(conn: Any, sql: str, params: tuple) -> str:
+    return " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+BEAT = {"public_host": "cpvm.example.com", "public_port": 8443, "tls": True,
+        "address": None, "capacity": 10, "active_count": 0, "version": "t"}
+
+
+def test_per_token_and_per_beat_queries_search_an_index(tmp_path):
+    # Choosing a proxy for every new token (live_proxies) and every heartbeat count open
+    # sessions: a scan would grow with every session kept for retention_days.
     config = DatabaseConfig("sqlite", str(tmp_path / "m.db"), None, 1)
-    db.migrate(config, time.time())
+    now = time.time()
+    db.migrate(config, now)
     conn = db.connect_sync(config)
     try:
-        for query in LOAD_QUERIES:
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query))
-            assert "SEARCH console_sessions USING INDEX console_sessions_ended" in plan, plan
+        db.run_sync(conn, "sqlite", store.create_proxy, "p1", "cpvm-1", "hash", now)
+        ran = run_recorded(conn, store.heartbeat, "p1", BEAT, now)
+        ran += run_recorded(conn, store.live_proxies, now, 20.0, "vm-1")
+        plans = {sql: plan(conn, sql, params) for sql, params in ran
+                 if "console_sessions" in sql}
+        # The proxy is live, so every count ran: the proxy's, the pending and live
+        # sessions, the VM's.
+        assert len(plans) == 4, list(plans)
+        for sql, p in plans.items():
+            assert "SCAN console_sessions" not in p and "USING" in p, (sql, p)
+        # The counts of open sessions across proxies use the index on ended_at.
+        assert sum("console_sessions_ended" in p for p in plans.values()) >= 2, plans
     finally:
         conn.close()

@@ -15,17 +15,17 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.peers import REPO_ROOT, _Supervised, _workdir, free_port, launch_chromium
+from tests.peers import REPO_ROOT, Supervised, make_workdir, free_port, launch_chromium
 from tests.wsclient import RfbRefused, open_console
 
 
 @pytest.fixture(scope="module")
 def demo(demo_guest):
-    workdir = _workdir("demo")
+    workdir = make_workdir("demo")
     ports = {"http": free_port(), "manager": free_port()}
     url_file = workdir / "first-url.json"
     env = {**os.environ, "CPVM_DEMO_DIR": str(workdir / "state")}
-    proc = _Supervised("demo", [
+    proc = Supervised("demo", [
         sys.executable, str(REPO_ROOT / "scripts" / "demo.py"),
         "--http-port", str(ports["http"]), "--manager-port", str(ports["manager"]),
         "--vnc-display", str(_free_vnc_display()),
