@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from typing import Iterable, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -45,3 +45,30 @@ def parse_networks(items: Iterable[str], *, allow_any: bool = True) -> tuple[Net
                 "an address or CIDR network")
             raise ValueError(f"{item!r} is not {what}") from None
     return tuple(result)
+
+
+def client_address(peer: str, forwarded_for: str | Sequence[str] | None,
+                   trusted: Iterable[Network]) -> str:
+    """The real client's address, the same way in both daemons.
+
+    ``X-Forwarded-For`` only counts when the TCP peer ``peer`` is a trusted proxy; then its
+    entries (one header value or several) are walked right to left and the first address
+    that is not itself a trusted proxy is the client: anything left of it could have been
+    written by the client. Garbage in the header stops the walk at the last address that
+    could be trusted; when every hop is trusted, the leftmost one is the client.
+    """
+    trusted = tuple(trusted)
+    if not forwarded_for or not trusted or not address_in(peer, trusted):
+        return peer
+    values = [forwarded_for] if isinstance(forwarded_for, str) else list(forwarded_for)
+    hops = [h.strip() for value in values for h in value.split(",") if h.strip()]
+    current = peer
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return current
+        current = hop
+        if not address_in(hop, trusted):
+            return hop
+    return current

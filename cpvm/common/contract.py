@@ -1,8 +1,11 @@
-"""How a console session ends: WebSocket close code, the text the person sees, the report.
+"""The wire contract of cpvm and its manager, written once for both daemons.
 
-The table is part of the contract in ``docs/management-api.md``. Reason texts are fixed
-strings so no secret (token, password) can ever reach a close frame or a log line
-through them.
+How a console session ends (WebSocket close code, the text the person sees, the report
+reason), the redemption errors, the end reasons a proxy may report, the VNC TLS modes, the
+WebSocket path and the limits of ``token``/``extra``. ``docs/management-api.md`` documents
+it; ``tests/unit/test_contract.py`` checks that both daemons keep to it. Reason texts are
+fixed strings so no secret (token, password) can ever reach a close frame or a log line
+through them. The token's own shape is in :mod:`cpvm.common.tokens`.
 """
 
 from __future__ import annotations
@@ -55,7 +58,50 @@ class Outcome(Enum):
         return self.value[2]
 
 
-# The manager's redemption errors (docs/management-api.md) and what the browser sees.
+# The outcomes that can end a redeemed session, i.e. the reasons a proxy may report to
+# the manager; anything else it reports as "error" (and logs why).
+SESSION_END_OUTCOMES = (
+    Outcome.SERVER_CLOSED, Outcome.CLIENT_CLOSED, Outcome.SHUTDOWN, Outcome.TEXT_FRAME,
+    Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED, Outcome.VNC_PROTOCOL_ERROR,
+    Outcome.VNC_HANDSHAKE_TIMEOUT, Outcome.CLIENT_PROTOCOL_ERROR, Outcome.IDLE_TIMEOUT,
+    Outcome.MAX_DURATION, Outcome.TERMINATED, Outcome.ERROR,
+)
+END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
+
+
+def end_reason(outcome: Outcome) -> str:
+    """The reason a proxy reports for a redeemed session that ended with ``outcome``."""
+    return outcome.report if outcome in SESSION_END_OUTCOMES else Outcome.ERROR.report
+
+
+# The manager's redemption errors (docs/management-api.md): HTTP status, the message the
+# manager sends, and what the browser sees.
+REDEMPTION_ERROR_STATUS: dict[str, int] = {
+    "invalid_token": 404,
+    "expired_token": 410,
+    "token_used": 409,
+    "extra_mismatch": 403,
+    "address_mismatch": 403,
+    "wrong_proxy": 403,
+    "vm_unavailable": 409,
+    "account_unavailable": 403,
+    "instance_conflict": 409,
+}
+REDEMPTION_ERROR_MESSAGE: dict[str, str] = {
+    "invalid_token": "no such token",
+    "expired_token": "the token's lifetime has passed",
+    "token_used": "the token was already redeemed",
+    "extra_mismatch": "extra does not match the one given at creation",
+    "address_mismatch": "client address does not match the token's creator",
+    "wrong_proxy": "the token was issued for another console proxy",
+    "vm_unavailable": "the VM was removed or stopped since the token was issued",
+    "account_unavailable": "the account was disabled or no longer owns the VM",
+    "instance_conflict": (
+        "this proxy key is in use by another running cpvm instance: give each proxy its own "
+        "key (cpvm-manager-admin proxy list shows both); another instance may take over once "
+        "the running one has been silent for proxy_timeout"
+    ),
+}
 REDEMPTION_ERRORS: dict[str, Outcome] = {
     "invalid_token": Outcome.INVALID_TOKEN,
     "expired_token": Outcome.EXPIRED_TOKEN,
@@ -75,3 +121,13 @@ UPSTREAM_FAILURES: dict[str, Outcome] = {
     "unsupported-security": Outcome.VNC_AUTH_FAILED,
     "protocol": Outcome.VNC_PROTOCOL_ERROR,
 }
+
+# How cpvm must reach a VM's VNC server, as the manager stores it and sends it.
+VNC_TLS_MODES = ("none", "x509", "anonymous")
+
+# The console's WebSocket: ws[s]://<proxy>/websockify?token=T[&extra=E].
+WEBSOCKET_PATH = "websockify"
+# The longest ``extra`` (CloudStack's ``token`` parameter of createConsoleEndpoint) and the
+# longest ``token`` query value cpvm passes on; real tokens are shorter (tokens.py).
+MAX_EXTRA_LENGTH = 512
+MAX_TOKEN_LENGTH = 512

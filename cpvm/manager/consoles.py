@@ -22,19 +22,15 @@ from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
+from cpvm.common.contract import (
+    REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS, WEBSOCKET_PATH,
+)
 from cpvm.common.tokens import new_token
 
 NOVNC_PATH = "/resource/noVNC/vnc.html"
-WEBSOCKET_PATH = "websockify"
 # How long a token's hash is kept after expiry, so a late redemption is told "expired"
 # rather than "invalid"; then cleanup forgets it.
 EXPIRED_TOKEN_GRACE = 300.0
-
-END_REASONS = frozenset({
-    "client_closed", "server_closed", "idle_timeout", "max_duration", "terminated", "shutdown",
-    "vnc_unreachable", "vnc_auth_failed", "vnc_protocol_error", "vnc_handshake_timeout",
-    "client_protocol_error", "error",
-})
 
 audit = Logger(namespace="cpvm.audit")
 
@@ -72,30 +68,10 @@ class Redemption:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-REDEEM_STATUS = {
-    None: 200,
-    "invalid_token": 404,
-    "expired_token": 410,
-    "token_used": 409,
-    "extra_mismatch": 403,
-    "address_mismatch": 403,
-    "wrong_proxy": 403,
-    "vm_unavailable": 409,
-    "account_unavailable": 403,
-    "instance_conflict": 409,
-}
-
-REDEEM_MESSAGE = {
-    "invalid_token": "no such token",
-    "expired_token": "the token's lifetime has passed",
-    "token_used": "the token was already redeemed",
-    "extra_mismatch": "extra does not match the one given at creation",
-    "address_mismatch": "client address does not match the token's creator",
-    "wrong_proxy": "the token was issued for another console proxy",
-    "vm_unavailable": "the VM was removed or stopped since the token was issued",
-    "account_unavailable": "the account was disabled or no longer owns the VM",
-    "instance_conflict": instances.CONFLICT_MESSAGE,
-}
+# The contract's redemption errors, with success: HTTP status and message by error name.
+REDEEM_STATUS: dict[str | None, int] = {None: 200}
+REDEEM_STATUS.update(REDEMPTION_ERROR_STATUS)
+REDEEM_MESSAGE = REDEMPTION_ERROR_MESSAGE
 
 
 def console_host(public_host: str, address: str | None, url_domain: str | None) -> str:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE
+
 # What the proxy API accepts as an instance id (cpvm sends 32 hex digits).
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-CONFLICT_MESSAGE = (
-    "this proxy key is in use by another running cpvm instance: give each proxy its own "
-    "key (cpvm-manager-admin proxy list shows both); another instance may take over once "
-    "the running one has been silent for proxy_timeout"
-)
+CONFLICT_MESSAGE = REDEMPTION_ERROR_MESSAGE["instance_conflict"]
 
 # A refused instance is logged again after this long even if it is the same one.
 RELOG_AFTER = 60.0

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, cast
 
 from cpvm.manager.db import Tx
+from cpvm.common.contract import VNC_TLS_MODES
 from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy, format_networks, policy_from_row
 
 ROLES = ("admin", "user")
 VM_STATES = ("Running", "Stopped")
-VNC_TLS_MODES = ("none", "x509", "anonymous")
 
 
 class NotFound(Exception):

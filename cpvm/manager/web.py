@@ -20,10 +20,8 @@ from twisted.web.resource import Resource
 
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.manager import instances, signing, store
-from cpvm.manager.addresses import client_address
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
-    END_REASONS,
     FORBIDDEN,
     REDEEM_MESSAGE,
     REDEEM_STATUS,
@@ -37,6 +35,8 @@ from cpvm.manager.params import ParamError, parse_params
 from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.proxy_policy import public_host_problem
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
+from cpvm.common.addresses import client_address
+from cpvm.common.contract import END_REASONS, MAX_EXTRA_LENGTH
 from cpvm.common.metrics import MetricsPage
 
 _STATUS_TEXT = {
@@ -285,8 +285,8 @@ class PublicApiResource(Resource):
                                 "parameter virtualmachineid")
         vm_id = _uuid_param("virtualmachineid", vm_id)
         extra = p.get("token") or None  # an empty extra is no extra
-        if extra is not None and len(extra) > 512:
-            raise ApiError(431, "Invalid parameter token: at most 512 characters")
+        if extra is not None and len(extra) > MAX_EXTRA_LENGTH:
+            raise ApiError(431, f"Invalid parameter token: at most {MAX_EXTRA_LENGTH} characters")
         endpoint: Endpoint = await self._broker.create_endpoint(
             account, vm_id, extra, self._creator_address(request)
         )
@@ -579,6 +579,9 @@ def _end_report(body: Any) -> dict:
     }
 
 
+_reports_log = Logger(namespace="cpvm.manager.web")
+
+
 def _ended_reports(body: dict) -> list[tuple[str, dict]]:
     """The heartbeat's batch of end reports: ``[(session id, report), ...]``."""
     items = body.get("ended", [])
@@ -586,11 +589,17 @@ def _ended_reports(body: dict) -> list[tuple[str, dict]]:
         raise _bad(f"ended must be a list of at most {MAX_ENDED_PER_BEAT} end reports")
     reports = []
     for item in items:
-        report = _end_report(item)
+        # One bad report must not poison the batch: refusing the heartbeat would put it
+        # back first in the proxy's queue and fail every heartbeat after it.
         try:
+            report = _end_report(item)
             session_id = str(uuid.UUID(str(item.get("session_id"))))
-        except ValueError:
-            raise _bad("ended: session_id is not a session id") from None
+        except ProxyApiError as e:
+            _reports_log.warn("heartbeat: dropped an end report: {message}", message=e.message)
+            continue
+        except (ValueError, AttributeError):
+            _reports_log.warn("heartbeat: dropped an end report: session_id is not a session id")
+            continue
         reports.append((session_id, report))
     return reports
 

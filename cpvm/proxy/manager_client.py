@@ -25,10 +25,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cpvm.common.contract import REDEMPTION_ERRORS, Outcome
+from cpvm.common.contract import REDEMPTION_ERRORS, VNC_TLS_MODES, Outcome
 
 MAX_ANSWER = 256 * 1024
-VNC_TLS_MODES = ("none", "x509", "anonymous")
 
 
 class ManagerUnavailable(Exception):

@@ -24,7 +24,7 @@ from cpvm.proxy.manager_client import (
     InstanceConflict, ManagerClient, ManagerUnavailable, Redemption, RedemptionRefused,
 )
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.common.contract import Outcome
+from cpvm.common.contract import Outcome, end_reason
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.common.tokens import looks_like_token
@@ -209,7 +209,7 @@ class ConsoleSessions:
         self._log.info("session {session} was redeemed after it ended ({reason})",
                        session=sid, reason=outcome.report)
         self._report_end(sid, {
-            "reason": outcome.report,
+            "reason": end_reason(outcome),
             "client_address": session.client_address,
             "bytes_to_client": 0,
             "bytes_to_server": 0,
@@ -257,7 +257,7 @@ class ConsoleSessions:
                 event="ended", reason=outcome.report, bytes_to_client=stats.bytes_to_client,
                 bytes_to_server=stats.bytes_to_server, duration=duration, **fields)
             self._report_end(sid, {
-                "reason": outcome.report,
+                "reason": end_reason(outcome),
                 "client_address": session.client_address,
                 "bytes_to_client": stats.bytes_to_client,
                 "bytes_to_server": stats.bytes_to_server,

@@ -13,6 +13,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web import resource, static
 from twisted.web.http import _escape
 
+from cpvm.common.contract import WEBSOCKET_PATH
 from cpvm.proxy.headers import SecurityHeaders
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 
@@ -90,7 +91,7 @@ def build_root(*, novnc_dir: Path, websocket_factory,
     res = Root()
     root.putChild(b"resource", res)
     res.putChild(b"noVNC", StaticFiles(str(novnc_dir)))
-    root.putChild(b"websockify", WebSocketResource(websocket_factory))
+    root.putChild(WEBSOCKET_PATH.encode("ascii"), WebSocketResource(websocket_factory))
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
     if metrics is not None:

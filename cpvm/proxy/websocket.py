@@ -7,7 +7,6 @@ missing or repeated token, a proxy at capacity.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 import types
 from typing import TYPE_CHECKING, cast
@@ -17,19 +16,19 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from cpvm.proxy import fastwrite
-from cpvm.common.addresses import address_in
-from cpvm.common.contract import Outcome
+from cpvm.common.addresses import client_address
+from cpvm.common.contract import (
+    MAX_EXTRA_LENGTH, MAX_TOKEN_LENGTH, WEBSOCKET_PATH, Outcome,
+)
 from cpvm.proxy.wsframes import FrameReader
 from cpvm.common.ratelimit import LogThrottle
 
 if TYPE_CHECKING:  # pragma: no cover
     from cpvm.proxy.registry import ConsoleSessions
 
-WEBSOCKET_PATH = "/websockify"
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
 _SMALL_HEADERS = [bytes((0x82, n)) for n in range(126)]
-MAX_TOKEN_LENGTH = 512
 
 
 class ConsoleWebSocketProtocol(WebSocketServerProtocol):
@@ -90,7 +89,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def _check_request(self, request, client: str) -> tuple[str, str | None]:
         f = self.factory
-        if request.path != WEBSOCKET_PATH:
+        if request.path != "/" + WEBSOCKET_PATH:
             raise ConnectionDeny(404, "unknown WebSocket path")
         origin = request.headers.get("origin")
         if not origin_allowed(origin, request.headers.get("host"), f.scheme, f.allowed_origins):
@@ -99,7 +98,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         extras = request.params.get("extra", [])
         if len(tokens) != 1 or not tokens[0] or len(tokens[0]) > MAX_TOKEN_LENGTH:
             raise ConnectionDeny(400, "exactly one token query parameter is required")
-        if len(extras) > 1 or (extras and len(extras[0]) > MAX_TOKEN_LENGTH):
+        if len(extras) > 1 or (extras and len(extras[0]) > MAX_EXTRA_LENGTH):
             raise ConnectionDeny(400, "at most one extra query parameter is allowed")
         if f.sessions.at_capacity():
             raise ConnectionDeny(503, "console proxy at capacity")
@@ -223,19 +222,3 @@ def origin_allowed(origin: str | None, host: str | None, scheme: str,
     if "self" in allowed and host and origin == f"{scheme}://{host.lower()}":
         return True
     return origin in allowed
-
-
-def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
-    """The browser's address: the TCP peer, unless that is a trusted proxy, then the
-    right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
-    if not forwarded_for or not trusted or not address_in(peer, trusted):
-        return peer
-    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
-    for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return peer  # a garbled header is not trusted at all
-        if not address_in(hop, trusted):
-            return hop
-    return hops[0] if hops else peer

@@ -20,7 +20,7 @@ from cpvm.manager.config import DatabaseConfig
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.signing import sign
+from cpvm.manager.signing import format_time, sign
 from cpvm.manager.web import build_site
 from tests.stubhttp import Answer, MemoryHttp
 
@@ -48,6 +48,10 @@ class SyncDatabase:
             return succeed(db.run_sync(self.conn, self.kind, fn, *args))
         except Exception:
             return fail()
+
+    def read(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """Read-only transactions (the real Database has a pool of its own for them)."""
+        return self.run(fn, *args)
 
     def ping(self) -> Deferred:
         if self.ping_outcome == "hang":
@@ -111,6 +115,10 @@ class MemoryManager:
         if caller is not None:
             query.setdefault("apiKey", caller.api_key)
             if "signature" not in query:
+                # Signature version 3 with an expiry, as [security] signature_expiry requires.
+                if "signatureVersion" not in query and "expires" not in query:
+                    query["signatureVersion"] = "3"
+                    query["expires"] = format_time(self.clock.seconds() + 300)
                 query["signature"] = sign(query, caller.secret)
         return self.http.get("http://manager.test/client/api?" + urlencode(query))
 

@@ -220,3 +220,26 @@ async def test_key_checked_before_body_errors_are_told(managers):
     assert status == 401
     status, answer = await m.redeem(key, token)
     assert status == 200, answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_bad_end_report_does_not_poison_the_heartbeat(managers):
+    """A report the manager cannot accept is dropped with a log line; the rest of the batch
+    is recorded and the heartbeat answered, so later heartbeats are not refused forever."""
+    m = await managers()
+    alice, vm, key = await _setup(m)
+    token = (await m.endpoint(alice, vm))["websocket"]["token"]
+    status, body = await m.redeem(key, token)
+    assert status == 200, body
+    good = {"session_id": body["session_id"], "reason": "client_closed",
+            "bytes_to_client": 10, "bytes_to_server": 20, "duration": 1.5}
+    bad = {"session_id": "00000000-0000-4000-8000-000000000001", "reason": "no_such_reason",
+           "bytes_to_client": 1, "bytes_to_server": 1, "duration": 1}
+    beat = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
+            "capacity": 10, "active_sessions": [], "ended": [bad, "not an object", good]}
+    status, answer = await m.proxy(key, "heartbeat", beat)
+    assert status == 200, answer
+    status, sessions = await m.api(alice, "listConsoleSessions", activeonly="false")
+    assert status == 200, sessions
+    [record] = sessions["listconsolesessionsresponse"]["consolesession"]
+    assert record["endreason"] == "client_closed" and record["bytestoserver"] == 20

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from cpvm.manager import store
-from cpvm.manager.signing import sign
+from cpvm.manager.signing import format_time, sign
 from cpvm.manager.web import BAD_CREDENTIALS
 from tests.manager.memory import MemoryManager, memory_manager
 
@@ -56,7 +56,9 @@ def test_bad_signatures_get_the_cloudstack_401(m, change):
         answer = m.api(type(alice)(alice.account_id, alice.api_key, "not-the-secret"),
                        **params)
     elif change == "parameter":
-        signed = {"response": "json", "apiKey": alice.api_key, "activeonly": "true", **params}
+        signed = {"response": "json", "apiKey": alice.api_key, "activeonly": "true",
+                  "signatureVersion": "3", "expires": format_time(m.clock.seconds() + 300),
+                  **params}
         answer = m.api(None, **{**signed, "activeonly": "false",
                                 "signature": sign(signed, alice.secret)})
     elif change == "no-signature":

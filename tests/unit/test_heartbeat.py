@@ -30,7 +30,9 @@ from cpvm.proxy.registry import ConsoleSessions, Heartbeat
 
 CONFIG = parse_config(IniReader("cpvm.conf", text=(
     "[server]\npublic_host = console.example.com\nport = 8080\n"
-    "[manager]\nurl = http://manager.invalid:8250\ntimeout = 2\nheartbeat_interval = 5\n")))
+    # StubTreq never leaves the process: plain HTTP to a made-up host is fine here.
+    "[manager]\nurl = http://manager.invalid:8250\nallow_plaintext = true\ntimeout = 2\n"
+    "heartbeat_interval = 5\n")))
 
 
 def redemption(session_id: str) -> dict:
@@ -109,7 +111,8 @@ class Proxy:
     def end_sessions(self, count: int, outcome: Outcome = Outcome.CLIENT_CLOSED) -> None:
         """Open ``count`` sessions (their tokens redeemed) and end them: end reports queue."""
         for _ in range(count):
-            session = self.sessions.create(Browser(), "tok", None, "192.0.2.7")
+            # A well-shaped token: cpvm refuses any other without asking the manager.
+            session = self.sessions.create(Browser(), "t" * 43, None, "192.0.2.7")
             session.start()
             self.http.flush()
             assert session.session_id is not None  # redeemed, connecting upstream
@@ -302,7 +305,7 @@ def test_flush_at_shutdown_sends_what_is_waiting_within_the_grace():
 
 def test_terminate_answer_ends_the_named_sessions_here():
     p = Proxy()
-    session = p.sessions.create(Browser(), "tok", None, "192.0.2.7")
+    session = p.sessions.create(Browser(), "t" * 43, None, "192.0.2.7")
     session.start()
     p.http.flush()
     p.stub.answers = [(200, {"terminate": [session.session_id, "s-elsewhere", 7]})]

@@ -4,7 +4,8 @@ import ipaddress
 
 import pytest
 
-from cpvm.proxy.websocket import client_address, origin_allowed
+from cpvm.common.addresses import client_address
+from cpvm.proxy.websocket import origin_allowed
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32"))
 
