@@ -11,8 +11,6 @@ from __future__ import annotations
 import collections
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from bench import workloads

@@ -156,7 +156,7 @@ class Socat(Proxy):
                          f"TCP:{HOST}:{server_port}"], self.workdir / f"socat-{mode}.log")
             self.processes.append(p)
             self.ports[mode] = port
-            wait_until(lambda: port_open(port), 10, f"socat {mode}", p.proc, p.log)
+            wait_until(lambda port=port: port_open(port), 10, f"socat {mode}", p.proc, p.log)
 
     def targets(self, mode: str, n: int) -> list[Target]:
         return [Target("tcp", HOST, self.ports[mode])] * n

@@ -101,10 +101,10 @@ def table(run: dict, multi: int) -> str:
         if key == "slow_key_delay_ms":
             cells = [("yes (" + cell + ")" if results[nm].get("slow_key_delivered") else
                       ("no" if "slow_key_delivered" in results[nm] else "–"))
-                     for nm, cell in zip(names, cells)]
+                     for nm, cell in zip(names, cells, strict=True)]
         if key == "slow_growth_MiB":
             cells = [cell + (" (aborted at 1 GiB)" if results[nm].get("slow_aborted") else "")
-                     for nm, cell in zip(names, cells)]
+                     for nm, cell in zip(names, cells, strict=True)]
         ratios = ["–", "–"]
         if c and isinstance(key, str) and key in ratio_keys:
             ratios = [_ratio(results[c].get(key), results.get(other, {}).get(key))
@@ -115,9 +115,9 @@ def table(run: dict, multi: int) -> str:
 
 def targets(run: dict) -> list[tuple[str, str, str]]:
     """(target, verdict, evidence) for each target in the issue."""
-    R = run["results"]
-    c, w, s = R.get("cpvm", {}), R.get("websockify", {}), R.get("socat", {})
-    w2 = R.get("cpvm-w2", {})
+    res = run["results"]
+    c, w, s = res.get("cpvm", {}), res.get("websockify", {}), res.get("socat", {})
+    w2 = res.get("cpvm-w2", {})
     out = []
 
     def verdict(ok):
@@ -137,7 +137,7 @@ def targets(run: dict) -> list[tuple[str, str, str]]:
     out.append(("sequential setup ≥ 5× websockify (incl. redemption)",
                 verdict(a >= 5 * b if both(a, b) else None),
                 f"{a:.0f}/s vs {b:.0f}/s = {_ratio(a, b)}" if both(a, b) else ""))
-    sizes = [n for n in idle_sizes(R) if f"idle{n}_pss_KB" in c]
+    sizes = [n for n in idle_sizes(res) if f"idle{n}_pss_KB" in c]
     if sizes:
         worst = max(c[f"idle{n}_pss_KB"] for n in sizes)
         out.append(("idle memory ≤ 60 KB per session", verdict(worst <= 60),
@@ -185,9 +185,9 @@ def chart(run: dict, path, multi: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    R = run["results"]
-    names = list(R)
-    sizes = [n for n in idle_sizes(R)]
+    res = run["results"]
+    names = list(res)
+    sizes = [n for n in idle_sizes(res)]
     panels = [("1-session throughput (MB/s) ↑", "tp1_MBps"),
               (f"{multi}-session throughput (MB/s) ↑", "tpN_MBps"),
               ("proxy CPU s per GB (1 session) ↓", "tp1_proxy_cpu_s_per_GB"),
@@ -203,9 +203,9 @@ def chart(run: dict, path, multi: int) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows))
     colours = {"direct": "#999999", "socat": "#4c72b0", "websockify": "#dd8452",
                "cpvm": "#55a868", "cpvm-w2": "#8fd19e"}
-    for ax, (title, key) in zip(axes.flat, panels):
-        xs = [n for n in names if isinstance(R[n].get(key), (int, float))]
-        ys = [R[n][key] for n in xs]
+    for ax, (title, key) in zip(axes.flat, panels, strict=False):
+        xs = [n for n in names if isinstance(res[n].get(key), (int, float))]
+        ys = [res[n][key] for n in xs]
         ax.bar(xs, ys, color=[colours.get(n, "#c44e52") for n in xs])
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=20)

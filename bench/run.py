@@ -11,11 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import accounting
+from bench import accounting, workloads
 from bench.proxies import Cpvm, Proxy, make_proxy, new_workdir, wait_until
 from bench.rfbserver import raise_fd_limit
 from bench.workloads import Worker
-from bench import workloads
 
 MB = 1e6
 IDLE_PER_CLIENT = 5000  # idle sessions per client process (its descriptors)

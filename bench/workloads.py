@@ -216,7 +216,7 @@ def setup_concurrent(conn, targets: list[Target], concurrency: int) -> None:
                 try:
                     await asyncio.wait_for(s.handshake(), 30)
                     times.append(time.perf_counter() - t0)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                except (TimeoutError, OSError, asyncio.IncompleteReadError):
                     failures += 1
                 finally:
                     s.close()
@@ -253,7 +253,7 @@ def idle(conn, targets: list[Target], concurrency: int = 200) -> None:
                     await asyncio.wait_for(s.handshake(), 60)
                     s.keep_alive()
                     sessions.append(s)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                     s.close()
                     if len(errors) < 5:
                         errors.append(repr(e)[:200])

@@ -92,7 +92,7 @@ class RawWebSocket:
         if taken < n:
             try:
                 taken += len(self.sock.recv(n - taken))
-            except socket.timeout:
+            except TimeoutError:
                 pass
         return taken
 

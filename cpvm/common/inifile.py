@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import configparser
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -18,12 +18,17 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from zope.interface import implementer
-
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
-    formatEvent, formatEventAsClassicLogText, globalLogPublisher,
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
 )
+from zope.interface import implementer
 
 _SECRET = re.compile(
     r"(?i)\b(token|extra|signature|apikey|secretkey|password)=[^&\s\"']+"

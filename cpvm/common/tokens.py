@@ -13,7 +13,7 @@ import secrets
 # 32 random bytes, base64url without padding: 43 characters of [A-Za-z0-9_-].
 TOKEN_BYTES = 32
 TOKEN_LENGTH = 43
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{%d}" % TOKEN_LENGTH)
+_TOKEN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
 
 
 def new_token() -> str:

@@ -14,14 +14,16 @@ import secrets
 import sys
 import time
 import uuid
-from typing import Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
+from cpvm.common.contract import VNC_TLS_MODES
 from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager import store
 from cpvm.manager.config import ManagerConfig, load_config
-from cpvm.manager.proxy_policy import ProxyPolicy, format_networks, parse_allow
 from cpvm.manager.instances import InstanceBinding
+from cpvm.manager.proxy_policy import ProxyPolicy, format_networks, parse_allow
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError, sha256_hex
 from cpvm.manager.signing import format_time
 
@@ -63,12 +65,12 @@ def _fmt(t: float | None) -> str:
 def _table(ctx: AdminContext, header: Sequence[str], rows: Sequence[Sequence[Any]],
            as_json: bool) -> None:
     if as_json:
-        ctx.print(json.dumps([dict(zip(header, r)) for r in rows], indent=2))
+        ctx.print(json.dumps([dict(zip(header, r, strict=True)) for r in rows], indent=2))
         return
     cells = [list(header)] + [["-" if v is None else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
-        ctx.print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        ctx.print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 # Commands ------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--vnc-password-file", help="file holding the VNC password")
     p.add_argument("--vnc-password-stdin", action="store_true",
                    help="read the VNC password from the first line of stdin")
-    p.add_argument("--tls", choices=store.VNC_TLS_MODES)
+    p.add_argument("--tls", choices=VNC_TLS_MODES)
     p.add_argument("--ca-file", help="PEM CA certificate to verify the VNC server (x509)")
     p.add_argument("--server-name", help="name expected in the VNC server certificate")
     p.add_argument("--state", choices=store.VM_STATES)

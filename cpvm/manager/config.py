@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpvm.common.addresses import parse_networks
-from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
 from cpvm.common.inifile import ConfigError, IniReader
+from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
 DEFAULT_DATA_DIR = "/var/lib/cpvm-manager"

@@ -10,22 +10,25 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from cpvm.common.contract import (
+    REDEMPTION_ERROR_MESSAGE,
+    REDEMPTION_ERROR_STATUS,
+    WEBSOCKET_PATH,
+)
+from cpvm.common.tokens import new_token
 from cpvm.manager import instances, store
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.common.contract import (
-    REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS, WEBSOCKET_PATH,
-)
-from cpvm.common.tokens import new_token
 
 NOVNC_PATH = "/resource/noVNC/vnc.html"
 # How long a token's hash is kept after expiry, so a late redemption is told "expired"

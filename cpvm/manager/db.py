@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from twisted.enterprise import adbapi
 

@@ -14,7 +14,7 @@ Pure functions, no Twisted: :func:`parse_params` is what the fuzzers exercise.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # CloudStack's parameter names: letters, digits and _ . [ ] - (``tags[0].key``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\[\]-]+")

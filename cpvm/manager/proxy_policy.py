@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from cpvm.common.addresses import Network, address_in, parse_networks
 
@@ -86,7 +86,7 @@ def public_host_problem(host: str) -> str | None:
     because browsers read such a name as an IPv4 address (``1.2.3`` is 1.2.0.3).
     """
     try:
-        ip = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
         pass
     else:

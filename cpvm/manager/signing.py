@@ -14,9 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Mapping
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 
@@ -67,7 +67,7 @@ def parse_expires(value: str) -> float:
 
 def format_time(seconds: float) -> str:
     """CloudStack's date format: ``2026-11-27T10:00:00+0000``."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000")
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ exactly the same SQL. Rows come back as small frozen dataclasses.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, cast
+from typing import Any, cast
 
 from cpvm.manager.db import Tx
-from cpvm.common.contract import VNC_TLS_MODES
 from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy, format_networks, policy_from_row
 

@@ -11,8 +11,9 @@ from twisted.python import usage
 
 from cpvm import __version__
 from cpvm.common import logs
-from cpvm.common.inifile import ConfigError
 from cpvm.common.httplimits import HttpLimits
+from cpvm.common.inifile import ConfigError
+from cpvm.common.tls import server_endpoint
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
@@ -21,7 +22,6 @@ from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.signing import ExpiryPolicy
 from cpvm.manager.web import build_site
-from cpvm.common.tls import server_endpoint
 
 _log = Logger()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from typing import Any, BinaryIO, Callable, cast
+from collections.abc import Callable
+from typing import Any, BinaryIO, cast
 from urllib.parse import parse_qs
 
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
@@ -18,7 +19,10 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from cpvm.common.addresses import client_address
+from cpvm.common.contract import END_REASONS, MAX_EXTRA_LENGTH
 from cpvm.common.httplimits import HttpLimits, LimitedSite
+from cpvm.common.metrics import MetricsPage
 from cpvm.manager import instances, signing, store
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
@@ -32,12 +36,9 @@ from cpvm.manager.consoles import (
 from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.params import ParamError, parse_params
-from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.proxy_policy import public_host_problem
+from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
-from cpvm.common.addresses import client_address
-from cpvm.common.contract import END_REASONS, MAX_EXTRA_LENGTH
-from cpvm.common.metrics import MetricsPage
 
 _STATUS_TEXT = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",

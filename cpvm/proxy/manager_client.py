@@ -17,7 +17,11 @@ import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import (
-    CancelledError, Deferred, TimeoutError, ensureDeferred, succeed,
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    ensureDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger

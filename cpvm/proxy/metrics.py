@@ -14,12 +14,9 @@ import os
 import shutil
 import tempfile
 
-from typing import Callable, Iterable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from cpvm.common.addresses import Network, address_in
 from cpvm.common.contract import Outcome
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

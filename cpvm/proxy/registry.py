@@ -13,21 +13,27 @@ from collections import deque
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import __version__, rfb
-from cpvm.proxy.config import CpvmConfig
-from cpvm.proxy.manager_client import (
-    InstanceConflict, ManagerClient, ManagerUnavailable, Redemption, RedemptionRefused,
-)
-from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.common.contract import Outcome, end_reason
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
-from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.common.tokens import looks_like_token
+from cpvm.proxy.config import CpvmConfig
+from cpvm.proxy.manager_client import (
+    InstanceConflict,
+    ManagerClient,
+    ManagerUnavailable,
+    Redemption,
+    RedemptionRefused,
+)
+from cpvm.proxy.metrics import ProxyMetrics
+from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.proxy.upstream import VncClientFactory, tls_creator
 
 audit_log = Logger(namespace="cpvm.audit")

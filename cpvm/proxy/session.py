@@ -17,8 +17,10 @@ with reason" path (an RFB security failure), then the WebSocket closes with its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -26,8 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import rfb
-from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
 from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024

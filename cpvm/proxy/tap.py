@@ -13,21 +13,20 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cpvm import __version__
-
 from cpvm.common import logs
+from cpvm.common.httplimits import HttpLimits
+from cpvm.common.metrics import MetricsPage
+from cpvm.common.tls import ReloadableServerTLS, TLSFilesError, manager_tls_policy
 from cpvm.proxy import metrics as metrics_module
 from cpvm.proxy.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
+from cpvm.proxy.headers import SecurityHeaders
+from cpvm.proxy.instance import instance_id_for
 from cpvm.proxy.manager_client import ManagerClient
-from cpvm.common.metrics import MetricsPage
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.registry import ConsoleSessions, Heartbeat
-from cpvm.common.tls import ReloadableServerTLS, TLSFilesError, manager_tls_policy
 from cpvm.proxy.web import ConsoleSite, build_root
 from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
-from cpvm.proxy.headers import SecurityHeaders
-from cpvm.proxy.instance import instance_id_for
-from cpvm.common.httplimits import HttpLimits
 
 log = Logger()
 

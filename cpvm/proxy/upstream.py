@@ -6,23 +6,24 @@ state machine, then hands every later byte to its session unchanged.
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol, cast
+from typing import Protocol as TypingProtocol
+from typing import cast
 
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator, ITCPTransport, ITLSTransport,
+    IOpenSSLClientConnectionCreator,
+    ITCPTransport,
+    ITLSTransport,
 )
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cpvm import rfb
-
+from cpvm.common.tls import pem_certificates
 from cpvm.proxy import fastwrite
 from cpvm.proxy.manager_client import VncTarget
-from cpvm.common.tls import pem_certificates
-
 
 MAX_HANDSHAKE_BYTES = 256 * 1024
 

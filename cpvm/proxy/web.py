@@ -6,16 +6,16 @@ carry one-time tokens in both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web import resource, static
 from twisted.web.http import _escape
 
 from cpvm.common.contract import WEBSOCKET_PATH
-from cpvm.proxy.headers import SecurityHeaders
 from cpvm.common.httplimits import HttpLimits, LimitedSite
+from cpvm.proxy.headers import SecurityHeaders
 
 NOVNC_PREFIX = (b"resource", b"noVNC")
 

@@ -15,13 +15,16 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
-from cpvm.proxy import fastwrite
 from cpvm.common.addresses import client_address
 from cpvm.common.contract import (
-    MAX_EXTRA_LENGTH, MAX_TOKEN_LENGTH, WEBSOCKET_PATH, Outcome,
+    MAX_EXTRA_LENGTH,
+    MAX_TOKEN_LENGTH,
+    WEBSOCKET_PATH,
+    Outcome,
 )
-from cpvm.proxy.wsframes import FrameReader
 from cpvm.common.ratelimit import LogThrottle
+from cpvm.proxy import fastwrite
+from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
     from cpvm.proxy.registry import ConsoleSessions

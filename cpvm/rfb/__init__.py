@@ -20,12 +20,34 @@ share), ``client`` (towards the VNC server), ``server`` (towards the browser),
 
 from __future__ import annotations
 
-from cpvm.rfb.events import ClientInitReceived, ClientVersionReceived, Event, Failed, FailureKind, MAX_FAILURE_MESSAGE, MAX_NAME_LENGTH, MAX_REASON_LENGTH, SecurityComplete, Send, ServerInit, ServerInitReceived, StartTLS
 from cpvm.rfb.client import RfbClientHandshake
-from cpvm.rfb.server import RfbServerHandshake
-from cpvm.rfb.scanner import ClientInputScanner
+
 # Security types and VeNCrypt subtypes (RFC 6143 7.2, the IANA registry).
-from cpvm.rfb.events import SEC_INVALID, SEC_NONE, SEC_VENCRYPT, SEC_VNC_AUTH, VENCRYPT_TLS_NONE, VENCRYPT_TLS_VNC, VENCRYPT_X509_NONE, VENCRYPT_X509_VNC
+from cpvm.rfb.events import (
+    MAX_FAILURE_MESSAGE,
+    MAX_NAME_LENGTH,
+    MAX_REASON_LENGTH,
+    SEC_INVALID,
+    SEC_NONE,
+    SEC_VENCRYPT,
+    SEC_VNC_AUTH,
+    VENCRYPT_TLS_NONE,
+    VENCRYPT_TLS_VNC,
+    VENCRYPT_X509_NONE,
+    VENCRYPT_X509_VNC,
+    ClientInitReceived,
+    ClientVersionReceived,
+    Event,
+    Failed,
+    FailureKind,
+    SecurityComplete,
+    Send,
+    ServerInit,
+    ServerInitReceived,
+    StartTLS,
+)
+from cpvm.rfb.scanner import ClientInputScanner
+from cpvm.rfb.server import RfbServerHandshake
 
 __all__ = [
     "ClientInitReceived",

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import struct
 
+from cpvm.rfb.events import (
+    _NEEDS_PASSWORD,
+    _PREFERENCE,
+    _SERVER_INIT_HEADER,
+    _U32,
+    _VENCRYPT_ANONYMOUS_SUBTYPES,
+    _VENCRYPT_TLS_SUBTYPES,
+    MAX_NAME_LENGTH,
+    SEC_INVALID,
+    SEC_NONE,
+    SEC_VENCRYPT,
+    SEC_VNC_AUTH,
+    VENCRYPT_X509_NONE,
+    VENCRYPT_X509_VNC,
+    Event,
+    FailureKind,
+    SecurityComplete,
+    Send,
+    ServerInit,
+    ServerInitReceived,
+    StartTLS,
+)
+from cpvm.rfb.machine import _format_reason, _Machine, _security_name
 from cpvm.rfb.vncauth import CHALLENGE_LENGTH, vnc_auth_response
-from cpvm.rfb.events import Event, FailureKind, MAX_NAME_LENGTH, SEC_INVALID, SEC_NONE, SEC_VENCRYPT, SEC_VNC_AUTH, SecurityComplete, Send, ServerInit, ServerInitReceived, StartTLS, VENCRYPT_X509_NONE, VENCRYPT_X509_VNC, _NEEDS_PASSWORD, _PREFERENCE, _SERVER_INIT_HEADER, _U32, _VENCRYPT_ANONYMOUS_SUBTYPES, _VENCRYPT_TLS_SUBTYPES
-from cpvm.rfb.machine import _Machine, _format_reason, _security_name
 
 
 class RfbClientHandshake(_Machine):

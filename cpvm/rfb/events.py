@@ -8,7 +8,6 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Literal
 
-
 #: Longest failure reason string accepted from a peer; anything longer is a protocol error.
 MAX_REASON_LENGTH: Final = 64 * 1024
 #: Longest desktop name accepted in a ServerInit; anything longer is a protocol error.

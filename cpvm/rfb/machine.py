@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cpvm.rfb.events import Event, Failed, FailureKind, MAX_FAILURE_MESSAGE, MAX_REASON_LENGTH, _MAX_REASON_IN_MESSAGE, _SECURITY_NAMES, _U32, _VERSION_LENGTH, _VERSION_RE, _VERSION_TEMPLATE
+from cpvm.rfb.events import (
+    _MAX_REASON_IN_MESSAGE,
+    _SECURITY_NAMES,
+    _U32,
+    _VERSION_LENGTH,
+    _VERSION_RE,
+    _VERSION_TEMPLATE,
+    MAX_FAILURE_MESSAGE,
+    MAX_REASON_LENGTH,
+    Event,
+    Failed,
+    FailureKind,
+)
 
 
 def _security_name(code: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Final
 
-
 # Client-to-server messages of a fixed total length, by message type.
 _FIXED_LENGTH: Final = {
     0: 20,  # SetPixelFormat

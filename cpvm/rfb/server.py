@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-
-from cpvm.rfb.events import ClientInitReceived, ClientVersionReceived, Event, MAX_REASON_LENGTH, SEC_INVALID, SEC_NONE, Send, ServerInit, _U32
+from cpvm.rfb.events import (
+    _U32,
+    MAX_REASON_LENGTH,
+    SEC_INVALID,
+    SEC_NONE,
+    ClientInitReceived,
+    ClientVersionReceived,
+    Event,
+    Send,
+    ServerInit,
+)
 from cpvm.rfb.machine import _Machine
 
 

@@ -23,8 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.rfbclient import (FB_UPDATE_REQUEST, BlockingSession, FrameParser, Target,
-                             frame_header, key_event)
+from bench.rfbclient import (
+    FB_UPDATE_REQUEST,
+    BlockingSession,
+    FrameParser,
+    Target,
+    frame_header,
+    key_event,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -99,7 +105,7 @@ def test_copying_parser_agrees_with_the_expected_counts():
     data, payload, control = stream_and_expected()
     p = FrameParser(keep=False)
     got = 0
-    for a, b in zip([0] + header_splits(data), header_splits(data) + [len(data)]):
+    for a, b in zip([0] + header_splits(data), header_splits(data) + [len(data)], strict=True):
         got += p.feed(memoryview(data)[a:b])
     assert got == payload
     assert p.control == control

@@ -6,8 +6,8 @@ import secrets
 
 import pytest
 
-from tests.integration.contract_manager import start_contract_manager
 from tests.daemons import cpvm_config, start_cpvm
+from tests.integration.contract_manager import start_contract_manager
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.peers import REPO_ROOT, Supervised, make_workdir
 from tests.daemons import process_rss_kib
+from tests.peers import REPO_ROOT, Supervised, make_workdir
 from tests.rawws import RawWebSocket
 
 READ_RATE = 100 * 1024  # bytes per second

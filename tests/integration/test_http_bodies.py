@@ -71,7 +71,7 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
             if not chunk:
                 break
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data
 

@@ -10,8 +10,8 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

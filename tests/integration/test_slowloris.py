@@ -50,7 +50,7 @@ class Trickler(threading.Thread):
                 self.sock.send(bytes([byte]))
                 try:
                     data = self.sock.recv(1000)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not data:
                     break
@@ -73,7 +73,7 @@ def closed_at_once(port: int, source: str) -> bool:
             return s.recv(100) == b""
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
 

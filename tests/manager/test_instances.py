@@ -172,8 +172,8 @@ async def test_two_instances_racing_for_a_fresh_key_on_postgres(managers, postgr
 def test_every_redemption_error_reaches_the_browser_with_its_code():
     """The contract both sides share: each error the manager can answer a redemption with
     is one cpvm maps to a close code (instance_conflict to 4008)."""
-    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
     from cpvm.common.contract import REDEMPTION_ERRORS, Outcome
+    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
 
     errors = {e for e in REDEEM_STATUS if e is not None}
     assert errors <= set(REDEMPTION_ERRORS) and errors == set(REDEEM_MESSAGE)
@@ -201,7 +201,7 @@ async def test_two_instances_redeeming_on_a_fresh_key_on_postgres(managers, post
         await m1.heartbeat(key)  # an older cpvm's beat: live, bound to nobody
         tokens = [(await m1.endpoint(alice, vm))["websocket"]["token"] for _ in range(8)]
 
-        async def redeem(i, token):
+        async def redeem(i, token, key=key):
             status, body = await (m1, m2)[i % 2].redeem(key, token, instance=(A, B)[i % 2])
             return (A, B)[i % 2], status, body
 

@@ -29,7 +29,7 @@ async def test_no_plaintext_secret_in_sqlite_or_logs(managers, log_events):
     m = await managers()
     alice = m.account("alice")
     root = m.account("root", is_admin=True)
-    vm = m.vm("alice", password="vnc-pass-%s" % "XyZ123")
+    vm = m.vm("alice", password="vnc-pass-" + "XyZ123")
     key = m.proxy_key("p1")
     await m.heartbeat(key)
     extra = "caller-extra-token-98765"

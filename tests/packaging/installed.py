@@ -240,7 +240,8 @@ def _stop(proc: subprocess.Popen, stop_timeout: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        raise AssertionError(f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)")
+        raise AssertionError(
+            f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)") from None
 
 
 def pids_listening_on(port: int) -> set[int]:

@@ -20,11 +20,25 @@ from tests.peers.chromium import CHROMIUM_ARGS, CHROMIUM_PATH, launch_chromium
 from tests.peers.pki import TestPki, make_test_ca
 from tests.peers.postgres import Postgres, start_postgres
 from tests.peers.processes import (
-    HOST, INSTALL_HINT, PEER_LIFETIME_SECONDS, REPO_ROOT, Peer, PeerStartError,
-    PeerUnavailable, Supervised, deadline, make_workdir, require_binary, write_private,
+    HOST,
+    INSTALL_HINT,
+    PEER_LIFETIME_SECONDS,
+    REPO_ROOT,
+    Peer,
+    PeerStartError,
+    PeerUnavailable,
+    Supervised,
+    deadline,
+    make_workdir,
+    require_binary,
+    write_private,
 )
 from tests.peers.qemu import (
-    GUEST_READY_MARKER, QEMU_TEST_PASSWORD, QemuVnc, build_demo_guest, demo_guest_paths,
+    GUEST_READY_MARKER,
+    QEMU_TEST_PASSWORD,
+    QemuVnc,
+    build_demo_guest,
+    demo_guest_paths,
     start_qemu,
 )
 from tests.peers.readiness import free_port, pid_listens_on, wait_for_file_text, wait_for_rfb_banner

@@ -8,8 +8,8 @@ import datetime
 import ipaddress
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tests.peers.processes import INSTALL_HINT, PeerUnavailable, write_private
 
@@ -113,7 +113,7 @@ def _write_leaf(  # type: ignore[no-untyped-def]
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = _new_key()
     cert = (
         x509.CertificateBuilder()
@@ -171,7 +171,7 @@ def make_test_ca(dir: Path, hostnames: Sequence[str] = ("127.0.0.1", "localhost"
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     hostnames = tuple(hostnames)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = _new_key()
     ca_name = x509.Name(
         [

@@ -15,11 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from tests.peers.processes import (
-    HOST, INSTALL_HINT, Peer, PeerStartError, PeerUnavailable, Supervised, deadline,
+    HOST,
+    INSTALL_HINT,
+    Peer,
+    PeerStartError,
+    PeerUnavailable,
+    Supervised,
+    deadline,
     make_workdir,
 )
 from tests.peers.readiness import (
-    PortRace, free_port, pid_listens_on, port_in_use_failure, start_with_port_retry,
+    PortRace,
+    free_port,
+    pid_listens_on,
+    port_in_use_failure,
+    start_with_port_retry,
 )
 
 

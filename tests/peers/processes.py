@@ -20,8 +20,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 HOST = "127.0.0.1"
 PEER_LIFETIME_SECONDS = 1800

@@ -12,11 +12,22 @@ import time
 from pathlib import Path
 
 from tests.peers.processes import (
-    HOST, INSTALL_HINT, REPO_ROOT, Peer, PeerUnavailable, Supervised, deadline, make_workdir,
-    require_binary, write_private,
+    HOST,
+    INSTALL_HINT,
+    REPO_ROOT,
+    Peer,
+    PeerUnavailable,
+    Supervised,
+    deadline,
+    make_workdir,
+    require_binary,
+    write_private,
 )
 from tests.peers.readiness import (
-    await_rfb_listener, free_port, start_with_port_retry, wait_for_file_text,
+    await_rfb_listener,
+    free_port,
+    start_with_port_retry,
+    wait_for_file_text,
 )
 
 QEMU_TEST_PASSWORD = "qemupw1"

@@ -7,11 +7,17 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tests.peers.processes import (
-    HOST, Peer, PeerStartError, Supervised, make_workdir, require_binary, write_private,
+    HOST,
+    Peer,
+    PeerStartError,
+    Supervised,
+    make_workdir,
+    require_binary,
+    write_private,
 )
 from tests.peers.readiness import await_rfb_listener, free_port, start_with_port_retry
 

@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 
 from tests.daemons import cpvm_config, start_cpvm
 from tests.manager.harness import start_manager
-from tests.manager.test_proxy_keys import OUTSIDER, beat, proxy_from, proxies
+from tests.manager.test_proxy_keys import OUTSIDER, beat, proxies, proxy_from
 from tests.peers import free_port
 from tests.wsclient import RfbRefused, open_console
 

@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.peers import REPO_ROOT, Supervised, make_workdir, free_port, launch_chromium
+from tests.peers import REPO_ROOT, Supervised, free_port, launch_chromium, make_workdir
 from tests.wsclient import RfbRefused, open_console
 
 

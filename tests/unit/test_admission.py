@@ -9,13 +9,13 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from cpvm.proxy.config import parse_config
+from cpvm.common.contract import Outcome
 from cpvm.common.inifile import IniReader
+from cpvm.common.tokens import TOKEN_LENGTH, looks_like_token, new_token
+from cpvm.proxy.config import parse_config
 from cpvm.proxy.manager_client import ManagerUnavailable, RedemptionRefused
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.common.contract import Outcome
 from cpvm.proxy.registry import ConsoleSessions
-from cpvm.common.tokens import TOKEN_LENGTH, looks_like_token, new_token
 
 
 class StandInManager:

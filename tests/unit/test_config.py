@@ -2,8 +2,8 @@
 
 import pytest
 
-from cpvm.proxy.config import load_config
 from cpvm.common.inifile import ConfigError
+from cpvm.proxy.config import load_config
 
 
 def write(tmp_path, text):

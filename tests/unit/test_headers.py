@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from twisted.web.test.requesthelper import DummyRequest
 
+from cpvm.common.inifile import ConfigError
 from cpvm.proxy.config import load_config
 from cpvm.proxy.headers import SecurityHeaders, check_frame_ancestors
-from cpvm.common.inifile import ConfigError
 
 
 def directives(policy: bytes) -> dict[str, list[str]]:

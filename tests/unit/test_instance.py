@@ -10,7 +10,11 @@ import pytest
 
 from cpvm.proxy import instance
 from cpvm.proxy.instance import (
-    INSTANCE_ENV, INSTANCE_FILE, instance_id_for, load_instance_id, read_machine_id,
+    INSTANCE_ENV,
+    INSTANCE_FILE,
+    instance_id_for,
+    load_instance_id,
+    read_machine_id,
 )
 
 MACHINE_A = "0123456789abcdef0123456789abcdef"

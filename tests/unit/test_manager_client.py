@@ -8,11 +8,15 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
+from cpvm.common.contract import Outcome
 from cpvm.proxy.manager_client import (
-    InstanceConflict, ManagerClient, ManagerUnavailable, RedemptionRefused, parse_redemption,
+    InstanceConflict,
+    ManagerClient,
+    ManagerUnavailable,
+    RedemptionRefused,
+    parse_redemption,
     proxy_key_id,
 )
-from cpvm.common.contract import Outcome
 
 GOOD = {
     "session_id": "s-1",

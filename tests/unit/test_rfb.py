@@ -15,10 +15,10 @@ from cpvm.rfb import (
     MAX_REASON_LENGTH,
     ClientInitReceived,
     ClientInputScanner,
+    ClientVersionReceived,
     Failed,
     RfbClientHandshake,
     RfbServerHandshake,
-    ClientVersionReceived,
     SecurityComplete,
     Send,
     ServerInit,
@@ -844,7 +844,7 @@ def test_server_waits_for_a_decision_after_the_version():
     (b"RFB 003.007\n", b"\x00"),
     (b"RFB 003.003\n", u32(0)),
 ])
-def test_server_rejects_with_a_reason_noVNC_shows(version, head):
+def test_server_rejects_with_a_reason_novnc_shows(version, head):
     machine = RfbServerHandshake()
     sent, events = drive_server(machine, version,
                                 decide=lambda m: m.reject("token already used"))

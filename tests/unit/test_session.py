@@ -9,10 +9,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused, VncTarget
 from cpvm.common.contract import Outcome
-from cpvm.rfb import ServerInit
+from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused, VncTarget
 from cpvm.proxy.session import MAX_PRE_RELAY_BUFFER, REFUSAL_GRACE, ConsoleSession, SessionLimits
+from cpvm.rfb import ServerInit
 
 SERVER_INIT = ServerInit(800, 600, bytes(16), b"qemu")
 REDEMPTION = Redemption(

@@ -28,7 +28,7 @@ def _stream(items) -> bytes:
 def _split(data: bytes, draw_cuts) -> list[bytes]:
     cuts = sorted(set(draw_cuts))
     bounds = [0, *[c for c in cuts if 0 < c < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _feed_all(reader: FrameReader, pieces: list[bytes]) -> tuple[list[bytes], list[bytes]]:
