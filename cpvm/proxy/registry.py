@@ -1,8 +1,8 @@
 """The live console sessions of one cpvm process, and what happens around each one.
 
 ``ConsoleSessions`` creates sessions, enforces capacity, connects them upstream, keeps
-the metrics and the audit stream, reports ends to the manager, heartbeats, and ends
-sessions an administrator terminated.
+the metrics and the audit stream, queues end reports for the heartbeat
+(:mod:`cpvm.proxy.heartbeat`), and ends sessions an administrator terminated.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -26,7 +25,6 @@ from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.common.tokens import looks_like_token
 from cpvm.proxy.config import CpvmConfig
 from cpvm.proxy.manager_client import (
-    InstanceConflict,
     ManagerClient,
     ManagerUnavailable,
     Redemption,
@@ -330,93 +328,3 @@ def _endpoint(reactor, host: str, port: int, timeout: float):
     if address.version == 6:
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-
-
-class Heartbeat(Service):
-    """Registers this cpvm with the manager and learns which sessions to terminate.
-
-    Beats never overlap: the next one is scheduled when the previous one has answered
-    (or failed), at the interval the manager asks for.
-    """
-
-    _log = Logger()
-
-    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions,
-                 interval: float):
-        self._reactor = reactor
-        self._manager = manager
-        self._sessions = sessions
-        self.interval = interval
-        self.manager_reachable = False
-        # The manager refuses us: our proxy key is bound to another live cpvm instance.
-        self.conflict = False
-        self._next = None
-
-    def startService(self):  # noqa: N802
-        super().startService()
-        self._next = self._reactor.callLater(0, self.beat)
-
-    def stopService(self):  # noqa: N802
-        super().stopService()
-        if self._next is not None and self._next.active():
-            self._next.cancel()
-        self._next = None
-
-    def beat(self) -> Deferred:
-        self._next = None
-        # Other workers' scrapes see this process's live byte counts as of its last beat.
-        self._sessions.count_relayed()
-        ended = self._sessions.take_ended()
-        payload = {**self._sessions.heartbeat_payload(), "ended": ended}
-        d = self._manager.heartbeat(payload)
-        d.addCallbacks(self._answered, self._failed, errbackArgs=(ended,))
-        d.addBoth(self._schedule)
-        return d
-
-    def flush(self, grace: float) -> Deferred:
-        """At shutdown: one last beat carrying the remaining end reports, within ``grace``."""
-        if not self._sessions.ended_waiting:
-            return succeed(None)
-        d = self.beat()
-        d.addTimeout(max(grace, 0.1), self._reactor)
-        d.addErrback(lambda _: None)
-        return d
-
-    def _answered(self, answer: dict) -> None:
-        if not self.manager_reachable:
-            self._log.info("manager reachable")
-        if self.conflict:
-            self._log.info("manager accepts this instance for proxy key {key_id} again",
-                           key_id=self._manager.key_id)
-        self.manager_reachable = True
-        self.conflict = False
-        interval = answer.get("heartbeat_interval")
-        if isinstance(interval, (int, float)) and not isinstance(interval, bool):
-            self.interval = min(max(float(interval), 0.5), 300.0)
-        terminate = answer.get("terminate") or []
-        if isinstance(terminate, list) and terminate:
-            n = self._sessions.terminate(terminate)
-            if n:
-                self._log.info("manager asked to terminate {count} session(s) here", count=n)
-
-    def _failed(self, failure: Failure, ended: list[dict]) -> None:
-        self._sessions.give_back_ended(ended)
-        if failure.check(InstanceConflict):
-            if not self.conflict:
-                # An operator's mistake (one key on two running proxies), not a network
-                # blip: an error, once per episode; /readyz says so meanwhile.
-                self._log.error(
-                    "manager refused the heartbeat: proxy key {key_id} is in use by another "
-                    "running cpvm instance; give each proxy its own key "
-                    "(cpvm-manager-admin proxy list shows both)", key_id=self._manager.key_id)
-            self.conflict = True
-        else:
-            self.conflict = False  # unknown now; "manager not reachable" says the rest
-            if self.manager_reachable:
-                self._log.warn("manager heartbeat failed: {why}", why=str(failure.value))
-        self.manager_reachable = False
-        self._sessions.metrics.manager_failures.labels(call="heartbeat").inc()
-
-    def _schedule(self, _) -> None:
-        if self.running:
-            self._next = self._reactor.callLater(self.interval, self.beat)

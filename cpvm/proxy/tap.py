@@ -20,10 +20,11 @@ from cpvm.common.tls import ReloadableServerTLS, TLSFilesError, manager_tls_poli
 from cpvm.proxy import metrics as metrics_module
 from cpvm.proxy.config import DEFAULT_CONFIG_PATH, ConfigError, CpvmConfig, load_config
 from cpvm.proxy.headers import SecurityHeaders
+from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.instance import instance_id_for
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions, Heartbeat
+from cpvm.proxy.registry import ConsoleSessions
 from cpvm.proxy.web import ConsoleSite, build_root
 from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool

@@ -24,9 +24,10 @@ from cpvm.common.contract import Outcome
 from cpvm.common.inifile import IniReader
 from cpvm.proxy import registry
 from cpvm.proxy.config import parse_config
+from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions, Heartbeat
+from cpvm.proxy.registry import ConsoleSessions
 
 CONFIG = parse_config(IniReader("cpvm.conf", text=(
     "[server]\npublic_host = console.example.com\nport = 8080\n"

@@ -6,9 +6,9 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
+from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import InstanceConflict, ManagerUnavailable
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import Heartbeat
 
 
 class Sessions:

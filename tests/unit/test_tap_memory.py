@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from cpvm.common.metrics import MetricsPage
 from cpvm.common.tls import ReloadableServerTLS
 from cpvm.proxy.config import CpvmConfig, load_config
-from cpvm.proxy.registry import Heartbeat
+from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.tap import ProxyService, build_service, worker_argv
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
 from tests.stubhttp import MemoryHttp
