@@ -74,8 +74,8 @@ def second_visit(url: str) -> str:
             page.goto(url)
             # The status fades after a while: take its text in the same check.
             status = page.wait_for_function(
-                "(() => { const t = document.querySelector('#noVNC_status').textContent;"
-                " return t && !t.startsWith('Connecting') ? t : false; })()", timeout=30_000)
+                "() => { const t = document.querySelector('#noVNC_status').textContent;"
+                " return t && !t.startsWith('Connecting') ? t : false; }", timeout=30_000)
             return status.json_value()
         finally:
             browser.close()

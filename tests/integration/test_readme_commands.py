@@ -39,7 +39,8 @@ def test_readme_command_starts_the_daemon(plugin: str, tmp_path: Path):
     if plugin == "cpvm-manager":
         conf = f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {tmp_path}/data\n"
     else:
-        conf = "[server]\nbind = 127.0.0.1\nport = 0\n[manager]\nurl = http://127.0.0.1:9\n"
+        conf = (f"[server]\nbind = 127.0.0.1\nport = 0\nstate_directory = {tmp_path}/state\n"
+                "[manager]\nurl = http://127.0.0.1:9\n")
     (tmp_path / "d.conf").write_text(conf)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     log = tmp_path / "out.log"

@@ -112,8 +112,10 @@ def _type_in_browser(url: str, text: str, shot) -> tuple[str, str]:
             second.goto(url)
             # The status fades after a while: take its text in the same check.
             refusal = second.wait_for_function(
-                "(() => { const t = document.querySelector('#noVNC_status').textContent;"
-                " return t.includes('rejected') ? t : false; })()", timeout=30_000)
+                # A function, not an expression string: Playwright evaluates strings with
+                # eval, which cpvm's Content-Security-Policy (rightly) forbids.
+                "() => { const t = document.querySelector('#noVNC_status').textContent;"
+                " return t.includes('rejected') ? t : false; }", timeout=30_000)
             return status, refusal.json_value()
         finally:
             browser.close()
