@@ -15,6 +15,8 @@ from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
+from cpvm.manager.inventory import InventoryService, load_libvirt
+from cpvm.manager.inventory_config import PREFIX
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.web import build_site
@@ -108,6 +110,9 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     http = strports.service(config.server.listen, site, reactor=reactor)
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)
+    if config.inventory:
+        # After the database service: stopped before its pool closes.
+        inventory_service(config, database, box, reactor, clock).setServiceParent(top)
     http.setServiceParent(top)
 
     def cleanup():
@@ -119,6 +124,18 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     timer.clock = clock
     timer.setServiceParent(top)
     return top
+
+
+def inventory_service(config: ManagerConfig, database: dbmodule.Database, box: SecretBox,
+                      reactor: Any, clock: Any) -> InventoryService:
+    """libvirt discovery for the [inventory.libvirt.NAME] sections."""
+    try:
+        libvirt = load_libvirt()
+    except ImportError:
+        raise ConfigError(config.source, PREFIX + config.inventory[0].name, None,
+                          "the libvirt Python binding is not installed (Debian: "
+                          "python3-libvirt; PyPI: libvirt-python)") from None
+    return InventoryService(config.inventory, database, box, reactor, clock, libvirt)
 
 
 def makeService(options: Options, reactor: Any = None) -> ManagerService:

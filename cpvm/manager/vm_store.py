@@ -127,3 +127,24 @@ def set_source_state(tx: Tx, source: str, state: str, now: float) -> int:
 def sources(tx: Tx) -> dict[str, str]:
     """Every VM's source, by id."""
     return {r[0]: r[1] for r in tx.execute("SELECT id, source FROM vms").fetchall()}
+
+
+_OWNED_UPDATABLE = frozenset({
+    "name", "owner_id", "state", "vnc_host", "vnc_port", "vnc_password_enc", "vnc_tls",
+    "vnc_ca_pem", "vnc_server_name", "hostname", "hypervisor",
+})
+
+
+def update_owned(tx: Tx, vm_id: str, source: str, changes: dict[str, Any], now: float) -> None:
+    """Change a VM of ``source`` (never one of another source)."""
+    unknown = set(changes) - _OWNED_UPDATABLE
+    if unknown:
+        raise ValueError(f"cannot update {sorted(unknown)}")
+    sets = "".join(f"{k} = ?, " for k in changes)
+    tx.execute(f"UPDATE vms SET {sets}updated_at = ? WHERE id = ? AND source = ?",
+               [*changes.values(), now, vm_id, source])
+
+
+def delete_owned(tx: Tx, vm_id: str, source: str) -> None:
+    """Remove a VM of ``source`` (never one of another source)."""
+    tx.execute("DELETE FROM vms WHERE id = ? AND source = ?", (vm_id, source))

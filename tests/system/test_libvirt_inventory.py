@@ -1,0 +1,281 @@
+"""libvirt discovery against a real libvirtd (tests/libvirt_host.py: a private session
+daemon with the QEMU driver), the real manager (in the test's reactor, its HTTP listener and
+SQLite) and a real cpvm (``twistd cpvm``): domains become VMs, their state and VNC port
+follow libvirt, and a console reaches the libvirt-started guest through cpvm.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+
+from tests.daemons import cpvm_config, start_cpvm
+from tests.libvirt_host import domain_xml, readable_guest, restart_libvirtd, start_libvirtd
+from tests.manager.harness import start_manager
+from tests.manager.test_proxy_keys import proxies
+from tests.peers import GUEST_READY_MARKER, free_port
+from tests.wsclient import open_console
+
+WEB_PASSWORD = "lvpw-1"
+
+
+async def _blocking(fn, *args):
+    return await threads.deferToThread(fn, *args)
+
+
+async def until(check, what: str, timeout: float = 30.0):
+    """Poll ``check()`` (a coroutine function) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.2)
+
+
+@pytest_twisted.async_yield_fixture
+async def lab(tmp_path, demo_guest):
+    """libvirtd with two domains (web: the demo guest, VNC password; db: no disk, no
+    password), a manager discovering them for alice, and a cpvm."""
+    host = await _blocking(start_libvirtd)
+    m = cpvm = None
+    try:
+        guest = readable_guest(host, demo_guest)
+        serial = host.file("web-serial.log")
+        conn = await _blocking(host.connect)
+        web = await _blocking(conn.defineXML, domain_xml(
+            "web", password=WEB_PASSWORD, guest=guest, serial_log=serial))
+        db = await _blocking(conn.defineXML, domain_xml("db"))
+        await _blocking(web.create)
+        await _blocking(db.create)
+        m = await start_manager(tmp_path / "manager", {
+            "inventory.libvirt.lab": {"uri": host.uri, "owner": "alice", "sync_interval": 2,
+                                      "timeout": 5}})
+        m.secrets_seen.append(WEB_PASSWORD)
+        alice, bob = m.account("alice"), m.account("bob")
+        key_file = tmp_path / "proxy.key"
+        m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
+        m.secrets_seen.append(key_file.read_text().strip())
+        cpvm = await _blocking(lambda: start_cpvm(cpvm_config(
+            m.base, credential_file=key_file, server={"port": free_port()}),
+            workdir=tmp_path))
+
+        async def proxy_up():
+            return proxies(m)["cpvm1"]["status"] == "up"
+
+        await until(proxy_up, "cpvm's first heartbeat")
+        yield {"host": host, "conn": conn, "m": m, "alice": alice, "bob": bob, "web": web,
+               "db": db, "serial": serial, "guest": guest}
+        await _blocking(conn.close)
+    finally:
+        if cpvm is not None:
+            await _blocking(cpvm.stop)
+            leaked = [s[:6] for s in m.secrets_seen if s in cpvm.log_text()]
+            assert not leaked, leaked
+        if m is not None:
+            await m.stop()
+        await _blocking(host.stop)
+
+
+async def listed(m, creds, **filters) -> dict[str, dict]:
+    status, body = await m.api(creds, "listVirtualMachines", **filters)
+    assert status == 200, body
+    return {v["name"]: v for v in body["listvirtualmachinesresponse"]["virtualmachine"]}
+
+
+def registry(m) -> dict[str, dict]:
+    return {v["name"]: v for v in json.loads(m.admin("--json", "vm", "list"))}
+
+
+async def console_frame(m, creds, vm_id: str, expected_name: bytes) -> None:
+    """createConsoleEndpoint, then RFB through cpvm to the guest's VNC server, up to a
+    FramebufferUpdate."""
+    answer = await m.endpoint(creds, vm_id)
+    assert answer["success"], answer
+    ws = answer["websocket"]
+    client = await open_console(f"ws://{ws['host']}:{ws['port']}/websockify?token={ws['token']}")
+    info = await client.rfb_handshake()
+    assert info["name"] == expected_name
+    client.send(struct.pack("!BBHHHH", 3, 0, 0, 0, info["width"], info["height"]))
+    assert (await client.read(4))[0] == 0
+    return client
+
+
+async def type_text(client, text: str) -> None:
+    for ch in text:
+        keysym = 0xFF0D if ch == "\n" else ord(ch)
+        client.send(struct.pack("!BBxxI", 4, 1, keysym))
+        client.send(struct.pack("!BBxxI", 4, 0, keysym))
+        await deferLater(reactor, 0.03)
+
+
+@pytest_twisted.ensureDeferred
+async def test_domains_become_vms_and_follow_libvirt(lab):
+    m, alice, bob, conn = lab["m"], lab["alice"], lab["bob"], lab["conn"]
+    web_id, db_id = lab["web"].UUIDString(), lab["db"].UUIDString()
+
+    async def both_running():
+        vms = await listed(m, alice)
+        return vms if {n: v["state"] for n, v in vms.items()} == {
+            "db": "Running", "web": "Running"} else None
+
+    vms = await until(both_running, "both domains discovered and Running")
+    assert (vms["web"]["id"], vms["db"]["id"]) == (web_id, db_id)  # the domain's UUID
+    assert vms["web"]["hypervisor"] == "KVM" and vms["web"]["account"] == "alice"
+    assert vms["web"]["hostname"]  # the libvirt host's name
+    assert await listed(m, bob) == {}  # owner only
+    rows = registry(m)
+    assert rows["web"]["password"] == "yes" and rows["db"]["password"] == "no"
+    assert rows["web"]["source"] == "libvirt:lab"
+    assert rows["web"]["vnc"].startswith("127.0.0.1:")
+
+    # A console through cpvm to the libvirt-started guest; keys reach it.
+    deadline = time.monotonic() + 60
+    while GUEST_READY_MARKER not in (lab["serial"].read_text(errors="replace")
+                                     if lab["serial"].exists() else ""):
+        assert time.monotonic() < deadline, "the guest's shell never started"
+        await deferLater(reactor, 0.5)
+    client = await console_frame(m, alice, web_id, b"web")
+    await type_text(client, "serial typed42\n")
+
+    async def typed():
+        return "typed42" in lab["serial"].read_text(errors="replace")
+
+    await until(typed, "keys typed through cpvm reaching the guest's serial port")
+    client.sendClose(1000)
+    await client.wait_closed()
+    # db has no password: the console works the same.
+    client = await console_frame(m, alice, db_id, b"db")
+    client.sendClose(1000)
+    await client.wait_closed()
+
+    # Stopped in libvirt: Stopped here within seconds, and no console.
+    await _blocking(lab["db"].destroy)
+
+    async def db_stopped():
+        return (await listed(m, alice, id=db_id)).get("db", {}).get("state") == "Stopped"
+
+    await until(db_stopped, "db Stopped", timeout=10)
+    answer = await m.endpoint(alice, db_id)
+    assert not answer["success"] and "not running" in answer["details"]
+
+    # Started again on another port: the new port is used.
+    old_port = int(registry(m)["db"]["vnc"].rsplit(":", 1)[1])
+    new_port = free_port()
+    while new_port < 5900 or new_port == old_port:
+        new_port = free_port()
+    db = await _blocking(conn.defineXML, domain_xml("db", port=new_port, uuid=db_id))
+    await _blocking(db.create)
+
+    async def db_on_new_port():
+        row = registry(m)["db"]
+        return row["state"] == "Running" and row["vnc"] == f"127.0.0.1:{new_port}"
+
+    await until(db_on_new_port, "db Running on its new port", timeout=10)
+    client = await console_frame(m, alice, db_id, b"db")
+    client.sendClose(1000)
+    await client.wait_closed()
+
+    # Undefined: gone.
+    await _blocking(db.destroy)
+    await _blocking(db.undefine)
+
+    async def db_gone():
+        return "db" not in await listed(m, alice)
+
+    await until(db_gone, "db removed from the registry", timeout=10)
+    assert "db" not in registry(m)
+
+
+@pytest_twisted.ensureDeferred
+async def test_vms_added_by_hand_or_api_are_never_touched(lab):
+    m, alice, conn = lab["m"], lab["alice"], lab["conn"]
+    root = m.account("root", is_admin=True)
+    manual = m.vm("alice", name="by-hand", state="Stopped")
+    status, body = await m.api(root, "addConsoleVirtualMachine", method="POST", name="by-api",
+                               account="alice", vnchost="192.0.2.9", vncport="5999")
+    assert status == 200, body
+    # A domain whose UUID is the hand-made VM's: discovery leaves that VM alone.
+    twin = await _blocking(conn.defineXML, domain_xml("twin", uuid=manual))
+    await _blocking(twin.create)
+
+    async def synced():
+        return {"web", "db"} <= set(await listed(m, alice))
+
+    await until(synced, "discovery")
+    await _blocking(twin.destroy)
+    await _blocking(twin.undefine)
+    watcher = [s for s in m.service if hasattr(s, "watchers")][0].watchers[0]
+    before = watcher.syncs
+
+    async def two_more_syncs():
+        return watcher.syncs >= before + 2
+
+    await until(two_more_syncs, "two more syncs")
+    rows = registry(m)
+    assert (rows["by-hand"]["id"], rows["by-hand"]["state"], rows["by-hand"]["source"]) == (
+        manual, "Stopped", "manual")
+    assert (rows["by-api"]["vnc"], rows["by-api"]["source"]) == ("192.0.2.9:5999", "api")
+    assert "twin" not in rows
+    # And a discovered VM cannot be changed by hand: libvirt is where it lives.
+    web_id = lab["web"].UUIDString()
+    status, body = await m.api(root, "updateConsoleVirtualMachine", method="POST", id=web_id,
+                               vncport="1234")
+    assert status == 431 and "change it in libvirt" in body[
+        "updateconsolevirtualmachineresponse"]["errortext"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_is_down_makes_its_vms_unknown_and_is_retried(lab):
+    m, alice = lab["m"], lab["alice"]
+
+    async def running():
+        vms = await listed(m, alice)
+        return vms if vms and all(v["state"] == "Running" for v in vms.values()) else None
+
+    await until(running, "discovery")
+    await _blocking(lab["host"].stop_daemon)  # the guests go on; libvirt is gone
+
+    async def unknown():
+        vms = await listed(m, alice)  # the API answers meanwhile
+        return vms if vms and all(v["state"] == "Unknown" for v in vms.values()) else None
+
+    vms = await until(unknown, "VMs Unknown", timeout=15)
+    answer = await m.endpoint(alice, vms["web"]["id"])
+    assert not answer["success"] and "Unknown" in answer["details"]
+    await _blocking(restart_libvirtd, lab["host"])
+    await until(running, "VMs Running again after libvirtd came back", timeout=20)
+
+
+@pytest.fixture
+def unreachable_uri(tmp_path):
+    return f"qemu+unix:///session?socket={tmp_path / 'no-such-socket'}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_never_reached_blocks_nothing(tmp_path, unreachable_uri):
+    m = await start_manager(tmp_path / "m", {
+        "inventory.libvirt.gone": {"uri": unreachable_uri, "owner": "alice",
+                                   "sync_interval": 1}})
+    try:
+        alice = m.account("alice")
+        watcher = [s for s in m.service if hasattr(s, "watchers")][0].watchers[0]
+        before = watcher.syncs
+
+        async def retried():
+            return watcher.syncs >= before + 2
+
+        await until(retried, "two failed syncs (retries)")
+        status, body = await m.api(alice, "listVirtualMachines")
+        assert (status, body["listvirtualmachinesresponse"]["count"]) == (200, 0)
+        assert uuid.UUID(m.vm("alice"))  # the registry still takes VMs by hand
+    finally:
+        await m.stop()
