@@ -7,6 +7,8 @@ follow libvirt, and a console reaches the libvirt-started guest through cpvm.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import time
 import uuid
@@ -21,7 +23,7 @@ from tests.libvirt_host import domain_xml, readable_guest, restart_libvirtd, sta
 from tests.manager.harness import start_manager
 from tests.manager.test_proxy_keys import proxies
 from tests.peers import GUEST_READY_MARKER, free_port
-from tests.wsclient import open_console
+from tests.wsclient import RfbRefused, open_console
 
 WEB_PASSWORD = "lvpw-1"
 
@@ -279,3 +281,126 @@ async def test_a_host_never_reached_blocks_nothing(tmp_path, unreachable_uri):
         assert uuid.UUID(m.vm("alice"))  # the registry still takes VMs by hand
     finally:
         await m.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_hangs_never_blocks_the_api(lab):
+    """libvirtd frozen (SIGSTOP): calls to it hang; after the source's timeout (5 s here)
+    its VMs are Unknown, the API answers all along, and thawed it is used again."""
+    m, alice, host = lab["m"], lab["alice"], lab["host"]
+
+    async def running():
+        vms = await listed(m, alice)
+        return vms if vms and all(v["state"] == "Running" for v in vms.values()) else None
+
+    await until(running, "discovery")
+    os.kill(host.process.pid, signal.SIGSTOP)
+    try:
+        async def unknown():
+            started = time.monotonic()
+            vms = await listed(m, alice)
+            answers.append(time.monotonic() - started)
+            return vms if vms and all(v["state"] == "Unknown" for v in vms.values()) else None
+
+        answers: list[float] = []
+        await until(unknown, "VMs Unknown while libvirtd hangs", timeout=20)
+        # Every listVirtualMachines answered while the libvirt call hung (no timed
+        # assertion: the poll's own bound is what proves nothing waited on libvirt).
+        assert len(answers) >= 2
+    finally:
+        os.kill(host.process.pid, signal.SIGCONT)
+    await until(running, "VMs Running again once libvirtd answers", timeout=20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_orchestrator_adds_updates_removes_then_consoles(lab):
+    """The admin API over the real manager, then a console through cpvm to the VNC server
+    the VM names (here the libvirt guest's, by address, as an orchestrator would)."""
+    m, alice = lab["m"], lab["alice"]
+    root = m.account("root", is_admin=True)
+
+    async def web_running():
+        return registry(m).get("web", {}).get("state") == "Running"
+
+    await until(web_running, "discovery")
+    host, port = registry(m)["web"]["vnc"].rsplit(":", 1)
+    status, body = await m.api(root, "addConsoleVirtualMachine", method="POST",
+                               name="orchestrated", account="alice", vnchost=host,
+                               vncport=port, vncpassword="wrong-pw")
+    assert status == 200, body
+    vm_id = body["addconsolevirtualmachineresponse"]["virtualmachine"]["id"]
+    m.secrets_seen.append("wrong-pw")
+    answer = await m.endpoint(alice, vm_id)
+    ws = answer["websocket"]
+    client = await open_console(f"ws://{ws['host']}:{ws['port']}/websockify?token={ws['token']}")
+    with pytest.raises(RfbRefused, match="VNC authentication failed"):
+        await client.rfb_handshake()  # QEMU refuses the wrong password
+    assert (await client.wait_closed()).code == 4012
+    status, body = await m.api(root, "updateConsoleVirtualMachine", method="POST", id=vm_id,
+                               vncpassword=WEB_PASSWORD)
+    assert status == 200, body
+    client = await console_frame(m, alice, vm_id, b"orchestrated")  # cpvm names the VM
+    client.sendClose(1000)
+    await client.wait_closed()
+    status, _ = await m.api(root, "removeConsoleVirtualMachine", id=vm_id)
+    assert status == 200
+    status, body = await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm_id)
+    answer = body["createconsoleendpointresponse"]["consoleendpoint"]
+    assert not answer["success"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_managers_on_one_postgres_do_not_fight(tmp_path, postgres):
+    """Both managers sync the same host into one database: each change is made once (an
+    advisory lock per source, and a sync writes only what differs)."""
+    from twisted.logger import globalLogPublisher
+
+    from tests.manager.test_postgres import _pg_sections
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    host = await _blocking(start_libvirtd)
+    managers = []
+    try:
+        conn = await _blocking(host.connect)
+        doms = [await _blocking(conn.defineXML, domain_xml(n)) for n in ("one", "two")]
+        for dom in doms:
+            await _blocking(dom.create)
+        _, sections = _pg_sections(postgres, tmp_path / "kek")
+        sections["inventory.libvirt.lab"] = {"uri": host.uri, "owner": "alice",
+                                             "sync_interval": 1}
+        first = await start_manager(tmp_path / "a", sections)
+        managers.append(first)
+        first.admin("account", "create", "alice")
+        managers.append(await start_manager(tmp_path / "b", sections))
+        watchers = [[s for s in m.service if hasattr(s, "watchers")][0].watchers[0]
+                    for m in managers]
+
+        async def both_synced(after=(0, 0)):
+            return all(w.syncs >= a + 2 for w, a in zip(watchers, after))
+
+        await until(both_synced, "syncs by both managers")
+        await _blocking(doms[0].destroy)
+
+        async def one_stopped():
+            return registry(first)["one"]["state"] == "Stopped"
+
+        await until(one_stopped, "one Stopped")
+        after = tuple(w.syncs for w in watchers)
+
+        async def more():
+            return await both_synced(after)
+
+        await until(more, "more syncs by both")
+        audit = [(e["event"], e["vm_name"]) for e in events
+                 if str(e.get("event", "")).startswith("vm_")]
+        assert sorted(audit) == [("vm_added", "one"), ("vm_added", "two"),
+                                 ("vm_updated", "one")], audit
+        rows = json.loads(first.admin("--json", "vm", "list"))
+        assert sorted(r["name"] for r in rows) == ["one", "two"]
+        assert not [e for e in events if e.get("log_failure") is not None]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for m in managers:
+            await m.stop()
+        await _blocking(host.stop)
