@@ -23,6 +23,7 @@ from tests.libvirt_host import domain_xml, readable_guest, restart_libvirtd, sta
 from tests.manager.harness import start_manager
 from tests.manager.test_proxy_keys import proxies
 from tests.peers import GUEST_READY_MARKER, free_port
+from tests.system.test_whole_system import _type_in_browser
 from tests.wsclient import RfbRefused, open_console
 
 WEB_PASSWORD = "lvpw-1"
@@ -154,6 +155,17 @@ async def test_domains_become_vms_and_follow_libvirt(lab):
     await until(typed, "keys typed through cpvm reaching the guest's serial port")
     client.sendClose(1000)
     await client.wait_closed()
+    # And as a person does it: noVNC in Chromium, typing into the libvirt guest.
+    url = (await m.endpoint(alice, web_id))["url"]
+    status, second = await threads.deferToThread(
+        _type_in_browser, url, "serial novnc42", lab["host"].file("web.png"))
+    assert status == "Connected (unencrypted) to web"
+    assert second == "New connection has been rejected with reason: token already used"
+
+    async def typed_in_browser():
+        return "novnc42" in lab["serial"].read_text(errors="replace")
+
+    await until(typed_in_browser, "keys typed in noVNC reaching the guest")
     # db has no password: the console works the same.
     client = await console_frame(m, alice, db_id, b"db")
     client.sendClose(1000)
