@@ -50,6 +50,8 @@ def ensure_event_loop(libvirt: Any) -> None:
     with _event_loop_lock:
         if _event_loop_started:
             return
+        # libvirt prints every error to stderr by default; the watchers log what matters.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:
@@ -214,6 +216,8 @@ class LibvirtWatcher:
 
     def soon(self) -> None:
         """A lifecycle event (or a lost connection): sync in a moment."""
+        if self._stopped:
+            return
         if self._pending is None or not self._pending.active():
             self._pending = self._clock.callLater(EVENT_DELAY, self.sync)
 

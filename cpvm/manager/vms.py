@@ -118,9 +118,7 @@ def parse_fields(raw: dict[str, Any]) -> dict[str, Any]:
             out[field] = _id(value)
         elif field == "vnc_port":
             out[field] = _port(value)
-        elif field in ("vnc_host",):
-            out[field] = _host(field, value)
-        elif field == "vnc_server_name":
+        elif field in ("vnc_host", "vnc_server_name"):
             out[field] = _host(field, value)
         elif field == "vnc_password":
             if not value:
