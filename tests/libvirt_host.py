@@ -94,8 +94,12 @@ def _spawn(directory: Path) -> _Supervised:
                        directory / "libvirtd.log", env=env, user=USER, cwd=directory)
 
 
-def start_libvirtd(timeout: float = 30.0) -> LibvirtHost:
-    """Start the private daemon and wait until it answers."""
+def start_libvirtd(timeout: float = 30.0, *, qemu_conf: str | None = None,
+                   tls_dir: Path | None = None) -> LibvirtHost:
+    """Start the private daemon and wait until it answers. ``qemu_conf``: the QEMU
+    driver's settings (the session daemon reads ``$XDG_CONFIG_HOME/libvirt/qemu.conf``);
+    ``tls_dir``: a QEMU x509 directory copied where its QEMU (``nobody``) can read it, as
+    ``{tls}`` in ``qemu_conf``."""
     require_binary("libvirtd", "/usr/sbin/libvirtd")
     require_binary("qemu-system-x86_64")
     libvirt = _libvirt()
@@ -108,6 +112,17 @@ def start_libvirtd(timeout: float = 30.0) -> LibvirtHost:
     (directory / "run").chmod(0o700)
     config = directory / "libvirtd.conf"
     config.write_text(f'unix_sock_dir = "{directory / "run"}"\n')
+    if qemu_conf is not None:
+        tls = directory / "files" / "tls"
+        if tls_dir is not None:
+            shutil.copytree(tls_dir, tls)
+            for path in (tls, *tls.iterdir()):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        conf_dir = directory / "home" / ".config" / "libvirt"
+        conf_dir.mkdir(parents=True)
+        (conf_dir / "qemu.conf").write_text(qemu_conf.replace("{tls}", str(tls)))
+        for path in (conf_dir.parent, conf_dir, conf_dir / "qemu.conf"):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
     host = LibvirtHost(directory, _spawn(directory))
     deadline = time.monotonic() + timeout
     while True:

@@ -416,3 +416,45 @@ async def test_two_managers_on_one_postgres_do_not_fight(tmp_path, postgres):
         for m in managers:
             await m.stop()
         await _blocking(host.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_vnc_tls_x509_as_libvirt_sets_it_up(tmp_path, pki):
+    """qemu.conf vnc_tls = 1 on the host; vnc_tls = x509 with the CA in the source: cpvm
+    speaks VeNCrypt X509 to the guest's VNC and verifies its certificate."""
+    host = await _blocking(lambda: start_libvirtd(
+        qemu_conf='vnc_tls = 1\nvnc_tls_x509_cert_dir = "{tls}"\nvnc_tls_x509_verify = 0\n',
+        tls_dir=pki.dir))
+    m = cpvm = None
+    try:
+        conn = await _blocking(host.connect)
+        dom = await _blocking(conn.defineXML, domain_xml("secure", password="tls-pw-1"))
+        await _blocking(dom.create)
+        m = await start_manager(tmp_path / "manager", {
+            "inventory.libvirt.tls": {"uri": host.uri, "owner": "alice", "vnc_tls": "x509",
+                                      "vnc_ca_file": str(pki.ca_cert)}})
+        m.secrets_seen.append("tls-pw-1")
+        alice = m.account("alice")
+        key_file = tmp_path / "proxy.key"
+        m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
+        cpvm = await _blocking(lambda: start_cpvm(cpvm_config(
+            m.base, credential_file=key_file, server={"port": free_port()}),
+            workdir=tmp_path))
+
+        async def ready():
+            return (proxies(m)["cpvm1"]["status"] == "up"
+                    and registry(m).get("secure", {}).get("state") == "Running")
+
+        await until(ready, "cpvm up and the domain discovered")
+        assert registry(m)["secure"]["tls"] == "x509"
+        client = await console_frame(m, alice, dom.UUIDString(), b"secure")
+        client.sendClose(1000)
+        await client.wait_closed()
+        await _blocking(dom.destroy)
+        await _blocking(conn.close)
+    finally:
+        if cpvm is not None:
+            await _blocking(cpvm.stop)
+        if m is not None:
+            await m.stop()
+        await _blocking(host.stop)
