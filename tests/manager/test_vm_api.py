@@ -207,3 +207,18 @@ async def test_a_user_gets_cloudstacks_permission_error(managers, command):
                      "alice."}}
     (row,) = json.loads(m.admin("--json", "vm", "list"))
     assert (row["name"], row["vnc"]) == ("web-01", "10.0.0.5:5901")  # untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cli_audits_vm_changes_to_the_audit_file(managers, tmp_path):
+    audit_file = tmp_path / "audit.jsonl"
+    m = await managers(sections={"log": {"audit_file": str(audit_file)}})
+    m.account("alice")
+    vm = m.vm("alice", password="cli-pw-9")
+    m.admin("vm", "update", vm, "--state", "Stopped")
+    m.admin("vm", "remove", vm)
+    lines = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert [(x["event"], x["vm"]) for x in lines] == [
+        ("vm_added", vm), ("vm_updated", vm), ("vm_removed", vm)]
+    assert "by cpvm-manager-admin" in lines[0]["message"]
+    assert "vnc_password" in lines[0]["message"] and "cli-pw-9" not in audit_file.read_text()
