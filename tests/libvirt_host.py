@@ -1,7 +1,7 @@
 """A private libvirt daemon for tests: ``libvirtd`` in session mode with the QEMU driver.
 
-Nothing system-wide is touched: libvirtd runs as ``nobody`` (an unprivileged libvirtd is a
-*session* daemon) with HOME, XDG_RUNTIME_DIR, XDG_CONFIG_HOME and XDG_CACHE_HOME in one
+Nothing system-wide is touched: libvirtd runs unprivileged (as ``nobody`` when the tests
+run as root), which makes it a *session* daemon, with HOME, XDG_RUNTIME_DIR, XDG_CONFIG_HOME and XDG_CACHE_HOME in one
 temporary directory, and its socket there too (``unix_sock_dir``); clients reach it as
 ``qemu+unix:///session?socket=DIR/run/libvirt-sock``. No system service, no /etc/libvirt,
 no /run/libvirt. Domains are TCG guests (no /dev/kvm needed) with VNC on 127.0.0.1.
@@ -25,7 +25,9 @@ from xml.sax.saxutils import quoteattr
 
 from tests.peers import INSTALL_HINT, PeerStartError, PeerUnavailable, _Supervised, require_binary
 
-USER = "nobody"
+# libvirtd run by root is the system daemon: as root the tests run it as nobody, so that it
+# is a session daemon; anyone else runs it as themselves.
+USER = "nobody" if os.geteuid() == 0 else None
 
 
 def _libvirt() -> Any:
@@ -94,6 +96,14 @@ def _spawn(directory: Path) -> _Supervised:
                        directory / "libvirtd.log", env=env, user=USER, cwd=directory)
 
 
+def _owner() -> tuple[int, int]:
+    """The uid and gid the daemon runs as."""
+    if USER is None:
+        return os.getuid(), os.getgid()
+    entry = pwd.getpwnam(USER)
+    return entry.pw_uid, entry.pw_gid
+
+
 def start_libvirtd(timeout: float = 30.0, *, qemu_conf: str | None = None,
                    tls_dir: Path | None = None) -> LibvirtHost:
     """Start the private daemon and wait until it answers. ``qemu_conf``: the QEMU
@@ -103,12 +113,12 @@ def start_libvirtd(timeout: float = 30.0, *, qemu_conf: str | None = None,
     require_binary("libvirtd", "/usr/sbin/libvirtd")
     require_binary("qemu-system-x86_64")
     libvirt = _libvirt()
-    entry = pwd.getpwnam(USER)
+    uid, gid = _owner()
     directory = Path(tempfile.mkdtemp(prefix="cpvm-libvirt-"))
-    directory.chmod(0o755)  # nobody must reach its own subdirectories
+    directory.chmod(0o755)  # the daemon's user must reach its own subdirectories
     for sub in ("home", "run", "files"):
         (directory / sub).mkdir()
-        os.chown(directory / sub, entry.pw_uid, entry.pw_gid)
+        os.chown(directory / sub, uid, gid)
     (directory / "run").chmod(0o700)
     config = directory / "libvirtd.conf"
     config.write_text(f'unix_sock_dir = "{directory / "run"}"\n')
@@ -117,12 +127,12 @@ def start_libvirtd(timeout: float = 30.0, *, qemu_conf: str | None = None,
         if tls_dir is not None:
             shutil.copytree(tls_dir, tls)
             for path in (tls, *tls.iterdir()):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
+                os.chown(path, uid, gid)
         conf_dir = directory / "home" / ".config" / "libvirt"
         conf_dir.mkdir(parents=True)
         (conf_dir / "qemu.conf").write_text(qemu_conf.replace("{tls}", str(tls)))
         for path in (conf_dir.parent, conf_dir, conf_dir / "qemu.conf"):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+            os.chown(path, uid, gid)
     host = LibvirtHost(directory, _spawn(directory))
     deadline = time.monotonic() + timeout
     while True:
