@@ -180,6 +180,12 @@ class IniReader:
         if maximum is not None and value > maximum:
             raise self.error(section, key, f"must be at most {maximum}, got {value}")
 
+    def sections_with_prefix(self, prefix: str) -> list[str]:
+        """The file's sections named ``prefix`` + something, in file order: for repeated
+        sections such as ``[inventory.libvirt.NAME]``. Only the keys read from them count
+        as known to ``check_unknown``."""
+        return [s for s in self._parser.sections() if s.startswith(prefix) and s != prefix]
+
     def check_unknown(self) -> None:
         """Refuse sections and keys that no setting reads (typos)."""
         known_sections = {s for s, _ in self._used}

@@ -8,6 +8,7 @@ or stdin, never from the command line.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import secrets
@@ -17,10 +18,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from twisted.logger import globalLogPublisher
+
+from cpvm.common import logs
 from cpvm.common.contract import VNC_TLS_MODES
 from cpvm.common.inifile import ConfigError
 from cpvm.manager import db as dbmodule
-from cpvm.manager import store
+from cpvm.manager import store, vm_store, vms
 from cpvm.manager.config import ManagerConfig, load_config
 from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.proxy_policy import ProxyPolicy, format_networks, parse_allow
@@ -163,62 +167,67 @@ def _read_ca(path: str | None) -> str | None:
     return pem
 
 
-def vm_add(ctx: AdminContext, a: argparse.Namespace) -> None:
-    vm_id = str(uuid.UUID(a.id)) if a.id else str(uuid.uuid4())
-    owner = ctx.run(store.find_account, a.owner)
+def _vm_fields(a: argparse.Namespace) -> dict[str, Any]:
+    """The options given, as raw fields for :func:`cpvm.manager.vms.parse_fields`."""
+    raw: dict[str, Any] = {}
+    for field, option in (("name", "name"), ("owner", "owner"), ("vnc_host", "vnc_host"),
+                          ("vnc_port", "vnc_port"), ("vnc_tls", "tls"), ("state", "state")):
+        if getattr(a, option) is not None:
+            raw[field] = getattr(a, option)
     password = _read_password(a)
-    vm = {
-        "id": vm_id, "name": a.name, "owner_id": owner.id, "state": a.state or "Running",
-        "vnc_host": a.vnc_host, "vnc_port": a.vnc_port,
-        "vnc_password_enc": ctx.box.encrypt(password) if password is not None else None,
-        "vnc_tls": a.tls or "none", "vnc_ca_pem": _read_ca(a.ca_file),
-        "vnc_server_name": a.server_name,
-    }
-    ctx.run(store.add_vm, vm, time.time())
-    ctx.print(vm_id)
+    if password is not None:
+        raw["vnc_password"] = password
+    if getattr(a, "no_vnc_password", False):
+        if password is not None:
+            raise AdminError("give a new VNC password or --no-vnc-password, not both")
+        raw["vnc_password"] = None
+    if a.ca_file is not None:
+        raw["vnc_ca_pem"] = _read_ca(a.ca_file) if a.ca_file else None
+    if a.server_name is not None:
+        raw["vnc_server_name"] = a.server_name or None
+    return vms.parse_fields(raw)
+
+
+def _who() -> str:
+    try:
+        return f"cpvm-manager-admin ({getpass.getuser()})"
+    except (KeyError, OSError):
+        return "cpvm-manager-admin"
+
+
+def vm_add(ctx: AdminContext, a: argparse.Namespace) -> None:
+    fields = _vm_fields(a)
+    if a.id:
+        fields.update(vms.parse_fields({"id": a.id}))
+    change = ctx.run(vms.add, ctx.box, fields, vm_store.MANUAL, time.time())
+    vms.log_change(change, _who(), "cli")
+    ctx.print(change.vm_id)
 
 
 def vm_update(ctx: AdminContext, a: argparse.Namespace) -> None:
-    vm_id = str(uuid.UUID(a.id))
-    changes: dict[str, Any] = {}
-    if a.name is not None:
-        changes["name"] = a.name
-    if a.owner is not None:
-        changes["owner_id"] = ctx.run(store.find_account, a.owner).id
-    if a.state is not None:
-        changes["state"] = a.state
-    if a.vnc_host is not None:
-        changes["vnc_host"] = a.vnc_host
-    if a.vnc_port is not None:
-        changes["vnc_port"] = a.vnc_port
-    password = _read_password(a)
-    if password is not None:
-        changes["vnc_password_enc"] = ctx.box.encrypt(password)
-    if a.no_vnc_password:
-        changes["vnc_password_enc"] = None
-    if a.tls is not None:
-        changes["vnc_tls"] = a.tls
-    if a.ca_file is not None:
-        changes["vnc_ca_pem"] = _read_ca(a.ca_file) if a.ca_file else None
-    if a.server_name is not None:
-        changes["vnc_server_name"] = a.server_name or None
-    ctx.run(store.update_vm, vm_id, changes, time.time())
+    vm_id = vms.parse_fields({"id": a.id})["id"]
+    fields = _vm_fields(a)
+    change = ctx.run(vms.update, ctx.box, vm_id, fields, time.time())
+    vms.log_change(change, _who(), "cli")
     ctx.print(f"VM {vm_id} updated")
 
 
 def vm_remove(ctx: AdminContext, a: argparse.Namespace) -> None:
-    ctx.run(store.remove_vm, str(uuid.UUID(a.id)))
+    change = ctx.run(vms.remove, vms.parse_fields({"id": a.id})["id"])
+    vms.log_change(change, _who(), "cli")
     ctx.print("VM removed")
 
 
 def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
+    sources = ctx.run(vm_store.sources)
     rows = [
         (v.id, v.name, v.owner_name, v.state, f"{v.vnc_host}:{v.vnc_port}",
-         "yes" if v.vnc_password_enc else "no", v.vnc_tls, v.vnc_server_name)
+         "yes" if v.vnc_password_enc else "no", v.vnc_tls, v.vnc_server_name,
+         sources.get(v.id))
         for v in ctx.run(store.list_vms)
     ]
-    _table(ctx, ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name"),
-           rows, a.json)
+    _table(ctx, ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name",
+                 "source"), rows, a.json)
 
 
 # The most capacity a heartbeat may claim at all (cpvm.manager.web).
@@ -385,7 +394,7 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--tls", choices=VNC_TLS_MODES)
     p.add_argument("--ca-file", help="PEM CA certificate to verify the VNC server (x509)")
     p.add_argument("--server-name", help="name expected in the VNC server certificate")
-    p.add_argument("--state", choices=store.VM_STATES)
+    p.add_argument("--state", choices=vms.STATES)
 
 
 def _proxy_policy_options(p: argparse.ArgumentParser) -> None:
@@ -471,6 +480,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _audit_to_file(config: ManagerConfig) -> Callable[[], None]:
+    """Changes made here reach the manager's audit file ([log] audit_file), as the API's
+    do; returns what stops it."""
+    if config.log.audit_file is None:
+        return lambda: None
+    try:
+        stream = config.log.audit_file.open("a", encoding="utf-8")
+    except OSError as e:
+        raise AdminError(f"cannot open the audit file {config.log.audit_file}: "
+                         f"{e.strerror}") from None
+    observer = logs.audit_observer(stream)
+    globalLogPublisher.addObserver(observer)
+
+    def stop() -> None:
+        globalLogPublisher.removeObserver(observer)
+        stream.close()
+
+    return stop
+
+
+def _nothing() -> None:
+    pass
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Console-script entry point; returns the exit status."""
     out = out if out is not None else sys.stdout
@@ -484,13 +517,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except Exception as e:
         print(f"cpvm-manager-admin: cannot open the database: {e}", file=sys.stderr)
         return 2
+    stop_audit: Callable[[], None] = _nothing
     try:
+        stop_audit = _audit_to_file(config)
         args.func(ctx, args)
         return 0
     except (AdminError, store.NotFound, store.Conflict, SecretKeyError, ValueError) as e:
         print(f"cpvm-manager-admin: {e}", file=sys.stderr)
         return 1
     finally:
+        stop_audit()
         ctx.close()
 
 

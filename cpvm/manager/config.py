@@ -16,6 +16,7 @@ from pathlib import Path
 from cpvm.common.addresses import parse_networks
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
+from cpvm.manager.inventory_config import LibvirtSourceConfig, read_inventory
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
 DEFAULT_DATA_DIR = "/var/lib/cpvm-manager"
@@ -100,6 +101,7 @@ class ManagerConfig:
     sessions: SessionConfig
     metrics: MetricsConfig
     log: LogConfig
+    inventory: tuple[LibvirtSourceConfig, ...] = ()  # [inventory.libvirt.NAME] sections
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -186,6 +188,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     )
     metrics = read_metrics(reader)
     log = read_log(reader)
+    inventory = read_inventory(reader)
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
         raise reader.error(
@@ -202,6 +205,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         sessions=sessions,
         metrics=metrics,
         log=log,
+        inventory=inventory,
     )
 
 

@@ -148,6 +148,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE proxies ADD COLUMN refused_address TEXT",
         ],
     ),
+    (
+        6,
+        [
+            # Where each VM comes from: 'manual' (cpvm-manager-admin), 'api'
+            # (addConsoleVirtualMachine) or 'libvirt:NAME' ([inventory.libvirt.NAME]);
+            # discovery only ever touches its own. hostname / hypervisor: what
+            # listVirtualMachines shows (the libvirt host, "KVM"), NULL when unknown.
+            "ALTER TABLE vms ADD COLUMN source TEXT NOT NULL DEFAULT 'manual'",
+            "ALTER TABLE vms ADD COLUMN hostname TEXT",
+            "ALTER TABLE vms ADD COLUMN hypervisor TEXT",
+            "CREATE INDEX vms_source ON vms (source)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -17,6 +17,8 @@ from cpvm.common.tls import server_endpoint
 from cpvm.manager import db as dbmodule
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
+from cpvm.manager.inventory import InventoryService, load_libvirt
+from cpvm.manager.inventory_config import PREFIX
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
@@ -122,6 +124,9 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     http._raiseSynchronously = True
     top = ManagerService(config, broker, http, metrics, database)
     DatabaseService(database).setServiceParent(top)
+    if config.inventory:
+        # After the database service: stopped before its pool closes.
+        inventory_service(config, database, box, reactor, clock).setServiceParent(top)
     http.setServiceParent(top)
 
     def cleanup():
@@ -133,6 +138,18 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     timer.clock = clock
     timer.setServiceParent(top)
     return top
+
+
+def inventory_service(config: ManagerConfig, database: dbmodule.Database, box: SecretBox,
+                      reactor: Any, clock: Any) -> InventoryService:
+    """libvirt discovery for the [inventory.libvirt.NAME] sections."""
+    try:
+        libvirt = load_libvirt()
+    except ImportError:
+        raise ConfigError(config.source, PREFIX + config.inventory[0].name, None,
+                          "the libvirt Python binding is not installed (Debian: "
+                          "python3-libvirt; PyPI: libvirt-python)") from None
+    return InventoryService(config.inventory, database, box, reactor, clock, libvirt)
 
 
 def makeService(options: Options, reactor: Any = None) -> ManagerService:

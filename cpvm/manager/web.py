@@ -176,6 +176,10 @@ class PublicApiResource(Resource):
             "listconsolesessions": self._list_console_sessions,
             "endconsolesession": self._end_console_session,
         }
+        # listVirtualMachines and the admin VM commands (cpvm/manager/vm_api.py).
+        from cpvm.manager import vm_api
+
+        self._commands.update(vm_api.commands(db, box, clock))
 
     def render_GET(self, request: server.Request) -> int:
         ensureDeferred(self._handle(request))
