@@ -1,3 +1,3 @@
 """cpvm: an API-driven console proxy that puts a VM's VNC console in a browser."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
