@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the cpvm workers = 2 run")
     parser.add_argument("--seconds", type=float, help="streaming time per throughput case")
     parser.add_argument("--idle-sizes", help="comma-separated idle session counts")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the cpvm checked out in DIR (an older commit: "
+                        "git worktree add DIR COMMIT), as cpvm-base, in the same run")
     parser.add_argument("--results", default=str(Path(__file__).parent / "results"),
                         help="directory for results (default bench/results)")
     args = parser.parse_args(argv)
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_workers_compare or "cpvm" not in profile.proxies:
         profile.workers_compare = []
         profile.idle_large.pop("cpvm-w2", None)
+    if args.baseline:
+        os.environ["CPVM_BENCH_BASELINE"] = str(Path(args.baseline).resolve())
+        profile.proxies = [*profile.proxies, "cpvm-base"]
     if args.seconds:
         profile.stream_seconds = args.seconds
     if args.idle_sizes:

@@ -194,11 +194,18 @@ class Cpvm(Proxy):
 
     name = "cpvm"
 
-    def __init__(self, server_ports: dict[str, int], workdir: Path, workers: int = 1):
+    def __init__(self, server_ports: dict[str, int], workdir: Path, workers: int = 1,
+                 repo: Path | None = None):
         super().__init__(server_ports, workdir)
         self.workers = workers
         if workers != 1:
             self.name = f"cpvm-w{workers}"
+        # Another checkout of cpvm (an older commit) measured in the same run: it knows
+        # none of the settings added since, so it gets only the ones it understands.
+        self.repo = repo or REPO
+        self.baseline = repo is not None
+        if self.baseline:
+            self.name = "cpvm-base"
         self.mint_seconds = 0.0
         self.minted = 0
 
@@ -206,7 +213,7 @@ class Cpvm(Proxy):
         out = subprocess.run(
             [sys.executable, "-c", "import sys; from cpvm.manager.admin import main; "
              "sys.exit(main(sys.argv[1:]))", "--config", str(self.manager_conf), *args],
-            capture_output=True, text=True, cwd=REPO, timeout=60)
+            capture_output=True, text=True, cwd=self.repo, timeout=60)
         if out.returncode != 0:
             raise RuntimeError(f"cpvm-manager-admin {args}: {out.stdout}{out.stderr}")
         return out.stdout.strip()
@@ -219,9 +226,9 @@ class Cpvm(Proxy):
             f"[server]\nlisten = tcp:{self.manager_port}:interface={HOST}\n"
             f"data_dir = {d / 'data'}\n[tokens]\nttl = 3600\n"
             # The bench mints a token per session as fast as it can: no rate limit.
-            "[security]\ncreate_rate = 0\n[proxies]\n"
-            "heartbeat_interval = 1\nproxy_timeout = 20\n")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+            + ("" if self.baseline else "[security]\ncreate_rate = 0\n")
+            + "[proxies]\nheartbeat_interval = 1\nproxy_timeout = 20\n")
+        env = dict(os.environ, PYTHONPATH=str(self.repo))
         self._admin("account", "create", "bench", "--admin")
         creds = json.loads(self._admin("--json", "key", "create", "bench"))
         self.api_key, self.secret = creds["apikey"], creds["secretkey"]
@@ -235,7 +242,7 @@ class Cpvm(Proxy):
         self._admin("proxy-key", "create", "--name", self.name, "--output", str(cred))
         manager = Process([sys.executable, "-m", "twisted", "--reactor=cpvm", "--log-format=text",
                            "cpvm-manager",
-                           "--config", str(self.manager_conf)], d / "manager.log", env, REPO)
+                           "--config", str(self.manager_conf)], d / "manager.log", env, self.repo)
         self.processes.append(manager)
         wait_until(lambda: port_open(self.manager_port), 20, "cpvm-manager", manager.proc,
                    manager.log)
@@ -243,22 +250,23 @@ class Cpvm(Proxy):
         conf = d / "cpvm.conf"
         conf.write_text(
             f"[server]\nbind = {HOST}\nport = {self.port}\nworkers = {self.workers}\n"
-            f"public_host = {HOST}\nstate_directory = {d / 'state'}\n"
+            f"public_host = {HOST}\n"
             # Every bench client comes from one address, hundreds at a time: the caps
             # against hostile clients (docs/operations.md) would refuse the load itself.
-            "max_http_connections_per_address = 0\nmax_http_connections = 0\n"
-            f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
+            + ("" if self.baseline else f"state_directory = {d / 'state'}\n"
+               "max_http_connections_per_address = 0\nmax_http_connections = 0\n")
+            + f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
             "heartbeat_interval = 1\n"
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"
-            "max_pending = 20000\n"
-            "[log]\nlevel = warn\n")
+            + ("" if self.baseline else "max_pending = 20000\n")
+            + "[log]\nlevel = warn\n")
         # Started like the systemd unit (twistd, not ``python -m twisted``): extra workers
         # re-run this twistd command line with ``--worker i`` (cpvm/proxy/workers.py), and
         # ``twist``'s options (--log-format, --log-level) are not twistd's.
         proxy = Process([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                          "--nodaemon", "--pidfile=", "--reactor=cpvm",
                          "--logger=cpvm.common.logs.observer", "cpvm",
-                         "--config", str(conf)], d / "cpvm.log", env, REPO)
+                         "--config", str(conf)], d / "cpvm.log", env, self.repo)
         self.processes.append(proxy)
         wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",
                    proxy.proc, proxy.log)
@@ -356,6 +364,9 @@ def make_proxy(name: str, server_ports: dict[str, int], workdir: Path) -> Proxy:
         return Websockify(server_ports, workdir)
     if name == "cpvm":
         return Cpvm(server_ports, workdir)
+    if name == "cpvm-base":
+        # python3 -m bench --baseline DIR: DIR is a checkout of the cpvm to compare with.
+        return Cpvm(server_ports, workdir, repo=Path(os.environ["CPVM_BENCH_BASELINE"]))
     if name.startswith("cpvm-w"):
         return Cpvm(server_ports, workdir, workers=int(name[len("cpvm-w"):]))
     raise ValueError(f"unknown proxy {name!r}")

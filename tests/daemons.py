@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import sys
 import time
 import urllib.request
@@ -73,7 +74,9 @@ def cpvm_config(manager_url: str, *, credential_file: Path | None = None,
     values: dict[str, dict] = {
         # A short grace: at teardown the test reactor is not running to answer the last
         # heartbeat, and each stop would otherwise wait for it.
-        "server": {"bind": HOST, "port": 0, "public_host": HOST, "grace_period": 1},
+        # Never the default /var/lib/cpvm: a root-owned one there would break the package's.
+        "server": {"bind": HOST, "port": 0, "public_host": HOST, "grace_period": 1,
+                   "state_directory": tempfile.mkdtemp(prefix="cpvm-state-")},
         "manager": {"url": manager_url, "timeout": 3, "heartbeat_interval": 1},
     }
     if credential_file is not None:

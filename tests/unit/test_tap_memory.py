@@ -28,6 +28,7 @@ bind = 127.0.0.2
 port = 18080
 public_host = console.example.com
 novnc_dir = {novnc}
+state_directory = {state}
 [manager]
 url = http://127.0.0.1:18250
 heartbeat_interval = 7
@@ -42,7 +43,7 @@ def config(tmp_path: Path, text: str, **values: object) -> CpvmConfig:
     novnc.mkdir(exist_ok=True)
     (novnc / "vnc.html").write_text("<title>noVNC</title>")
     path = tmp_path / "cpvm.conf"
-    path.write_text(text.format(novnc=novnc, **values))
+    path.write_text(text.format(novnc=novnc, state=tmp_path / "state", **values))
     return load_config(str(path))
 
 
