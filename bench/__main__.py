@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         profile.idle_large.pop("cpvm-w2", None)
     if args.baseline:
         os.environ["CPVM_BENCH_BASELINE"] = str(Path(args.baseline).resolve())
-        profile.proxies = [*profile.proxies, "cpvm-base"]
+        if "cpvm-base" not in profile.proxies:  # else where --proxies put it
+            profile.proxies = [*profile.proxies, "cpvm-base"]
     if args.seconds:
         profile.stream_seconds = args.seconds
     if args.idle_sizes:

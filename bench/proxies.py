@@ -258,14 +258,16 @@ class Cpvm(Proxy):
             + f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
             "heartbeat_interval = 1\n"
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"
-            + ("" if self.baseline else "max_pending = 20000\n")
+            # Each redemption in flight spends one of the address's attempts until it
+            # succeeds: hundreds at once from one address would be refused (4029).
+            + ("" if self.baseline else "max_pending = 20000\nfailed_redemption_burst = 100000\n")
             + "[log]\nlevel = warn\n")
         # Started like the systemd unit (twistd, not ``python -m twisted``): extra workers
         # re-run this twistd command line with ``--worker i`` (cpvm/proxy/workers.py), and
         # ``twist``'s options (--log-format, --log-level) are not twistd's.
         proxy = Process([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                          "--nodaemon", "--pidfile=", "--reactor=cpvm",
-                         "--logger=cpvm.common.logs.observer", "cpvm",
+                         f"--logger={self._logger()}", "cpvm",
                          "--config", str(conf)], d / "cpvm.log", env, self.repo)
         self.processes.append(proxy)
         wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",
@@ -278,6 +280,11 @@ class Cpvm(Proxy):
         # The manager must have seen a heartbeat before it hands out this proxy.
         wait_until(lambda: self._mint_one("idle") is not None, 30, "first console endpoint",
                    manager.proc, manager.log)
+
+    def _logger(self) -> str:
+        # Before the four-part layout the observer lived in cpvm/logs.py.
+        flat = (self.repo / "cpvm" / "logs.py").exists()
+        return "cpvm.logs.observer" if flat else "cpvm.common.logs.observer"
 
     def _listening(self) -> int:
         """How many processes of cpvm's tree have a socket listening on its port."""
