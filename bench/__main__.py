@@ -18,18 +18,26 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default; under 2 minutes")
     mode.add_argument("--full", action="store_true", help="bigger sizes; under 15 minutes")
-    parser.add_argument("--proxies", help="comma-separated subset of "
-                        "direct,socat,websockify,cpvm (default: all)")
+    parser.add_argument(
+        "--proxies", help="comma-separated subset of direct,socat,websockify,cpvm (default: all)"
+    )
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    parser.add_argument("--no-workers-compare", action="store_true",
-                        help="skip the cpvm workers = 2 run")
+    parser.add_argument(
+        "--no-workers-compare", action="store_true", help="skip the cpvm workers = 2 run"
+    )
     parser.add_argument("--seconds", type=float, help="streaming time per throughput case")
     parser.add_argument("--idle-sizes", help="comma-separated idle session counts")
-    parser.add_argument("--baseline", metavar="DIR",
-                        help="also measure the cpvm checked out in DIR (an older commit: "
-                        "git worktree add DIR COMMIT), as cpvm-base, in the same run")
-    parser.add_argument("--results", default=str(Path(__file__).parent / "results"),
-                        help="directory for results (default bench/results)")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure the cpvm checked out in DIR (an older commit: "
+        "git worktree add DIR COMMIT), as cpvm-base, in the same run",
+    )
+    parser.add_argument(
+        "--results",
+        default=str(Path(__file__).parent / "results"),
+        help="directory for results (default bench/results)",
+    )
     args = parser.parse_args(argv)
     profile = PROFILES["full" if args.full else "quick"]
     if args.proxies:
@@ -54,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = out / f"{profile.name}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(run, indent=1))
-    md = [f"# cpvm bench, {profile.name}, {time.strftime('%Y-%m-%d %H:%M')}",
-          f"{os.cpu_count()} cores; run took {run['seconds']:.0f} s; direct and socat are "
-          "TCP-level (raw RFB), websockify and cpvm WebSocket (binary frames).", "",
-          report.table(run, profile.multi_sessions), "", "## Targets", "",
-          report.targets_markdown(run)]
+    md = [
+        f"# cpvm bench, {profile.name}, {time.strftime('%Y-%m-%d %H:%M')}",
+        f"{os.cpu_count()} cores; run took {run['seconds']:.0f} s; direct and socat are "
+        "TCP-level (raw RFB), websockify and cpvm WebSocket (binary frames).",
+        "",
+        report.table(run, profile.multi_sessions),
+        "",
+        "## Targets",
+        "",
+        report.targets_markdown(run),
+    ]
     if run["notes"]:
         md += ["", "## Notes", ""] + [f"- {n}" for n in run["notes"]]
     text = "\n".join(md) + "\n"

@@ -29,8 +29,12 @@ def summarize(raw: Path, top: int = 25) -> str:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [
+            f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")"
+            if " (" in f
+            else f
+            for f in stack.split(";")
+        ]
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
@@ -54,16 +58,35 @@ def main(argv: list[str]) -> int:
         if workload == "stream":
             w = Worker(workloads.stream, proxy.targets("stream", 1), seconds + 2)
         elif workload == "echo":
-            w = Worker(workloads.echo_interleaved, {"cpvm": proxy.targets("echo", 1)[0]},
-                       int(seconds * 4000))
+            w = Worker(
+                workloads.echo_interleaved,
+                {"cpvm": proxy.targets("echo", 1)[0]},
+                int(seconds * 4000),
+            )
         else:
             w = Worker(workloads.setup_sequential, proxy.targets("idle", int(seconds * 250)))
         w.recv(60)
         w.send("go")
         raw = results / f"profile-{workload}.txt"
-        subprocess.run(["py-spy", "record", "--pid", str(proxy.pids()[0]), "--duration",
-                        str(int(seconds)), "--rate", "250", "--format", "raw", "--nonblocking",
-                        "-o", str(raw)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(proxy.pids()[0]),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(raw),
+            ],
+            check=True,
+            capture_output=True,
+        )
         try:
             w.recv(120)
         finally:

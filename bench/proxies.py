@@ -33,8 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None) -> None:
+def wait_until(
+    check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Poll ``check()`` every 50 ms for at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,13 +67,21 @@ def _raise_nofile() -> None:  # in the child, before exec
 class Process:
     """A child process in its own process group, with its log file."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict | None = None,
-                 cwd: Path | None = None):
+    def __init__(
+        self, argv: list[str], log: Path, env: dict | None = None, cwd: Path | None = None
+    ):
         self.log = log
         self._logf = open(log, "wb")
         self.proc = subprocess.Popen(
-            argv, stdout=self._logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_raise_nofile, env=env, cwd=cwd)
+            argv,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_raise_nofile,
+            env=env,
+            cwd=cwd,
+        )
         self.pid = self.proc.pid
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -152,8 +161,14 @@ class Socat(Proxy):
             if mode == "control":
                 continue
             port = free_port()
-            p = Process(["socat", f"TCP-LISTEN:{port},bind={HOST},fork,reuseaddr,backlog=4096",
-                         f"TCP:{HOST}:{server_port}"], self.workdir / f"socat-{mode}.log")
+            p = Process(
+                [
+                    "socat",
+                    f"TCP-LISTEN:{port},bind={HOST},fork,reuseaddr,backlog=4096",
+                    f"TCP:{HOST}:{server_port}",
+                ],
+                self.workdir / f"socat-{mode}.log",
+            )
             self.processes.append(p)
             self.ports[mode] = port
             wait_until(lambda port=port: port_open(port), 10, f"socat {mode}", p.proc, p.log)
@@ -171,13 +186,27 @@ class Websockify(Proxy):
     def start(self) -> None:
         tokens = self.workdir / "websockify-tokens"
         tokens.mkdir(exist_ok=True)
-        (tokens / "bench.cfg").write_text("".join(
-            f"{mode}: {HOST}:{port}\n" for mode, port in self.server_ports.items()
-            if mode != "control"))
+        (tokens / "bench.cfg").write_text(
+            "".join(
+                f"{mode}: {HOST}:{port}\n"
+                for mode, port in self.server_ports.items()
+                if mode != "control"
+            )
+        )
         self.port = free_port()
-        p = Process([sys.executable, "-m", "websockify", "--token-plugin", "TokenFile",
-                     "--token-source", str(tokens), f"{HOST}:{self.port}"],
-                    self.workdir / "websockify.log")
+        p = Process(
+            [
+                sys.executable,
+                "-m",
+                "websockify",
+                "--token-plugin",
+                "TokenFile",
+                "--token-source",
+                str(tokens),
+                f"{HOST}:{self.port}",
+            ],
+            self.workdir / "websockify.log",
+        )
         self.processes.append(p)
         wait_until(lambda: port_open(self.port), 15, "websockify", p.proc, p.log)
 
@@ -194,8 +223,13 @@ class Cpvm(Proxy):
 
     name = "cpvm"
 
-    def __init__(self, server_ports: dict[str, int], workdir: Path, workers: int = 1,
-                 repo: Path | None = None):
+    def __init__(
+        self,
+        server_ports: dict[str, int],
+        workdir: Path,
+        workers: int = 1,
+        repo: Path | None = None,
+    ):
         super().__init__(server_ports, workdir)
         self.workers = workers
         if workers != 1:
@@ -211,9 +245,19 @@ class Cpvm(Proxy):
 
     def _admin(self, *args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-c", "import sys; from cpvm.manager.admin import main; "
-             "sys.exit(main(sys.argv[1:]))", "--config", str(self.manager_conf), *args],
-            capture_output=True, text=True, cwd=self.repo, timeout=60)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from cpvm.manager.admin import main; sys.exit(main(sys.argv[1:]))",
+                "--config",
+                str(self.manager_conf),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=self.repo,
+            timeout=60,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"cpvm-manager-admin {args}: {out.stdout}{out.stderr}")
         return out.stdout.strip()
@@ -227,7 +271,8 @@ class Cpvm(Proxy):
             f"data_dir = {d / 'data'}\n[tokens]\nttl = 3600\n"
             # The bench mints a token per session as fast as it can: no rate limit.
             + ("" if self.baseline else "[security]\ncreate_rate = 0\n")
-            + "[proxies]\nheartbeat_interval = 1\nproxy_timeout = 20\n")
+            + "[proxies]\nheartbeat_interval = 1\nproxy_timeout = 20\n"
+        )
         env = dict(os.environ, PYTHONPATH=str(self.repo))
         self._admin("account", "create", "bench", "--admin")
         creds = json.loads(self._admin("--json", "key", "create", "bench"))
@@ -236,16 +281,39 @@ class Cpvm(Proxy):
         for mode, port in self.server_ports.items():
             if mode == "control":
                 continue
-            self.vms[mode] = self._admin("vm", "add", "--name", f"bench-{mode}", "--owner",
-                                         "bench", "--vnc-host", HOST, "--vnc-port", str(port))
+            self.vms[mode] = self._admin(
+                "vm",
+                "add",
+                "--name",
+                f"bench-{mode}",
+                "--owner",
+                "bench",
+                "--vnc-host",
+                HOST,
+                "--vnc-port",
+                str(port),
+            )
         cred = d / "proxy.key"
         self._admin("proxy-key", "create", "--name", self.name, "--output", str(cred))
-        manager = Process([sys.executable, "-m", "twisted", "--reactor=cpvm", "--log-format=text",
-                           "cpvm-manager",
-                           "--config", str(self.manager_conf)], d / "manager.log", env, self.repo)
+        manager = Process(
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--reactor=cpvm",
+                "--log-format=text",
+                "cpvm-manager",
+                "--config",
+                str(self.manager_conf),
+            ],
+            d / "manager.log",
+            env,
+            self.repo,
+        )
         self.processes.append(manager)
-        wait_until(lambda: port_open(self.manager_port), 20, "cpvm-manager", manager.proc,
-                   manager.log)
+        wait_until(
+            lambda: port_open(self.manager_port), 20, "cpvm-manager", manager.proc, manager.log
+        )
         self.port = free_port()
         conf = d / "cpvm.conf"
         conf.write_text(
@@ -253,33 +321,66 @@ class Cpvm(Proxy):
             f"public_host = {HOST}\n"
             # Every bench client comes from one address, hundreds at a time: the caps
             # against hostile clients (docs/operations.md) would refuse the load itself.
-            + ("" if self.baseline else f"state_directory = {d / 'state'}\n"
-               "max_http_connections_per_address = 0\nmax_http_connections = 0\n")
+            + (
+                ""
+                if self.baseline
+                else f"state_directory = {d / 'state'}\n"
+                "max_http_connections_per_address = 0\nmax_http_connections = 0\n"
+            )
             + f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
             "heartbeat_interval = 1\n"
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"
             # Each redemption in flight spends one of the address's attempts until it
             # succeeds: hundreds at once from one address would be refused (4029).
             + ("" if self.baseline else "max_pending = 20000\nfailed_redemption_burst = 100000\n")
-            + "[log]\nlevel = warn\n")
+            + "[log]\nlevel = warn\n"
+        )
         # Started like the systemd unit (twistd, not ``python -m twisted``): extra workers
         # re-run this twistd command line with ``--worker i`` (cpvm/proxy/workers.py), and
         # ``twist``'s options (--log-format, --log-level) are not twistd's.
-        proxy = Process([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                         "--nodaemon", "--pidfile=", "--reactor=cpvm",
-                         f"--logger={self._logger()}", "cpvm",
-                         "--config", str(conf)], d / "cpvm.log", env, self.repo)
+        proxy = Process(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "--nodaemon",
+                "--pidfile=",
+                "--reactor=cpvm",
+                f"--logger={self._logger()}",
+                "cpvm",
+                "--config",
+                str(conf),
+            ],
+            d / "cpvm.log",
+            env,
+            self.repo,
+        )
         self.processes.append(proxy)
-        wait_until(lambda: self._http(self.port, "/readyz")[0] == 200, 30, "cpvm /readyz",
-                   proxy.proc, proxy.log)
+        wait_until(
+            lambda: self._http(self.port, "/readyz")[0] == 200,
+            30,
+            "cpvm /readyz",
+            proxy.proc,
+            proxy.log,
+        )
         # /readyz is answered by whichever process accepted it: with workers, wait until
         # every one listens, or the first connections all land on the first process (the
         # kernel only spreads connections over sockets that exist) and stay there.
-        wait_until(lambda: self._listening() >= self.workers, 30,
-                   f"{self.workers} cpvm processes listening", proxy.proc, proxy.log)
+        wait_until(
+            lambda: self._listening() >= self.workers,
+            30,
+            f"{self.workers} cpvm processes listening",
+            proxy.proc,
+            proxy.log,
+        )
         # The manager must have seen a heartbeat before it hands out this proxy.
-        wait_until(lambda: self._mint_one("idle") is not None, 30, "first console endpoint",
-                   manager.proc, manager.log)
+        wait_until(
+            lambda: self._mint_one("idle") is not None,
+            30,
+            "first console endpoint",
+            manager.proc,
+            manager.log,
+        )
 
     def _logger(self) -> str:
         # Before the four-part layout the observer lived in cpvm/logs.py.
@@ -298,8 +399,7 @@ class Cpvm(Proxy):
                 conns = p.net_connections("tcp")
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
-                   for c in conns):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns):
                 count += 1
         return count
 
@@ -324,12 +424,18 @@ class Cpvm(Proxy):
     def _mint_one(self, mode: str, conn: http.client.HTTPConnection | None = None) -> str | None:
         from cpvm.manager.signing import format_time, sign
 
-        query = {"command": "createConsoleEndpoint", "virtualmachineid": self.vms[mode],
-                 "response": "json", "apiKey": self.api_key, "signatureVersion": "3",
-                 "expires": format_time(time.time() + 300)}
+        query = {
+            "command": "createConsoleEndpoint",
+            "virtualmachineid": self.vms[mode],
+            "response": "json",
+            "apiKey": self.api_key,
+            "signatureVersion": "3",
+            "expires": format_time(time.time() + 300),
+        }
         query["signature"] = sign(query, self.secret)
-        status, body = self._http(self.manager_port,
-                                  "/client/api?" + urllib.parse.urlencode(query), conn)
+        status, body = self._http(
+            self.manager_port, "/client/api?" + urllib.parse.urlencode(query), conn
+        )
         if status != 200:
             return None
         answer = json.loads(body)["createconsoleendpointresponse"].get("consoleendpoint", {})
@@ -358,8 +464,10 @@ class Cpvm(Proxy):
         self.mint_seconds += time.perf_counter() - start
         self.minted += n
         # No Origin header (a non-browser client): cpvm's origin check is not exercised.
-        return [Target("ws", HOST, self.port, "/websockify?token=" + urllib.parse.quote(t))
-                for t in tokens]
+        return [
+            Target("ws", HOST, self.port, "/websockify?token=" + urllib.parse.quote(t))
+            for t in tokens
+        ]
 
 
 def make_proxy(name: str, server_ports: dict[str, int], workdir: Path) -> Proxy:
@@ -375,7 +483,7 @@ def make_proxy(name: str, server_ports: dict[str, int], workdir: Path) -> Proxy:
         # python3 -m bench --baseline DIR: DIR is a checkout of the cpvm to compare with.
         return Cpvm(server_ports, workdir, repo=Path(os.environ["CPVM_BENCH_BASELINE"]))
     if name.startswith("cpvm-w"):
-        return Cpvm(server_ports, workdir, workers=int(name[len("cpvm-w"):]))
+        return Cpvm(server_ports, workdir, workers=int(name[len("cpvm-w") :]))
     raise ValueError(f"unknown proxy {name!r}")
 
 

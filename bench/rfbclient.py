@@ -152,18 +152,18 @@ class FrameParser:
             if self.remaining:
                 take = min(self.remaining, n - pos)
                 if self._opcode >= 8:
-                    self._ctl += view[pos:pos + take]
+                    self._ctl += view[pos : pos + take]
                 else:
                     payload += take
                     if self.keep:
-                        self.data += view[pos:pos + take]
+                        self.data += view[pos : pos + take]
                 pos += take
                 self.remaining -= take
                 if not self.remaining and self._opcode >= 8:
                     self.control.append((self._opcode, bytes(self._ctl)))
                 continue
             # A frame header, possibly split over reads.
-            head = self.head + bytes(view[pos:pos + 14])
+            head = self.head + bytes(view[pos : pos + 14])
             parsed = frame_header(head)
             if parsed is None:
                 self.head = head  # all that was left of view

@@ -77,7 +77,7 @@ class StreamSource:
         """Send ``count`` bytes from ``offset`` on descriptor ``out``; bytes sent."""
         if self.sendfile:
             return os.sendfile(out, self.fd, offset, count)
-        return os.write(out, self.view[offset:offset + count])
+        return os.write(out, self.view[offset : offset + count])
 
 
 class Streamer:
@@ -158,15 +158,18 @@ class Stats:
         self.bytes_sent = 0
 
     def as_dict(self) -> dict:
-        return dict(keys=self.keys, connections=self.connections, active=self.active,
-                    bytes_sent=self.bytes_sent)
+        return dict(
+            keys=self.keys,
+            connections=self.connections,
+            active=self.active,
+            bytes_sent=self.bytes_sent,
+        )
 
 
 class RfbServerProtocol(asyncio.Protocol):
     """Server side of RFB 3.8 with security None, then the mode's behaviour."""
 
-    def __init__(self, mode: str, stats: Stats, update: bytes, rate: float,
-                 source: StreamSource):
+    def __init__(self, mode: str, stats: Stats, update: bytes, rate: float, source: StreamSource):
         self.mode = mode
         self.stats = stats
         self.update = update
@@ -297,7 +300,11 @@ async def serve(args: argparse.Namespace) -> None:
     for mode in ("stream", "echo", "idle"):
         server = await loop.create_server(
             lambda mode=mode: RfbServerProtocol(mode, stats, update, args.rate, source),
-            args.host, 0, backlog=4096, reuse_address=True)
+            args.host,
+            0,
+            backlog=4096,
+            reuse_address=True,
+        )
         servers.append(server)
         ports[mode] = server.sockets[0].getsockname()[1]
     control = await loop.create_server(lambda: ControlProtocol(stats), args.host, 0)
@@ -313,10 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--ports-file", required=True)
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="stream bytes/s per connection (0: flat out)")
-    parser.add_argument("--sendfile", action="store_true",
-                        help="stream with sendfile (zero-copy; see StreamSource)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="stream bytes/s per connection (0: flat out)"
+    )
+    parser.add_argument(
+        "--sendfile", action="store_true", help="stream with sendfile (zero-copy; see StreamSource)"
+    )
     parser.add_argument("--rect-width", type=int, default=256)
     parser.add_argument("--rect-height", type=int, default=256)
     args = parser.parse_args(argv)

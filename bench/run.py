@@ -44,11 +44,34 @@ class Profile:
 SCENARIOS = ("throughput", "multi", "latency", "setup", "idle", "slow")
 
 PROFILES = {
-    "quick": Profile("quick", ["direct", "socat", "websockify", "cpvm"], 1.5, 8, 2, 1000, 100,
-                     200, 16, [100], {}, 4.0),
-    "full": Profile("full", ["direct", "socat", "websockify", "cpvm"], 5.0, 16, 2, 10000,
-                    1000, 2000, 32, [100, 1000],
-                    {"cpvm": [10000], "cpvm-w2": [10000]}, 10.0),
+    "quick": Profile(
+        "quick",
+        ["direct", "socat", "websockify", "cpvm"],
+        1.5,
+        8,
+        2,
+        1000,
+        100,
+        200,
+        16,
+        [100],
+        {},
+        4.0,
+    ),
+    "full": Profile(
+        "full",
+        ["direct", "socat", "websockify", "cpvm"],
+        5.0,
+        16,
+        2,
+        10000,
+        1000,
+        2000,
+        32,
+        [100, 1000],
+        {"cpvm": [10000], "cpvm-w2": [10000]},
+        10.0,
+    ),
 }
 
 
@@ -58,9 +81,12 @@ class RfbServer:
     def __init__(self, workdir: Path):
         ports_file = workdir / "server-ports.json"
         self.log = open(workdir / "server.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rfbserver", "--ports-file",
-                                      str(ports_file)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.rfbserver", "--ports-file", str(ports_file)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         wait_until(ports_file.exists, 15, "synthetic RFB server", self.proc)
         self.ports = json.loads(ports_file.read_text())
 
@@ -107,8 +133,9 @@ class Runner:
         proxy.start()
         return proxy
 
-    def _measure(self, proxy: Proxy, workers: list[Worker], timeout: float,
-                 on_ready=None) -> tuple[list, dict]:
+    def _measure(
+        self, proxy: Proxy, workers: list[Worker], timeout: float, on_ready=None
+    ) -> tuple[list, dict]:
         """ready -> snapshot -> go -> results -> snapshot."""
         for w in workers:
             w.recv(timeout)
@@ -142,8 +169,10 @@ class Runner:
         sent = cpu["server_sent"]
         out[f"{prefix}_counted_per_sent"] = counted / sent if sent else float("nan")
         if sent and abs(counted / sent - 1) > 0.05:
-            self.notes.append(f"{prefix}: clients counted {counted / MB:.0f} MB, the server "
-                              f"sent {sent / MB:.0f} MB")
+            self.notes.append(
+                f"{prefix}: clients counted {counted / MB:.0f} MB, the server "
+                f"sent {sent / MB:.0f} MB"
+            )
 
     # -- scenarios -----------------------------------------------------------------------------
 
@@ -160,8 +189,9 @@ class Runner:
     def multi(self, proxy: Proxy, r: dict) -> None:
         n, procs = self.p.multi_sessions, self.p.multi_procs
         targets = proxy.targets("stream", n)
-        workers = [Worker(workloads.stream, targets[i::procs], self.p.stream_seconds)
-                   for i in range(procs)]
+        workers = [
+            Worker(workloads.stream, targets[i::procs], self.p.stream_seconds) for i in range(procs)
+        ]
         each0 = accounting.cpu_by_process(proxy.pids())
 
         def count_fds():
@@ -172,7 +202,8 @@ class Runner:
         each1 = accounting.cpu_by_process(proxy.pids())
         # Cores busy per proxy process: with workers = 2, whether both carried the load.
         r["tpN_proxy_cores_each"] = [
-            round((each1[pid] - each0.get(pid, 0.0)) / cpu["wall"], 2) for pid in each1]
+            round((each1[pid] - each0.get(pid, 0.0)) / cpu["wall"], 2) for pid in each1
+        ]
         total = sum(x["bytes"] for x in results) / MB
         seconds = max(x["seconds"] for x in results)
         r["tpN_MBps"] = total / seconds
@@ -276,9 +307,11 @@ class Runner:
                 alive = sum(c.recv(120)["alive"] for c in clients)
                 for c in clients:
                     c.join()
-                info = {"opened": sum(i["opened"] for i in infos),
-                        "open_seconds": max(i["open_seconds"] for i in infos),
-                        "errors": [e for i in infos for e in i["errors"]]}
+                info = {
+                    "opened": sum(i["opened"] for i in infos),
+                    "open_seconds": max(i["open_seconds"] for i in infos),
+                    "errors": [e for i in infos for e in i["errors"]],
+                }
                 opened = info["opened"]
                 r[f"idle{n}_opened"] = opened
                 r[f"idle{n}_alive"] = alive
@@ -287,12 +320,13 @@ class Runner:
                 r[f"idle{n}_fds_each"] = sorted(fds.values(), reverse=True)
                 r[f"idle{n}_processes"] = after["processes"]
                 for kind in ("rss", "pss", "uss"):
-                    r[f"idle{n}_{kind}_KB"] = ((after[kind] - before[kind]) / max(opened, 1)
-                                               / 1024)
+                    r[f"idle{n}_{kind}_KB"] = (after[kind] - before[kind]) / max(opened, 1) / 1024
                 r[f"idle{n}_total_pss_MB"] = after["pss"] / 2**20
                 if info["errors"]:
-                    self.notes.append(f"{name} idle {n}: {opened} opened; first errors: "
-                                      f"{'; '.join(info['errors'][:2])}")
+                    self.notes.append(
+                        f"{name} idle {n}: {opened} opened; first errors: "
+                        f"{'; '.join(info['errors'][:2])}"
+                    )
             finally:
                 proxy.stop()
 
@@ -350,17 +384,24 @@ class Runner:
         server_cpu0 = accounting.cpu_seconds([self.server.pid])
         try:
             names = list(self.p.proxies)
-            for name in names + [x for x in self.p.workers_compare if "multi" in self.p.scenarios
-                                 and x not in names]:
+            for name in names + [
+                x for x in self.p.workers_compare if "multi" in self.p.scenarios and x not in names
+            ]:
                 r = self.results.setdefault(name, {})
                 compare_only = name not in names
                 t0 = time.time()
                 self.log(f"== {name}")
                 proxy = self._proxy(name)
                 try:
-                    steps = (["multi"] if compare_only else
-                             [s for s in ("throughput", "multi", "setup", "slow")
-                              if s in self.p.scenarios])
+                    steps = (
+                        ["multi"]
+                        if compare_only
+                        else [
+                            s
+                            for s in ("throughput", "multi", "setup", "slow")
+                            if s in self.p.scenarios
+                        ]
+                    )
                     for step in steps:
                         if step == "slow" and name == "direct":
                             continue
@@ -372,7 +413,7 @@ class Runner:
                 finally:
                     proxy.stop()
                 if "idle" in self.p.scenarios and name != "direct":
-                    sizes = ([] if compare_only else list(self.p.idle_sizes))
+                    sizes = [] if compare_only else list(self.p.idle_sizes)
                     sizes += self.p.idle_large.get(name, [])
                     if sizes:
                         t1 = time.time()

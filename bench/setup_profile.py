@@ -59,14 +59,38 @@ def _stacks(raw: Path) -> list[tuple[list[str], int]]:
     return out
 
 
-_PLUMBING = ("<module>", "_run_", "runApp", "runReactorWithLogging", "run (",
-             "ApplicationRunner", "UnixApplicationRunner", "_SomeApplicationRunner",
-             "main (", "Runner.", "Twist.", "ReactorBase.",
-             "EPollReactor.doPoll", "callWithLogger", "callWithContext",
-             "ThreadedContextTracker", "ContextTracker", "_PollLikeMixin", "Thread.",
-             "_bootstrap", "ThreadWorker", "Team.", "LockWorker", "ThreadPool.",
-             "Deferred.", "_inlineCallbacks", "_gotResultInlineCallbacks",
-             "_cancellableInlineCallbacks", "Connection.doRead", "Connection._dataReceived")
+_PLUMBING = (
+    "<module>",
+    "_run_",
+    "runApp",
+    "runReactorWithLogging",
+    "run (",
+    "ApplicationRunner",
+    "UnixApplicationRunner",
+    "_SomeApplicationRunner",
+    "main (",
+    "Runner.",
+    "Twist.",
+    "ReactorBase.",
+    "EPollReactor.doPoll",
+    "callWithLogger",
+    "callWithContext",
+    "ThreadedContextTracker",
+    "ContextTracker",
+    "_PollLikeMixin",
+    "Thread.",
+    "_bootstrap",
+    "ThreadWorker",
+    "Team.",
+    "LockWorker",
+    "ThreadPool.",
+    "Deferred.",
+    "_inlineCallbacks",
+    "_gotResultInlineCallbacks",
+    "_cancellableInlineCallbacks",
+    "Connection.doRead",
+    "Connection._dataReceived",
+)
 
 
 def per_setup(raw: Path, setups: int, top: int = 30) -> str:
@@ -91,16 +115,21 @@ def per_setup(raw: Path, setups: int, top: int = 30) -> str:
         else:
             tail = [f for f in frames if not f.startswith(_PLUMBING)]
             owner["(no cpvm frame) " + (tail[0] if tail else frames[-1])] += n
-    lines = [f"  {total} samples = {total * us:.0f} µs per set-up holding the GIL",
-             "  by responsible function (innermost cpvm frame, library calls below it "
-             "included):"]
+    lines = [
+        f"  {total} samples = {total * us:.0f} µs per set-up holding the GIL",
+        "  by responsible function (innermost cpvm frame, library calls below it included):",
+    ]
     lines += [f"    {c * us:7.0f} µs  {f}" for f, c in owner.most_common(top)]
     lines += ["  own:"]
     lines += [f"    {c * us:7.0f} µs  {f}" for f, c in own.most_common(top)]
     lines += ["  inclusive:"]
-    lines += [f"    {c * us:7.0f} µs  {f}" for f, c in incl.most_common(top)
-              if not f.startswith(("<module>", "_run_", "Runner.", "Twist.", "ReactorBase.",
-                                   "run (", "main ("))]
+    lines += [
+        f"    {c * us:7.0f} µs  {f}"
+        for f, c in incl.most_common(top)
+        if not f.startswith(
+            ("<module>", "_run_", "Runner.", "Twist.", "ReactorBase.", "run (", "main (")
+        )
+    ]
     return "\n".join(lines)
 
 
@@ -115,8 +144,10 @@ def _timed(fn, n: int) -> list[float]:
 
 
 def _ms(times: list[float]) -> str:
-    return (f"p50 {percentile(times, 50) * 1e3:.2f} ms, p90 {percentile(times, 90) * 1e3:.2f}"
-            f" ms, p99 {percentile(times, 99) * 1e3:.2f} ms")
+    return (
+        f"p50 {percentile(times, 50) * 1e3:.2f} ms, p90 {percentile(times, 90) * 1e3:.2f}"
+        f" ms, p99 {percentile(times, 99) * 1e3:.2f} ms"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -157,8 +188,9 @@ def main(argv: list[str]) -> int:
         sessions: list[str] = []
 
         def redeem():
-            status, body = post("/proxy/v1/redeem", {"token": tokens.pop(), "extra": None,
-                                                     "client_address": HOST})
+            status, body = post(
+                "/proxy/v1/redeem", {"token": tokens.pop(), "extra": None, "client_address": HOST}
+            )
             assert status == 200, (status, body)
             sessions.append(body["session_id"])
 
@@ -168,9 +200,16 @@ def main(argv: list[str]) -> int:
         mgr_redeem_ms = (accounting.cpu_seconds(mgr) - cpu0) / n * 1e3
 
         def end():
-            status, _ = post(f"/proxy/v1/sessions/{sessions.pop()}/end", {
-                "reason": "client_closed", "client_address": HOST, "bytes_to_client": 1,
-                "bytes_to_server": 1, "duration": 0.01})
+            status, _ = post(
+                f"/proxy/v1/sessions/{sessions.pop()}/end",
+                {
+                    "reason": "client_closed",
+                    "client_address": HOST,
+                    "bytes_to_client": 1,
+                    "bytes_to_server": 1,
+                    "duration": 0.01,
+                },
+            )
             assert status == 204, status
 
         cpu0 = accounting.cpu_seconds(mgr)
@@ -183,11 +222,27 @@ def main(argv: list[str]) -> int:
         w = Worker(workloads.setup_sequential, targets)
         w.recv(60)
         raws = {name: results / f"setup-profile-{name}.txt" for name in ("cpvm", "manager")}
-        spies = {name: subprocess.Popen(
-            ["py-spy", "record", "--pid", str(pids[0]), "--rate", str(RATE), "--gil",
-             "--format", "raw", "--nonblocking", "-o", str(raws[name])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name, pids in (("cpvm", cpvm), ("manager", mgr))}
+        spies = {
+            name: subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(pids[0]),
+                    "--rate",
+                    str(RATE),
+                    "--gil",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    str(raws[name]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pids in (("cpvm", cpvm), ("manager", mgr))
+        }
         time.sleep(1.0)  # py-spy attaches
         window = accounting.CpuWindow({"cpvm": cpvm, "manager": mgr})
         window.start()
@@ -203,7 +258,8 @@ def main(argv: list[str]) -> int:
         t_full = res["times"]
         done = len(t_full)
         report += [
-            "## Legs, timed one at a time from outside", "",
+            "## Legs, timed one at a time from outside",
+            "",
             f"- whole set-up through cpvm:      {_ms(t_full)}  "
             f"({done / res['seconds']:.0f} set-ups/s, {res['failures']} failures)",
             f"- upstream RFB handshake alone:   {_ms(t_direct)}",
@@ -212,15 +268,19 @@ def main(argv: list[str]) -> int:
             f"- manager end report alone:       {_ms(t_end)}  "
             f"(manager CPU {mgr_end_ms:.2f} ms per report)",
             "",
-            "## CPU per set-up during the whole-set-up run (psutil user + sys)", "",
+            "## CPU per set-up during the whole-set-up run (psutil user + sys)",
+            "",
             f"- cpvm:    {cpu['cpvm'] / done * 1e3:.2f} ms",
             f"- manager: {cpu['manager'] / done * 1e3:.2f} ms (redeem + end report, "
             "cpvm's heartbeats)",
             f"- client:  {res['client_cpu'] / done * 1e3:.2f} ms",
             "",
-            f"## cpvm, py-spy --gil at {RATE} Hz, µs per set-up", "",
-            per_setup(raws["cpvm"], done), "",
-            f"## manager, py-spy --gil at {RATE} Hz, µs per set-up", "",
+            f"## cpvm, py-spy --gil at {RATE} Hz, µs per set-up",
+            "",
+            per_setup(raws["cpvm"], done),
+            "",
+            f"## manager, py-spy --gil at {RATE} Hz, µs per set-up",
+            "",
             per_setup(raws["manager"], done),
         ]
     finally:

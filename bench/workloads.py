@@ -120,8 +120,9 @@ def stream(conn, targets: list[Target], seconds: float) -> None:
 # --- latency ---------------------------------------------------------------------------------
 
 
-def echo_interleaved(conn, targets: dict[str, Target], rounds: int, block: int = 250,
-                     cold_rounds: int = 0) -> None:
+def echo_interleaved(
+    conn, targets: dict[str, Target], rounds: int, block: int = 250, cold_rounds: int = 0
+) -> None:
     """KeyEvent -> Bell round trips through every target, one at a time.
 
     ``rounds`` per target in blocks of ``block`` back-to-back rounds, the targets taking
@@ -195,8 +196,9 @@ def setup_sequential(conn, targets: list[Target]) -> None:
     elapsed = time.perf_counter() - start
     cpu = _cpu() - cpu
     times.sort()
-    conn.send(("result", {"times": times, "seconds": elapsed, "failures": failures,
-                          "client_cpu": cpu}))
+    conn.send(
+        ("result", {"times": times, "seconds": elapsed, "failures": failures, "client_cpu": cpu})
+    )
 
 
 def setup_concurrent(conn, targets: list[Target], concurrency: int) -> None:
@@ -231,8 +233,9 @@ def setup_concurrent(conn, targets: list[Target], concurrency: int) -> None:
     times, failures, elapsed = asyncio.run(main())
     cpu = _cpu() - cpu
     times.sort()
-    conn.send(("result", {"times": times, "seconds": elapsed, "failures": failures,
-                          "client_cpu": cpu}))
+    conn.send(
+        ("result", {"times": times, "seconds": elapsed, "failures": failures, "client_cpu": cpu})
+    )
 
 
 # --- idle sessions ---------------------------------------------------------------------------
@@ -263,8 +266,7 @@ def idle(conn, targets: list[Target], concurrency: int = 200) -> None:
         opened = time.perf_counter() - start
         await asyncio.sleep(1.0)  # let late refusals and closes arrive
         loop = asyncio.get_running_loop()
-        conn.send(("ready", {"opened": len(sessions), "open_seconds": opened,
-                             "errors": errors}))
+        conn.send(("ready", {"opened": len(sessions), "open_seconds": opened, "errors": errors}))
         await loop.run_in_executor(None, conn.recv)
         alive = sum(1 for s in sessions if s.alive)
         for s in sessions:
@@ -314,5 +316,6 @@ def slow_reader(conn, target: Target, seconds: float, rate: int) -> None:
                 break
         time.sleep(max(0.0, tick - ((time.perf_counter() - start) - now)))
     s.close()
-    conn.send(("result", {"bytes": got, "seconds": time.perf_counter() - start,
-                          "client_cpu": _cpu()}))
+    conn.send(
+        ("result", {"bytes": got, "seconds": time.perf_counter() - start, "client_cpu": _cpu()})
+    )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,20 +46,36 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
 class Daemon(Peer):
     """A cpvm or cpvm-manager process started through twistd."""
 
-    def __init__(self, name: str, plugin: str, config_text: str, *, workdir: Path | None = None,
-                 timeout: float = 20.0, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        plugin: str,
+        config_text: str,
+        *,
+        workdir: Path | None = None,
+        timeout: float = 20.0,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.workdir = workdir or make_workdir(name)
         self.config_path = self.workdir / f"{name}.conf"
         self.config_path.write_text(config_text)
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "--reactor=cpvm", *extra_args, plugin,
-                "--config", str(self.config_path)]
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--reactor=cpvm",
+            *extra_args,
+            plugin,
+            "--config",
+            str(self.config_path),
+        ]
         # The plugin module is found through the checkout's twisted/plugins directory.
         # (``env`` adds to or overrides the test's own environment, e.g. TMPDIR.)
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-        proc = Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir,
-                          env=full_env)
+        proc = Supervised(name, argv, self.workdir / f"{name}.log", cwd=self.workdir, env=full_env)
         # The directory stays after the stop: fixtures read the log afterwards.
         self.adopt(proc, self.workdir, owns_workdir=False)
         self.port = _wait_for_port(proc, timeout, name)
@@ -68,15 +84,21 @@ class Daemon(Peer):
         return f"http://{HOST}:{self.port}{path}"
 
 
-def cpvm_config(manager_url: str, *, credential_file: Path | None = None,
-                extra: str = "", **sections: dict) -> str:
+def cpvm_config(
+    manager_url: str, *, credential_file: Path | None = None, extra: str = "", **sections: dict
+) -> str:
     """A cpvm.conf for tests: listens on 127.0.0.1 port 0; ``sections`` add settings."""
     values: dict[str, dict] = {
         # A short grace: at teardown the test reactor is not running to answer the last
         # heartbeat, and each stop would otherwise wait for it.
         # Never the default /var/lib/cpvm: a root-owned one there would break the package's.
-        "server": {"bind": HOST, "port": 0, "public_host": HOST, "grace_period": 1,
-                   "state_directory": tempfile.mkdtemp(prefix="cpvm-state-")},
+        "server": {
+            "bind": HOST,
+            "port": 0,
+            "public_host": HOST,
+            "grace_period": 1,
+            "state_directory": tempfile.mkdtemp(prefix="cpvm-state-"),
+        },
         "manager": {"url": manager_url, "timeout": 3, "heartbeat_interval": 1},
     }
     if credential_file is not None:

@@ -88,12 +88,23 @@ def _kill_leftover_qemu(run_dir: Path) -> None:
 def _spawn(directory: Path) -> Supervised:
     """libvirtd as ``nobody`` with every per-user directory inside ``directory``."""
     home = directory / "home"
-    env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(directory / "run"),
-           "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    env = {
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(directory / "run"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+    }
     libvirtd = require_binary("libvirtd", "/usr/sbin/libvirtd")
-    return Supervised("libvirtd", [libvirtd, "-f", str(directory / "libvirtd.conf")],
-                       directory / "libvirtd.log", env=env, user=USER, cwd=directory)
+    return Supervised(
+        "libvirtd",
+        [libvirtd, "-f", str(directory / "libvirtd.conf")],
+        directory / "libvirtd.log",
+        env=env,
+        user=USER,
+        cwd=directory,
+    )
 
 
 def _owner() -> tuple[int, int]:
@@ -104,8 +115,9 @@ def _owner() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def start_libvirtd(timeout: float = 30.0, *, qemu_conf: str | None = None,
-                   tls_dir: Path | None = None) -> LibvirtHost:
+def start_libvirtd(
+    timeout: float = 30.0, *, qemu_conf: str | None = None, tls_dir: Path | None = None
+) -> LibvirtHost:
     """Start the private daemon and wait until it answers. ``qemu_conf``: the QEMU
     driver's settings (the session daemon reads ``$XDG_CONFIG_HOME/libvirt/qemu.conf``);
     ``tls_dir``: a QEMU x509 directory copied where its QEMU (``nobody``) can read it, as
@@ -163,24 +175,35 @@ def restart_libvirtd(host: LibvirtHost, timeout: float = 30.0) -> None:
     raise PeerStartError(f"libvirtd did not come back\n{host.log_text()}")
 
 
-def domain_xml(name: str, *, port: int | None = None, password: str | None = None,
-               guest: tuple[Path, Path] | None = None, serial_log: Path | None = None,
-               listen: str = "127.0.0.1", uuid: str | None = None) -> str:
+def domain_xml(
+    name: str,
+    *,
+    port: int | None = None,
+    password: str | None = None,
+    guest: tuple[Path, Path] | None = None,
+    serial_log: Path | None = None,
+    listen: str = "127.0.0.1",
+    uuid: str | None = None,
+) -> str:
     """A tiny TCG domain with VNC on ``listen`` (``port`` None: libvirt picks one);
     ``uuid`` redefines an existing domain (or makes a twin)."""
-    vnc = (f"port='{port}' autoport='no'" if port is not None else "port='-1' autoport='yes'")
+    vnc = f"port='{port}' autoport='no'" if port is not None else "port='-1' autoport='yes'"
     vnc += f" listen={quoteattr(listen)}"
     if password is not None:
         vnc += f" passwd={quoteattr(password)}"
     boot = ""
     if guest is not None:
         kernel, initrd = guest
-        boot = (f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
-                "<cmdline>console=ttyS0 console=tty0 quiet</cmdline>")
+        boot = (
+            f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+            "<cmdline>console=ttyS0 console=tty0 quiet</cmdline>"
+        )
     serial = ""
     if serial_log is not None:
-        serial = (f"<serial type='file'><source path={quoteattr(str(serial_log))}/>"
-                  "<target port='0'/></serial>")
+        serial = (
+            f"<serial type='file'><source path={quoteattr(str(serial_log))}/>"
+            "<target port='0'/></serial>"
+        )
     return f"""<domain type='qemu'>
   <name>{name}</name>{f"<uuid>{uuid}</uuid>" if uuid else ""}
   <memory unit='MiB'>{128 if guest else 32}</memory>

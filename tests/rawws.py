@@ -10,20 +10,31 @@ import struct
 
 
 class RawWebSocket:
-    def __init__(self, host: str, port: int, path: str, *, rcvbuf: int | None = None,
-                 timeout: float = 10, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        *,
+        rcvbuf: int | None = None,
+        timeout: float = 10,
+        headers: dict[str, str] | None = None,
+    ):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         self.sock.connect((host, port))
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            + "\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+                + "\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(1)

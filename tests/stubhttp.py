@@ -38,8 +38,10 @@ class MemoryHttp:
     def request(self, method: str, url: str, **kwargs: Any) -> Answer:
         response = self.wait(self.treq.request(method, url, **kwargs))
         body = self.wait(self.treq.content(response))
-        headers = {name.decode().lower(): values[0].decode()
-                   for name, values in response.headers.getAllRawHeaders()}
+        headers = {
+            name.decode().lower(): values[0].decode()
+            for name, values in response.headers.getAllRawHeaders()
+        }
         return Answer(response.code, headers, body)
 
     def get(self, url: str, **kwargs: Any) -> Answer:

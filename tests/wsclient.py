@@ -107,15 +107,22 @@ class RfbRefused(Exception):
     """cpvm refused the session with an RFB security failure reason."""
 
 
-async def open_console(url: str, origin: str | None = None, protocols=("binary",),
-                       headers: dict | None = None, ca_pem: bytes | None = None,
-                       timeout: float = 10) -> RfbWebSocketClient:
+async def open_console(
+    url: str,
+    origin: str | None = None,
+    protocols=("binary",),
+    headers: dict | None = None,
+    ca_pem: bytes | None = None,
+    timeout: float = 10,
+) -> RfbWebSocketClient:
     """Open a WebSocket like noVNC does; ``url`` is ws://host:port/websockify?token=…"""
-    factory = WebSocketClientFactory(url, origin=origin, protocols=list(protocols) or None,
-                                     headers=headers or {})
+    factory = WebSocketClientFactory(
+        url, origin=origin, protocols=list(protocols) or None, headers=headers or {}
+    )
     factory.protocol = RfbWebSocketClient
-    factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0,
-                               openHandshakeTimeout=timeout)
+    factory.setProtocolOptions(
+        maxFramePayloadSize=0, maxMessagePayloadSize=0, openHandshakeTimeout=timeout
+    )
     host, port = factory.host, factory.port
     if factory.isSecure:
         from twisted.internet import ssl

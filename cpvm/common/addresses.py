@@ -8,11 +8,12 @@ from collections.abc import Iterable, Sequence
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # ``allow = any`` in a configuration file.
-EVERYWHERE: tuple[Network, ...] = (ipaddress.ip_network("0.0.0.0/0"),
-                                   ipaddress.ip_network("::/0"))
+EVERYWHERE: tuple[Network, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 # Who may read /metrics unless told otherwise.
-LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"),
-                                 ipaddress.ip_network("::1/128"))
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.1/32"),
+    ipaddress.ip_network("::1/128"),
+)
 
 
 def address_in(address: str, networks: Iterable[Network]) -> bool:
@@ -41,14 +42,16 @@ def parse_networks(items: Iterable[str], *, allow_any: bool = True) -> tuple[Net
         try:
             result.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            what = "an address, CIDR network or 'any'" if allow_any else (
-                "an address or CIDR network")
+            what = (
+                "an address, CIDR network or 'any'" if allow_any else ("an address or CIDR network")
+            )
             raise ValueError(f"{item!r} is not {what}") from None
     return tuple(result)
 
 
-def client_address(peer: str, forwarded_for: str | Sequence[str] | None,
-                   trusted: Iterable[Network]) -> str:
+def client_address(
+    peer: str, forwarded_for: str | Sequence[str] | None, trusted: Iterable[Network]
+) -> str:
     """The real client's address, the same way in both daemons.
 
     ``X-Forwarded-For`` only counts when the TCP peer ``peer`` is a trusted proxy; then its

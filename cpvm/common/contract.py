@@ -28,8 +28,7 @@ class Outcome(Enum):
     WRONG_PROXY = (4006, "token issued for another console proxy", "wrong_proxy")
     VM_UNAVAILABLE = (4007, "VM not available", "vm_unavailable")
     INSTANCE_CONFLICT = (4008, "console proxy identity conflict", "instance_conflict")
-    ACCOUNT_UNAVAILABLE = (4009, "account disabled or no longer owns the VM",
-                           "account_unavailable")
+    ACCOUNT_UNAVAILABLE = (4009, "account disabled or no longer owns the VM", "account_unavailable")
     MANAGER_UNREACHABLE = (4010, "management server unreachable", "manager_unreachable")
     VNC_UNREACHABLE = (4011, "VNC server unreachable", "vnc_unreachable")
     VNC_AUTH_FAILED = (4012, "VNC authentication failed", "vnc_auth_failed")
@@ -42,8 +41,7 @@ class Outcome(Enum):
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
     # Refused by cpvm itself, without asking the manager (docs/management-api.md).
-    RATE_LIMITED = (4029, "too many failed console attempts from this address",
-                    "rate_limited")
+    RATE_LIMITED = (4029, "too many failed console attempts from this address", "rate_limited")
 
     @property
     def code(self) -> int:
@@ -61,10 +59,19 @@ class Outcome(Enum):
 # The outcomes that can end a redeemed session, i.e. the reasons a proxy may report to
 # the manager; anything else it reports as "error" (and logs why).
 SESSION_END_OUTCOMES = (
-    Outcome.SERVER_CLOSED, Outcome.CLIENT_CLOSED, Outcome.SHUTDOWN, Outcome.TEXT_FRAME,
-    Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED, Outcome.VNC_PROTOCOL_ERROR,
-    Outcome.VNC_HANDSHAKE_TIMEOUT, Outcome.CLIENT_PROTOCOL_ERROR, Outcome.IDLE_TIMEOUT,
-    Outcome.MAX_DURATION, Outcome.TERMINATED, Outcome.ERROR,
+    Outcome.SERVER_CLOSED,
+    Outcome.CLIENT_CLOSED,
+    Outcome.SHUTDOWN,
+    Outcome.TEXT_FRAME,
+    Outcome.VNC_UNREACHABLE,
+    Outcome.VNC_AUTH_FAILED,
+    Outcome.VNC_PROTOCOL_ERROR,
+    Outcome.VNC_HANDSHAKE_TIMEOUT,
+    Outcome.CLIENT_PROTOCOL_ERROR,
+    Outcome.IDLE_TIMEOUT,
+    Outcome.MAX_DURATION,
+    Outcome.TERMINATED,
+    Outcome.ERROR,
 )
 END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
 

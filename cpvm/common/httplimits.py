@@ -62,8 +62,11 @@ class ConnectionCounter:
         if self._cap_total and self.total >= self._cap_total:
             return "connection limit reached"
         held = self._by_address.get(address, 0)
-        if (self._cap_address and held >= self._cap_address
-                and not (self._exempt and address_in(address, self._exempt))):
+        if (
+            self._cap_address
+            and held >= self._cap_address
+            and not (self._exempt and address_in(address, self._exempt))
+        ):
             return "per-address connection limit reached"
         self.total += 1
         self._by_address[address] = held + 1
@@ -82,9 +85,10 @@ class ConnectionCounter:
 
 
 def _response(status: int, phrase: bytes, text: bytes) -> bytes:
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, phrase, len(text), text))
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, phrase, len(text), text)
+    )
 
 
 class LimitedRequest(server.Request):
@@ -244,9 +248,9 @@ class LimitedSite(server.Site):
             reactor = default_reactor
         super().__init__(resource, reactor=reactor, **kwargs)
         self.limits = limits
-        self.connections = ConnectionCounter(limits.max_connections,
-                                             limits.max_connections_per_address,
-                                             limits.per_address_exempt)
+        self.connections = ConnectionCounter(
+            limits.max_connections, limits.max_connections_per_address, limits.per_address_exempt
+        )
         self._throttle = LogThrottle(reactor)
 
     def refused(self, why: str, address: str, detail: str = "") -> None:
@@ -254,6 +258,11 @@ class LimitedSite(server.Site):
         (``detail`` and ``address`` are those of the refusal that got the line)."""
         count = self._throttle.event(why)
         if count is not None:
-            _log.warn("refused HTTP connection from {client}: {why}{detail} ({count} such "
-                      "refusal(s) since the last line of this kind)", client=address, why=why,
-                      detail=f" ({detail})" if detail else "", count=count)
+            _log.warn(
+                "refused HTTP connection from {client}: {why}{detail} ({count} such "
+                "refusal(s) since the last line of this kind)",
+                client=address,
+                why=why,
+                detail=f" ({detail})" if detail else "",
+                count=count,
+            )

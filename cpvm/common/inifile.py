@@ -101,7 +101,11 @@ class IniReader:
         return self.get(section, key, default, _to_bool, "true or false")
 
     def integer(
-        self, section: str, key: str, default: int, minimum: int | None = None,
+        self,
+        section: str,
+        key: str,
+        default: int,
+        minimum: int | None = None,
         maximum: int | None = None,
     ) -> int:
         value = self.get(section, key, default, int, "an integer")
@@ -109,7 +113,11 @@ class IniReader:
         return value
 
     def number(
-        self, section: str, key: str, default: float, minimum: float | None = None,
+        self,
+        section: str,
+        key: str,
+        default: float,
+        minimum: float | None = None,
         maximum: float | None = None,
     ) -> float:
         value = self.get(section, key, default, float, "a number")
@@ -129,13 +137,20 @@ class IniReader:
     def string_list(self, section: str, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma- or whitespace-separated list."""
         return self.get(
-            section, key, default,
+            section,
+            key,
+            default,
             lambda raw: tuple(p for p in raw.replace(",", " ").split() if p),
             "a list of words",
         )
 
     def path(
-        self, section: str, key: str, default: str | None, *, must_exist: bool = False,
+        self,
+        section: str,
+        key: str,
+        default: str | None,
+        *,
+        must_exist: bool = False,
         directory: bool = False,
     ) -> Path | None:
         value = self.get(section, key, default, str, "a path")
@@ -162,8 +177,11 @@ class IniReader:
             raise self.error(section, key, f"cannot read {str(p)!r}: {e.strerror or e}") from None
         if mode & 0o007:
             # Like ssh with private keys: a secret anyone on the host can read is refused.
-            raise self.error(section, key, f"{str(p)!r} is accessible by other users "
-                                           f"(mode {mode & 0o777:o}); chmod o-rwx it")
+            raise self.error(
+                section,
+                key,
+                f"{str(p)!r} is accessible by other users (mode {mode & 0o777:o}); chmod o-rwx it",
+            )
         try:
             value = p.read_text(encoding="utf-8").strip()
         except OSError as e:

@@ -36,24 +36,32 @@ _SECRET = re.compile(
     r"|(?i:bearer)\s+[A-Za-z0-9_.\-]+"
 )
 
-_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
-           "error": LogLevel.error}
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
 
-_settings: dict = {"format": "text", "level": "info", "name": "cpvm", "worker": 0,
-                   "workers": 1}
+_settings: dict = {"format": "text", "level": "info", "name": "cpvm", "worker": 0, "workers": 1}
 
 
 def redact(text: str) -> str:
     """Mask anything that looks like a secret in a formatted log line."""
-    return _SECRET.sub(lambda m: (m.group(1) + "=<redacted>") if m.group(1) else "<redacted>",
-                       text)
+    return _SECRET.sub(lambda m: (m.group(1) + "=<redacted>") if m.group(1) else "<redacted>", text)
 
 
-def configure(*, format: str, level: str, name: str, audit_file: Path | None = None,
-              worker: int | None = None, workers: int = 1) -> None:
+def configure(
+    *,
+    format: str,
+    level: str,
+    name: str,
+    audit_file: Path | None = None,
+    worker: int | None = None,
+    workers: int = 1,
+) -> None:
     """Remember the log settings for ``observer()``; open the audit file now."""
-    _settings.update(format=format, level=level, name=name, worker=worker or 0,
-                     workers=workers)
+    _settings.update(format=format, level=level, name=name, worker=worker or 0, workers=workers)
     if audit_file is not None:
         globalLogPublisher.addObserver(audit_observer(audit_file.open("a", encoding="utf-8")))
 
@@ -82,16 +90,17 @@ def make_observer(stream: IO[str], format: str, level: str) -> ILogObserver:
         inner = _RedactingObserver(_JsonLines(stream))
     else:
         inner = FileLogObserver(stream, lambda e: redact(_classic_text(e)))
-    return FilteringLogObserver(
-        inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
+    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
 
 
 def _classic_text(event: dict) -> str:
     if _settings["workers"] > 1 and "log_system" not in event:
         # Several processes write to one journal: say which one wrote the line.
         level = getattr(event.get("log_level"), "name", "-")
-        event = dict(event, log_system=f"{event.get('log_namespace', '-')}#{level} "
-                                       f"worker {_settings['worker']}")
+        event = dict(
+            event,
+            log_system=f"{event.get('log_namespace', '-')}#{level} worker {_settings['worker']}",
+        )
     return formatEventAsClassicLogText(event) or ""
 
 
@@ -112,8 +121,19 @@ class _JsonLines:
             "worker": _settings["worker"],
             "pid": os.getpid(),
         }
-        for key in ("session", "vm", "account", "client", "proxy", "reason", "event",
-                    "bytes_to_client", "bytes_to_server", "duration", "code"):
+        for key in (
+            "session",
+            "vm",
+            "account",
+            "client",
+            "proxy",
+            "reason",
+            "event",
+            "bytes_to_client",
+            "bytes_to_server",
+            "duration",
+            "code",
+        ):
             if key in event and event[key] is not None:
                 record[key] = event[key]
         failure = event.get("log_failure")

@@ -19,8 +19,12 @@ class MetricsPage(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry, allow: Iterable[Network],
-                 before: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        allow: Iterable[Network],
+        before: Callable[[], None] = lambda: None,
+    ):
         super().__init__()
         self._page = MetricsResource(registry=registry)
         self._allow = tuple(allow)

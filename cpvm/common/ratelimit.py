@@ -24,8 +24,7 @@ class TokenBuckets:
     many addresses keeps it full the oldest entry goes (bounded memory either way).
     """
 
-    def __init__(self, clock: SecondsClock, *, burst: float, rate: float,
-                 max_keys: int = 100_000):
+    def __init__(self, clock: SecondsClock, *, burst: float, rate: float, max_keys: int = 100_000):
         if burst < 1 or rate <= 0:
             raise ValueError("burst must be at least 1 and rate positive")
         self._clock = clock

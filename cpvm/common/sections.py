@@ -43,8 +43,9 @@ def read_metrics(r: IniReader) -> MetricsConfig:
     )
 
 
-def networks(r: IniReader, section: str, key: str, *,
-              allow_any: bool = False) -> tuple[Network, ...]:
+def networks(
+    r: IniReader, section: str, key: str, *, allow_any: bool = False
+) -> tuple[Network, ...]:
     """A list of networks from ``[section] key``; a bad entry names the key."""
     try:
         return parse_networks(r.string_list(section, key, ()), allow_any=allow_any)

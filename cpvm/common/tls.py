@@ -32,8 +32,9 @@ def hardened(context: SSL.Context) -> SSL.Context:
     if context not in _hardened:
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_cipher_list(SERVER_CIPHERS.encode("ascii"))
-        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
-                            | SSL.OP_NO_RENEGOTIATION)
+        context.set_options(
+            SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+        )
         _hardened.add(context)
     return context
 
@@ -92,7 +93,8 @@ class ReloadableServerTLS:
     def _load(self) -> ssl.CertificateOptions:
         cert_path, key_path, chain_path = self._paths
         cert = ssl.PrivateCertificate.loadPEM(
-            key_path.read_bytes() + b"\n" + cert_path.read_bytes())
+            key_path.read_bytes() + b"\n" + cert_path.read_bytes()
+        )
         chain = []
         if chain_path is not None:
             chain = [c.original for c in pem_certificates(chain_path.read_bytes())]
@@ -110,14 +112,17 @@ class ReloadableServerTLS:
             options = self._load()
             options.getContext()  # built (and cached) now: a bad pair fails here, not per client
         except VerifyError:
-            raise TLSFilesError(f"the private key {key_path} does not match the "
-                                f"certificate {cert_path}") from None
+            raise TLSFilesError(
+                f"the private key {key_path} does not match the certificate {cert_path}"
+            ) from None
         except OSError as e:
             raise TLSFilesError(f"cannot read {e.filename}: {e.strerror}") from None
         except (SSL.Error, crypto.Error, ValueError) as e:
             # OpenSSL's and the PEM loader's messages can quote file content: name the kind.
-            raise TLSFilesError(f"{cert_path}, {key_path} or the chain is not a usable PEM "
-                                f"certificate and key ({type(e).__name__})") from None
+            raise TLSFilesError(
+                f"{cert_path}, {key_path} or the chain is not a usable PEM "
+                f"certificate and key ({type(e).__name__})"
+            ) from None
         return options
 
     def reload(self) -> bool:
@@ -125,8 +130,7 @@ class ReloadableServerTLS:
         try:
             self._options = self._load_checked()
         except TLSFilesError as e:
-            self._log.error("TLS reload failed, keeping the old certificate: {why}",
-                            why=str(e))
+            self._log.error("TLS reload failed, keeping the old certificate: {why}", why=str(e))
             return False
         self._log.info("TLS certificate reloaded from {path}", path=str(self._paths[0]))
         return True

@@ -66,8 +66,9 @@ def _fmt(t: float | None) -> str:
     return format_time(t) if t is not None else "-"
 
 
-def _table(ctx: AdminContext, header: Sequence[str], rows: Sequence[Sequence[Any]],
-           as_json: bool) -> None:
+def _table(
+    ctx: AdminContext, header: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool
+) -> None:
     if as_json:
         ctx.print(json.dumps([dict(zip(header, r, strict=True)) for r in rows], indent=2))
         return
@@ -87,8 +88,10 @@ def account_create(ctx: AdminContext, a: argparse.Namespace) -> None:
 
 
 def account_list(ctx: AdminContext, a: argparse.Namespace) -> None:
-    rows = [(x.name, x.id, x.role, _fmt(x.created_at), "yes" if x.disabled else "no")
-            for x in ctx.run(store.list_accounts)]
+    rows = [
+        (x.name, x.id, x.role, _fmt(x.created_at), "yes" if x.disabled else "no")
+        for x in ctx.run(store.list_accounts)
+    ]
     _table(ctx, ("name", "id", "role", "created", "disabled"), rows, a.json)
 
 
@@ -115,8 +118,14 @@ def key_create(ctx: AdminContext, a: argparse.Namespace) -> None:
     account = ctx.run(store.find_account, a.account)
     api_key = command_line_safe_key()
     secret = command_line_safe_key()
-    ctx.run(store.create_api_key, str(uuid.uuid4()), account.id, api_key,
-            ctx.box.encrypt(secret), time.time())
+    ctx.run(
+        store.create_api_key,
+        str(uuid.uuid4()),
+        account.id,
+        api_key,
+        ctx.box.encrypt(secret),
+        time.time(),
+    )
     if a.json:
         ctx.print(json.dumps({"account": account.name, "apikey": api_key, "secretkey": secret}))
     else:
@@ -170,8 +179,14 @@ def _read_ca(path: str | None) -> str | None:
 def _vm_fields(a: argparse.Namespace) -> dict[str, Any]:
     """The options given, as raw fields for :func:`cpvm.manager.vms.parse_fields`."""
     raw: dict[str, Any] = {}
-    for field, option in (("name", "name"), ("owner", "owner"), ("vnc_host", "vnc_host"),
-                          ("vnc_port", "vnc_port"), ("vnc_tls", "tls"), ("state", "state")):
+    for field, option in (
+        ("name", "name"),
+        ("owner", "owner"),
+        ("vnc_host", "vnc_host"),
+        ("vnc_port", "vnc_port"),
+        ("vnc_tls", "tls"),
+        ("state", "state"),
+    ):
         if getattr(a, option) is not None:
             raw[field] = getattr(a, option)
     password = _read_password(a)
@@ -221,13 +236,25 @@ def vm_remove(ctx: AdminContext, a: argparse.Namespace) -> None:
 def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
     sources = ctx.run(vm_store.sources)
     rows = [
-        (v.id, v.name, v.owner_name, v.state, f"{v.vnc_host}:{v.vnc_port}",
-         "yes" if v.vnc_password_enc else "no", v.vnc_tls, v.vnc_server_name,
-         sources.get(v.id))
+        (
+            v.id,
+            v.name,
+            v.owner_name,
+            v.state,
+            f"{v.vnc_host}:{v.vnc_port}",
+            "yes" if v.vnc_password_enc else "no",
+            v.vnc_tls,
+            v.vnc_server_name,
+            sources.get(v.id),
+        )
         for v in ctx.run(store.list_vms)
     ]
-    _table(ctx, ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name",
-                 "source"), rows, a.json)
+    _table(
+        ctx,
+        ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name", "source"),
+        rows,
+        a.json,
+    )
 
 
 # The most capacity a heartbeat may claim at all (cpvm.manager.web).
@@ -261,8 +288,10 @@ def create_key_file(path: str) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        raise AdminError(f"{path} already exists (or is a symbolic link): not overwritten; "
-                         "remove it or name a new file") from None
+        raise AdminError(
+            f"{path} already exists (or is a symbolic link): not overwritten; "
+            "remove it or name a new file"
+        ) from None
     except OSError as e:
         raise AdminError(f"cannot create {path}: {e.strerror}") from None
     os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask left
@@ -305,10 +334,15 @@ def proxy_key_update(ctx: AdminContext, a: argparse.Namespace) -> None:
     allowed = _allow(a.allow)
     if ceiling is store.KEEP and allowed is store.KEEP:
         raise AdminError("nothing to change: give --max-capacity, --no-max-capacity or --allow")
-    policy = ctx.run(lambda tx: store.set_proxy_policy(
-        tx, a.name, max_capacity=ceiling, allowed_networks=allowed))
-    ctx.print(f"proxy key {a.name}: max capacity {_fmt_ceiling(policy)}, "
-              f"allowed from {_fmt_allowed(policy)}")
+    policy = ctx.run(
+        lambda tx: store.set_proxy_policy(
+            tx, a.name, max_capacity=ceiling, allowed_networks=allowed
+        )
+    )
+    ctx.print(
+        f"proxy key {a.name}: max capacity {_fmt_ceiling(policy)}, "
+        f"allowed from {_fmt_allowed(policy)}"
+    )
 
 
 def _fmt_ceiling(policy: ProxyPolicy) -> str:
@@ -339,29 +373,70 @@ def proxy_list(ctx: AdminContext, a: argparse.Namespace) -> None:
             status = "up"
         else:
             status = "down"
-        endpoint = (f"{'wss' if p.tls else 'ws'}://{p.public_host}:{p.public_port}"
-                    if p.public_host else None)
+        endpoint = (
+            f"{'wss' if p.tls else 'ws'}://{p.public_host}:{p.public_port}"
+            if p.public_host
+            else None
+        )
         policy = policies.get(p.id, ProxyPolicy())
-        rows.append((p.id, p.name, status, endpoint, p.address,
-                     f"{p.active_count}/{p.capacity if p.capacity is not None else '-'}",
-                     policy.max_capacity, _fmt_allowed(policy),
-                     p.version, _fmt(p.last_heartbeat), *_instance_cells(bindings.get(p.id))))
-    _table(ctx, ("id", "name", "status", "endpoint", "address", "load", "max_capacity",
-                 "allow", "version", "last_heartbeat", *INSTANCE_COLUMNS), rows, a.json)
+        rows.append(
+            (
+                p.id,
+                p.name,
+                status,
+                endpoint,
+                p.address,
+                f"{p.active_count}/{p.capacity if p.capacity is not None else '-'}",
+                policy.max_capacity,
+                _fmt_allowed(policy),
+                p.version,
+                _fmt(p.last_heartbeat),
+                *_instance_cells(bindings.get(p.id)),
+            )
+        )
+    _table(
+        ctx,
+        (
+            "id",
+            "name",
+            "status",
+            "endpoint",
+            "address",
+            "load",
+            "max_capacity",
+            "allow",
+            "version",
+            "last_heartbeat",
+            *INSTANCE_COLUMNS,
+        ),
+        rows,
+        a.json,
+    )
 
 
 # One running cpvm per key (cpvm/manager/instances.py): the bound instance and the last
 # one refused for holding the same key.
-INSTANCE_COLUMNS = ("instance", "instance_from", "instance_seen",
-                    "refused_instance", "refused_from", "refused_at")
+INSTANCE_COLUMNS = (
+    "instance",
+    "instance_from",
+    "instance_seen",
+    "refused_instance",
+    "refused_from",
+    "refused_at",
+)
 
 
 def _instance_cells(b: InstanceBinding | None) -> tuple[Any, ...]:
     if b is None:
         return (None,) * len(INSTANCE_COLUMNS)
-    return (b.instance_id, b.address, _fmt(b.seen_at) if b.seen_at else None,
-            b.refused_id or ("(none sent)" if b.refused_at else None), b.refused_address,
-            _fmt(b.refused_at) if b.refused_at else None)
+    return (
+        b.instance_id,
+        b.address,
+        _fmt(b.seen_at) if b.seen_at else None,
+        b.refused_id or ("(none sent)" if b.refused_at else None),
+        b.refused_address,
+        _fmt(b.refused_at) if b.refused_at else None,
+    )
 
 
 def session_list(ctx: AdminContext, a: argparse.Namespace) -> None:
@@ -372,12 +447,39 @@ def session_list(ctx: AdminContext, a: argparse.Namespace) -> None:
         filters["account_id"] = ctx.run(store.find_account, a.account).id
     records = ctx.run(lambda tx: store.list_sessions(tx, **filters))
     rows = [
-        (r.id, r.account_name, r.vm_name, r.proxy_name, _fmt(r.created_at), _fmt(r.acquired_at),
-         _fmt(r.ended_at), r.end_reason, r.client_address, r.bytes_to_client, r.bytes_to_server)
+        (
+            r.id,
+            r.account_name,
+            r.vm_name,
+            r.proxy_name,
+            _fmt(r.created_at),
+            _fmt(r.acquired_at),
+            _fmt(r.ended_at),
+            r.end_reason,
+            r.client_address,
+            r.bytes_to_client,
+            r.bytes_to_server,
+        )
         for r in records
     ]
-    _table(ctx, ("id", "account", "vm", "proxy", "created", "acquired", "ended", "reason",
-                 "client", "bytes_to_client", "bytes_to_server"), rows, a.json)
+    _table(
+        ctx,
+        (
+            "id",
+            "account",
+            "vm",
+            "proxy",
+            "created",
+            "acquired",
+            "ended",
+            "reason",
+            "client",
+            "bytes_to_client",
+            "bytes_to_server",
+        ),
+        rows,
+        a.json,
+    )
 
 
 # Parser ----------------------------------------------------------------------------------
@@ -389,8 +491,11 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--vnc-host", required=not update)
     p.add_argument("--vnc-port", type=int, required=not update)
     p.add_argument("--vnc-password-file", help="file holding the VNC password")
-    p.add_argument("--vnc-password-stdin", action="store_true",
-                   help="read the VNC password from the first line of stdin")
+    p.add_argument(
+        "--vnc-password-stdin",
+        action="store_true",
+        help="read the VNC password from the first line of stdin",
+    )
     p.add_argument("--tls", choices=VNC_TLS_MODES)
     p.add_argument("--ca-file", help="PEM CA certificate to verify the VNC server (x509)")
     p.add_argument("--server-name", help="name expected in the VNC server certificate")
@@ -398,16 +503,29 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
 
 
 def _proxy_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-capacity", type=_max_capacity, metavar="N",
-                   help="most sessions this proxy is counted for, whatever it claims")
-    p.add_argument("--allow", nargs="+", action="extend", metavar="CIDR",
-                   help="networks this key may be used from (TCP peer); 'any' lifts it")
+    p.add_argument(
+        "--max-capacity",
+        type=_max_capacity,
+        metavar="N",
+        help="most sessions this proxy is counted for, whatever it claims",
+    )
+    p.add_argument(
+        "--allow",
+        nargs="+",
+        action="extend",
+        metavar="CIDR",
+        help="networks this key may be used from (TCP peer); 'any' lifts it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpvm-manager-admin", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", "-c", default=None,
-                        help="manager configuration file (default /etc/cpvm/manager.conf)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="manager configuration file (default /etc/cpvm/manager.conf)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     top = parser.add_subparsers(dest="group", required=True)
 
@@ -449,11 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_parser("list", help="list VMs (never passwords)").set_defaults(func=vm_list)
 
     pk = top.add_parser("proxy-key", help="console proxy keys").add_subparsers(
-        dest="cmd", required=True)
+        dest="cmd", required=True
+    )
     p = pk.add_parser("create", help="new cpvmk_<id>.<secret> key (printed once)")
     p.add_argument("--name", required=True)
-    p.add_argument("--output", "-o",
-                   help="write the key to this new file (mode 0600; never an existing file)")
+    p.add_argument(
+        "--output", "-o", help="write the key to this new file (mode 0600; never an existing file)"
+    )
     _proxy_policy_options(p)
     p.set_defaults(func=proxy_key_create)
     p = pk.add_parser("update", help="change a proxy key's capacity ceiling or networks")
@@ -465,12 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="proxy name or key id")
     p.set_defaults(func=proxy_key_revoke)
 
-    proxy = top.add_parser("proxy", help="console proxies").add_subparsers(dest="cmd",
-                                                                           required=True)
+    proxy = top.add_parser("proxy", help="console proxies").add_subparsers(
+        dest="cmd", required=True
+    )
     proxy.add_parser("list", help="list proxies and their state").set_defaults(func=proxy_list)
 
     session = top.add_parser("session", help="console sessions").add_subparsers(
-        dest="cmd", required=True)
+        dest="cmd", required=True
+    )
     p = session.add_parser("list", help="list console sessions")
     p.add_argument("--active", action="store_true")
     p.add_argument("--vm")
@@ -488,8 +610,9 @@ def _audit_to_file(config: ManagerConfig) -> Callable[[], None]:
     try:
         stream = config.log.audit_file.open("a", encoding="utf-8")
     except OSError as e:
-        raise AdminError(f"cannot open the audit file {config.log.audit_file}: "
-                         f"{e.strerror}") from None
+        raise AdminError(
+            f"cannot open the audit file {config.log.audit_file}: {e.strerror}"
+        ) from None
     observer = logs.audit_observer(stream)
     globalLogPublisher.addObserver(observer)
 

@@ -121,7 +121,7 @@ def _database(reader: IniReader, data_dir: Path) -> DatabaseConfig:
     if url is None:
         return DatabaseConfig("sqlite", str(data_dir / "manager.db"), None, 1)
     if url.startswith("sqlite:"):
-        path = url[len("sqlite:"):]
+        path = url[len("sqlite:") :]
         if path.startswith("//"):
             path = path[2:]
         if not path:
@@ -162,8 +162,9 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     server = ServerConfig(
         listen=listen,
         trusted_proxies=trusted,
-        max_body_size=reader.integer("server", "max_body_size", 1024 * 1024, minimum=1024,
-                                     maximum=64 * 1024 * 1024),
+        max_body_size=reader.integer(
+            "server", "max_body_size", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+        ),
         request_timeout=reader.number("server", "request_timeout", 60.0, minimum=1.0),
     )
     database = _database(reader, data_dir)
@@ -191,9 +192,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     inventory = read_inventory(reader)
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
-        raise reader.error(
-            "proxies", "proxy_timeout", "must be larger than heartbeat_interval"
-        )
+        raise reader.error("proxies", "proxy_timeout", "must be larger than heartbeat_interval")
     return ManagerConfig(
         source=reader.filename,
         data_dir=data_dir,

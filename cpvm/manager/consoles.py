@@ -141,9 +141,7 @@ def check_redemption(
         return "token_used"
     if row.ended_at is not None or now > row.expires_at:
         return "expired_token"
-    if not hmac.compare_digest(
-        (row.extra_hash or "").encode("ascii"), extra_hash.encode("ascii")
-    ):
+    if not hmac.compare_digest((row.extra_hash or "").encode("ascii"), extra_hash.encode("ascii")):
         return "extra_mismatch"
     if row.bound_address is not None and not _same_address(row.bound_address, client_address):
         return "address_mismatch"
@@ -162,7 +160,7 @@ def parse_proxy_key(key: str) -> tuple[str, str] | None:
     """
     if not key.startswith("cpvmk_") or "." not in key:
         return None
-    proxy_id, _, secret = key[len("cpvmk_"):].partition(".")
+    proxy_id, _, secret = key[len("cpvmk_") :].partition(".")
     if not proxy_id or not secret or len(key) > 512:
         return None
     return proxy_id, sha256_hex(secret)
@@ -201,9 +199,16 @@ def admit_proxy(tx: Any, key: tuple[str, str] | None, peer: str | None) -> Any:
     return policy
 
 
-def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | None,
-                   now: float, timeout: float, *, heartbeat: bool
-                   ) -> instances.InstanceEvent | None:
+def check_instance(
+    tx: Any,
+    proxy_id: str,
+    caller: str | None,
+    address: str | None,
+    now: float,
+    timeout: float,
+    *,
+    heartbeat: bool,
+) -> instances.InstanceEvent | None:
     """Apply the one-instance-per-key rule in the caller's transaction: a
     :class:`~cpvm.manager.instances.InstanceEvent` (recorded; ``refused`` false for a takeover)
     or None. A heartbeat renews its instance's binding, or takes over the key of a silent
@@ -220,11 +225,11 @@ def check_instance(tx: Any, proxy_id: str, caller: str | None, address: str | No
             if decision.takeover:
                 return instances.InstanceEvent(binding, caller, address, now, refused=False)
         elif binding.instance_id is None and not store.claim_instance(
-                tx, proxy_id, caller, address, now):
+            tx, proxy_id, caller, address, now
+        ):
             # Another instance bound the key since we read it: decide again on that.
             binding = store.instance_binding(tx, proxy_id, lock=False) or binding
-            decision = instances.decide(binding.instance_id, binding.seen_at, caller, now,
-                                        timeout)
+            decision = instances.decide(binding.instance_id, binding.seen_at, caller, now, timeout)
     if not decision.accepted:
         store.refuse_instance(tx, proxy_id, caller, address, now)
         return instances.InstanceEvent(binding, caller, address, now)
@@ -287,53 +292,66 @@ class ConsoleBroker:
                     f"virtual machine {vm_id}",
                 )
             if vm.state != "Running":
-                return Endpoint(
-                    False, f"virtual machine {vm_id} is not running (state {vm.state})"
-                )
+                return Endpoint(False, f"virtual machine {vm_id} is not running (state {vm.state})")
             chosen = choose_proxy(store.live_proxies(tx, now, settings.proxy_timeout, vm_id))
             if chosen is None:
                 return Endpoint(False, "no console proxy available")
-            store.insert_session(tx, {
-                "id": session_id,
-                "token_hash": sha256_hex(token),
-                "extra_hash": extra_hash,
-                "expires_at": now + settings.token_ttl,
-                "created_at": now,
-                "account_id": account.id,
-                "account_name": account.name,
-                "vm_id": vm.id,
-                "vm_name": vm.name,
-                "proxy_id": chosen.proxy.id,
-                "creator_address": creator_address,
-                "bound_address": creator_address if settings.bind_client_address else None,
-            })
+            store.insert_session(
+                tx,
+                {
+                    "id": session_id,
+                    "token_hash": sha256_hex(token),
+                    "extra_hash": extra_hash,
+                    "expires_at": now + settings.token_ttl,
+                    "created_at": now,
+                    "account_id": account.id,
+                    "account_name": account.name,
+                    "vm_id": vm.id,
+                    "vm_name": vm.name,
+                    "proxy_id": chosen.proxy.id,
+                    "creator_address": creator_address,
+                    "bound_address": creator_address if settings.bind_client_address else None,
+                },
+            )
             p = chosen.proxy
             host = console_host(p.public_host or "", p.address, settings.url_domain)
             port = int(p.public_port or (8443 if p.tls else 8080))
-            websocket = {"host": host, "port": str(port), "path": WEBSOCKET_PATH,
-                         "token": token}
+            websocket = {"host": host, "port": str(port), "path": WEBSOCKET_PATH, "token": token}
             if extra is not None:
                 websocket["extra"] = extra
-            return Endpoint(
-                True,
-                url=console_url(host, port, p.tls, token, extra),
-                websocket=websocket,
-                session_id=session_id,
-            ), p, vm
+            return (
+                Endpoint(
+                    True,
+                    url=console_url(host, port, p.tls, token, extra),
+                    websocket=websocket,
+                    session_id=session_id,
+                ),
+                p,
+                vm,
+            )
 
         result = yield self._db.run(txn)
         if isinstance(result, Endpoint):
             self._log.info(
-                "console refused: {reason}", reason=result.details, account=account.name,
-                vm=vm_id, client_address=creator_address,
+                "console refused: {reason}",
+                reason=result.details,
+                account=account.name,
+                vm=vm_id,
+                client_address=creator_address,
             )
             return result
         endpoint, proxy, vm = result
         self._metrics.tokens_issued.inc()
         audit.info(
             "session {session} created for {account} on VM {vm} via proxy {proxy}",
-            audit=True, event="created", session=session_id, account=account.name, vm=vm.id,
-            vm_name=vm.name, proxy=proxy.name, client_address=creator_address,
+            audit=True,
+            event="created",
+            session=session_id,
+            account=account.name,
+            vm=vm.id,
+            vm_name=vm.name,
+            proxy=proxy.name,
+            client_address=creator_address,
             ttl=settings.token_ttl,
         )
         return endpoint
@@ -362,9 +380,14 @@ class ConsoleBroker:
         if error:
             return False, error
         audit.info(
-            "session {session} termination requested by {by}", audit=True,
-            event="terminate_requested", session=session_id, by=account.name,
-            account=record.account_name, vm=record.vm_id, proxy=record.proxy_name,
+            "session {session} termination requested by {by}",
+            audit=True,
+            event="terminate_requested",
+            session=session_id,
+            by=account.name,
+            account=record.account_name,
+            vm=record.vm_id,
+            proxy=record.proxy_name,
         )
         return True, None
 
@@ -389,16 +412,26 @@ class ConsoleBroker:
         if admitted is FORBIDDEN:
             self._log.warn(
                 "proxy key {proxy} refused: call from {client_address}, outside the key's "
-                "allowed networks", proxy=proxy_id, client_address=peer)
+                "allowed networks",
+                proxy=proxy_id,
+                client_address=peer,
+            )
         return admitted
 
     def redeem(self, proxy_id: str, token: str, extra: str | None, client_address: str):
         """One atomic check-and-mark of a token; fires with a :class:`Redemption`."""
         return self._redeem(proxy_id, None, token, extra, client_address)
 
-    def redeem_with_key(self, key: str, token: str, extra: str | None, client_address: str,
-                        worker: int = 0, instance: str | None = None,
-                        peer: str | None = None):
+    def redeem_with_key(
+        self,
+        key: str,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        worker: int = 0,
+        instance: str | None = None,
+        peer: str | None = None,
+    ):
         """:meth:`redeem` for the proxy holding ``key``, called from TCP peer ``peer``,
         checked in the same transaction (one database round trip instead of two); fires
         with ``UNAUTHORIZED`` (None) when the key is unknown or revoked, ``FORBIDDEN`` when
@@ -406,13 +439,20 @@ class ConsoleBroker:
         parsed = parse_proxy_key(key)
         if parsed is None:
             return succeed(UNAUTHORIZED)
-        return self._redeem(parsed[0], parsed, token, extra, client_address, worker,
-                            instance, peer)
+        return self._redeem(parsed[0], parsed, token, extra, client_address, worker, instance, peer)
 
     @inlineCallbacks
-    def _redeem(self, proxy_id: str, key: tuple[str, str] | None, token: str,
-                extra: str | None, client_address: str, worker: int = 0,
-                instance: str | None = None, peer: str | None = None):
+    def _redeem(
+        self,
+        proxy_id: str,
+        key: tuple[str, str] | None,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        worker: int = 0,
+        instance: str | None = None,
+        peer: str | None = None,
+    ):
         started = self._clock.seconds()
         now = started
         token_hash = sha256_hex(token)
@@ -425,13 +465,17 @@ class ConsoleBroker:
             if not isinstance(admitted, ProxyPolicy):
                 return admitted
             # Before the token is looked at: a refused instance consumes nothing.
-            refusal = check_instance(tx, proxy_id, instance, peer, now,
-                                     settings.proxy_timeout, heartbeat=False)
+            refusal = check_instance(
+                tx, proxy_id, instance, peer, now, settings.proxy_timeout, heartbeat=False
+            )
             if refusal is not None and refusal.refused:
                 return "instance_conflict", refusal
             row = store.token_row(tx, token_hash)
             error = check_redemption(
-                row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address,
+                row,
+                proxy_id=proxy_id,
+                extra_hash=extra_hash,
+                client_address=client_address,
                 now=now,
             )
             if error is not None:
@@ -456,8 +500,10 @@ class ConsoleBroker:
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - started))
         log_fields = dict(
-            proxy=proxy_id, client_address=client_address,
-            session=row.session_id if row else None, vm=row.vm_id if row else None,
+            proxy=proxy_id,
+            client_address=client_address,
+            session=row.session_id if row else None,
+            vm=row.vm_id if row else None,
             account=row.account_name if row else None,
         )
         if error is not None:
@@ -467,26 +513,31 @@ class ConsoleBroker:
         vm = row.vm
         audit.info(
             "session {session} acquired from {client_address} via proxy {proxy}",
-            audit=True, event="acquired", waited=now - (row.expires_at - settings.token_ttl),
+            audit=True,
+            event="acquired",
+            waited=now - (row.expires_at - settings.token_ttl),
             **log_fields,
         )
-        return Redemption(None, {
-            "session_id": row.session_id,
-            "vm": {"id": vm.id, "name": vm.name},
-            "vnc": {
-                "host": vm.vnc_host,
-                "port": vm.vnc_port,
-                "password": box.decrypt(vm.vnc_password_enc) if vm.vnc_password_enc else None,
-                "tls": vm.vnc_tls,
-                "ca_pem": vm.vnc_ca_pem,
-                "server_name": vm.vnc_server_name,
+        return Redemption(
+            None,
+            {
+                "session_id": row.session_id,
+                "vm": {"id": vm.id, "name": vm.name},
+                "vnc": {
+                    "host": vm.vnc_host,
+                    "port": vm.vnc_port,
+                    "password": box.decrypt(vm.vnc_password_enc) if vm.vnc_password_enc else None,
+                    "tls": vm.vnc_tls,
+                    "ca_pem": vm.vnc_ca_pem,
+                    "server_name": vm.vnc_server_name,
+                },
+                "limits": {
+                    "idle_timeout": settings.idle_timeout,
+                    "max_duration": settings.max_duration,
+                },
+                "account": row.account_name,
             },
-            "limits": {
-                "idle_timeout": settings.idle_timeout,
-                "max_duration": settings.max_duration,
-            },
-            "account": row.account_name,
-        })
+        )
 
     def heartbeat(self, proxy_id: str, beat: dict[str, Any]):
         return self._heartbeat(proxy_id, None, beat)
@@ -500,8 +551,13 @@ class ConsoleBroker:
         return self._heartbeat(parsed[0], parsed, beat, peer)
 
     @inlineCallbacks
-    def _heartbeat(self, proxy_id: str, key: tuple[str, str] | None, beat: dict[str, Any],
-                   peer: str | None = None):
+    def _heartbeat(
+        self,
+        proxy_id: str,
+        key: tuple[str, str] | None,
+        beat: dict[str, Any],
+        peer: str | None = None,
+    ):
         now = self._clock.seconds()
 
         ended = beat.get("ended") or []
@@ -516,21 +572,30 @@ class ConsoleBroker:
                 return admitted
             # Before anything is recorded: a second instance must not move the proxy's
             # endpoint or reconcile away the sessions of the one that holds the key.
-            event = check_instance(tx, proxy_id, beat.get("instance"), beat.get("peer"),
-                                   now, grace, heartbeat=True)
+            event = check_instance(
+                tx, proxy_id, beat.get("instance"), beat.get("peer"), now, grace, heartbeat=True
+            )
             if event is not None and event.refused:
                 return event
             # End reports first, so a session ended in this beat is not asked to terminate.
-            records = [(store.end_session(tx, sid, proxy_id, report, now), report)
-                       for sid, report in ended]
-            lost = ([] if active is None else
-                    store.reconcile(tx, proxy_id, worker, active, now - grace, now))
+            records = [
+                (store.end_session(tx, sid, proxy_id, report, now), report) for sid, report in ended
+            ]
+            lost = (
+                []
+                if active is None
+                else store.reconcile(tx, proxy_id, worker, active, now - grace, now)
+            )
             if event is not None:
                 takeovers.append(event)  # logged after the commit
             # Never more than the administrator's ceiling, whatever the key's holder claims.
             granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
-            return (store.heartbeat(tx, proxy_id, granted, now), records, lost,
-                    admitted.max_capacity)
+            return (
+                store.heartbeat(tx, proxy_id, granted, now),
+                records,
+                lost,
+                admitted.max_capacity,
+            )
 
         # A bare heartbeat is repeated every interval: it need not survive a power loss;
         # end reports must.
@@ -547,9 +612,13 @@ class ConsoleBroker:
             self._log.warn(
                 "proxy {proxy}: cpvm instance {instance} at {client_address} took the key "
                 "over from instance {bound} at {bound_address}, silent for {age:.1f} s",
-                proxy=proxy_id, instance=event.caller, client_address=event.address,
-                bound=old.instance_id, bound_address=old.address,
-                age=event.now - (old.seen_at or event.now))
+                proxy=proxy_id,
+                instance=event.caller,
+                client_address=event.address,
+                bound=old.instance_id,
+                bound_address=old.address,
+                age=event.now - (old.seen_at or event.now),
+            )
         for record, report in records:
             if record is not None:
                 self._ended(record, report)
@@ -561,8 +630,9 @@ class ConsoleBroker:
         """Record a session end; False when the session is unknown to this proxy."""
         return self._report_end(proxy_id, None, session_id, report)
 
-    def report_end_with_key(self, key: str, session_id: str, report: dict[str, Any],
-                            peer: str | None = None):
+    def report_end_with_key(
+        self, key: str, session_id: str, report: dict[str, Any], peer: str | None = None
+    ):
         """:meth:`report_end` authorised by ``key`` (from TCP peer ``peer``) in the same
         transaction, or ``UNAUTHORIZED`` / ``FORBIDDEN``."""
         parsed = parse_proxy_key(key)
@@ -571,8 +641,14 @@ class ConsoleBroker:
         return self._report_end(parsed[0], parsed, session_id, report, peer)
 
     @inlineCallbacks
-    def _report_end(self, proxy_id: str, key: tuple[str, str] | None, session_id: str,
-                    report: dict[str, Any], peer: str | None = None):
+    def _report_end(
+        self,
+        proxy_id: str,
+        key: tuple[str, str] | None,
+        session_id: str,
+        report: dict[str, Any],
+        peer: str | None = None,
+    ):
         now = self._clock.seconds()
 
         def txn(tx):
@@ -599,10 +675,15 @@ class ConsoleBroker:
             self._clamped[proxy_id] = claimed
             self._log.warn(
                 "proxy {proxy} claims capacity {claimed}, above its key's ceiling: counted "
-                "as {ceiling}", proxy=proxy_id, claimed=claimed, ceiling=ceiling)
+                "as {ceiling}",
+                proxy=proxy_id,
+                claimed=claimed,
+                ceiling=ceiling,
+            )
 
-    def _instance_refused(self, proxy_id: str, endpoint: str,
-                          refusal: instances.InstanceEvent) -> None:
+    def _instance_refused(
+        self, proxy_id: str, endpoint: str, refusal: instances.InstanceEvent
+    ) -> None:
         self._metrics.instance_conflicts.labels(endpoint).inc()
         if not refusal.worth_logging:
             return
@@ -611,27 +692,44 @@ class ConsoleBroker:
             "proxy {proxy}: refused {endpoint} from cpvm instance {instance} at "
             "{client_address}: the key is in use by instance {bound} at {bound_address}, "
             "last heard {age:.1f} s ago (one proxy key per running cpvm)",
-            proxy=proxy_id, endpoint=endpoint, instance=refusal.caller or "(none sent)",
-            client_address=refusal.address, bound=bound.instance_id,
-            bound_address=bound.address, age=refusal.now - (bound.seen_at or refusal.now),
+            proxy=proxy_id,
+            endpoint=endpoint,
+            instance=refusal.caller or "(none sent)",
+            client_address=refusal.address,
+            bound=bound.instance_id,
+            bound_address=bound.address,
+            age=refusal.now - (bound.seen_at or refusal.now),
         )
 
     def _lost(self, record: store.SessionRecord, now: float) -> None:
         self._metrics.sessions_ended.labels("proxy_lost").inc()
         audit.info(
-            "session {session} ended: {reason}", audit=True, event="ended",
-            session=record.id, reason="proxy_lost", account=record.account_name,
-            vm=record.vm_id, proxy=record.proxy_name, client_address=record.client_address,
+            "session {session} ended: {reason}",
+            audit=True,
+            event="ended",
+            session=record.id,
+            reason="proxy_lost",
+            account=record.account_name,
+            vm=record.vm_id,
+            proxy=record.proxy_name,
+            client_address=record.client_address,
             duration=now - (record.acquired_at or now),
         )
 
     def _ended(self, record: store.SessionRecord, report: dict[str, Any]) -> None:
         self._metrics.sessions_ended.labels(report["reason"]).inc()
         audit.info(
-            "session {session} ended: {reason}", audit=True, event="ended", session=record.id,
-            reason=report["reason"], account=record.account_name, vm=record.vm_id,
-            proxy=record.proxy_name, client_address=record.client_address,
-            bytes_to_client=report["bytes_to_client"], bytes_to_server=report["bytes_to_server"],
+            "session {session} ended: {reason}",
+            audit=True,
+            event="ended",
+            session=record.id,
+            reason=report["reason"],
+            account=record.account_name,
+            vm=record.vm_id,
+            proxy=record.proxy_name,
+            client_address=record.client_address,
+            bytes_to_client=report["bytes_to_client"],
+            bytes_to_server=report["bytes_to_server"],
             duration=report["duration"],
         )
 
@@ -642,7 +740,10 @@ class ConsoleBroker:
         """Periodic: sessions of silent proxies end ``proxy_lost``; old records go."""
         now = self._clock.seconds()
         result = yield self._db.run(
-            store.cleanup, now, self.settings.proxy_timeout, EXPIRED_TOKEN_GRACE,
+            store.cleanup,
+            now,
+            self.settings.proxy_timeout,
+            EXPIRED_TOKEN_GRACE,
             self.settings.retention_seconds,
         )
         for record in result.lost:
@@ -650,6 +751,7 @@ class ConsoleBroker:
         if result.expired or result.deleted:
             self._log.info(
                 "cleanup: {expired} tokens expired unused, {deleted} old sessions deleted",
-                expired=result.expired, deleted=result.deleted,
+                expired=result.expired,
+                deleted=result.deleted,
             )
         return result

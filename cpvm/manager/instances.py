@@ -41,8 +41,11 @@ class InstanceBinding:
     refused_address: str | None
 
     def live(self, now: float, timeout: float) -> bool:
-        return (self.instance_id is not None and self.seen_at is not None
-                and now - self.seen_at <= timeout)
+        return (
+            self.instance_id is not None
+            and self.seen_at is not None
+            and now - self.seen_at <= timeout
+        )
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ class InstanceDecision:
     takeover: bool  # bind replaces another (silent) instance
 
 
-def decide(bound: str | None, seen_at: float | None, caller: str | None, now: float,
-           timeout: float) -> InstanceDecision:
+def decide(
+    bound: str | None, seen_at: float | None, caller: str | None, now: float, timeout: float
+) -> InstanceDecision:
     """The binding rule (module docstring) with explicit times; never reads or writes."""
     if caller is not None and caller == bound:
         return InstanceDecision(True, True, False)
@@ -82,5 +86,8 @@ class InstanceEvent:
     def worth_logging(self) -> bool:
         """Not every beat of the same refused instance: once a minute is enough."""
         b = self.binding
-        return (b.refused_id != self.caller or b.refused_at is None
-                or self.now - b.refused_at >= RELOG_AFTER)
+        return (
+            b.refused_id != self.caller
+            or b.refused_at is None
+            or self.now - b.refused_at >= RELOG_AFTER
+        )

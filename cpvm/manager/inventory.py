@@ -136,7 +136,8 @@ class LibvirtConnection:
             pass  # local drivers have no keepalive
         conn.registerCloseCallback(lambda *_: self._on_event(), None)
         self._callback = conn.domainEventRegisterAny(
-            None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda *_: self._on_event(), None)
+            None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda *_: self._on_event(), None
+        )
         self._conn = conn
         return conn
 
@@ -182,15 +183,21 @@ class LibvirtWatcher:
 
     _log = Logger()
 
-    def __init__(self, cfg: LibvirtSourceConfig, db: Database, box: SecretBox, reactor: Any,
-                 clock: Any, libvirt: Any):
+    def __init__(
+        self,
+        cfg: LibvirtSourceConfig,
+        db: Database,
+        box: SecretBox,
+        reactor: Any,
+        clock: Any,
+        libvirt: Any,
+    ):
         self.cfg = cfg
         self._db = db
         self._box = box
         self._clock = clock
         self._worker = BlockingWorker(reactor, f"libvirt-{cfg.name}")
-        self._conn = LibvirtConnection(
-            libvirt, cfg.uri, lambda: reactor.callFromThread(self.soon))
+        self._conn = LibvirtConnection(libvirt, cfg.uri, lambda: reactor.callFromThread(self.soon))
         self._loop = LoopingCall(self.sync)
         self._loop.clock = clock
         self._syncing = False
@@ -203,8 +210,10 @@ class LibvirtWatcher:
 
     def start(self) -> None:
         self._loop.start(self.cfg.sync_interval, now=True).addErrback(
-            lambda f: self._log.failure("inventory {source}: sync loop failed", f,
-                                        source=self.cfg.source))
+            lambda f: self._log.failure(
+                "inventory {source}: sync loop failed", f, source=self.cfg.source
+            )
+        )
 
     def stop(self) -> None:
         self._stopped = True
@@ -231,8 +240,11 @@ class LibvirtWatcher:
             return None
         self._syncing = True
         d = self._sync()
-        d.addErrback(lambda f: self._log.failure("inventory {source}: sync failed", f,
-                                                 source=self.cfg.source))
+        d.addErrback(
+            lambda f: self._log.failure(
+                "inventory {source}: sync failed", f, source=self.cfg.source
+            )
+        )
         d.addBoth(self._done)
         return d
 
@@ -252,31 +264,44 @@ class LibvirtWatcher:
             return
         try:
             hostname, domains = yield self._worker.call(self._conn.snapshot).addTimeout(
-                self.cfg.timeout, self._clock)
+                self.cfg.timeout, self._clock
+            )
         except Exception as e:
             yield self._unreachable(_reason(e))
             return
         try:
-            result = yield self._db.run(inventory_sync.sync_source, self.cfg, self._box,
-                                        hostname, domains, now)
+            result = yield self._db.run(
+                inventory_sync.sync_source, self.cfg, self._box, hostname, domains, now
+            )
         except inventory_sync.OwnerMissing:
-            self._log.error("inventory {source}: owner account {owner!r} does not exist; "
-                            "nothing registered", source=self.cfg.source, owner=self.cfg.owner)
+            self._log.error(
+                "inventory {source}: owner account {owner!r} does not exist; nothing registered",
+                source=self.cfg.source,
+                owner=self.cfg.owner,
+            )
             return
         if self._down:
             self._down = False
-            self._log.info("inventory {source}: {uri} reachable again",
-                           source=self.cfg.source, uri=self.cfg.uri)
+            self._log.info(
+                "inventory {source}: {uri} reachable again",
+                source=self.cfg.source,
+                uri=self.cfg.uri,
+            )
         self._report(result)
 
     @inlineCallbacks
     def _unreachable(self, reason: str):
-        changed = yield self._db.run(inventory_sync.mark_unknown, self.cfg.source,
-                                     self._clock.seconds())
+        changed = yield self._db.run(
+            inventory_sync.mark_unknown, self.cfg.source, self._clock.seconds()
+        )
         if not self._down or changed:
-            self._log.warn("inventory {source}: {uri} unreachable ({reason}); its VMs are "
-                           "Unknown until it answers", source=self.cfg.source,
-                           uri=self.cfg.uri, reason=reason)
+            self._log.warn(
+                "inventory {source}: {uri} unreachable ({reason}); its VMs are "
+                "Unknown until it answers",
+                source=self.cfg.source,
+                uri=self.cfg.uri,
+                reason=reason,
+            )
         self._down = True
 
     def _report(self, r: inventory_sync.SyncResult) -> None:
@@ -284,14 +309,17 @@ class LibvirtWatcher:
         for vm_id in r.added:
             vms.log_change(vms.VmChange("added", vm_id, r.names[vm_id], r.owner, ()), by, by)
         for vm_id, fields in r.updated:
-            vms.log_change(vms.VmChange("updated", vm_id, r.names[vm_id], r.owner, fields),
-                           by, by)
+            vms.log_change(vms.VmChange("updated", vm_id, r.names[vm_id], r.owner, fields), by, by)
         for vm_id in r.removed:
             vms.log_change(vms.VmChange("removed", vm_id, r.names[vm_id], r.owner, ()), by, by)
         for vm_id in set(r.skipped) - self._skipped:
-            self._log.warn("inventory {source}: domain {vm} ({name}) not registered: a VM "
-                           "with its UUID comes from elsewhere", source=self.cfg.source,
-                           vm=vm_id, name=r.names.get(vm_id))
+            self._log.warn(
+                "inventory {source}: domain {vm} ({name}) not registered: a VM "
+                "with its UUID comes from elsewhere",
+                source=self.cfg.source,
+                vm=vm_id,
+                name=r.names.get(vm_id),
+            )
         self._skipped = set(r.skipped)
 
 
@@ -303,10 +331,16 @@ def _reason(e: Exception) -> str:
 class InventoryService(service.Service):
     """Starts and stops a :class:`LibvirtWatcher` per configured source."""
 
-    def __init__(self, sources: tuple[LibvirtSourceConfig, ...], db: Database, box: SecretBox,
-                 reactor: Any, clock: Any, libvirt: Any):
-        self.watchers = [LibvirtWatcher(cfg, db, box, reactor, clock, libvirt)
-                         for cfg in sources]
+    def __init__(
+        self,
+        sources: tuple[LibvirtSourceConfig, ...],
+        db: Database,
+        box: SecretBox,
+        reactor: Any,
+        clock: Any,
+        libvirt: Any,
+    ):
+        self.watchers = [LibvirtWatcher(cfg, db, box, reactor, clock, libvirt) for cfg in sources]
 
     def startService(self) -> None:
         super().startService()

@@ -12,8 +12,16 @@ from cpvm.manager.proxy_policy import public_host_problem
 
 PREFIX = "inventory.libvirt."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_SCHEMES = ("qemu://", "qemu+ssh://", "qemu+tls://", "qemu+unix://", "qemu+tcp://",
-            "qemu+libssh2://", "qemu+libssh://", "qemu:///")
+_SCHEMES = (
+    "qemu://",
+    "qemu+ssh://",
+    "qemu+tls://",
+    "qemu+unix://",
+    "qemu+tcp://",
+    "qemu+libssh2://",
+    "qemu+libssh://",
+    "qemu:///",
+)
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,7 @@ class LibvirtSourceConfig:
 def _uri(reader: IniReader, section: str) -> str:
     uri = reader.optional_string(section, "uri")
     if uri is None:
-        raise reader.error(section, "uri", "required (qemu:///system, qemu+ssh://…, "
-                                           "qemu+tls://…)")
+        raise reader.error(section, "uri", "required (qemu:///system, qemu+ssh://…, qemu+tls://…)")
     if not uri.startswith(_SCHEMES):
         raise reader.error(section, "uri", f"expected a qemu libvirt URI, got {uri!r}")
     return uri
@@ -55,8 +62,9 @@ def _vnc_address(reader: IniReader, section: str) -> str | None:
         raise reader.error(section, "vnc_address", problem.replace("public_host", "vnc_address"))
     try:
         if ipaddress.ip_address(value).is_unspecified:
-            raise reader.error(section, "vnc_address", "must be an address to connect to, "
-                                                       "not 0.0.0.0 or ::")
+            raise reader.error(
+                section, "vnc_address", "must be an address to connect to, not 0.0.0.0 or ::"
+            )
     except ValueError:
         pass
     return value
@@ -78,10 +86,9 @@ def _ca_pem(reader: IniReader, section: str, tls: str) -> str | None:
 
 def read_source(reader: IniReader, section: str) -> LibvirtSourceConfig:
     """One ``[inventory.libvirt.NAME]`` section."""
-    name = section[len(PREFIX):]
+    name = section[len(PREFIX) :]
     if not _NAME.match(name):
-        raise reader.error(section, None, "NAME must be letters, digits, '-' or '_' "
-                                          "(at most 63)")
+        raise reader.error(section, None, "NAME must be letters, digits, '-' or '_' (at most 63)")
     owner = reader.optional_string(section, "owner")
     if owner is None:
         raise reader.error(section, "owner", "required: the account that owns these VMs")
@@ -97,8 +104,7 @@ def read_source(reader: IniReader, section: str) -> LibvirtSourceConfig:
         vnc_tls=tls,
         vnc_ca_pem=_ca_pem(reader, section, tls),
         vnc_server_name=server_name,
-        sync_interval=reader.number(section, "sync_interval", 30.0, minimum=1.0,
-                                    maximum=86400.0),
+        sync_interval=reader.number(section, "sync_interval", 30.0, minimum=1.0, maximum=86400.0),
         timeout=reader.number(section, "timeout", 30.0, minimum=1.0, maximum=3600.0),
     )
 

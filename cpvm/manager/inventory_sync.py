@@ -50,24 +50,38 @@ def _lock(tx: Tx, source: str) -> None:
         tx.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(source),))
 
 
-def _row(cfg: LibvirtSourceConfig, box: SecretBox, owner_id: str, hostname: str,
-         d: Domain, old: vm_store.OwnedVm | None) -> dict[str, Any]:
+def _row(
+    cfg: LibvirtSourceConfig,
+    box: SecretBox,
+    owner_id: str,
+    hostname: str,
+    d: Domain,
+    old: vm_store.OwnedVm | None,
+) -> dict[str, Any]:
     """The registry row for domain ``d`` (``old``: its row now, whose password ciphertext
     is kept when the password is unchanged)."""
     assert d.vnc is not None
     port = d.vnc.port if d.vnc.port is not None else (old.vnc_port if old else 0)
     password_enc = None
     if d.vnc.password is not None:
-        password_enc = (old.vnc_password_enc if old and _same(box, old.vnc_password_enc,
-                                                              d.vnc.password)
-                        else box.encrypt(d.vnc.password))
+        password_enc = (
+            old.vnc_password_enc
+            if old and _same(box, old.vnc_password_enc, d.vnc.password)
+            else box.encrypt(d.vnc.password)
+        )
     return {
-        "id": d.uuid, "name": d.name, "owner_id": owner_id,
+        "id": d.uuid,
+        "name": d.name,
+        "owner_id": owner_id,
         "state": "Running" if d.running and d.vnc.port is not None else "Stopped",
-        "vnc_host": vnc_host(d.vnc.listen, cfg.vnc_address, cfg.uri), "vnc_port": port,
-        "vnc_password_enc": password_enc, "vnc_tls": cfg.vnc_tls,
-        "vnc_ca_pem": cfg.vnc_ca_pem, "vnc_server_name": cfg.vnc_server_name,
-        "hostname": hostname, "hypervisor": HYPERVISOR,
+        "vnc_host": vnc_host(d.vnc.listen, cfg.vnc_address, cfg.uri),
+        "vnc_port": port,
+        "vnc_password_enc": password_enc,
+        "vnc_tls": cfg.vnc_tls,
+        "vnc_ca_pem": cfg.vnc_ca_pem,
+        "vnc_server_name": cfg.vnc_server_name,
+        "hostname": hostname,
+        "hypervisor": HYPERVISOR,
     }
 
 
@@ -80,12 +94,28 @@ def _same(box: SecretBox, encrypted: str | None, password: str) -> bool:
         return False
 
 
-_COMPARED = ("name", "owner_id", "state", "vnc_host", "vnc_port", "vnc_password_enc",
-             "vnc_tls", "vnc_ca_pem", "vnc_server_name", "hostname")
+_COMPARED = (
+    "name",
+    "owner_id",
+    "state",
+    "vnc_host",
+    "vnc_port",
+    "vnc_password_enc",
+    "vnc_tls",
+    "vnc_ca_pem",
+    "vnc_server_name",
+    "hostname",
+)
 
 
-def sync_source(tx: Tx, cfg: LibvirtSourceConfig, box: SecretBox, hostname: str,
-                domains: Sequence[Domain], now: float) -> SyncResult:
+def sync_source(
+    tx: Tx,
+    cfg: LibvirtSourceConfig,
+    box: SecretBox,
+    hostname: str,
+    domains: Sequence[Domain],
+    now: float,
+) -> SyncResult:
     """Make the VMs of ``cfg.source`` exactly the VNC domains in ``domains``."""
     _lock(tx, cfg.source)
     try:

@@ -98,8 +98,10 @@ def public_host_problem(host: str) -> str | None:
     name = host[:-1] if host.endswith(".") else host
     labels = name.split(".")
     if not name or not all(_LABEL.match(label) for label in labels):
-        return ("public_host must be a host name (letters, digits, hyphens, dots) or an "
-                "IP address, without scheme, port or path")
+        return (
+            "public_host must be a host name (letters, digits, hyphens, dots) or an "
+            "IP address, without scheme, port or path"
+        )
     if labels[-1].isdigit():
         return "public_host looks like an incomplete IPv4 address"
     return None

@@ -89,8 +89,7 @@ class SignatureTimeError(ValueError):
 
 
 EXPIRY_REQUIRED = (
-    "this API requires signatureVersion=3 and expires: requests without an expiry time "
-    "are refused"
+    "this API requires signatureVersion=3 and expires: requests without an expiry time are refused"
 )
 
 

@@ -155,14 +155,15 @@ def set_account_disabled(tx: Tx, name_or_id: str, disabled: bool) -> Account:
     """Disable (or enable again) an account: a disabled one can neither call the API nor
     have its pending tokens redeemed."""
     account = find_account(tx, name_or_id)
-    tx.execute("UPDATE accounts SET disabled = ? WHERE id = ?", (1 if disabled else 0,
-                                                                account.id))
+    tx.execute("UPDATE accounts SET disabled = ? WHERE id = ?", (1 if disabled else 0, account.id))
     return find_account(tx, account.id)
 
 
 def list_accounts(tx: Tx) -> list[Account]:
-    return [_account(r) for r in tx.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name")
-            .fetchall()]
+    return [
+        _account(r)
+        for r in tx.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY name").fetchall()
+    ]
 
 
 def create_api_key(
@@ -187,7 +188,8 @@ def revoke_api_key(tx: Tx, api_key: str, now: float) -> None:
 def list_api_keys(tx: Tx) -> list[tuple[str, str, float, float | None]]:
     """(account name, api key, created, revoked) — never the secret."""
     return [
-        tuple(r) for r in tx.execute(
+        tuple(r)
+        for r in tx.execute(
             "SELECT a.name, k.api_key, k.created_at, k.revoked_at FROM api_keys k "
             "JOIN accounts a ON a.id = k.account_id ORDER BY a.name, k.created_at"
         ).fetchall()
@@ -226,16 +228,32 @@ def add_vm(tx: Tx, vm: dict[str, Any], now: float) -> None:
         "vnc_tls, vnc_ca_pem, vnc_server_name, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            vm["id"], vm["name"], vm["owner_id"], vm["state"], vm["vnc_host"], vm["vnc_port"],
-            vm.get("vnc_password_enc"), vm["vnc_tls"], vm.get("vnc_ca_pem"),
-            vm.get("vnc_server_name"), now, now,
+            vm["id"],
+            vm["name"],
+            vm["owner_id"],
+            vm["state"],
+            vm["vnc_host"],
+            vm["vnc_port"],
+            vm.get("vnc_password_enc"),
+            vm["vnc_tls"],
+            vm.get("vnc_ca_pem"),
+            vm.get("vnc_server_name"),
+            now,
+            now,
         ),
     )
 
 
 _VM_UPDATABLE = (
-    "name", "owner_id", "state", "vnc_host", "vnc_port", "vnc_password_enc", "vnc_tls",
-    "vnc_ca_pem", "vnc_server_name",
+    "name",
+    "owner_id",
+    "state",
+    "vnc_host",
+    "vnc_port",
+    "vnc_password_enc",
+    "vnc_tls",
+    "vnc_ca_pem",
+    "vnc_server_name",
 )
 
 
@@ -265,9 +283,12 @@ def get_vm(tx: Tx, vm_id: str) -> Vm | None:
 
 
 def list_vms(tx: Tx) -> list[Vm]:
-    return [_vm(r) for r in tx.execute(
-        f"SELECT {_VM_COLS} FROM vms v JOIN accounts a ON a.id = v.owner_id ORDER BY v.name"
-    ).fetchall()]
+    return [
+        _vm(r)
+        for r in tx.execute(
+            f"SELECT {_VM_COLS} FROM vms v JOIN accounts a ON a.id = v.owner_id ORDER BY v.name"
+        ).fetchall()
+    ]
 
 
 # Proxies ---------------------------------------------------------------------------
@@ -284,15 +305,22 @@ def _proxy(row: tuple) -> Proxy:
     return Proxy(*r)
 
 
-def create_proxy(tx: Tx, proxy_id: str, name: str, secret_hash: str, now: float,
-                 policy: ProxyPolicy = NO_LIMITS) -> None:
+def create_proxy(
+    tx: Tx, proxy_id: str, name: str, secret_hash: str, now: float, policy: ProxyPolicy = NO_LIMITS
+) -> None:
     if tx.execute("SELECT 1 FROM proxies WHERE name = ?", (name,)).fetchone():
         raise Conflict(f"proxy {name!r} already exists")
     tx.execute(
         "INSERT INTO proxies (id, name, secret_hash, created_at, active_count, max_capacity, "
         "allowed_networks) VALUES (?, ?, ?, ?, 0, ?, ?)",
-        (proxy_id, name, secret_hash, now, policy.max_capacity,
-         format_networks(policy.allowed_networks)),
+        (
+            proxy_id,
+            name,
+            secret_hash,
+            now,
+            policy.max_capacity,
+            format_networks(policy.allowed_networks),
+        ),
     )
 
 
@@ -300,8 +328,9 @@ def create_proxy(tx: Tx, proxy_id: str, name: str, secret_hash: str, now: float,
 KEEP: Any = object()
 
 
-def set_proxy_policy(tx: Tx, name_or_id: str, *, max_capacity: Any = KEEP,
-                     allowed_networks: Any = KEEP) -> ProxyPolicy:
+def set_proxy_policy(
+    tx: Tx, name_or_id: str, *, max_capacity: Any = KEEP, allowed_networks: Any = KEEP
+) -> ProxyPolicy:
     """Change an active proxy key's limits (``None`` lifts one); returns the new policy.
 
     A lowered ceiling applies at once: the capacity the last heartbeat claimed is clamped
@@ -319,11 +348,15 @@ def set_proxy_policy(tx: Tx, name_or_id: str, *, max_capacity: Any = KEEP,
         ceiling = max_capacity
     if allowed_networks is not KEEP:
         allowed = format_networks(allowed_networks)
-    tx.execute("UPDATE proxies SET max_capacity = ?, allowed_networks = ? WHERE id = ?",
-               (ceiling, allowed, proxy_id))
+    tx.execute(
+        "UPDATE proxies SET max_capacity = ?, allowed_networks = ? WHERE id = ?",
+        (ceiling, allowed, proxy_id),
+    )
     if ceiling is not None:
-        tx.execute("UPDATE proxies SET capacity = ? WHERE id = ? AND capacity > ?",
-                   (ceiling, proxy_id, ceiling))
+        tx.execute(
+            "UPDATE proxies SET capacity = ? WHERE id = ? AND capacity > ?",
+            (ceiling, proxy_id, ceiling),
+        )
     return policy_from_row(ceiling, allowed)
 
 
@@ -345,8 +378,9 @@ def revoke_proxy(tx: Tx, name_or_id: str, now: float) -> None:
 
 
 def list_proxies(tx: Tx) -> list[Proxy]:
-    return [_proxy(r) for r in tx.execute(f"SELECT {_PROXY_COLS} FROM proxies ORDER BY name")
-            .fetchall()]
+    return [
+        _proxy(r) for r in tx.execute(f"SELECT {_PROXY_COLS} FROM proxies ORDER BY name").fetchall()
+    ]
 
 
 def proxy_key_record(tx: Tx, proxy_id: str) -> tuple[str, ProxyPolicy] | None:
@@ -354,13 +388,15 @@ def proxy_key_record(tx: Tx, proxy_id: str) -> tuple[str, ProxyPolicy] | None:
     revoked."""
     row = tx.execute(
         "SELECT secret_hash, max_capacity, allowed_networks FROM proxies "
-        "WHERE id = ? AND revoked_at IS NULL", (proxy_id,)
+        "WHERE id = ? AND revoked_at IS NULL",
+        (proxy_id,),
     ).fetchone()
     return (row[0], policy_from_row(row[1], row[2])) if row else None
 
 
-def reconcile(tx: Tx, proxy_id: str, worker: int, active: list[str], acquired_before: float,
-              now: float) -> list[SessionRecord]:
+def reconcile(
+    tx: Tx, proxy_id: str, worker: int, active: list[str], acquired_before: float, now: float
+) -> list[SessionRecord]:
     """End the sessions a proxy process no longer has (it crashed or restarted).
 
     Only sessions redeemed through this worker before ``acquired_before`` count: a session
@@ -396,8 +432,15 @@ def heartbeat(tx: Tx, proxy_id: str, beat: dict[str, Any], now: float) -> list[s
         "UPDATE proxies SET public_host = ?, public_port = ?, tls = ?, address = ?, "
         "capacity = ?, active_count = ?, version = ?, last_heartbeat = ? WHERE id = ?",
         (
-            beat["public_host"], beat["public_port"], 1 if beat["tls"] else 0, beat["address"],
-            beat["capacity"], beat["active_count"], beat["version"], now, proxy_id,
+            beat["public_host"],
+            beat["public_port"],
+            1 if beat["tls"] else 0,
+            beat["address"],
+            beat["capacity"],
+            beat["active_count"],
+            beat["version"],
+            now,
+            proxy_id,
         ),
     )
     rows = tx.execute(
@@ -440,9 +483,12 @@ def live_proxies(tx: Tx, now: float, proxy_timeout: float, vm_id: str) -> list[P
             (vm_id, now),
         ).fetchall()
     )
-    return [ProxyLoad(p, int(pending.get(p.id, 0)), int(vm_sessions.get(p.id, 0)),
-                      int(live.get(p.id, 0)))
-            for p in proxies]
+    return [
+        ProxyLoad(
+            p, int(pending.get(p.id, 0)), int(vm_sessions.get(p.id, 0)), int(live.get(p.id, 0))
+        )
+        for p in proxies
+    ]
 
 
 # Instance binding (cpvm/manager/instances.py) --------------------------------------
@@ -458,13 +504,13 @@ def instance_binding(tx: Tx, proxy_id: str, *, lock: bool = True) -> InstanceBin
     instances beating at once must not both take over). SQLite's transactions are
     serialised anyway."""
     lock_sql = " FOR UPDATE" if lock and tx.kind == "postgresql" else ""
-    row = tx.execute(f"SELECT {_BINDING_COLS} FROM proxies WHERE id = ?{lock_sql}",
-                     (proxy_id,)).fetchone()
+    row = tx.execute(
+        f"SELECT {_BINDING_COLS} FROM proxies WHERE id = ?{lock_sql}", (proxy_id,)
+    ).fetchone()
     return InstanceBinding(*row) if row else None
 
 
-def bind_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
-                  now: float) -> None:
+def bind_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None, now: float) -> None:
     """The key's instance is ``instance_id``, seen now."""
     tx.execute(
         "UPDATE proxies SET instance_id = ?, instance_seen_at = ?, instance_address = ? "
@@ -473,8 +519,9 @@ def bind_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
     )
 
 
-def claim_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
-                   now: float) -> bool:
+def claim_instance(
+    tx: Tx, proxy_id: str, instance_id: str, address: str | None, now: float
+) -> bool:
     """Bind a key nobody holds, unless another transaction just did; True if we did."""
     tx.execute(
         "UPDATE proxies SET instance_id = ?, instance_seen_at = ?, instance_address = ? "
@@ -484,8 +531,9 @@ def claim_instance(tx: Tx, proxy_id: str, instance_id: str, address: str | None,
     return tx.rowcount == 1
 
 
-def refuse_instance(tx: Tx, proxy_id: str, instance_id: str | None, address: str | None,
-                    now: float) -> None:
+def refuse_instance(
+    tx: Tx, proxy_id: str, instance_id: str | None, address: str | None, now: float
+) -> None:
     """Remember the last instance refused for this key (for ``proxy list``)."""
     tx.execute(
         "UPDATE proxies SET refused_instance_id = ?, refused_at = ?, refused_address = ? "
@@ -495,8 +543,10 @@ def refuse_instance(tx: Tx, proxy_id: str, instance_id: str | None, address: str
 
 
 def list_bindings(tx: Tx) -> dict[str, InstanceBinding]:
-    return {r[0]: InstanceBinding(*r)
-            for r in tx.execute(f"SELECT {_BINDING_COLS} FROM proxies").fetchall()}
+    return {
+        r[0]: InstanceBinding(*r)
+        for r in tx.execute(f"SELECT {_BINDING_COLS} FROM proxies").fetchall()
+    }
 
 
 # Console sessions --------------------------------------------------------------------
@@ -508,9 +558,18 @@ def insert_session(tx: Tx, s: dict[str, Any]) -> None:
         "account_id, account_name, vm_id, vm_name, proxy_id, creator_address, bound_address) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            s["id"], s["token_hash"], s["extra_hash"], s["expires_at"], s["created_at"],
-            s["account_id"], s["account_name"], s["vm_id"], s["vm_name"], s["proxy_id"],
-            s["creator_address"], s["bound_address"],
+            s["id"],
+            s["token_hash"],
+            s["extra_hash"],
+            s["expires_at"],
+            s["created_at"],
+            s["account_id"],
+            s["account_name"],
+            s["vm_id"],
+            s["vm_name"],
+            s["proxy_id"],
+            s["creator_address"],
+            s["bound_address"],
         ),
     )
 
@@ -556,13 +615,17 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
         return None
     vm = _vm(row[9:20]) if row[9] is not None and row[12] is not None else None
     account_id, disabled, role = row[20:23]
-    account_ok = account_id is not None and not disabled and (
-        role == "admin" or (vm is not None and vm.owner_id == account_id))
+    account_ok = (
+        account_id is not None
+        and not disabled
+        and (role == "admin" or (vm is not None and vm.owner_id == account_id))
+    )
     return TokenRow(*cast(_TokenCols, row[:9]), vm=vm, account_ok=account_ok)
 
 
-def mark_acquired(tx: Tx, session_id: str, client_address: str, now: float,
-                  worker: int = 0) -> bool:
+def mark_acquired(
+    tx: Tx, session_id: str, client_address: str, now: float, worker: int = 0
+) -> bool:
     """The single conditional write that makes redemption one-time; True if we won."""
     tx.execute(
         "UPDATE console_sessions SET acquired_at = ?, client_address = ?, worker = ? "
@@ -606,8 +669,13 @@ def end_session(
         "COALESCE(?, client_address), bytes_to_client = ?, bytes_to_server = ?, duration = ?, "
         "token_hash = NULL, extra_hash = NULL WHERE id = ?",
         (
-            now, report["reason"], report.get("client_address"), report["bytes_to_client"],
-            report["bytes_to_server"], report["duration"], session_id,
+            now,
+            report["reason"],
+            report.get("client_address"),
+            report["bytes_to_client"],
+            report["bytes_to_server"],
+            report["duration"],
+            session_id,
         ),
     )
     return get_session(tx, session_id)

@@ -32,8 +32,12 @@ class Options(usage.Options):
     """Command line of ``twistd cpvm-manager``."""
 
     optParameters = [
-        ["config", "c", None,
-         f"configuration file (default {DEFAULT_CONFIG_PATH}; embedded defaults if absent)"],
+        [
+            "config",
+            "c",
+            None,
+            f"configuration file (default {DEFAULT_CONFIG_PATH}; embedded defaults if absent)",
+        ],
     ]
 
 
@@ -47,15 +51,23 @@ class DatabaseService(service.Service):
         super().stopService()
         self.database.close()
         if self.database.kind == "sqlite" and not self.database.mark_clean_stop():
-            _log.warn("could not record a clean stop: pending console tokens will be voided "
-                      "at the next start")
+            _log.warn(
+                "could not record a clean stop: pending console tokens will be voided "
+                "at the next start"
+            )
 
 
 class ManagerService(service.MultiService):
     """The manager: HTTP listener, database pool and cleanup timer."""
 
-    def __init__(self, config: ManagerConfig, broker: ConsoleBroker, http: Any,
-                 metrics: ManagerMetrics, database: dbmodule.Database):
+    def __init__(
+        self,
+        config: ManagerConfig,
+        broker: ConsoleBroker,
+        http: Any,
+        metrics: ManagerMetrics,
+        database: dbmodule.Database,
+    ):
         super().__init__()
         self.config = config
         self.broker = broker
@@ -64,9 +76,14 @@ class ManagerService(service.MultiService):
         self.database = database
 
     def startService(self):
-        _log.info("cpvm-manager {version} starting, config {source}, listening on {listen}, "
-                  "database {kind}", version=__version__, source=self.config.source,
-                  listen=self.config.server.listen, kind=self.config.database.kind)
+        _log.info(
+            "cpvm-manager {version} starting, config {source}, listening on {listen}, "
+            "database {kind}",
+            version=__version__,
+            source=self.config.source,
+            listen=self.config.server.listen,
+            kind=self.config.database.kind,
+        )
         super().startService()
 
 
@@ -84,18 +101,22 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     try:
         dbmodule.migrate(config.database, clock.seconds())
     except Exception as e:
-        raise ConfigError(config.source, "database", "url",
-                          f"cannot open or migrate the database: {e}") from None
+        raise ConfigError(
+            config.source, "database", "url", f"cannot open or migrate the database: {e}"
+        ) from None
     if config.database.kind == "sqlite":
         try:
             voided = dbmodule.recover_sqlite(config.database, clock.seconds())
         except Exception as e:
-            raise ConfigError(config.source, "database", "url",
-                              f"cannot recover the database: {e}") from None
+            raise ConfigError(
+                config.source, "database", "url", f"cannot recover the database: {e}"
+            ) from None
         if voided:
-            _log.warn("the previous run did not stop cleanly: {voided} pending console "
-                      "token(s) voided (their redemption may not have reached the disk)",
-                      voided=voided)
+            _log.warn(
+                "the previous run did not stop cleanly: {voided} pending console "
+                "token(s) voided (their redemption may not have reached the disk)",
+                voided=voided,
+            )
     database = dbmodule.Database(config.database, reactor)
     metrics = ManagerMetrics()
     settings = BrokerSettings(
@@ -110,15 +131,27 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     )
     broker = ConsoleBroker(database, box, clock, settings, metrics)
     security = config.security
-    expiry = ExpiryPolicy(required=security.signature_expiry_required,
-                          max_lifetime=security.max_request_lifetime)
+    expiry = ExpiryPolicy(
+        required=security.signature_expiry_required, max_lifetime=security.max_request_lifetime
+    )
     limiter = KeyedRateLimiter(security.create_rate, security.create_burst, clock)
     # Bodies are capped and each request must arrive in time, before twisted.web reads it.
-    limits = HttpLimits(max_body=config.server.max_body_size,
-                        request_deadline=config.server.request_timeout)
-    site = build_site(broker, database, box, clock, config.server.trusted_proxies, metrics,
-                      config.metrics.allow if config.metrics.enabled else None, reactor,
-                      expiry=expiry, create_limiter=limiter, limits=limits)
+    limits = HttpLimits(
+        max_body=config.server.max_body_size, request_deadline=config.server.request_timeout
+    )
+    site = build_site(
+        broker,
+        database,
+        box,
+        clock,
+        config.server.trusted_proxies,
+        metrics,
+        config.metrics.allow if config.metrics.enabled else None,
+        reactor,
+        expiry=expiry,
+        create_limiter=limiter,
+        limits=limits,
+    )
     # As strports.service, with cpvm's TLS policy on an ssl: listener (cpvm/common/tls.py).
     http = StreamServerEndpointService(server_endpoint(reactor, config.server.listen), site)
     http._raiseSynchronously = True
@@ -140,15 +173,20 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
     return top
 
 
-def inventory_service(config: ManagerConfig, database: dbmodule.Database, box: SecretBox,
-                      reactor: Any, clock: Any) -> InventoryService:
+def inventory_service(
+    config: ManagerConfig, database: dbmodule.Database, box: SecretBox, reactor: Any, clock: Any
+) -> InventoryService:
     """libvirt discovery for the [inventory.libvirt.NAME] sections."""
     try:
         libvirt = load_libvirt()
     except ImportError:
-        raise ConfigError(config.source, PREFIX + config.inventory[0].name, None,
-                          "the libvirt Python binding is not installed (Debian: "
-                          "python3-libvirt; PyPI: libvirt-python)") from None
+        raise ConfigError(
+            config.source,
+            PREFIX + config.inventory[0].name,
+            None,
+            "the libvirt Python binding is not installed (Debian: "
+            "python3-libvirt; PyPI: libvirt-python)",
+        ) from None
     return InventoryService(config.inventory, database, box, reactor, clock, libvirt)
 
 
@@ -160,8 +198,12 @@ def makeService(options: Options, reactor: Any = None) -> ManagerService:
         reactor = global_reactor
     try:
         config = load_config(options["config"])
-        logs.configure(format=config.log.format, level=config.log.level,
-                       name="cpvm-manager", audit_file=config.log.audit_file)
+        logs.configure(
+            format=config.log.format,
+            level=config.log.level,
+            name="cpvm-manager",
+            audit_file=config.log.audit_file,
+        )
         return build_manager(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"cpvm-manager: configuration error: {e}") from None

@@ -30,9 +30,15 @@ NOT_AVAILABLE = "The API [{command}] does not exist or is not available for the 
 
 # Parameter -> field of cpvm.manager.vms (the same rules as the CLI's options).
 _FIELD_PARAMS = {
-    "name": "name", "account": "owner", "vnchost": "vnc_host", "vncport": "vnc_port",
-    "vncpassword": "vnc_password", "vnctls": "vnc_tls", "vnccacertificate": "vnc_ca_pem",
-    "vncservername": "vnc_server_name", "state": "state",
+    "name": "name",
+    "account": "owner",
+    "vnchost": "vnc_host",
+    "vncport": "vnc_port",
+    "vncpassword": "vnc_password",
+    "vnctls": "vnc_tls",
+    "vnccacertificate": "vnc_ca_pem",
+    "vncservername": "vnc_server_name",
+    "state": "state",
 }
 # Given empty on update: remove the value.
 _CLEARABLE = ("vncpassword", "vnccacertificate", "vncservername")
@@ -51,9 +57,15 @@ def _error(code: int, text: str) -> Exception:
 
 def _vm_json(v: vm_store.VmListing, admin: bool) -> dict[str, Any]:
     fields: dict[str, Any] = {
-        "id": v.id, "name": v.name, "displayname": v.name, "state": v.state,
-        "account": v.owner_name, "accountid": v.owner_id, "hypervisor": v.hypervisor,
-        "hostname": v.hostname, "created": signing.format_time(v.created_at),
+        "id": v.id,
+        "name": v.name,
+        "displayname": v.name,
+        "state": v.state,
+        "account": v.owner_name,
+        "accountid": v.owner_id,
+        "hypervisor": v.hypervisor,
+        "hostname": v.hostname,
+        "created": signing.format_time(v.created_at),
     }
     if admin:
         fields["source"] = v.source  # a cpvm extension: manual, api or libvirt:NAME
@@ -62,6 +74,7 @@ def _vm_json(v: vm_store.VmListing, admin: bool) -> dict[str, Any]:
 
 def _page(p: dict[str, str]) -> tuple[int, int]:
     """(offset, limit) from CloudStack's ``page`` (from 1) and ``pagesize`` (-1: the most)."""
+
     def number(name: str, default: int) -> int:
         raw = p.get(name)
         if raw is None or raw == "":
@@ -98,11 +111,14 @@ class VmCommands:
             "removeconsolevirtualmachine": self.remove,
         }
 
-    async def list_virtual_machines(self, request: server.Request, account: store.Account,
-                                    p: dict[str, str], name: str):
-        filters: dict[str, Any] = {"keyword": p.get("keyword") or None,
-                                   "name": p.get("name") or None,
-                                   "state": p.get("state") or None}
+    async def list_virtual_machines(
+        self, request: server.Request, account: store.Account, p: dict[str, str], name: str
+    ):
+        filters: dict[str, Any] = {
+            "keyword": p.get("keyword") or None,
+            "name": p.get("name") or None,
+            "state": p.get("state") or None,
+        }
         if p.get("id"):
             if not _is_uuid(p["id"]):
                 raise _error(431, "Invalid parameter id value: not a UUID")
@@ -128,10 +144,12 @@ class VmCommands:
             # Never says whether another account exists.
             raise _error(431, "Invalid parameter account: no such account")
         total, listed = result
-        return 200, {"listvirtualmachinesresponse": {
-            "count": total,
-            "virtualmachine": [_vm_json(v, account.is_admin) for v in listed],
-        }}
+        return 200, {
+            "listvirtualmachinesresponse": {
+                "count": total,
+                "virtualmachine": [_vm_json(v, account.is_admin) for v in listed],
+            }
+        }
 
     # Admin commands ---------------------------------------------------------------------
 
@@ -149,8 +167,11 @@ class VmCommands:
         now = self._clock.seconds()
         change = await self._run(vms.add, self._box, fields, vm_store.API, now)
         vms.log_change(change, account.name, "api")
-        return 200, {"addconsolevirtualmachineresponse": {"virtualmachine": {
-            "id": change.vm_id, "name": change.name, "account": change.owner}}}
+        return 200, {
+            "addconsolevirtualmachineresponse": {
+                "virtualmachine": {"id": change.vm_id, "name": change.name, "account": change.owner}
+            }
+        }
 
     async def update(self, request, account, p, name):
         self._admin_only(account, "updateConsoleVirtualMachine")
@@ -163,8 +184,11 @@ class VmCommands:
         fields = _checked(raw)
         change = await self._run(vms.update, self._box, vm_id, fields, self._clock.seconds())
         vms.log_change(change, account.name, "api")
-        return 200, {"updateconsolevirtualmachineresponse": {"virtualmachine": {
-            "id": change.vm_id, "name": change.name, "account": change.owner}}}
+        return 200, {
+            "updateconsolevirtualmachineresponse": {
+                "virtualmachine": {"id": change.vm_id, "name": change.name, "account": change.owner}
+            }
+        }
 
     async def remove(self, request, account, p, name):
         self._admin_only(account, "removeConsoleVirtualMachine")
@@ -206,8 +230,9 @@ def _password_not_in_query(request: server.Request) -> None:
     browsers' and servers' logs."""
     query = urlsplit(request.uri or b"").query.decode("utf-8", "replace")
     if any(key.lower() == "vncpassword" for key, _ in parse_qsl(query, keep_blank_values=True)):
-        raise _error(431, "Invalid parameter vncpassword: send it in a POST body, never in "
-                          "the query string")
+        raise _error(
+            431, "Invalid parameter vncpassword: send it in a POST body, never in the query string"
+        )
 
 
 def commands(db: Database, box: SecretBox, clock: Any) -> dict[str, Callable[..., Any]]:

@@ -50,15 +50,20 @@ class OwnedVm:
     hostname: str | None
 
 
-_LIST_COLS = ("v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, "
-              "v.created_at")
+_LIST_COLS = (
+    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at"
+)
 
 
 def _filters(filters: dict[str, Any]) -> tuple[str, list[Any]]:
     where: list[str] = []
     params: list[Any] = []
-    for column, key in (("v.id", "id"), ("v.name", "name"), ("v.owner_id", "owner_id"),
-                        ("v.source", "source")):
+    for column, key in (
+        ("v.id", "id"),
+        ("v.name", "name"),
+        ("v.owner_id", "owner_id"),
+        ("v.source", "source"),
+    ):
         if filters.get(key) is not None:
             where.append(f"{column} = ?")
             params.append(filters[key])
@@ -67,22 +72,24 @@ def _filters(filters: dict[str, Any]) -> tuple[str, list[Any]]:
         params.append(filters["state"])
     if filters.get("keyword"):
         # CloudStack's keyword: a substring of the name (LIKE, with its wildcards escaped).
-        escaped = (filters["keyword"].replace("\\", "\\\\").replace("%", "\\%")
-                   .replace("_", "\\_"))
+        escaped = filters["keyword"].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         where.append("LOWER(v.name) LIKE LOWER(?) ESCAPE '\\'")
         params.append(f"%{escaped}%")
     return (f" WHERE {' AND '.join(where)}" if where else ""), params
 
 
-def list_vms(tx: Tx, filters: dict[str, Any], offset: int, limit: int
-             ) -> tuple[int, list[VmListing]]:
+def list_vms(
+    tx: Tx, filters: dict[str, Any], offset: int, limit: int
+) -> tuple[int, list[VmListing]]:
     """(how many VMs match in all, the page ``offset``..``offset+limit`` by name then id)."""
     clause, params = _filters(filters)
     base = f"FROM vms v JOIN accounts a ON a.id = v.owner_id{clause}"
     row = tx.execute(f"SELECT COUNT(*) {base}", params).fetchone()
     total = int(row[0]) if row else 0
-    rows = tx.execute(f"SELECT {_LIST_COLS} {base} ORDER BY v.name, v.id LIMIT ? OFFSET ?",
-                      [*params, limit, offset]).fetchall()
+    rows = tx.execute(
+        f"SELECT {_LIST_COLS} {base} ORDER BY v.name, v.id LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ).fetchall()
     return total, [VmListing(*r) for r in rows]
 
 
@@ -99,9 +106,20 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
         "vnc_tls, vnc_ca_pem, vnc_server_name, created_at, updated_at, source, hostname, "
         "hypervisor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            vm["id"], vm["name"], vm["owner_id"], vm["state"], vm["vnc_host"], vm["vnc_port"],
-            vm.get("vnc_password_enc"), vm["vnc_tls"], vm.get("vnc_ca_pem"),
-            vm.get("vnc_server_name"), now, now, source, vm.get("hostname"),
+            vm["id"],
+            vm["name"],
+            vm["owner_id"],
+            vm["state"],
+            vm["vnc_host"],
+            vm["vnc_port"],
+            vm.get("vnc_password_enc"),
+            vm["vnc_tls"],
+            vm.get("vnc_ca_pem"),
+            vm.get("vnc_server_name"),
+            now,
+            now,
+            source,
+            vm.get("hostname"),
             vm.get("hypervisor"),
         ),
     )
@@ -111,7 +129,8 @@ def owned_vms(tx: Tx, source: str) -> dict[str, OwnedVm]:
     """Every VM of ``source``, by id."""
     rows = tx.execute(
         "SELECT id, name, owner_id, state, vnc_host, vnc_port, vnc_password_enc, vnc_tls, "
-        "vnc_ca_pem, vnc_server_name, hostname FROM vms WHERE source = ?", (source,)
+        "vnc_ca_pem, vnc_server_name, hostname FROM vms WHERE source = ?",
+        (source,),
     ).fetchall()
     return {r[0]: OwnedVm(*r) for r in rows}
 
@@ -119,8 +138,10 @@ def owned_vms(tx: Tx, source: str) -> dict[str, OwnedVm]:
 def set_source_state(tx: Tx, source: str, state: str, now: float) -> int:
     """Every VM of ``source`` to ``state`` (a libvirt host that cannot be reached: Unknown);
     returns how many changed."""
-    tx.execute("UPDATE vms SET state = ?, updated_at = ? WHERE source = ? AND state <> ?",
-               (state, now, source, state))
+    tx.execute(
+        "UPDATE vms SET state = ?, updated_at = ? WHERE source = ? AND state <> ?",
+        (state, now, source, state),
+    )
     return tx.rowcount
 
 
@@ -129,10 +150,21 @@ def sources(tx: Tx) -> dict[str, str]:
     return {r[0]: r[1] for r in tx.execute("SELECT id, source FROM vms").fetchall()}
 
 
-_OWNED_UPDATABLE = frozenset({
-    "name", "owner_id", "state", "vnc_host", "vnc_port", "vnc_password_enc", "vnc_tls",
-    "vnc_ca_pem", "vnc_server_name", "hostname", "hypervisor",
-})
+_OWNED_UPDATABLE = frozenset(
+    {
+        "name",
+        "owner_id",
+        "state",
+        "vnc_host",
+        "vnc_port",
+        "vnc_password_enc",
+        "vnc_tls",
+        "vnc_ca_pem",
+        "vnc_server_name",
+        "hostname",
+        "hypervisor",
+    }
+)
 
 
 def update_owned(tx: Tx, vm_id: str, source: str, changes: dict[str, Any], now: float) -> None:
@@ -141,8 +173,10 @@ def update_owned(tx: Tx, vm_id: str, source: str, changes: dict[str, Any], now: 
     if unknown:
         raise ValueError(f"cannot update {sorted(unknown)}")
     sets = "".join(f"{k} = ?, " for k in changes)
-    tx.execute(f"UPDATE vms SET {sets}updated_at = ? WHERE id = ? AND source = ?",
-               [*changes.values(), now, vm_id, source])
+    tx.execute(
+        f"UPDATE vms SET {sets}updated_at = ? WHERE id = ? AND source = ?",
+        [*changes.values(), now, vm_id, source],
+    )
 
 
 def delete_owned(tx: Tx, vm_id: str, source: str) -> None:

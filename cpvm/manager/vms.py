@@ -87,8 +87,9 @@ def _host(field: str, value: str) -> str:
     problem = public_host_problem(value)
     if problem is not None:
         name = PARAMETERS[field][0]
-        raise VmError(f"{name} must be a host name or IP address"
-                      f" ({problem.replace('public_host', name)})")
+        raise VmError(
+            f"{name} must be a host name or IP address ({problem.replace('public_host', name)})"
+        )
     return value
 
 
@@ -154,16 +155,30 @@ def add(tx: Tx, box: SecretBox, fields: dict[str, Any], source: str, now: float)
     tls = fields.get("vnc_tls", "none")
     _check_tls(tls, fields.get("vnc_ca_pem"))
     password = fields.get("vnc_password")
-    vm_store.insert_vm(tx, {
-        "id": vm_id, "name": fields["name"], "owner_id": owner.id,
-        "state": fields.get("state", "Running"), "vnc_host": fields["vnc_host"],
-        "vnc_port": fields["vnc_port"],
-        "vnc_password_enc": box.encrypt(password) if password is not None else None,
-        "vnc_tls": tls, "vnc_ca_pem": fields.get("vnc_ca_pem"),
-        "vnc_server_name": fields.get("vnc_server_name"),
-    }, source, now)
-    return VmChange("added", vm_id, fields["name"], owner.name,
-                    tuple(sorted(f for f in fields if f not in ("id",))))
+    vm_store.insert_vm(
+        tx,
+        {
+            "id": vm_id,
+            "name": fields["name"],
+            "owner_id": owner.id,
+            "state": fields.get("state", "Running"),
+            "vnc_host": fields["vnc_host"],
+            "vnc_port": fields["vnc_port"],
+            "vnc_password_enc": box.encrypt(password) if password is not None else None,
+            "vnc_tls": tls,
+            "vnc_ca_pem": fields.get("vnc_ca_pem"),
+            "vnc_server_name": fields.get("vnc_server_name"),
+        },
+        source,
+        now,
+    )
+    return VmChange(
+        "added",
+        vm_id,
+        fields["name"],
+        owner.name,
+        tuple(sorted(f for f in fields if f not in ("id",))),
+    )
 
 
 def _owner(tx: Tx, name_or_id: str) -> store.Account:
@@ -180,13 +195,14 @@ def _editable(tx: Tx, vm_id: str) -> store.Vm:
         raise VmError(f"no VM {vm_id}")
     if source.startswith(vm_store.LIBVIRT_PREFIX):
         # Discovery would undo the change at its next sync: change it where it lives.
-        raise VmError(f"VM {vm_id} is discovered from [inventory.libvirt."
-                      f"{source[len(vm_store.LIBVIRT_PREFIX):]}]: change it in libvirt")
+        raise VmError(
+            f"VM {vm_id} is discovered from [inventory.libvirt."
+            f"{source[len(vm_store.LIBVIRT_PREFIX) :]}]: change it in libvirt"
+        )
     return vm
 
 
-def update(tx: Tx, box: SecretBox, vm_id: str, fields: dict[str, Any], now: float
-           ) -> VmChange:
+def update(tx: Tx, box: SecretBox, vm_id: str, fields: dict[str, Any], now: float) -> VmChange:
     """Change the given fields of a manual or API VM."""
     if "id" in fields:
         raise VmError("id cannot be changed")
@@ -205,8 +221,9 @@ def update(tx: Tx, box: SecretBox, vm_id: str, fields: dict[str, Any], now: floa
             changes[field] = value
     _check_tls(changes.get("vnc_tls", vm.vnc_tls), changes.get("vnc_ca_pem", vm.vnc_ca_pem))
     store.update_vm(tx, vm.id, changes, now)
-    return VmChange("updated", vm.id, changes.get("name", vm.name), owner_name,
-                    tuple(sorted(fields)))
+    return VmChange(
+        "updated", vm.id, changes.get("name", vm.name), owner_name, tuple(sorted(fields))
+    )
 
 
 def remove(tx: Tx, vm_id: str) -> VmChange:
@@ -220,7 +237,13 @@ def log_change(change: VmChange, by: str, source: str) -> None:
     """One audit line per change: who, what, which fields (never a password's value)."""
     audit.info(
         "VM {vm} ({vm_name}) {action} by {by} via {via}; owner {owner}; fields {changed}",
-        audit=True, event=f"vm_{change.action}", vm=change.vm_id, vm_name=change.name,
-        action=change.action, by=by, via=source, owner=change.owner,
+        audit=True,
+        event=f"vm_{change.action}",
+        vm=change.vm_id,
+        vm_name=change.name,
+        action=change.action,
+        by=by,
+        via=source,
+        owner=change.owner,
         changed=",".join(change.fields) or "-",
     )

@@ -41,11 +41,21 @@ from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 
 _STATUS_TEXT = {
-    200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
-    403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 409: b"Conflict",
-    410: b"Gone", 429: b"Too Many Requests", 431: b"Invalid Parameter",
-    432: b"Unknown Command", 500: b"Internal Error",
-    503: b"Service Unavailable", 530: b"Internal Error",
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    410: b"Gone",
+    429: b"Too Many Requests",
+    431: b"Invalid Parameter",
+    432: b"Unknown Command",
+    500: b"Internal Error",
+    503: b"Service Unavailable",
+    530: b"Internal Error",
 }
 
 BAD_CREDENTIALS = "unable to verify user credentials and/or request signature"
@@ -111,7 +121,8 @@ def _session_json(r: store.SessionRecord) -> dict[str, Any]:
         "duration": r.duration,
         "terminaterequested": (
             signing.format_time(r.terminate_requested_at)
-            if r.terminate_requested_at is not None else None
+            if r.terminate_requested_at is not None
+            else None
         ),
     }
     # CloudStack leaves out what is null.
@@ -169,8 +180,9 @@ class PublicApiResource(Resource):
         self._trusted = trusted_proxies
         self._metrics = metrics
         self._expiry = expiry
-        self._create_limiter = (create_limiter if create_limiter is not None
-                                else KeyedRateLimiter(0, 1, clock))
+        self._create_limiter = (
+            create_limiter if create_limiter is not None else KeyedRateLimiter(0, 1, clock)
+        )
         self._commands: dict[str, Callable[..., Any]] = {
             "createconsoleendpoint": self._create_console_endpoint,
             "listconsolesessions": self._list_console_sessions,
@@ -201,21 +213,32 @@ class PublicApiResource(Resource):
             reason = e.text  # errortexts name parameters; none carries a key, token or signature
             if e.retry_after is not None and _alive(request):
                 request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(e.retry_after)))
-            body = {f"{(command or 'error').lower()}response": {
-                "uuidList": [], "errorcode": e.code, "cserrorcode": 9999, "errortext": e.text,
-            }}
+            body = {
+                f"{(command or 'error').lower()}response": {
+                    "uuidList": [],
+                    "errorcode": e.code,
+                    "cserrorcode": 9999,
+                    "errortext": e.text,
+                }
+            }
         except Exception:
             self._log.failure("public API request failed", command=command)
             status = 530
-            body = {f"{(command or 'error').lower()}response": {
-                "uuidList": [], "errorcode": 530, "cserrorcode": 9999,
-                "errortext": "internal error, see the manager's log",
-            }}
+            body = {
+                f"{(command or 'error').lower()}response": {
+                    "uuidList": [],
+                    "errorcode": 530,
+                    "cserrorcode": 9999,
+                    "errortext": "internal error, see the manager's log",
+                }
+            }
         # The canonical name: the caller's spelling would make one series per spelling.
         label = COMMANDS.get(command.lower(), "unknown")
         self._metrics.api_requests.labels(label, str(status)).inc()
         self._log.info(
-            "api {command} -> {status} {reason}", command=command or None, status=status,
+            "api {command} -> {status} {reason}",
+            command=command or None,
+            status=status,
             reason=reason,
             account=account_name or getattr(request, "_cpvm_account", None),
             client_address=self._creator_address(request),
@@ -228,8 +251,7 @@ class PublicApiResource(Resource):
             query_args = parse_qs(request.uri.split(b"?", 1)[1], keep_blank_values=True)
         try:
             # Twisted types Request.args (and .content) by their class default, None.
-            return parse_params(cast("dict[bytes, list[bytes]]", request.args or {}),
-                                query_args)
+            return parse_params(cast("dict[bytes, list[bytes]]", request.args or {}), query_args)
         except ParamError as e:
             raise ApiError(431, e.text) from None
 
@@ -274,8 +296,9 @@ class PublicApiResource(Resource):
         try:
             secret = self._box.decrypt(caller.secret_enc)
         except SecretKeyError:
-            self._log.error("API secret of account {account} cannot be decrypted",
-                            account=caller.account.name)
+            self._log.error(
+                "API secret of account {account} cannot be decrypted", account=caller.account.name
+            )
             raise ApiError(530, "internal error, see the manager's log") from None
         if not signing.verify(params, secret, signature):
             raise ApiError(401, BAD_CREDENTIALS)
@@ -286,8 +309,10 @@ class PublicApiResource(Resource):
     async def _create_console_endpoint(self, request, account, p, name):
         vm_id = p.get("virtualmachineid")
         if not vm_id:
-            raise ApiError(431, f"Unable to execute API command {name} due to missing "
-                                "parameter virtualmachineid")
+            raise ApiError(
+                431,
+                f"Unable to execute API command {name} due to missing parameter virtualmachineid",
+            )
         vm_id = _uuid_param("virtualmachineid", vm_id)
         extra = p.get("token") or None  # an empty extra is no extra
         if extra is not None and len(extra) > MAX_EXTRA_LENGTH:
@@ -319,14 +344,16 @@ class PublicApiResource(Resource):
                 raise ApiError(431, "Invalid parameter account: no such account")
             filters["account_id"] = target.id
         records = await self._broker.list_sessions(account, **filters)
-        return 200, {"listconsolesessionsresponse": {
-            "count": len(records), "consolesession": [_session_json(r) for r in records],
-        }}
+        return 200, {
+            "listconsolesessionsresponse": {
+                "count": len(records),
+                "consolesession": [_session_json(r) for r in records],
+            }
+        }
 
     async def _end_console_session(self, request, account, p, name):
         if not p.get("id"):
-            raise ApiError(431, f"Unable to execute API command {name} due to missing "
-                                "parameter id")
+            raise ApiError(431, f"Unable to execute API command {name} due to missing parameter id")
         session_id = _uuid_param("id", p["id"])
         ok, message = await self._broker.end_session_request(account, session_id)
         if not ok:
@@ -351,8 +378,9 @@ def _bad(message: str) -> ProxyApiError:
 
 
 def _source_not_allowed() -> ProxyApiError:
-    return ProxyApiError(403, "source_not_allowed",
-                         "this proxy key may not be used from this address")
+    return ProxyApiError(
+        403, "source_not_allowed", "this proxy key may not be used from this address"
+    )
 
 
 def _check_admitted(result: Any) -> None:
@@ -448,8 +476,12 @@ class ProxyApiResource(Resource):
         except ProxyApiError as e:
             status, answer = e.status, {"error": e.code, "message": e.message}
             if e.status == 401:
-                self._log.warn("proxy API {endpoint}: {message}", endpoint=endpoint,
-                               message=e.message, client_address=_peer(request))
+                self._log.warn(
+                    "proxy API {endpoint}: {message}",
+                    endpoint=endpoint,
+                    message=e.message,
+                    client_address=_peer(request),
+                )
         except Exception:
             self._log.failure("proxy API request failed", endpoint=endpoint)
             status, answer = 500, {"error": "internal_error", "message": "see the manager's log"}
@@ -482,15 +514,25 @@ class ProxyApiResource(Resource):
         worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
         return self._redeem_call(key, token, extra, address, worker, _instance(body), peer)
 
-    async def _redeem_call(self, key: str, token: str, extra: str | None, address: str,
-                           worker: int, instance: str | None, peer: str | None):
-        result = await self._broker.redeem_with_key(key, token, extra, address, worker,
-                                                    instance, peer)
+    async def _redeem_call(
+        self,
+        key: str,
+        token: str,
+        extra: str | None,
+        address: str,
+        worker: int,
+        instance: str | None,
+        peer: str | None,
+    ):
+        result = await self._broker.redeem_with_key(
+            key, token, extra, address, worker, instance, peer
+        )
         _check_admitted(result)
         if result.error is None:
             return 200, result.body
         return REDEEM_STATUS[result.error], {
-            "error": result.error, "message": REDEEM_MESSAGE[result.error]
+            "error": result.error,
+            "message": REDEEM_MESSAGE[result.error],
         }
 
     def _heartbeat(self, key: str, body: dict, peer: str | None):
@@ -542,8 +584,7 @@ class ProxyApiResource(Resource):
         found = await self._broker.report_end_with_key(key, session_id, report, peer)
         _check_admitted(found)
         if not found:
-            raise ProxyApiError(404, "unknown_session",
-                                "not a session redeemed through this proxy")
+            raise ProxyApiError(404, "unknown_session", "not a session redeemed through this proxy")
         return 204, None
 
 
@@ -572,8 +613,11 @@ def _end_report(body: Any) -> dict:
     duration = body.get("duration", 0)
     # The range check also refuses NaN, Infinity (JSON extensions Python accepts, and 1e999)
     # and integers too large for a float: they would reach the audit log and listings.
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
-            or not 0 <= duration <= MAX_DURATION:
+    if (
+        isinstance(duration, bool)
+        or not isinstance(duration, (int, float))
+        or not 0 <= duration <= MAX_DURATION
+    ):
         raise _bad(f"duration must be a number of seconds from 0 to {MAX_DURATION}")
     return {
         "reason": reason,
@@ -690,8 +734,10 @@ def build_site(
     """The resource tree of the manager."""
     root = Resource()
     client = Resource()
-    client.putChild(b"api", PublicApiResource(broker, db, box, clock, trusted_proxies, metrics,
-                                              expiry, create_limiter))
+    client.putChild(
+        b"api",
+        PublicApiResource(broker, db, box, clock, trusted_proxies, metrics, expiry, create_limiter),
+    )
     root.putChild(b"client", client)
     root.putChild(b"proxy", ProxyApiResource(broker, metrics))
     root.putChild(b"healthz", HealthResource())

@@ -23,6 +23,7 @@ TLS_DIR = "/etc/cpvm/proxy-tls"
 # The 0.1.0 package's directory, shared with the manager's key: upgrades leave it alone.
 LEGACY_TLS_DIR = "/etc/cpvm/tls"
 
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Where cpvm listens and how browsers reach it."""
@@ -118,10 +119,12 @@ def parse_config(r: IniReader) -> CpvmConfig:
     tls = r.boolean("server", "tls", False)
     port = r.port("server", "port", 8443 if tls else 8080)
     tls_dir = default_tls_dir()
-    certificate = r.path("server", "certificate", f"{tls_dir}/cert.pem" if tls else None,
-                         must_exist=tls)
-    private_key = r.path("server", "private_key", f"{tls_dir}/key.pem" if tls else None,
-                         must_exist=tls)
+    certificate = r.path(
+        "server", "certificate", f"{tls_dir}/cert.pem" if tls else None, must_exist=tls
+    )
+    private_key = r.path(
+        "server", "private_key", f"{tls_dir}/key.pem" if tls else None, must_exist=tls
+    )
     chain = r.path("server", "chain", None, must_exist=True)
     bind = r.string("server", "bind", "0.0.0.0")
     _check_address(r, "server", "bind", bind)
@@ -135,8 +138,11 @@ def parse_config(r: IniReader) -> CpvmConfig:
             continue
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-            raise r.error("server", "allowed_origins",
-                          f"{origin!r} is not an origin like https://console.example.com")
+            raise r.error(
+                "server",
+                "allowed_origins",
+                f"{origin!r} is not an origin like https://console.example.com",
+            )
     server = ServerConfig(
         tls=tls,
         bind=bind,
@@ -154,10 +160,12 @@ def parse_config(r: IniReader) -> CpvmConfig:
         grace_period=r.number("server", "grace_period", 10.0, minimum=0),
         novnc_dir=r.path("server", "novnc_dir", "/usr/share/novnc"),  # type: ignore[arg-type]
         state_directory=r.path(  # type: ignore[arg-type]
-            "server", "state_directory", "/var/lib/cpvm"),
+            "server", "state_directory", "/var/lib/cpvm"
+        ),
         max_http_connections=r.integer("server", "max_http_connections", 1000, minimum=0),
         max_http_connections_per_address=r.integer(
-            "server", "max_http_connections_per_address", 64, minimum=0),
+            "server", "max_http_connections_per_address", 64, minimum=0
+        ),
     )
 
     manager = _read_manager(r)
@@ -171,21 +179,19 @@ def parse_config(r: IniReader) -> CpvmConfig:
 
     session = SessionConfig(
         websocket_handshake_timeout=r.number(
-            "session", "websocket_handshake_timeout", 10.0, minimum=0.1),
+            "session", "websocket_handshake_timeout", 10.0, minimum=0.1
+        ),
         idle_timeout=r.number("session", "idle_timeout", 900.0, minimum=0),
         max_duration=r.number("session", "max_duration", 28800.0, minimum=0),
         max_sessions=r.integer("session", "max_sessions", 1000, minimum=1),
         # noVNC sends every message through its 10 KiB send queue (clipboard pastes
         # are split into 10 KiB messages): 64 KiB leaves room and bounds what one
         # browser can make cpvm hold before a message is complete.
-        max_message_size=r.integer("session", "max_message_size", 64 * 1024,
-                                   minimum=1024),
+        max_message_size=r.integer("session", "max_message_size", 64 * 1024, minimum=1024),
         shared=r.boolean("session", "shared", True),
         max_pending=r.integer("session", "max_pending", 200, minimum=1),
-        failed_redemption_burst=r.integer("session", "failed_redemption_burst", 20,
-                                          minimum=1),
-        failed_redemption_rate=r.number("session", "failed_redemption_rate", 0.5,
-                                        minimum=0.001),
+        failed_redemption_burst=r.integer("session", "failed_redemption_burst", 20, minimum=1),
+        failed_redemption_rate=r.number("session", "failed_redemption_rate", 0.5, minimum=0.001),
     )
 
     log = read_log(r)
@@ -193,8 +199,15 @@ def parse_config(r: IniReader) -> CpvmConfig:
     if server.workers > 1 and server.port == 0:
         raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
     r.check_unknown()
-    return CpvmConfig(path=r.filename, server=server, manager=manager, vnc=vnc,
-                      session=session, log=log, metrics=metrics)
+    return CpvmConfig(
+        path=r.filename,
+        server=server,
+        manager=manager,
+        vnc=vnc,
+        session=session,
+        log=log,
+        metrics=metrics,
+    )
 
 
 def default_tls_dir() -> str:
@@ -218,10 +231,13 @@ def _read_manager(r: IniReader) -> ManagerConfig:
     allow_plaintext = r.boolean("manager", "allow_plaintext", False)
     if parts.scheme == "http" and not allow_plaintext and not is_loopback_host(parts.hostname):
         # The proxy key goes to the manager and VNC passwords come back over this URL.
-        raise r.error("manager", "allow_plaintext",
-                      f"[manager] url {url!r} is plain HTTP to a host that is not loopback: "
-                      "use https:// (with ca_file), or set allow_plaintext = true to send "
-                      "the proxy key and receive VNC passwords unencrypted")
+        raise r.error(
+            "manager",
+            "allow_plaintext",
+            f"[manager] url {url!r} is plain HTTP to a host that is not loopback: "
+            "use https:// (with ca_file), or set allow_plaintext = true to send "
+            "the proxy key and receive VNC passwords unencrypted",
+        )
     manager = ManagerConfig(
         url=url.rstrip("/"),
         credential=credential,

@@ -44,7 +44,7 @@ def write_frame(transport, header: bytes, payload: bytes) -> None:
         if sent < len(header):
             transport.writeSequence((header[sent:], payload))
         else:
-            transport.write(payload[sent - len(header):])
+            transport.write(payload[sent - len(header) :])
         return
     transport.writeSequence((header, payload))
 

@@ -14,9 +14,11 @@ from urllib.parse import urlsplit
 # What noVNC's vnc.html needs, nothing more: its own scripts, styles, images (JPEG
 # rectangles and the dot cursor are data: URLs), fonts, the bell sound, fetch() of its
 # locale files, and the WebSocket.
-_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
-           "img-src 'self' data: blob:; font-src 'self'; media-src 'self'; "
-           "base-uri 'none'; form-action 'self'")
+_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data: blob:; font-src 'self'; media-src 'self'; "
+    "base-uri 'none'; form-action 'self'"
+)
 HSTS = b"max-age=31536000"
 # A Host header we are willing to repeat in a header: a name or address and a port.
 _HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -38,10 +40,16 @@ def check_frame_ancestors(sources: tuple[str, ...]) -> str:
             continue
         parts = urlsplit(source)
         host = parts.netloc.removeprefix("*.")
-        if (parts.scheme not in ("http", "https") or not _HOST.fullmatch(host)
-                or parts.path not in ("", "/") or parts.query or parts.fragment):
-            raise ValueError(f"{source!r} is not 'self', 'none' or an origin like "
-                             "https://dashboard.example.com")
+        if (
+            parts.scheme not in ("http", "https")
+            or not _HOST.fullmatch(host)
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(
+                f"{source!r} is not 'self', 'none' or an origin like https://dashboard.example.com"
+            )
     return " ".join(s.rstrip("/") for s in sources)
 
 

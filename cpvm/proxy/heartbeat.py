@@ -21,8 +21,7 @@ class Heartbeat(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions,
-                 interval: float):
+    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions, interval: float):
         self._reactor = reactor
         self._manager = manager
         self._sessions = sessions
@@ -66,8 +65,10 @@ class Heartbeat(Service):
         if not self.manager_reachable:
             self._log.info("manager reachable")
         if self.conflict:
-            self._log.info("manager accepts this instance for proxy key {key_id} again",
-                           key_id=self._manager.key_id)
+            self._log.info(
+                "manager accepts this instance for proxy key {key_id} again",
+                key_id=self._manager.key_id,
+            )
         self.manager_reachable = True
         self.conflict = False
         interval = answer.get("heartbeat_interval")
@@ -88,7 +89,9 @@ class Heartbeat(Service):
                 self._log.error(
                     "manager refused the heartbeat: proxy key {key_id} is in use by another "
                     "running cpvm instance; give each proxy its own key "
-                    "(cpvm-manager-admin proxy list shows both)", key_id=self._manager.key_id)
+                    "(cpvm-manager-admin proxy list shows both)",
+                    key_id=self._manager.key_id,
+                )
             self.conflict = True
         else:
             self.conflict = False  # unknown now; "manager not reachable" says the rest

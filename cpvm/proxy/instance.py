@@ -95,8 +95,11 @@ def load_instance_id(directory: Path, machine_id_path: Path = MACHINE_ID_PATH) -
     try:
         record = _read_record(path)
     except (ValueError, UnicodeDecodeError) as e:
-        _log.warn("instance id file {path} is unusable ({why}): making a new instance id",
-                  path=str(path), why=str(e))
+        _log.warn(
+            "instance id file {path} is unusable ({why}): making a new instance id",
+            path=str(path),
+            why=str(e),
+        )
         record = None
     if record is not None:
         recorded = record.get("machine_id")
@@ -106,17 +109,20 @@ def load_instance_id(directory: Path, machine_id_path: Path = MACHINE_ID_PATH) -
             if os.stat(path).st_mode & 0o077:
                 os.chmod(path, 0o600)
             return str(record["instance_id"])
-        _log.warn("instance id file {path} was written on another machine (machine id "
-                  "changed: a cloned host?): making a new instance id", path=str(path))
+        _log.warn(
+            "instance id file {path} was written on another machine (machine id "
+            "changed: a cloned host?): making a new instance id",
+            path=str(path),
+        )
     instance_id = secrets.token_hex(16)
     _write_record(directory, instance_id, machine)
-    _log.info("new cpvm instance id {instance} in {path}", instance=instance_id,
-              path=str(path))
+    _log.info("new cpvm instance id {instance} in {path}", instance=instance_id, path=str(path))
     return instance_id
 
 
-def instance_id_for(directory: Path, worker: int | None,
-                    machine_id_path: Path = MACHINE_ID_PATH) -> str:
+def instance_id_for(
+    directory: Path, worker: int | None, machine_id_path: Path = MACHINE_ID_PATH
+) -> str:
     """The id for this process: the first process loads it (and publishes it in the
     environment its workers inherit); a worker takes the one it was given."""
     if worker is not None:

@@ -146,7 +146,7 @@ def _seconds(obj: dict, key: str) -> float | None:
 def proxy_key_id(credential: str | None) -> str:
     """The public part of a ``cpvmk_<id>.<secret>`` key, fit for log lines."""
     if credential and credential.startswith("cpvmk_") and "." in credential:
-        key_id = credential[len("cpvmk_"):].partition(".")[0]
+        key_id = credential[len("cpvmk_") :].partition(".")[0]
         if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key_id):
             return key_id
     return "(unnamed)" if credential else "(none)"
@@ -210,8 +210,13 @@ class ManagerClient:
     async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
         status, body = await self._post(
             "/proxy/v1/redeem",
-            {"token": token, "extra": extra, "client_address": client_address,
-             "worker": self._worker, "instance": self._instance},
+            {
+                "token": token,
+                "extra": extra,
+                "client_address": client_address,
+                "worker": self._worker,
+                "instance": self._instance,
+            },
         )
         if status == 200:
             try:
@@ -231,12 +236,14 @@ class ManagerClient:
         return ensureDeferred(self._heartbeat(payload))
 
     async def _heartbeat(self, payload: dict) -> dict:
-        status, body = await self._post("/proxy/v1/heartbeat",
-                                        {**payload, "worker": self._worker,
-                                         "instance": self._instance})
+        status, body = await self._post(
+            "/proxy/v1/heartbeat", {**payload, "worker": self._worker, "instance": self._instance}
+        )
         if status == 409 and isinstance(body, dict) and body.get("error") == "instance_conflict":
-            raise InstanceConflict(f"proxy key {self.key_id} is in use by another running "
-                                   "cpvm instance (HTTP 409 instance_conflict)")
+            raise InstanceConflict(
+                f"proxy key {self.key_id} is in use by another running "
+                "cpvm instance (HTTP 409 instance_conflict)"
+            )
         if status != 200 or not isinstance(body, dict):
             raise ManagerUnavailable(f"heartbeat answered HTTP {status}")
         return body
@@ -257,8 +264,13 @@ class ManagerClient:
             # No redirects: the manager's answer is final, and following one would send
             # the token and cpvm's proxy key wherever a Location header pointed.
             # Unbuffered: the body is read once, with a size cap, below.
-            response = await self._http.post(self._url(path), data=data, headers=self._headers,
-                                             allow_redirects=False, unbuffered=True)
+            response = await self._http.post(
+                self._url(path),
+                data=data,
+                headers=self._headers,
+                allow_redirects=False,
+                unbuffered=True,
+            )
             raw = await _read_limited(response, MAX_ANSWER)
         except CancelledError:
             raise

@@ -52,35 +52,54 @@ class ProxyMetrics:
     live sessions, when a heartbeat or a scrape asks (``ConsoleSessions.count_relayed``),
     so the relay's hot path does no metric work at all."""
 
-    def __init__(self, registry: CollectorRegistry | None = None,
-                 shared_directory: str | None = None):
+    def __init__(
+        self, registry: CollectorRegistry | None = None, shared_directory: str | None = None
+    ):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.shared_directory = shared_directory
         r = self.registry
         self.active_sessions = Gauge(
-            "cpvm_active_sessions", "Console sessions relaying now", registry=r,
-            multiprocess_mode="livesum")
+            "cpvm_active_sessions",
+            "Console sessions relaying now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.sessions = Counter(
-            "cpvm_sessions", "Console sessions ended, by outcome", ["outcome"], registry=r)
+            "cpvm_sessions", "Console sessions ended, by outcome", ["outcome"], registry=r
+        )
         self.refused = Counter(
-            "cpvm_websocket_refused", "WebSocket upgrades refused before redemption",
-            ["reason"], registry=r)
+            "cpvm_websocket_refused",
+            "WebSocket upgrades refused before redemption",
+            ["reason"],
+            registry=r,
+        )
         self.redemptions = Counter(
-            "cpvm_token_redemptions", "Token redemptions by result", ["result"], registry=r)
+            "cpvm_token_redemptions", "Token redemptions by result", ["result"], registry=r
+        )
         self.redemption_latency = Histogram(
-            "cpvm_token_redemption_seconds", "Time to redeem a token with the manager",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "cpvm_token_redemption_seconds",
+            "Time to redeem a token with the manager",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.handshake_duration = Histogram(
             "cpvm_rfb_handshake_seconds",
             "From WebSocket open to the first relayed byte (redemption, connect, RFB)",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_failures = Counter(
-            "cpvm_upstream_failures", "VNC server failures by kind", ["kind"], registry=r)
+            "cpvm_upstream_failures", "VNC server failures by kind", ["kind"], registry=r
+        )
         self.manager_failures = Counter(
-            "cpvm_manager_failures", "Failed calls to the manager", ["call"], registry=r)
+            "cpvm_manager_failures", "Failed calls to the manager", ["call"], registry=r
+        )
         relayed = Counter(
-            "cpvm_relayed_bytes", "Bytes relayed, ended and live sessions together",
-            ["direction"], registry=r)
+            "cpvm_relayed_bytes",
+            "Bytes relayed, ended and live sessions together",
+            ["direction"],
+            registry=r,
+        )
         self.relayed_to_client = relayed.labels(direction="to_client")
         self.relayed_to_server = relayed.labels(direction="to_server")
         for outcome in Outcome:

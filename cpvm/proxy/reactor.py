@@ -40,8 +40,9 @@ class RelayReactor(EPollReactor):
             except KeyboardInterrupt:
                 raise
             except BaseException:
-                self._log.failure("unhandled error in an I/O handler ({selectable!r})",
-                                  selectable=selectable)
+                self._log.failure(
+                    "unhandled error in an I/O handler ({selectable!r})", selectable=selectable
+                )
 
     doIteration = doPoll
 

@@ -47,8 +47,7 @@ class ConsoleSessions:
 
     _log = Logger()
 
-    def __init__(self, reactor, config: CpvmConfig, manager: ManagerClient,
-                 metrics: ProxyMetrics):
+    def __init__(self, reactor, config: CpvmConfig, manager: ManagerClient, metrics: ProxyMetrics):
         self._reactor = reactor
         self._config = config
         self._manager = manager
@@ -62,11 +61,13 @@ class ConsoleSessions:
         s = config.session
         # Failed redemptions per client address: every attempt spends a token, a good
         # one gives it back, an empty bucket is refused here (4029).
-        self._attempts = TokenBuckets(reactor, burst=s.failed_redemption_burst,
-                                      rate=s.failed_redemption_rate)
+        self._attempts = TokenBuckets(
+            reactor, burst=s.failed_redemption_burst, rate=s.failed_redemption_rate
+        )
         self._quiet = LogThrottle(reactor)
         self._default_ca: bytes | None = (
-            config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None)
+            config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None
+        )
         # End reports wait here for the next heartbeat, which carries them in one request.
         self._ended: deque[dict] = deque()
         self.accepting = True
@@ -81,8 +82,10 @@ class ConsoleSessions:
 
     def at_capacity(self) -> bool:
         """No room for one more session: stopping, or ``max_sessions`` live or pending."""
-        return (not self.accepting
-                or len(self._live) + self._pending >= self._config.session.max_sessions)
+        return (
+            not self.accepting
+            or len(self._live) + self._pending >= self._config.session.max_sessions
+        )
 
     def too_many_pending(self) -> bool:
         """``max_pending`` redemptions already wait for the manager."""
@@ -149,16 +152,19 @@ class ConsoleSessions:
                 if result.check(ManagerUnavailable):
                     self.metrics.manager_failures.labels(call="redeem").inc()
                     self.metrics.redemptions.labels(result="manager_unreachable").inc()
-                    self._log.warn("token redemption failed: {why}", why=str(result.value),
-                                   client=client)
+                    self._log.warn(
+                        "token redemption failed: {why}", why=str(result.value), client=client
+                    )
                 else:
                     err = getattr(result.value, "error", "error")
                     self.metrics.redemptions.labels(result=err).inc()
                     if err == "instance_conflict":
                         self._log.error(
                             "manager refused a redemption: proxy key {key_id} is in use by "
-                            "another running cpvm instance", key_id=self._manager.key_id,
-                            client=client)
+                            "another running cpvm instance",
+                            key_id=self._manager.key_id,
+                            client=client,
+                        )
             else:
                 self.metrics.redemptions.labels(result="ok").inc()
             return result
@@ -171,12 +177,14 @@ class ConsoleSessions:
         and (spending an attempt) anything that cannot be a token."""
         if not self._attempts.take(client):
             self.metrics.redemptions.labels(result="rate_limited").inc()
-            return RedemptionRefused(Outcome.RATE_LIMITED, "rate_limited",
-                                     "too many failed attempts from this address")
+            return RedemptionRefused(
+                Outcome.RATE_LIMITED, "rate_limited", "too many failed attempts from this address"
+            )
         if not looks_like_token(token):
             self.metrics.redemptions.labels(result="malformed_token").inc()
-            return RedemptionRefused(Outcome.INVALID_TOKEN, "invalid_token",
-                                     "not the shape of a console token")
+            return RedemptionRefused(
+                Outcome.INVALID_TOKEN, "invalid_token", "not the shape of a console token"
+            )
         return None
 
     def _connect_upstream(self, session: ConsoleSession, r: Redemption) -> Deferred:
@@ -191,10 +199,11 @@ class ConsoleSessions:
             allow_x509=bool(target.ca_pem or self._default_ca),
         )
         factory = VncClientFactory(
-            session, handshake,
-            lambda anonymous: tls_creator(target, self._default_ca, anonymous))
-        return _endpoint(self._reactor, target.host, target.port,
-                         vnc.connect_timeout).connect(factory)
+            session, handshake, lambda anonymous: tls_creator(target, self._default_ca, anonymous)
+        )
+        return _endpoint(self._reactor, target.host, target.port, vnc.connect_timeout).connect(
+            factory
+        )
 
     # -- hooks called by sessions --------------------------------------------------------
 
@@ -203,29 +212,38 @@ class ConsoleSessions:
         sid = session.session_id
         if sid:
             self._by_id[sid] = session
-        audit_log.info("console session acquired: vm {vm} by {client}", event="acquired",
-                       **session.log_fields())
+        audit_log.info(
+            "console session acquired: vm {vm} by {client}",
+            event="acquired",
+            **session.log_fields(),
+        )
 
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
         sid = session.session_id
         assert sid is not None  # set by the redemption that called us
-        self._log.info("session {session} was redeemed after it ended ({reason})",
-                       session=sid, reason=outcome.report)
-        self._report_end(sid, {
-            "reason": end_reason(outcome),
-            "client_address": session.client_address,
-            "bytes_to_client": 0,
-            "bytes_to_server": 0,
-            "duration": 0.0,
-        })
+        self._log.info(
+            "session {session} was redeemed after it ended ({reason})",
+            session=sid,
+            reason=outcome.report,
+        )
+        self._report_end(
+            sid,
+            {
+                "reason": end_reason(outcome),
+                "client_address": session.client_address,
+                "bytes_to_client": 0,
+                "bytes_to_server": 0,
+                "duration": 0.0,
+            },
+        )
 
     def relay_started(self, session: ConsoleSession) -> None:
         self.metrics.active_sessions.inc()
         self.metrics.handshake_duration.observe(
-            (session.stats.relay_started or 0) - session.stats.started)
-        self._log.info("console session relaying: vm {vm} for {client}",
-                       **session.log_fields())
+            (session.stats.relay_started or 0) - session.stats.started
+        )
+        self._log.info("console session relaying: vm {vm} for {client}", **session.log_fields())
 
     def ended(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
         self._all.discard(session)
@@ -238,8 +256,12 @@ class ConsoleSessions:
             self.metrics.active_sessions.dec()
         self.metrics.sessions.labels(outcome=outcome.report).inc()
         self._count_relayed(stats)
-        if outcome in (Outcome.VNC_UNREACHABLE, Outcome.VNC_AUTH_FAILED,
-                       Outcome.VNC_PROTOCOL_ERROR, Outcome.VNC_HANDSHAKE_TIMEOUT):
+        if outcome in (
+            Outcome.VNC_UNREACHABLE,
+            Outcome.VNC_AUTH_FAILED,
+            Outcome.VNC_PROTOCOL_ERROR,
+            Outcome.VNC_HANDSHAKE_TIMEOUT,
+        ):
             self.metrics.upstream_failures.labels(kind=outcome.report).inc()
         duration = (stats.ended or stats.started) - stats.started
         fields = session.log_fields()
@@ -248,31 +270,51 @@ class ConsoleSessions:
             # A flood's refusals: one line per interval, with how many it stands for.
             count = self._quiet.event(outcome.report)
             if count is not None:
-                level("console sessions refused: {reason} ({count} since the last line), "
-                      "last from {client}", reason=outcome.report, count=count,
-                      code=outcome.code, client=session.client_address)
+                level(
+                    "console sessions refused: {reason} ({count} since the last line), "
+                    "last from {client}",
+                    reason=outcome.report,
+                    count=count,
+                    code=outcome.code,
+                    client=session.client_address,
+                )
         else:
-            level("console session ended: {reason} ({detail})", reason=outcome.report,
-                  detail=detail, code=outcome.code, **fields)
+            level(
+                "console session ended: {reason} ({detail})",
+                reason=outcome.report,
+                detail=detail,
+                code=outcome.code,
+                **fields,
+            )
         if sid:
             audit_log.info(
                 "console session ended: vm {vm} reason {reason}, {bytes_to_client} bytes "
                 "to client, {bytes_to_server} to server, {duration:.1f} s",
-                event="ended", reason=outcome.report, bytes_to_client=stats.bytes_to_client,
-                bytes_to_server=stats.bytes_to_server, duration=duration, **fields)
-            self._report_end(sid, {
-                "reason": end_reason(outcome),
-                "client_address": session.client_address,
-                "bytes_to_client": stats.bytes_to_client,
-                "bytes_to_server": stats.bytes_to_server,
-                "duration": round(duration, 3),
-            })
+                event="ended",
+                reason=outcome.report,
+                bytes_to_client=stats.bytes_to_client,
+                bytes_to_server=stats.bytes_to_server,
+                duration=duration,
+                **fields,
+            )
+            self._report_end(
+                sid,
+                {
+                    "reason": end_reason(outcome),
+                    "client_address": session.client_address,
+                    "bytes_to_client": stats.bytes_to_client,
+                    "bytes_to_server": stats.bytes_to_server,
+                    "duration": round(duration, 3),
+                },
+            )
 
     def _report_end(self, sid: str, report: dict) -> None:
         if len(self._ended) >= MAX_QUEUED_ENDS:
             dropped = self._ended.popleft()
-            self._log.warn("manager unreachable for long: dropped the end report of session "
-                           "{session}", session=dropped["session_id"])
+            self._log.warn(
+                "manager unreachable for long: dropped the end report of session {session}",
+                session=dropped["session_id"],
+            )
         self._ended.append({"session_id": sid, **report})
 
     def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:

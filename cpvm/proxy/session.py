@@ -178,8 +178,9 @@ class ConsoleSession:
         # machine, VNC socket): bound it, whoever the sender is.
         self._pre_relay_bytes += len(data)
         if self._pre_relay_bytes > MAX_PRE_RELAY_BUFFER:
-            self.close(Outcome.CLIENT_PROTOCOL_ERROR,
-                       "browser sent too much before the session started")
+            self.close(
+                Outcome.CLIENT_PROTOCOL_ERROR, "browser sent too much before the session started"
+            )
             return
         if self._browser_ready:
             self._queue_for_upstream(data)
@@ -190,10 +191,10 @@ class ConsoleSession:
         """The WebSocket closed (cleanly or not)."""
         # Autobahn fails the connection with these codes when the browser broke the
         # WebSocket protocol (bad framing, invalid UTF-8, message too big).
-        outcome = (Outcome.CLIENT_PROTOCOL_ERROR if code in (1002, 1007, 1009)
-                   else Outcome.CLIENT_CLOSED)
-        self.close(outcome, f"browser closed the WebSocket (code {code})",
-                   notify_browser=False)
+        outcome = (
+            Outcome.CLIENT_PROTOCOL_ERROR if code in (1002, 1007, 1009) else Outcome.CLIENT_CLOSED
+        )
+        self.close(outcome, f"browser closed the WebSocket (code {code})", notify_browser=False)
 
     def browser_text_frame(self) -> None:
         self.close(Outcome.TEXT_FRAME, "browser sent a text frame")
@@ -214,8 +215,11 @@ class ConsoleSession:
         self.redemption = redemption
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
-        self._timer("max_duration", limit, lambda: self.close(
-            Outcome.MAX_DURATION, f"session reached its limit of {limit:g} s"))
+        self._timer(
+            "max_duration",
+            limit,
+            lambda: self.close(Outcome.MAX_DURATION, f"session reached its limit of {limit:g} s"),
+        )
         d = self._connect_upstream(self, redemption)
         d.addErrback(self._upstream_connect_failed)
         d.addErrback(self._bug)
@@ -241,8 +245,10 @@ class ConsoleSession:
 
     def _upstream_connect_failed(self, failure: Failure) -> None:
         if not self.closed:
-            self._refuse(Outcome.VNC_UNREACHABLE,
-                         f"cannot connect to the VNC server: {failure.type.__name__}")
+            self._refuse(
+                Outcome.VNC_UNREACHABLE,
+                f"cannot connect to the VNC server: {failure.type.__name__}",
+            )
 
     def upstream_security_complete(self) -> None:
         if self.closed:
@@ -284,8 +290,10 @@ class ConsoleSession:
         if self._relaying:
             self.close(Outcome.SERVER_CLOSED, f"VNC server closed the connection ({reason})")
         else:
-            self._refuse(Outcome.VNC_PROTOCOL_ERROR,
-                         f"VNC server closed the connection during the handshake ({reason})")
+            self._refuse(
+                Outcome.VNC_PROTOCOL_ERROR,
+                f"VNC server closed the connection during the handshake ({reason})",
+            )
 
     # -- the browser-side handshake ------------------------------------------------------
 
@@ -377,8 +385,10 @@ class ConsoleSession:
         if self.redemption is None:
             self._refuse(Outcome.MANAGER_UNREACHABLE, "token redemption timed out")
         else:
-            self._refuse(Outcome.VNC_HANDSHAKE_TIMEOUT,
-                         f"session not set up within {self._limits.handshake_timeout:g} s")
+            self._refuse(
+                Outcome.VNC_HANDSHAKE_TIMEOUT,
+                f"session not set up within {self._limits.handshake_timeout:g} s",
+            )
 
     def _timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
         self._cancel(name)
@@ -418,8 +428,10 @@ RELAY_BUFFER = 256 * 1024
 
 def _has_producer(transport) -> bool:
     # TCP transports call it "producer"; the TLS protocol wrapper "_producer".
-    return (getattr(transport, "producer", None) is not None
-            or getattr(transport, "_producer", None) is not None)
+    return (
+        getattr(transport, "producer", None) is not None
+        or getattr(transport, "_producer", None) is not None
+    )
 
 
 def tune_relay_transport(transport) -> None:

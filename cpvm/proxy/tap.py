@@ -36,12 +36,20 @@ class Options(usage.Options):
     """Command-line options of ``twistd cpvm``: only where the configuration lives."""
 
     optParameters = [
-        ["config", "c", None,
-         f"Configuration file (default {DEFAULT_CONFIG_PATH} when it exists, "
-         "else the embedded defaults)."],
-        ["worker", None, None,
-         "Internal: run as worker N of a multi-process cpvm (started by the first process).",
-         int],
+        [
+            "config",
+            "c",
+            None,
+            f"Configuration file (default {DEFAULT_CONFIG_PATH} when it exists, "
+            "else the embedded defaults).",
+        ],
+        [
+            "worker",
+            None,
+            None,
+            "Internal: run as worker N of a multi-process cpvm (started by the first process).",
+            int,
+        ],
     ]
 
     def postOptions(self):  # noqa: N802
@@ -57,9 +65,15 @@ class Options(usage.Options):
 class ProxyService(service.MultiService):
     """cpvm as one service: listening port, heartbeat, graceful stop, TLS reload."""
 
-    def __init__(self, config: CpvmConfig, sessions: ConsoleSessions,
-                 manager: ManagerClient, heartbeat: Heartbeat,
-                 tls: ReloadableServerTLS | None, metrics: ProxyMetrics):
+    def __init__(
+        self,
+        config: CpvmConfig,
+        sessions: ConsoleSessions,
+        manager: ManagerClient,
+        heartbeat: Heartbeat,
+        tls: ReloadableServerTLS | None,
+        metrics: ProxyMetrics,
+    ):
         super().__init__()
         self.config = config
         self.sessions = sessions
@@ -115,8 +129,14 @@ def worker_argv(argv: list[str]) -> list[str]:
             twistd_options.append(args[i])
         i += 1
     plugin = args[split:] or ["cpvm"]
-    return ["-c", "from twisted.scripts.twistd import run; run()", *twistd_options,
-            "--nodaemon", "--pidfile=", *plugin]
+    return [
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        *twistd_options,
+        "--nodaemon",
+        "--pidfile=",
+        *plugin,
+    ]
 
 
 def _twistd_options_with_values() -> set[str]:
@@ -138,12 +158,18 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     if server.workers > 1:
         # Worker processes inherit the first process's directory through the environment.
         try:
-            shared = (metrics_module.create_shared_directory() if worker is None
-                      else os.environ.get(metrics_module.SHARED_DIR_ENV))
+            shared = (
+                metrics_module.create_shared_directory()
+                if worker is None
+                else os.environ.get(metrics_module.SHARED_DIR_ENV)
+            )
         except OSError as e:
-            raise ConfigError(config.path, "server", "workers",
-                              f"cannot create the workers' shared metrics directory: {e}"
-                              ) from None
+            raise ConfigError(
+                config.path,
+                "server",
+                "workers",
+                f"cannot create the workers' shared metrics directory: {e}",
+            ) from None
         if shared:
             metrics_module.use_shared_directory(shared)
     metrics = ProxyMetrics(shared_directory=shared)
@@ -151,12 +177,17 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         # Before any worker starts: they inherit it (cpvm/proxy/instance.py).
         instance_id = instance_id_for(server.state_directory, worker)
     except OSError as e:
-        raise ConfigError(config.path, "server", "state_directory",
-                          f"cannot keep the instance id there: {e}") from None
+        raise ConfigError(
+            config.path, "server", "state_directory", f"cannot keep the instance id there: {e}"
+        ) from None
     manager = ManagerClient(
-        reactor, config.manager.url, config.manager.credential, config.manager.timeout,
+        reactor,
+        config.manager.url,
+        config.manager.credential,
+        config.manager.timeout,
         contextFactory=manager_tls_policy(config.manager.ca_file)
-        if config.manager.url.startswith("https:") else None,
+        if config.manager.url.startswith("https:")
+        else None,
         worker=worker or 0,
         instance=instance_id,
     )
@@ -177,17 +208,24 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         if not sessions.accepting:
             return False, "shutting down"
         if heartbeat.conflict:
-            return False, (f"proxy key {manager.key_id} is in use by another running cpvm "
-                           "instance (instance_conflict)")
+            return False, (
+                f"proxy key {manager.key_id} is in use by another running cpvm "
+                "instance (instance_conflict)"
+            )
         if not heartbeat.manager_reachable:
             return False, "manager not reachable"
         return True, f"{len(sessions)} session(s)"
 
-    page = (MetricsPage(metrics.exposition_registry(), config.metrics.allow,
-                        before=sessions.count_relayed)
-            if config.metrics.enabled else None)
-    root = build_root(novnc_dir=server.novnc_dir, websocket_factory=ws_factory,
-                      readiness=readiness, metrics=page)
+    page = (
+        MetricsPage(
+            metrics.exposition_registry(), config.metrics.allow, before=sessions.count_relayed
+        )
+        if config.metrics.enabled
+        else None
+    )
+    root = build_root(
+        novnc_dir=server.novnc_dir, websocket_factory=ws_factory, readiness=readiness, metrics=page
+    )
     # cpvm takes no request bodies; an HTTP connection that has not sent its whole request
     # (or WebSocket upgrade) within the handshake timeout of its accept is dropped, and
     # connections still in that phase are capped: slow-loris clients cannot pile up.
@@ -198,10 +236,13 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         max_connections_per_address=server.max_http_connections_per_address,
         per_address_exempt=server.trusted_proxies,
     )
-    site = ConsoleSite(root, limits=limits, reactor=reactor,
-                       timeout=config.session.websocket_handshake_timeout,
-                       security_headers=SecurityHeaders(
-                           tls=server.tls, frame_ancestors=server.frame_ancestors))
+    site = ConsoleSite(
+        root,
+        limits=limits,
+        reactor=reactor,
+        timeout=config.session.websocket_handshake_timeout,
+        security_headers=SecurityHeaders(tls=server.tls, frame_ancestors=server.frame_ancestors),
+    )
     tls = None
     endpoint: IStreamServerEndpoint
     if server.tls:
@@ -214,17 +255,19 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     if server.workers > 1 or worker is not None:
         endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)
     elif tls is not None:
-        endpoint = endpoints.SSL4ServerEndpoint(reactor, server.port, tls,
-                                                interface=server.bind)
+        endpoint = endpoints.SSL4ServerEndpoint(reactor, server.port, tls, interface=server.bind)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
     top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)
     if server.workers > 1 and worker is None:
         # Here shared is the directory create_shared_directory() made above.
-        pool = WorkerPool(reactor, server.workers, worker_argv(sys.argv),
-                          server.grace_period,
-                          on_exit=lambda pid: metrics_module.process_gone(
-                              cast(str, shared), pid))
+        pool = WorkerPool(
+            reactor,
+            server.workers,
+            worker_argv(sys.argv),
+            server.grace_period,
+            on_exit=lambda pid: metrics_module.process_gone(cast(str, shared), pid),
+        )
         pool.setServiceParent(top)
         top.workers = pool
     listener = internet.StreamServerEndpointService(endpoint, site)
@@ -233,10 +276,15 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
     top.listener = listener  # type: ignore[attr-defined]
-    log.info("cpvm {version} configured from {path}: {scheme} on {bind}:{port}, "
-             "instance {instance}",
-             version=__version__, path=config.path, scheme=server.scheme, bind=server.bind,
-             port=server.port, instance=instance_id)
+    log.info(
+        "cpvm {version} configured from {path}: {scheme} on {bind}:{port}, instance {instance}",
+        version=__version__,
+        path=config.path,
+        scheme=server.scheme,
+        bind=server.bind,
+        port=server.port,
+        instance=instance_id,
+    )
     return top
 
 
@@ -244,9 +292,14 @@ def makeService(options: Options):  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
 
     config = options["parsed"]
-    logs.configure(format=config.log.format, level=config.log.level, name="cpvm",
-                   audit_file=config.log.audit_file, worker=options["worker"],
-                   workers=config.server.workers)
+    logs.configure(
+        format=config.log.format,
+        level=config.log.level,
+        name="cpvm",
+        audit_file=config.log.audit_file,
+        worker=options["worker"],
+        workers=config.server.workers,
+    )
     try:
         svc = build_service(config, reactor, worker=options["worker"])
     except ConfigError as e:

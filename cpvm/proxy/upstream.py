@@ -75,8 +75,7 @@ def tls_creator(target: VncTarget, default_ca_pem: bytes | None, anonymous: bool
 class VncClientProtocol(Protocol):
     """Speaks RFB to the VM's VNC server on behalf of one console session."""
 
-    def __init__(self, listener: UpstreamListener, handshake: rfb.RfbClientHandshake,
-                 tls_factory):
+    def __init__(self, listener: UpstreamListener, handshake: rfb.RfbClientHandshake, tls_factory):
         self._listener = listener
         self._handshake: rfb.RfbClientHandshake | None = handshake
         self._tls_factory = tls_factory
@@ -99,7 +98,8 @@ class VncClientProtocol(Protocol):
         if self._handshake_bytes > MAX_HANDSHAKE_BYTES:
             self._handshake = None
             self._listener.upstream_failed(
-                "protocol", f"VNC server sent over {MAX_HANDSHAKE_BYTES} bytes in its handshake")
+                "protocol", f"VNC server sent over {MAX_HANDSHAKE_BYTES} bytes in its handshake"
+            )
             self.close()
             return
         self._handle(self._handshake.receive(data))
@@ -169,8 +169,7 @@ class VncClientFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, listener: UpstreamListener, handshake: rfb.RfbClientHandshake,
-                 tls_factory):
+    def __init__(self, listener: UpstreamListener, handshake: rfb.RfbClientHandshake, tls_factory):
         self._listener = listener
         self._handshake = handshake
         self._tls_factory = tls_factory

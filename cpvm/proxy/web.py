@@ -83,9 +83,13 @@ class Health(resource.Resource):
         return (("ready" if ready else "not ready") + f": {why}\n").encode("utf-8")
 
 
-def build_root(*, novnc_dir: Path, websocket_factory,
-               readiness: Callable[[], tuple[bool, str]],
-               metrics: resource.Resource | None = None) -> Root:
+def build_root(
+    *,
+    novnc_dir: Path,
+    websocket_factory,
+    readiness: Callable[[], tuple[bool, str]],
+    metrics: resource.Resource | None = None,
+) -> Root:
     """The whole URL space of cpvm."""
     root = Root()
     res = Root()
@@ -110,8 +114,9 @@ def access_log_line(timestamp: str, request) -> str:
     method = _escape(request.method.decode("latin-1", "replace"))
     proto = _escape(request.clientproto.decode("latin-1", "replace"))
     length = request.sentLength or "-"
-    return (f'{ip} - - {timestamp} "{method} {path} {proto}" {int(request.code)} '
-            f'{length} "-" "{agent}"')
+    return (
+        f'{ip} - - {timestamp} "{method} {path} {proto}" {int(request.code)} {length} "-" "{agent}"'
+    )
 
 
 class ConsoleSite(LimitedSite):
@@ -120,8 +125,7 @@ class ConsoleSite(LimitedSite):
     request bodies, a deadline for each request and caps on connections not yet upgraded
     (``limits``, see :mod:`cpvm.common.httplimits`)."""
 
-    def __init__(self, root, *, limits: HttpLimits, security_headers: SecurityHeaders,
-                 **kwargs):
+    def __init__(self, root, *, limits: HttpLimits, security_headers: SecurityHeaders, **kwargs):
         super().__init__(root, limits=limits, logFormatter=access_log_line, **kwargs)
         self.displayTracebacks = False
         self._security_headers = security_headers

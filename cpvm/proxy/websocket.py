@@ -67,22 +67,32 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def _autobahn_idle(self) -> bool:
         """Open, and Autobahn holds no partial frame, message or unparsed bytes."""
-        return (self.state == self.STATE_OPEN and not self.data
-                and self.current_frame is None and not self.inside_message)
+        return (
+            self.state == self.STATE_OPEN
+            and not self.data
+            and self.current_frame is None
+            and not self.inside_message
+        )
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
         f = self.factory
         peer = self.transport.getPeer()
-        client = client_address(getattr(peer, "host", "unknown"),
-                                request.headers.get("x-forwarded-for"), f.trusted_proxies)
+        client = client_address(
+            getattr(peer, "host", "unknown"),
+            request.headers.get("x-forwarded-for"),
+            f.trusted_proxies,
+        )
         try:
             token, extra = self._check_request(request, client)
         except ConnectionDeny as deny:
             count = f.refusal_log.event(deny.reason)  # a flood: one line per interval
             if count is not None:
-                self._log.info("refused WebSocket from {client}: {reason} ({count} since "
-                               "the last line)", client=client, reason=deny.reason,
-                               count=count)
+                self._log.info(
+                    "refused WebSocket from {client}: {reason} ({count} since the last line)",
+                    client=client,
+                    reason=deny.reason,
+                    count=count,
+                )
             f.sessions.refused(deny.reason)
             raise
         self._session = f.sessions.create(self, token, extra, client)
@@ -162,8 +172,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         else:
             # sendClose() only allows 1000 and 3000-4999; 1001 (going away), 1003 and 1011
             # are the right codes for shutdown, text frames and internal errors.
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123],
-                                isReply=False)
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
 
 class ConsoleWebSocketFactory(WebSocketServerFactory):
@@ -173,10 +182,18 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
     # Twisted's _ProtoWithFactory, whose invariant factory type no typed subclass matches.
     protocol = ConsoleWebSocketProtocol  # type: ignore[assignment]
 
-    def __init__(self, *, sessions: "ConsoleSessions", scheme: str,
-                 allowed_origins: tuple[str, ...], trusted_proxies: tuple,
-                 open_handshake_timeout: float, max_message_size: int, server_name: str,
-                 reactor=None):
+    def __init__(
+        self,
+        *,
+        sessions: "ConsoleSessions",
+        scheme: str,
+        allowed_origins: tuple[str, ...],
+        trusted_proxies: tuple,
+        open_handshake_timeout: float,
+        max_message_size: int,
+        server_name: str,
+        reactor=None,
+    ):
         super().__init__(server=server_name, reactor=reactor)
         self.sessions = sessions
         self.refusal_log = LogThrottle(self.reactor)
@@ -201,19 +218,22 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
         # connection). A class of this factory's own holds them once, for every session,
         # and an empty CONFIG_ATTRS leaves Autobahn nothing to copy or print.
         # Callables (perMessageCompressionAccept) stay plain functions, not methods.
-        options = {name: _class_attribute(getattr(self, name))
-                   for name in self.protocol.CONFIG_ATTRS}
-        self.protocol = cast(type[ConsoleWebSocketProtocol],
-                             type(self.protocol.__name__, (self.protocol,),
-                                  {**options, "CONFIG_ATTRS": ()}))
+        options = {
+            name: _class_attribute(getattr(self, name)) for name in self.protocol.CONFIG_ATTRS
+        }
+        self.protocol = cast(
+            type[ConsoleWebSocketProtocol],
+            type(self.protocol.__name__, (self.protocol,), {**options, "CONFIG_ATTRS": ()}),
+        )
 
 
 def _class_attribute(value):
     return staticmethod(value) if isinstance(value, types.FunctionType) else value
 
 
-def origin_allowed(origin: str | None, host: str | None, scheme: str,
-                   allowed: tuple[str, ...]) -> bool:
+def origin_allowed(
+    origin: str | None, host: str | None, scheme: str, allowed: tuple[str, ...]
+) -> bool:
     """``self`` in ``allowed`` admits the page's own origin (``scheme://Host``)."""
     if "*" in allowed:
         return True

@@ -69,8 +69,14 @@ class WorkerPool(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, count: int, argv: list[str], grace: float,
-                 on_exit: Callable[[int], None] = lambda pid: None):
+    def __init__(
+        self,
+        reactor,
+        count: int,
+        argv: list[str],
+        grace: float,
+        on_exit: Callable[[int], None] = lambda pid: None,
+    ):
         self._reactor = reactor
         self._on_exit = on_exit
         self._count = count
@@ -88,8 +94,8 @@ class WorkerPool(service.Service):
         proto = _WorkerProtocol(self, index)
         argv = [sys.executable, *self._argv, "--worker", str(index)]
         transport = self._reactor.spawnProcess(
-            proto, sys.executable, argv, env=os.environ.copy(),
-            childFDs={0: "w", 1: 1, 2: 2})
+            proto, sys.executable, argv, env=os.environ.copy(), childFDs={0: "w", 1: 1, 2: 2}
+        )
         proto.pid = transport.pid  # the transport forgets it once the process ended
         self._running[index] = (proto, transport)
         self._log.info("started worker {index} (pid {pid})", index=index, pid=transport.pid)
@@ -112,8 +118,12 @@ class WorkerPool(service.Service):
             return
         self._restarts += 1
         delay = min(30.0, 0.5 * self._restarts)
-        self._log.warn("worker {index} exited ({why}); restarting in {delay:.1f} s",
-                       index=proto.index, why=reason.value, delay=delay)
+        self._log.warn(
+            "worker {index} exited ({why}); restarting in {delay:.1f} s",
+            index=proto.index,
+            why=reason.value,
+            delay=delay,
+        )
         self._reactor.callLater(delay, self._respawn, proto.index)
 
     def _respawn(self, index: int) -> None:

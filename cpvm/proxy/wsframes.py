@@ -75,7 +75,7 @@ class FrameReader:
                 head = 14
                 if end - pos < 10:
                     break
-                length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length > self._max:
                 self.handoff = bytes(buf[pos:])
                 return end
@@ -83,7 +83,7 @@ class FrameReader:
                 break
             start = pos + head
             pos = start + length
-            payloads.append(unmask(buf[start:pos], buf[start - 4:start]))
+            payloads.append(unmask(buf[start:pos], buf[start - 4 : start]))
         return pos
 
 
@@ -94,7 +94,8 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
         return b""
     key = bytes(mask) * (n // 4 + 1)
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(
-        n, "little")
+        n, "little"
+    )
 
 
 def mask_frame(payload: bytes, mask: bytes, first_byte: int = FAST_OPCODE_BYTE) -> bytes:

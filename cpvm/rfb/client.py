@@ -147,8 +147,10 @@ class RfbClientHandshake(_Machine):
             return True
         if self._require_tls:
             return self._fail(
-                events, "unsupported-security",
-                f"server (RFB 3.3) imposes security type {sec_type} but TLS is required")
+                events,
+                "unsupported-security",
+                f"server (RFB 3.3) imposes security type {sec_type} but TLS is required",
+            )
         if sec_type == SEC_NONE and self._allow_none:
             self.security_type = SEC_NONE
             # No SecurityResult after None before 3.8.

@@ -74,7 +74,7 @@ class _Machine:
         self._dead = True
         self._buf.clear()
         if len(message) > MAX_FAILURE_MESSAGE:
-            message = message[:MAX_FAILURE_MESSAGE - 3] + "..."
+            message = message[: MAX_FAILURE_MESSAGE - 3] + "..."
         events.append(Failed(kind, message))
         return False
 

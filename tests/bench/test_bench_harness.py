@@ -19,28 +19,46 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def _available(module: str) -> bool:
-    return subprocess.run([sys.executable, "-c", f"import {module}"],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode
+        == 0
+    )
 
 
 @pytest.mark.integration
 def test_smallest_case_produces_a_table(tmp_path):
     for module in ("psutil", "matplotlib", "websockify"):
         if not _available(module):
-            pytest.skip(f"{module} not installed (pip install websockify==0.13.0 psutil "
-                        "matplotlib)")
+            pytest.skip(
+                f"{module} not installed (pip install websockify==0.13.0 psutil matplotlib)"
+            )
     if shutil.which("socat") is None:
         pytest.skip("socat not installed")
     proxies = "direct,socat,websockify,cpvm"
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--proxies", proxies,
-         "--scenarios", "throughput,latency", "--seconds", "1", "--no-workers-compare",
-         "--results", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--proxies",
+            proxies,
+            "--scenarios",
+            "throughput,latency",
+            "--seconds",
+            "1",
+            "--no-workers-compare",
+            "--results",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = (tmp_path / "latest.md").read_text()
-    row = next(line for line in table.splitlines()
-               if line.startswith("| Throughput, 1 session"))
+    row = next(line for line in table.splitlines() if line.startswith("| Throughput, 1 session"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:5]
     assert all(re.fullmatch(r"\d+", c) and int(c) > 0 for c in cells), row
     run = json.loads((tmp_path / "latest.json").read_text())

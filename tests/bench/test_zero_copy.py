@@ -58,8 +58,9 @@ def stream_and_expected() -> tuple[bytes, int, list[tuple[int, bytes]]]:
     out = bytearray()
     control = []
     for i, n in enumerate(SIZES):
-        out += server_frame(bytes([i % 256]) * n, opcode=0 if i == 3 else 2,
-                            mask=b"abcd" if i == 5 else None)
+        out += server_frame(
+            bytes([i % 256]) * n, opcode=0 if i == 3 else 2, mask=b"abcd" if i == 5 else None
+        )
         if i == 4:
             out += server_frame(b"ping!", opcode=9)
             control.append((9, b"ping!"))
@@ -85,7 +86,7 @@ def header_splits(data: bytes) -> list[int]:
     cuts = set()
     pos = 0
     while pos < len(data):
-        size, length, _ = frame_header(data[pos:pos + 14])
+        size, length, _ = frame_header(data[pos : pos + 14])
         cuts.update({pos + 1, pos + size - 1})
         pos += size + length
     return sorted(c for c in cuts if 0 < c < len(data))
@@ -172,7 +173,7 @@ def test_blocking_session_counts_a_ws_stream():
             step = 7
             pos = 0
             while pos < len(data):
-                sender.sendall(data[pos:pos + step])
+                sender.sendall(data[pos : pos + step])
                 pos += step
                 step = step * 3 % 200_003
                 time.sleep(0.001)
@@ -203,8 +204,9 @@ def test_blocking_session_counts_a_ws_stream():
 def rfbserver(tmp_path, request):
     ports_file = tmp_path / "ports.json"
     args = getattr(request, "param", [])
-    proc = subprocess.Popen([sys.executable, "-m", "bench.rfbserver", "--ports-file",
-                             str(ports_file), *args], cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.rfbserver", "--ports-file", str(ports_file), *args], cwd=REPO
+    )
     try:
         deadline = time.monotonic() + 15
         while not ports_file.exists() and time.monotonic() < deadline:
@@ -256,8 +258,9 @@ def wait_for(check, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("rfbserver", [[], ["--rate", "4000000"]], indirect=True,
-                         ids=["flat-out", "rate"])
+@pytest.mark.parametrize(
+    "rfbserver", [[], ["--rate", "4000000"]], indirect=True, ids=["flat-out", "rate"]
+)
 def test_server_streams_whole_updates_and_reads_keys(rfbserver):
     ports, stats = rfbserver
     s = connect(ports)

@@ -60,8 +60,13 @@ def replay(name: str) -> Outcome:
     return outcome
 
 
-def fuzz(name: str, seconds: int, crashes: Path | None = None, keep_corpus: bool = False,
-         python: str = sys.executable) -> Outcome:
+def fuzz(
+    name: str,
+    seconds: int,
+    crashes: Path | None = None,
+    keep_corpus: bool = False,
+    python: str = sys.executable,
+) -> Outcome:
     """Fuzz ``name`` for ``seconds`` in an atheris subprocess."""
     outcome = Outcome(name)
     try:
@@ -77,14 +82,24 @@ def fuzz(name: str, seconds: int, crashes: Path | None = None, keep_corpus: bool
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
         # libFuzzer writes new inputs into the first directory only.
         dirs = [str(seeds)] if keep_corpus else [work, str(seeds)]
-        argv = [python, "-m", "tests.fuzz", "worker", name, *dirs, *LIBFUZZER_OPTIONS,
-                f"-max_total_time={seconds}", f"-artifact_prefix={crashes}/"]
+        argv = [
+            python,
+            "-m",
+            "tests.fuzz",
+            "worker",
+            name,
+            *dirs,
+            *LIBFUZZER_OPTIONS,
+            f"-max_total_time={seconds}",
+            f"-artifact_prefix={crashes}/",
+        ]
         dictionary = DICTS / f"{name}.dict"
         if dictionary.exists():
             argv.append(f"-dict={dictionary}")
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=seconds * 3 + 120)
+        done = subprocess.run(
+            argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=seconds * 3 + 120
+        )
     outcome.log = done.stdout + done.stderr
     outcome.crashes = sorted(set(crashes.iterdir()) - before)
     if done.returncode != 0 and not outcome.crashes:
@@ -120,8 +135,11 @@ def _report(outcome: Outcome) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fuzz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="coverage-guided fuzzing")
     run_p.add_argument("--seconds", type=int, required=True, help="per target")

@@ -36,6 +36,7 @@ def _proxy_resource() -> web.ProxyApiResource:
 
     async def captured(*args):
         return args
+
     resource._redeem_call = captured  # type: ignore[method-assign]
     resource._heartbeat_call = captured  # type: ignore[method-assign]
     resource._end_call = captured  # type: ignore[method-assign]
@@ -85,7 +86,8 @@ def api_signature(data: bytes) -> None:
     assert not signing.verify(params, SECRET, signature[:-2] + "x=")
     # A signature parameter itself never counts.
     assert signing.string_to_sign({**params, "Signature": "x"}) == signing.string_to_sign(
-        {k: v for k, v in params.items() if k.lower() != "signature"})
+        {k: v for k, v in params.items() if k.lower() != "signature"}
+    )
     for key, value in params.items():
         signing.verify(params, SECRET, value)  # any caller-chosen signature: no exception
         if key.lower() == "expires" or len(params) == 1:

@@ -21,7 +21,7 @@ def chunks(data: bytes, seed: int) -> list[bytes]:
     out, i = [], 0
     while i < len(data):
         step = rng.randint(1, 16)
-        out.append(data[i:i + step])
+        out.append(data[i : i + step])
         i += step
     return out
 
@@ -59,7 +59,7 @@ def _drive_server(pieces: list[bytes], accept: bool) -> tuple[list[object], byte
         if done:
             init = rfb.ServerInit(640, 480, bytes(16), b"vm")
             events += machine.send_server_init(init, b"web-01")
-            rest = done[0].leftover + b"".join(pieces[index + 1:])
+            rest = done[0].leftover + b"".join(pieces[index + 1 :])
             break
         if machine.failed:  # a failure, or reject() was sent
             break
@@ -105,11 +105,11 @@ def reference_scan(stream: bytes) -> tuple[int, int | None]:
         elif kind == 2:
             if have < 4:
                 break
-            pos += 4 + 4 * int.from_bytes(stream[pos + 2:pos + 4], "big")
+            pos += 4 + 4 * int.from_bytes(stream[pos + 2 : pos + 4], "big")
         elif kind == 6:
             if have < 8:
                 break
-            length = int.from_bytes(stream[pos + 4:pos + 8], "big", signed=True)
+            length = int.from_bytes(stream[pos + 4 : pos + 8], "big", signed=True)
             if length >= 0:
                 inputs += 1
                 pos += 8 + length
@@ -136,7 +136,7 @@ def reference_scan(stream: bytes) -> tuple[int, int | None]:
             elif sub == 1:
                 if have < 4:
                     break
-                total = audio.get(int.from_bytes(stream[pos + 2:pos + 4], "big"))
+                total = audio.get(int.from_bytes(stream[pos + 2 : pos + 4], "big"))
                 if total is None:
                     return inputs, kind
                 pos += total
@@ -194,7 +194,7 @@ def _drive_client(pieces: list[bytes], options: dict) -> tuple[list[object], byt
                 break
         done = [e for e in events if isinstance(e, rfb.ServerInitReceived)]
         if done:
-            rest = done[0].leftover + b"".join(pieces[index + 1:])
+            rest = done[0].leftover + b"".join(pieces[index + 1 :])
             break
     return _summary(events), rest, machine.security_type
 
@@ -216,8 +216,11 @@ def rfb_client(data: bytes) -> None:
             if not options["allow_none"]:
                 assert security != rfb.SEC_NONE
             if options["password"] is None:
-                assert security not in (rfb.SEC_VNC_AUTH, rfb.VENCRYPT_TLS_VNC,
-                                        rfb.VENCRYPT_X509_VNC)
+                assert security not in (
+                    rfb.SEC_VNC_AUTH,
+                    rfb.VENCRYPT_TLS_VNC,
+                    rfb.VENCRYPT_X509_VNC,
+                )
         for e in events:
             if isinstance(e, tuple) and e[0] == "Send":
                 assert PASSWORD not in e[1]

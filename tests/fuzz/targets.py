@@ -44,8 +44,9 @@ def load(name: str) -> Callable[[bytes], None]:
             importlib.import_module(REQUIRES[name])
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise TargetUnavailable(f"fuzz target {name} skipped: cannot import {e.name}: {e}") \
-            from None
+        raise TargetUnavailable(
+            f"fuzz target {name} skipped: cannot import {e.name}: {e}"
+        ) from None
     return getattr(module, function)
 
 

@@ -34,6 +34,7 @@ def test_fuzz_briefly(name, tmp_path):
     tail = "\n".join(outcome.log.strip().splitlines()[-30:])
     assert not outcome.crashes, (
         f"fuzz target {name} crashed; keep the input as a regression vector: "
-        f"cp {' '.join(map(str, outcome.crashes))} tests/fuzz/corpus/{name}/\n{tail}")
+        f"cp {' '.join(map(str, outcome.crashes))} tests/fuzz/corpus/{name}/\n{tail}"
+    )
     assert not outcome.failures, f"{outcome.failures}\n{tail}"
     assert "Done " in outcome.log, tail  # libFuzzer's closing line: it really ran

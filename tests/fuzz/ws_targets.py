@@ -38,12 +38,12 @@ def _header(data: bytes, pos: int) -> tuple[int, int, bool, bool] | None:
     if length == 126:
         if len(data) - pos < 4:
             return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         size, minimal = 4, length >= 126
     elif length == 127:
         if len(data) - pos < 10:
             return None
-        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 10], "big")
         size, minimal = 10, length > 0xFFFF and length < 2**63
     return size + (4 if masked else 0), length, minimal, masked
 
@@ -72,8 +72,8 @@ def reference_frames(data: bytes, max_payload: int) -> list[Frame]:
         if pos + size + length > len(data):
             frames.append(Frame(pos, None, None, None))  # when to hand off is the reader's call
             break
-        mask = data[pos + size - 4:pos + size]
-        body = data[pos + size:pos + size + length]
+        mask = data[pos + size - 4 : pos + size]
+        body = data[pos + size : pos + size + length]
         payload = bytes(b ^ mask[i % 4] for i, b in enumerate(body))
         # Over max_payload: never a fast-path payload. Empty or non-minimal: either way.
         fast = False if length > max_payload else None if (not minimal or not length) else True
@@ -90,7 +90,7 @@ def _run(pieces: list[bytes], max_payload: int, reader_class) -> tuple[list[byte
         assert isinstance(got, list) and all(isinstance(p, bytes) for p in got)
         payloads += got
         if reader.handoff is not None:
-            return payloads, bytes(reader.handoff) + b"".join(pieces[index + 1:])
+            return payloads, bytes(reader.handoff) + b"".join(pieces[index + 1 :])
     return payloads, reader.handoff
 
 
@@ -115,10 +115,11 @@ def ws_frames(data: bytes) -> None:
         # Not returned: either still incomplete at the end, or handed off from its start.
         assert len(payloads) == index, "payloads past a frame that was not returned"
         if handoff is not None:
-            assert handoff == stream[frame.start:], "handoff not at a frame boundary"
+            assert handoff == stream[frame.start :], "handoff not at a frame boundary"
         else:
             assert frame.end is None and frame.fast is not False, (
-                f"frame {index} neither returned nor handed off")
+                f"frame {index} neither returned nor handed off"
+            )
         break
     else:
         assert len(payloads) == len(frames) and handoff is None

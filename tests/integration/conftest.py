@@ -37,7 +37,9 @@ def cpvm_factory(manager, proxy_key, tmp_path):
         sections["server"] = {"state_directory": workdir / "state", **sections.get("server", {})}
         text = cpvm_config(manager.url, credential_file=proxy_key[1], **sections)
         # As the systemd unit runs it: our log observer applies [log] format and level.
-        daemon = start_cpvm(text, workdir=workdir, extra_args=("--logger=cpvm.common.logs.observer",))
+        daemon = start_cpvm(
+            text, workdir=workdir, extra_args=("--logger=cpvm.common.logs.observer",)
+        )
         started.append(daemon)
         return daemon
 

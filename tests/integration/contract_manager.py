@@ -45,8 +45,14 @@ class ContractManager(resource.Resource):
         self.down = False  # drop every request's connection, like a dead manager
         self.port = None
 
-    def issue(self, vnc: dict, *, extra: str | None = None, vm_name: str = "test-vm",
-              limits: dict | None = None) -> tuple[str, Issued]:
+    def issue(
+        self,
+        vnc: dict,
+        *,
+        extra: str | None = None,
+        vm_name: str = "test-vm",
+        limits: dict | None = None,
+    ) -> tuple[str, Issued]:
         token = secrets.token_urlsafe(32)
         issued = Issued(vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {})
         self.tokens[token] = issued

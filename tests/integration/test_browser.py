@@ -19,8 +19,10 @@ from tests.peers import XVNC_TEST_PASSWORD, launch_chromium
 
 pytestmark = pytest.mark.browser
 
-CONNECTED = ("document.querySelector('#noVNC_status') && "
-             "document.querySelector('#noVNC_status').textContent.startsWith('Connected')")
+CONNECTED = (
+    "document.querySelector('#noVNC_status') && "
+    "document.querySelector('#noVNC_status').textContent.startsWith('Connected')"
+)
 
 
 # Records every Content-Security-Policy violation the page reports.
@@ -33,8 +35,10 @@ document.addEventListener('securitypolicyviolation', e =>
 
 def console_url(cpvm, token: str) -> str:
     path = urllib.parse.quote(f"websockify?token={token}", safe="")
-    return (f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
-            f"&reconnect=false&host=127.0.0.1&port={cpvm.port}&path={path}")
+    return (
+        f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
+        f"&reconnect=false&host=127.0.0.1&port={cpvm.port}&path={path}"
+    )
 
 
 def type_into_console(url: str, text: str, screenshot: Path, point=(200, 150)) -> str:
@@ -75,7 +79,9 @@ def second_visit(url: str) -> str:
             # The status fades after a while: take its text in the same check.
             status = page.wait_for_function(
                 "() => { const t = document.querySelector('#noVNC_status').textContent;"
-                " return t && !t.startsWith('Connecting') ? t : false; }", timeout=30_000)
+                " return t && !t.startsWith('Connecting') ? t : false; }",
+                timeout=30_000,
+            )
             return status.json_value()
         finally:
             browser.close()
@@ -84,11 +90,12 @@ def second_visit(url: str) -> str:
 @pytest_twisted.ensureDeferred
 async def test_typed_text_reaches_a_program_in_the_vnc_desktop(cpvm, manager, xvnc, tmp_path):
     typed_file = tmp_path / "typed.txt"
-    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=(
-        "sh", "-c", f"cat > {typed_file}"))
+    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", f"cat > {typed_file}"))
     try:
-        token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
-                                  "password": XVNC_TEST_PASSWORD}, vm_name="xvnc-desktop")
+        token, _ = manager.issue(
+            {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD},
+            vm_name="xvnc-desktop",
+        )
         url = console_url(cpvm, token)
         shot = tmp_path / "console.png"
         status = await threads.deferToThread(type_into_console, url, "hello cpvm 42\n", shot)
@@ -111,9 +118,11 @@ def follow_hostile_link(url: str, connected) -> dict:
     noVNC gave up connecting."""
     from playwright.sync_api import sync_playwright
 
-    settled = ("window.__violations.length > 0 || (() => {"
-               " const t = document.querySelector('#noVNC_status').textContent;"
-               " return !!t && !t.startsWith('Connecting'); })()")
+    settled = (
+        "window.__violations.length > 0 || (() => {"
+        " const t = document.querySelector('#noVNC_status').textContent;"
+        " return !!t && !t.startsWith('Connecting'); })()"
+    )
     with sync_playwright() as p:
         browser = launch_chromium(p)
         try:
@@ -125,8 +134,10 @@ def follow_hostile_link(url: str, connected) -> dict:
                 assert time.monotonic() < deadline, "the page neither connected nor failed"
                 time.sleep(0.1)
             time.sleep(1.0)  # anything still on its way reaches the listener meanwhile
-            return {"violations": page.evaluate("window.__violations"),
-                    "status": page.inner_text("#noVNC_status")}
+            return {
+                "violations": page.evaluate("window.__violations"),
+                "status": page.inner_text("#noVNC_status"),
+            }
         finally:
             browser.close()
 
@@ -137,13 +148,17 @@ async def test_a_link_cannot_point_the_console_at_another_websocket(cpvm):
     port, listener, listening = scripted_vnc.listen(scripted_vnc.Hanging)
     try:
         path = urllib.parse.quote("websockify?token=stolen-keys-go-here", safe="")
-        url = (f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
-               f"&reconnect=false&host=127.0.0.1&port={port}&path={path}")
-        seen = await threads.deferToThread(follow_hostile_link, url,
-                                           lambda: bool(listener.connections))
+        url = (
+            f"http://127.0.0.1:{cpvm.port}/resource/noVNC/vnc.html?autoconnect=true"
+            f"&reconnect=false&host=127.0.0.1&port={port}&path={path}"
+        )
+        seen = await threads.deferToThread(
+            follow_hostile_link, url, lambda: bool(listener.connections)
+        )
         assert listener.connections == [], "the page connected to the other WebSocket"
         assert seen["violations"] == [
-            f"connect-src ws://127.0.0.1:{port}/websockify?token=stolen-keys-go-here"], seen
+            f"connect-src ws://127.0.0.1:{port}/websockify?token=stolen-keys-go-here"
+        ], seen
     finally:
         await listening.stopListening()
 

@@ -63,8 +63,11 @@ async def sleep(seconds):
 @pytest_twisted.ensureDeferred
 async def test_qemu_vnc_password(cpvm, manager, qemu_vnc):
     client, info, issued = await open_session(
-        cpvm, manager, {"host": "127.0.0.1", "port": qemu_vnc.port,
-                        "password": QEMU_TEST_PASSWORD}, vm_name="qemu-demo")
+        cpvm,
+        manager,
+        {"host": "127.0.0.1", "port": qemu_vnc.port, "password": QEMU_TEST_PASSWORD},
+        vm_name="qemu-demo",
+    )
     assert info["name"] == b"qemu-demo"  # desktop name replaced by the VM's name
     assert (info["width"], info["height"]) in ((720, 400), (640, 480))
     # SeaBIOS switches modes while booting: the update may be smaller than the ServerInit.
@@ -77,7 +80,8 @@ async def test_qemu_vnc_password(cpvm, manager, qemu_vnc):
 @pytest_twisted.ensureDeferred
 async def test_xvnc_vnc_auth(cpvm, manager, xvnc):
     client, info, _ = await open_session(
-        cpvm, manager, {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD})
+        cpvm, manager, {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
+    )
     assert (info["width"], info["height"]) == (1024, 768)
     assert await full_update(client, info) == 1024 * 768
     client.sendClose(1000)
@@ -86,9 +90,16 @@ async def test_xvnc_vnc_auth(cpvm, manager, xvnc):
 @pytest_twisted.ensureDeferred
 async def test_xvnc_vencrypt_x509vnc(cpvm, manager, xvnc_x509, pki):
     client, info, _ = await open_session(
-        cpvm, manager, {"host": "127.0.0.1", "port": xvnc_x509.port,
-                        "password": XVNC_TEST_PASSWORD, "tls": "x509",
-                        "ca_pem": pki.ca_cert_pem.decode()})
+        cpvm,
+        manager,
+        {
+            "host": "127.0.0.1",
+            "port": xvnc_x509.port,
+            "password": XVNC_TEST_PASSWORD,
+            "tls": "x509",
+            "ca_pem": pki.ca_cert_pem.decode(),
+        },
+    )
     assert await full_update(client, info) == info["width"] * info["height"]
     client.sendClose(1000)
 
@@ -96,9 +107,16 @@ async def test_xvnc_vencrypt_x509vnc(cpvm, manager, xvnc_x509, pki):
 @pytest_twisted.ensureDeferred
 async def test_qemu_vencrypt_x509vnc(cpvm, manager, qemu_vnc_tls, pki):
     client, info, _ = await open_session(
-        cpvm, manager, {"host": "127.0.0.1", "port": qemu_vnc_tls.port,
-                        "password": QEMU_TEST_PASSWORD, "tls": "x509",
-                        "ca_pem": pki.ca_cert_pem.decode()})
+        cpvm,
+        manager,
+        {
+            "host": "127.0.0.1",
+            "port": qemu_vnc_tls.port,
+            "password": QEMU_TEST_PASSWORD,
+            "tls": "x509",
+            "ca_pem": pki.ca_cert_pem.decode(),
+        },
+    )
     assert await full_update(client, info) > 0
     client.sendClose(1000)
 
@@ -106,9 +124,15 @@ async def test_qemu_vencrypt_x509vnc(cpvm, manager, qemu_vnc_tls, pki):
 @pytest_twisted.ensureDeferred
 async def test_vencrypt_with_an_unknown_ca_is_refused(cpvm, manager, xvnc_x509, pki, tmp_path):
     other = pki.other_ca(tmp_path / "other")
-    token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc_x509.port,
-                              "password": XVNC_TEST_PASSWORD, "tls": "x509",
-                              "ca_pem": other.ca_cert_pem.decode()})
+    token, _ = manager.issue(
+        {
+            "host": "127.0.0.1",
+            "port": xvnc_x509.port,
+            "password": XVNC_TEST_PASSWORD,
+            "tls": "x509",
+            "ca_pem": other.ca_cert_pem.decode(),
+        }
+    )
     client = await open_console(ws_url(cpvm, token))
     with pytest.raises((RfbRefused, ConnectionError)):
         await client.rfb_handshake()
@@ -118,8 +142,9 @@ async def test_vencrypt_with_an_unknown_ca_is_refused(cpvm, manager, xvnc_x509, 
 
 @pytest_twisted.ensureDeferred
 async def test_plain_server_refused_when_tls_required(cpvm, manager, xvnc):
-    token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
-                              "password": XVNC_TEST_PASSWORD, "tls": "x509"})
+    token, _ = manager.issue(
+        {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD, "tls": "x509"}
+    )
     client = await open_console(ws_url(cpvm, token))
     with pytest.raises(RfbRefused, match="VNC authentication failed"):
         await client.rfb_handshake()
@@ -144,7 +169,7 @@ async def test_bytes_flow_both_ways_unchanged(cpvm_factory, manager):
         sizes = [1, 7, 1000, 65536, 300000]
         i = 0
         while offset < len(payload):
-            chunk = payload[offset:offset + sizes[i % len(sizes)]]
+            chunk = payload[offset : offset + sizes[i % len(sizes)]]
             client.send(chunk)
             sent.update(chunk)
             offset += len(chunk)
@@ -332,11 +357,14 @@ async def test_manager_down(cpvm_factory, manager, echo_server, proxy_key):
     assert reason == "management server unreachable"
 
 
-@pytest.mark.parametrize("status, body", [
-    (200, b"{not json"),
-    (200, b'{"session_id": "x", "vm": {}, "vnc": {"host": "h", "port": "5900"}}'),
-    (500, b"<html>oops</html>"),
-])
+@pytest.mark.parametrize(
+    "status, body",
+    [
+        (200, b"{not json"),
+        (200, b'{"session_id": "x", "vm": {}, "vnc": {"host": "h", "port": "5900"}}'),
+        (500, b"<html>oops</html>"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_manager_broken_answers(cpvm, manager, echo_server, status, body):
     healthy, _, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server})
@@ -378,8 +406,9 @@ async def test_key_events_keep_a_session_alive(cpvm_factory, manager, echo_serve
 
 @pytest_twisted.ensureDeferred
 async def test_session_time_limit(cpvm, manager, echo_server):
-    client, _, _ = await open_session(cpvm, manager, {"host": "127.0.0.1", "port": echo_server},
-                                      limits={"max_duration": 1})
+    client, _, _ = await open_session(
+        cpvm, manager, {"host": "127.0.0.1", "port": echo_server}, limits={"max_duration": 1}
+    )
     closed = await client.wait_closed(timeout=10)
     assert closed.code == 4021
     assert closed.reason == "session time limit reached"
@@ -431,8 +460,14 @@ async def test_vencrypt_anonymous_tls_only_when_allowed(cpvm_factory, manager, a
 
     with start_xvnc("TLSVnc", XVNC_TEST_PASSWORD) as xvnc:
         cpvm = cpvm_factory(vnc={"allow_anonymous_tls": "true" if allowed else "false"})
-        token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
-                                  "password": XVNC_TEST_PASSWORD, "tls": "anonymous"})
+        token, _ = manager.issue(
+            {
+                "host": "127.0.0.1",
+                "port": xvnc.port,
+                "password": XVNC_TEST_PASSWORD,
+                "tls": "anonymous",
+            }
+        )
         client = await open_console(ws_url(cpvm, token))
         if allowed:
             info = await client.rfb_handshake()

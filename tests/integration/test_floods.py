@@ -47,8 +47,14 @@ def stack(tmp_path, xvnc):
     config_path = write_config(mdir, {})
     admin = Manager(None, config_path, 0, mdir)  # type: ignore[arg-type]  # admin CLI only
     creds = admin.account("alice")
-    vm = admin.vm("alice", name="flooded", password=XVNC_TEST_PASSWORD,
-                  vnc_host="127.0.0.1", vnc_port=str(xvnc.port), tls="none")
+    vm = admin.vm(
+        "alice",
+        name="flooded",
+        password=XVNC_TEST_PASSWORD,
+        vnc_host="127.0.0.1",
+        vnc_port=str(xvnc.port),
+        tls="none",
+    )
     key_file = tmp_path / "proxy.key"
     key_file.write_text(admin.proxy_key("cpvm-1") + "\n")
     key_file.chmod(0o600)
@@ -57,10 +63,15 @@ def stack(tmp_path, xvnc):
     (tmp_path / "cpvm").mkdir()
     # The manager refuses heartbeats announcing port 0: a fixed port it can put in URLs.
     port = free_port()
-    cpvm = start_cpvm(cpvm_config(manager.url(), credential_file=key_file,
-                                  server={"port": port, "public_port": port},
-                                  session={"max_sessions": MAX_SESSIONS}),
-                      workdir=tmp_path / "cpvm")
+    cpvm = start_cpvm(
+        cpvm_config(
+            manager.url(),
+            credential_file=key_file,
+            server={"port": port, "public_port": port},
+            session={"max_sessions": MAX_SESSIONS},
+        ),
+        workdir=tmp_path / "cpvm",
+    )
     yield admin, creds, vm, manager, cpvm
     cpvm.stop()
     manager.stop()
@@ -75,9 +86,13 @@ def bogus_attempt(port: int, polite: bool) -> tuple[int | None, str]:
         s.settimeout(10)
         s.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        s.sendall((f"GET /websockify?token={secrets.token_urlsafe(32)} HTTP/1.1\r\n"
-                   f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        s.sendall(
+            (
+                f"GET /websockify?token={secrets.token_urlsafe(32)} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         data = b""
         try:
             while b"\r\n\r\n" not in data:
@@ -91,8 +106,11 @@ def bogus_attempt(port: int, polite: bool) -> tuple[int | None, str]:
             if polite:
                 mask = os.urandom(4)
                 version = b"RFB 003.008\n"
-                s.sendall(bytes([0x82, 0x80 | len(version)]) + mask
-                          + bytes(b ^ mask[i % 4] for i, b in enumerate(version)))
+                s.sendall(
+                    bytes([0x82, 0x80 | len(version)])
+                    + mask
+                    + bytes(b ^ mask[i % 4] for i, b in enumerate(version))
+                )
             rest = data.split(b"\r\n\r\n", 1)[1]
             while True:
                 code = close_code(rest)
@@ -115,10 +133,10 @@ def close_code(frames: bytes) -> tuple[int, str] | None:
         if b1 == 126:
             if len(frames) - pos < 4:
                 return None
-            b1, head = struct.unpack("!H", frames[pos + 2:pos + 4])[0], 4
+            b1, head = struct.unpack("!H", frames[pos + 2 : pos + 4])[0], 4
         if len(frames) - pos < head + b1:
             return None
-        payload = frames[pos + head:pos + head + b1]
+        payload = frames[pos + head : pos + head + b1]
         if b0 & 0x0F == 0x8:
             return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
         pos += head + b1
@@ -134,8 +152,7 @@ class Flood:
         self.threads = threads
         self.results: list[tuple[int | None, str]] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -158,16 +175,18 @@ async def redeem_calls(manager) -> float:
     response = await treq.get(manager.url("/metrics"))
     text = await response.text()
     found = re.findall(
-        r'^cpvm_manager_proxy_requests_total\{endpoint="redeem",status="\d+"\} (\S+)$',
-        text, re.M)
+        r'^cpvm_manager_proxy_requests_total\{endpoint="redeem",status="\d+"\} (\S+)$', text, re.M
+    )
     return sum(float(v) for v in found)
 
 
-@pytest.mark.parametrize("threads, polite", [(8, True), (40, False)],
-                         ids=["fast-refusals", "sessions-held-open"])
+@pytest.mark.parametrize(
+    "threads, polite", [(8, True), (40, False)], ids=["fast-refusals", "sessions-held-open"]
+)
 @pytest_twisted.ensureDeferred
 async def test_bogus_flood_from_one_address_neither_locks_out_nor_reaches_the_manager(
-        stack, threads, polite):
+    stack, threads, polite
+):
     admin, creds, vm, manager, cpvm = stack
     await _until_ready(cpvm)
     before = await redeem_calls(manager)
@@ -190,8 +209,11 @@ async def test_bogus_flood_from_one_address_neither_locks_out_nor_reaches_the_ma
     client.sendClose(1000)
     await client.wait_closed()
     calls = await redeem_calls(manager) - before - 1  # minus the person's redemption
-    limited = [r for r in flood.results
-               if r == (4029, "too many failed console attempts from this address")]
+    limited = [
+        r
+        for r in flood.results
+        if r == (4029, "too many failed console attempts from this address")
+    ]
     allowed = BURST + RATE * (elapsed + 1)
     assert len(flood.results) > 2 * allowed, "the flood was too small to prove anything"
     assert calls <= allowed, (calls, elapsed, len(flood.results))
@@ -231,8 +253,7 @@ async def test_pending_redemptions_have_their_own_cap(cpvm_factory, manager, xvn
     waiting = []
     for _ in range(2):
         token, _ = manager.issue(vnc)
-        waiting.append(await open_console(
-            f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}"))
+        waiting.append(await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}"))
     token, issued = manager.issue(vnc)
     with pytest.raises(ConnectionError, match="503.*too many consoles being opened"):
         await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}")

@@ -33,9 +33,12 @@ MAX_RSS_GROWTH_KIB = 16 * 1024
 def stream_server():
     workdir = make_workdir("rfbstream")
     ports_file = workdir / "ports.json"
-    proc = Supervised("rfbserver", [sys.executable, "-m", "bench.rfbserver",
-                                     "--ports-file", str(ports_file)],
-                       workdir / "rfbserver.log", cwd=REPO_ROOT)
+    proc = Supervised(
+        "rfbserver",
+        [sys.executable, "-m", "bench.rfbserver", "--ports-file", str(ports_file)],
+        workdir / "rfbserver.log",
+        cwd=REPO_ROOT,
+    )
     deadline = time.monotonic() + 15
     while not ports_file.exists() and time.monotonic() < deadline and not proc.exited():
         time.sleep(0.05)
@@ -76,8 +79,14 @@ def slow_session(port: int, token: str, control_port: int, cpvm_pid: int) -> dic
             ws.recv_raw(READ_RATE // 10)
             time.sleep(0.05)
             keys = server_stats(control_port)["keys"]
-        return {"rss_before": rss_before, "peak_rss": peak_rss, "consumed": consumed,
-                "sent": stats["bytes_sent"], "keys_before": stats["keys"], "keys_after": keys}
+        return {
+            "rss_before": rss_before,
+            "peak_rss": peak_rss,
+            "consumed": consumed,
+            "sent": stats["bytes_sent"],
+            "keys_before": stats["keys"],
+            "keys_after": keys,
+        }
     finally:
         ws.close()
 
@@ -85,8 +94,9 @@ def slow_session(port: int, token: str, control_port: int, cpvm_pid: int) -> dic
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_bounds_memory_and_input_still_flows(cpvm, manager, stream_server):
     token, _ = manager.issue({"host": "127.0.0.1", "port": stream_server["stream"]})
-    r = await threads.deferToThread(slow_session, cpvm.port, token, stream_server["control"],
-                                    cpvm.pid)
+    r = await threads.deferToThread(
+        slow_session, cpvm.port, token, stream_server["control"], cpvm.pid
+    )
     print("slow reader:", r)
     # The reader really was slow, and the server was held back to its pace.
     assert r["consumed"] <= READ_RATE * (DURATION + 2)

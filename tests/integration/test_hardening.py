@@ -52,13 +52,22 @@ async def test_sighup_with_a_mismatched_key_keeps_the_old_pair(cpvm_factory, pki
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     shutil.copyfile(pki.server_cert, cert)
     shutil.copyfile(pki.server_key, key)
-    cpvm = cpvm_factory(server={"tls": "true", "certificate": cert, "private_key": key,
-                                "workers": 2, "port": free_port()})
+    cpvm = cpvm_factory(
+        server={
+            "tls": "true",
+            "certificate": cert,
+            "private_key": key,
+            "workers": 2,
+            "port": free_port(),
+        }
+    )
     first = psutil.Process(cpvm.pid)
 
     async def worker_serves():
-        return (len(first.children()) == 1 and any(
-            c.status == psutil.CONN_LISTEN for c in first.children()[0].net_connections()))
+        return len(first.children()) == 1 and any(
+            c.status == psutil.CONN_LISTEN for c in first.children()[0].net_connections()
+        )
+
     await wait_for(worker_serves, what="the second worker listening")
     ca = str(pki.ca_cert)
     old = der(cert)
@@ -71,6 +80,7 @@ async def test_sighup_with_a_mismatched_key_keeps_the_old_pair(cpvm_factory, pki
 
     async def both_refused():
         return cpvm.log_text().count(failed) == 2  # the first process, and its worker
+
     await wait_for(both_refused, what="both processes refusing the bad pair")
     log = cpvm.log_text()
     line = next(ln for ln in log.splitlines() if failed in ln)
@@ -89,6 +99,7 @@ async def test_sighup_with_a_mismatched_key_keeps_the_old_pair(cpvm_factory, pki
 
     async def all_renewed():
         return await threads.deferToThread(served_certificates, cpvm.port, ca) == {der(cert)}
+
     await wait_for(all_renewed, what="every process serving the renewed certificate")
 
 
@@ -99,18 +110,33 @@ def run_twistd_cpvm(config_text: str, tmp_path) -> subprocess.CompletedProcess:
     conf = tmp_path / "cpvm.conf"
     conf.write_text(config_text)
     return subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "--nodaemon", "--pidfile=", "--reactor=cpvm", "cpvm", "--config", str(conf)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--reactor=cpvm",
+            "cpvm",
+            "--config",
+            str(conf),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_plain_http_manager_off_loopback_is_refused_at_start(tmp_path, proxy_key):
     conf = cpvm_config("http://192.0.2.10:8250", credential_file=proxy_key[1])
     out = run_twistd_cpvm(conf, tmp_path)
     assert out.returncode != 0
-    assert (f"{tmp_path / 'cpvm.conf'}: [manager] allow_plaintext: [manager] url "
-            "'http://192.0.2.10:8250' is plain HTTP") in out.stderr + out.stdout
+    assert (
+        f"{tmp_path / 'cpvm.conf'}: [manager] allow_plaintext: [manager] url "
+        "'http://192.0.2.10:8250' is plain HTTP"
+    ) in out.stderr + out.stdout
     assert proxy_key[0] not in out.stderr + out.stdout
 
 
@@ -123,8 +149,16 @@ def test_plain_http_manager_allowed_when_the_operator_says_so(cpvm_factory):
 
 # -- security headers on every answer ----------------------------------------------------
 
-PATHS = ("/resource/noVNC/vnc.html", "/resource/noVNC/app/ui.js", "/resource/noVNC/",
-         "/nothing-here", "/", "/healthz", "/readyz", "/metrics")
+PATHS = (
+    "/resource/noVNC/vnc.html",
+    "/resource/noVNC/app/ui.js",
+    "/resource/noVNC/",
+    "/nothing-here",
+    "/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 
 def answers(port: int, tls_ca: str | None = None) -> dict[str, tuple[int, dict[str, str]]]:
@@ -154,9 +188,14 @@ def test_every_answer_carries_the_security_headers(cpvm_factory):
     statuses = {p: s for p, (s, _) in got.items()}
     assert statuses.pop("/readyz") in (200, 503)  # 503 until the first heartbeat
     assert statuses == {
-        "/resource/noVNC/vnc.html": 200, "/resource/noVNC/app/ui.js": 200,
-        "/resource/noVNC/": 404, "/nothing-here": 404, "/": 404, "/healthz": 200,
-        "/metrics": 200}
+        "/resource/noVNC/vnc.html": 200,
+        "/resource/noVNC/app/ui.js": 200,
+        "/resource/noVNC/": 404,
+        "/nothing-here": 404,
+        "/": 404,
+        "/healthz": 200,
+        "/metrics": 200,
+    }
     for path, (_, headers) in got.items():
         csp = headers.get("content-security-policy", "")
         assert f"connect-src 'self' ws://127.0.0.1:{cpvm.port};" in csp, path
@@ -169,8 +208,9 @@ def test_every_answer_carries_the_security_headers(cpvm_factory):
 
 
 def test_hsts_and_frame_options_with_tls(cpvm_factory, pki):
-    cpvm = cpvm_factory(server={"tls": "true", "certificate": pki.server_cert,
-                                "private_key": pki.server_key})
+    cpvm = cpvm_factory(
+        server={"tls": "true", "certificate": pki.server_cert, "private_key": pki.server_key}
+    )
     got = answers(cpvm.port, tls_ca=str(pki.ca_cert))
     for path, (_, headers) in got.items():
         assert headers.get("strict-transport-security") == "max-age=31536000", path

@@ -57,13 +57,13 @@ def clipboard_message() -> bytes:
 def one_frame_in_pieces() -> list[bytes]:
     """The attack: the message as one frame, sent in 1 KiB pieces."""
     frame = client_frame(clipboard_message())
-    return [frame[i:i + PIECE] for i in range(0, len(frame), PIECE)]
+    return [frame[i : i + PIECE] for i in range(0, len(frame), PIECE)]
 
 
 def small_frames() -> list[bytes]:
     """The same message as noVNC would send it: a 1 KiB frame per piece."""
     message = clipboard_message()
-    return [client_frame(message[i:i + PIECE]) for i in range(0, len(message), PIECE)]
+    return [client_frame(message[i : i + PIECE]) for i in range(0, len(message), PIECE)]
 
 
 def send_pieces(port: int, token: str, pid: int, sink, pieces: list[bytes]) -> int:
@@ -110,14 +110,16 @@ async def test_a_trickled_big_frame_costs_linear_cpu_and_stalls_nobody(cpvm_fact
         costs = {}
         for index, pieces in enumerate((small_frames(), one_frame_in_pieces())):
             token, _ = manager.issue({"host": "127.0.0.1", "port": sink_port})
-            sent = threads.deferToThread(send_pieces, cpvm.port, token, cpvm.pid,
-                                         _Later(sinks, index), pieces)
+            sent = threads.deferToThread(
+                send_pieces, cpvm.port, token, cpvm.pid, _Later(sinks, index), pieces
+            )
             answered = await type_until(bystander, sent)
             costs[index] = await sent
             assert answered >= 10, f"only {answered} keystrokes answered meanwhile"
         small, trickled = costs[0], costs[1]
         assert trickled <= MAX_CPU_RATIO * max(small, 1), (
-            f"one frame in 1 KiB pieces cost {trickled} ticks, 1 KiB frames {small}")
+            f"one frame in 1 KiB pieces cost {trickled} ticks, 1 KiB frames {small}"
+        )
         bystander.sendClose(1000)
         await bystander.wait_closed()
     finally:
@@ -148,14 +150,20 @@ def control_and_fragments(port: int, token: str) -> list[tuple[int, bytes]]:
         ping = bytes((0x89,)) + ping[1:]
         first = bytes((0x02,)) + client_frame(b"frag-")[1:]  # binary, not final
         last = bytes((0x80,)) + client_frame(b"mented")[1:]  # final continuation
-        for piece in (client_frame(b"one"), ping[:8], ping[8:] + client_frame(b"two"),
-                      first, last + client_frame(b"three")):
+        for piece in (
+            client_frame(b"one"),
+            ping[:8],
+            ping[8:] + client_frame(b"two"),
+            first,
+            last + client_frame(b"three"),
+        ):
             ws.sock.sendall(piece)
             time.sleep(0.05)  # separate reads: hand-offs in the middle of a frame
         got: list[tuple[int, bytes]] = []
         # Echoes may arrive coalesced: read until the pong and every echoed byte came.
-        while (sum(len(p) for b0, p in got if b0 == 0x82) < len(EXPECTED_ECHO)
-               or not any(b0 == 0x8A for b0, _ in got)):
+        while sum(len(p) for b0, p in got if b0 == 0x82) < len(EXPECTED_ECHO) or not any(
+            b0 == 0x8A for b0, _ in got
+        ):
             got.append(read_frame(ws))
         return got
     finally:

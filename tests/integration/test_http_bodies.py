@@ -45,20 +45,23 @@ def cpvm_daemon(tmp_path, tmpdir_env):
 def manager_daemon(tmp_path, tmpdir_env):
     work = tmp_path / "manager"
     work.mkdir()
-    text = (f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {work / 'data'}\n"
-            "[metrics]\nenabled = false\n")
-    daemon = Daemon("manager", "cpvm-manager", text, workdir=work,
-                    env={"TMPDIR": str(tmpdir_env)})
+    text = (
+        f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {work / 'data'}\n"
+        "[metrics]\nenabled = false\n"
+    )
+    daemon = Daemon("manager", "cpvm-manager", text, workdir=work, env={"TMPDIR": str(tmpdir_env)})
     yield daemon
     daemon.stop()
 
 
 def head(path: str, *, length: int | None, extra: str = "") -> bytes:
-    framing = (f"Content-Length: {length}\r\n" if length is not None
-               else "Transfer-Encoding: chunked\r\n")
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/x-www-form-urlencoded\r\n{framing}{extra}\r\n"
-            ).encode()
+    framing = (
+        f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    )
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\n{framing}{extra}\r\n"
+    ).encode()
 
 
 def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -131,8 +134,9 @@ def assert_refused_without_cost(daemon, tmpdir_env, path, *, chunked_refused: bo
     for chunked in (False, True):
         if chunked and not chunked_refused:
             continue
-        answer, peak = upload(daemon.port, daemon.pid,
-                              head(path, length=None if chunked else BODY), chunked=chunked)
+        answer, peak = upload(
+            daemon.port, daemon.pid, head(path, length=None if chunked else BODY), chunked=chunked
+        )
         assert answer.startswith(b"HTTP/1.1 413 "), (chunked, answer[:200])
         assert peak - rss_before < RSS_GROWTH_KIB, (chunked, rss_before, peak)
         assert files_under(tmpdir_env, daemon.pid) == []
@@ -145,7 +149,8 @@ def test_cpvm_refuses_any_body_from_the_headers(cpvm_daemon, tmpdir_env):
         assert answer.endswith(b"request body too large\n")
     # Without a body the same path answers as before.
     answer = answer_to_headers_alone(
-        cpvm_daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        cpvm_daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
 
 
@@ -153,7 +158,8 @@ def test_cpvm_50mb_bodies_cost_no_memory_and_no_files(cpvm_daemon, tmpdir_env):
     assert_refused_without_cost(cpvm_daemon, tmpdir_env, "/healthz", chunked_refused=True)
     assert "request body too large" in cpvm_daemon.log_text()
     answer = answer_to_headers_alone(
-        cpvm_daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        cpvm_daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
@@ -164,24 +170,27 @@ def test_manager_refuses_a_big_content_length_from_the_headers(manager_daemon):
     body = b"response=json&x=" + b"y" * (1024 * 1024 - 16)
     assert len(body) == 1024 * 1024
     with socket.create_connection(("127.0.0.1", manager_daemon.port), timeout=10) as sock:
-        sock.sendall(head("/client/api", length=len(body), extra="Connection: close\r\n")
-                     + body)
+        sock.sendall(head("/client/api", length=len(body), extra="Connection: close\r\n") + body)
         answer = read_answer(sock)
-    assert answer.startswith(b"HTTP/1.1 4") and not answer.startswith(b"HTTP/1.1 413 "), \
-        answer[:300]
+    assert answer.startswith(b"HTTP/1.1 4") and not answer.startswith(b"HTTP/1.1 413 "), answer[
+        :300
+    ]
 
 
 def test_manager_small_chunked_body_still_served(manager_daemon):
     body = b'{"public_host": "x"}'
     with socket.create_connection(("127.0.0.1", manager_daemon.port), timeout=10) as sock:
-        sock.sendall(b"POST /proxy/v1/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        sock.sendall(
+            b"POST /proxy/v1/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
         answer = read_answer(sock)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]  # no proxy key: not 413
 
 
 def test_manager_50mb_bodies_cost_no_memory_and_no_files(manager_daemon, tmpdir_env):
-    assert_refused_without_cost(manager_daemon, tmpdir_env, "/client/api",
-                                chunked_refused=True)
+    assert_refused_without_cost(manager_daemon, tmpdir_env, "/client/api", chunked_refused=True)
     assert "request body too large" in manager_daemon.log_text()

@@ -74,14 +74,18 @@ class Proxies:
 
     async def start(self, state: Path) -> Daemon:
         # A fixed port: the real manager refuses a heartbeat announcing public port 0.
-        text = cpvm_config(self.manager_url, credential_file=self.key_file,
-                           server={"state_directory": state, "port": free_port()})
+        text = cpvm_config(
+            self.manager_url,
+            credential_file=self.key_file,
+            server={"state_directory": state, "port": free_port()},
+        )
         workdir = self.tmp_path / f"cpvm{len(self.started)}"
         workdir.mkdir()
         # Blocking start-up (reads the log for the port) off the reactor, which runs the
         # manager the new process heartbeats to.
         daemon = await threads.deferToThread(
-            start_cpvm, text, workdir=workdir, extra_args=("--logger=cpvm.common.logs.observer",))
+            start_cpvm, text, workdir=workdir, extra_args=("--logger=cpvm.common.logs.observer",)
+        )
         self.started.append(daemon)
         return daemon
 
@@ -97,15 +101,22 @@ async def _console(cpvm: Daemon, token: str):
 
 @pytest_twisted.ensureDeferred
 async def test_one_key_two_running_proxies(tmp_path, qemu_vnc):
-    m = await start_manager(tmp_path / "manager", {
-        "proxies": {"proxy_timeout": str(PROXY_TIMEOUT), "heartbeat_interval": "1"}})
+    m = await start_manager(
+        tmp_path / "manager",
+        {"proxies": {"proxy_timeout": str(PROXY_TIMEOUT), "heartbeat_interval": "1"}},
+    )
     proxies = None
     try:
         alice = m.account("alice")
-        vm = m.vm("alice", name="qemu", password=QEMU_TEST_PASSWORD, vnc_host="127.0.0.1",
-                  vnc_port=str(qemu_vnc.port))
+        vm = m.vm(
+            "alice",
+            name="qemu",
+            password=QEMU_TEST_PASSWORD,
+            vnc_host="127.0.0.1",
+            vnc_port=str(qemu_vnc.port),
+        )
         key = m.proxy_key("shared")
-        key_id = key[len("cpvmk_"):].split(".", 1)[0]
+        key_id = key[len("cpvmk_") :].split(".", 1)[0]
         key_file = tmp_path / "proxy.key"
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
@@ -123,8 +134,9 @@ async def test_one_key_two_running_proxies(tmp_path, qemu_vnc):
         # The same key on a second running instance (a cloned appliance).
         second = await proxies.start(state2)
         assert _instance_id(state1) != _instance_id(state2)
-        status, text = await _until(lambda: _not_ready_conflict(second),
-                                    "the second cpvm reports the conflict")
+        status, text = await _until(
+            lambda: _not_ready_conflict(second), "the second cpvm reports the conflict"
+        )
         assert status == 503 and f"proxy key {key_id} is in use" in text
         assert "instance_conflict" in text
         # Several refused beats later: still refused, still not ready.
@@ -160,8 +172,7 @@ async def test_one_key_two_running_proxies(tmp_path, qemu_vnc):
 
         # The first stops: the second takes over once the first is silent for proxy_timeout.
         await proxies.stop(first)
-        await _until(lambda: _ready(second), "the second takes over",
-                     timeout=PROXY_TIMEOUT * 6)
+        await _until(lambda: _ready(second), "the second takes over", timeout=PROXY_TIMEOUT * 6)
         assert _proxy_row(m)["instance"] == _instance_id(state2)
         answer = await m.endpoint(alice, vm)
         assert answer["websocket"]["port"] == str(second.port)
@@ -193,8 +204,11 @@ async def test_one_key_two_running_proxies(tmp_path, qemu_vnc):
             for daemon in proxies.started:
                 await proxies.stop(daemon)
                 # Shown when the test fails (without the readiness polls).
-                print("\n".join(line for line in daemon.log_text().splitlines()
-                                 if "GET /readyz" not in line)[-4000:])
+                print(
+                    "\n".join(
+                        line for line in daemon.log_text().splitlines() if "GET /readyz" not in line
+                    )[-4000:]
+                )
         await m.stop()
 
 
@@ -220,8 +234,7 @@ async def _more_conflicts(m, at_least: float) -> bool:
 async def _heartbeats_ok(m) -> float:
     r = await treq.get(m.base + "/metrics", persistent=False)
     for line in (await r.text()).splitlines():
-        if line.startswith('cpvm_manager_proxy_requests_total{endpoint="heartbeat",'
-                           'status="200"}'):
+        if line.startswith('cpvm_manager_proxy_requests_total{endpoint="heartbeat",status="200"}'):
             return float(line.split()[-1])
     return 0.0
 
@@ -229,15 +242,20 @@ async def _heartbeats_ok(m) -> float:
 @pytest_twisted.ensureDeferred
 async def test_workers_of_one_instance_share_its_id(tmp_path):
     """``workers = 2``: both processes heartbeat as the one instance, never a conflict."""
-    m = await start_manager(tmp_path / "manager", {
-        "proxies": {"proxy_timeout": str(PROXY_TIMEOUT), "heartbeat_interval": "1"}})
+    m = await start_manager(
+        tmp_path / "manager",
+        {"proxies": {"proxy_timeout": str(PROXY_TIMEOUT), "heartbeat_interval": "1"}},
+    )
     key = m.proxy_key("multi")
     key_file = tmp_path / "proxy.key"
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     state = tmp_path / "state"
-    text = cpvm_config(m.base, credential_file=key_file,
-                       server={"state_directory": state, "port": free_port(), "workers": 2})
+    text = cpvm_config(
+        m.base,
+        credential_file=key_file,
+        server={"state_directory": state, "port": free_port(), "workers": 2},
+    )
     workdir = tmp_path / "cpvm"
     workdir.mkdir()
     daemon = await threads.deferToThread(start_cpvm, text, workdir=workdir)

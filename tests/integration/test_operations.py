@@ -31,8 +31,9 @@ def echo_server():
 
 async def session(cpvm, manager, port, scheme="ws", ca_pem=None):
     token, issued = manager.issue({"host": "127.0.0.1", "port": port})
-    client = await open_console(f"{scheme}://127.0.0.1:{cpvm.port}/websockify?token={token}",
-                                ca_pem=ca_pem)
+    client = await open_console(
+        f"{scheme}://127.0.0.1:{cpvm.port}/websockify?token={token}", ca_pem=ca_pem
+    )
     await client.rfb_handshake()
     return client, token, issued
 
@@ -54,8 +55,10 @@ def raw_get(port: int, target: str) -> tuple[int, bytes]:
 def raw_get_with(port: int, target: str, *headers: str) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         extra = "".join(h + "\r\n" for h in headers)
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
-                  "Connection: close\r\n\r\n".encode())
+        s.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -86,12 +89,20 @@ def test_novnc_health_and_404s(cpvm):
     status, body = http_get(cpvm.url("/resource/noVNC/vnc.html"))
     assert status == 200 and "noVNC" in body
     assert http_get(cpvm.url("/healthz")) == (200, "ok\n")
-    for path in ("/", "/resource/", "/resource/noVNC/", "/resource/noVNC/app/",
-                 "/nothing-here", "/resource/noVNC/vnc.html.bak"):
+    for path in (
+        "/",
+        "/resource/",
+        "/resource/noVNC/",
+        "/resource/noVNC/app/",
+        "/nothing-here",
+        "/resource/noVNC/vnc.html.bak",
+    ):
         assert http_get(cpvm.url(path))[0] == 404, path
-    for target in ("/resource/noVNC/../../../../etc/passwd",
-                   "/resource/noVNC/..%2f..%2f..%2f..%2fetc%2fpasswd",
-                   "/resource/noVNC/%2e%2e/%2e%2e/%2e%2e/etc/passwd"):
+    for target in (
+        "/resource/noVNC/../../../../etc/passwd",
+        "/resource/noVNC/..%2f..%2f..%2f..%2fetc%2fpasswd",
+        "/resource/noVNC/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    ):
         status, raw = raw_get(cpvm.port, target)
         assert status in (400, 404) and b"root:" not in raw, target
 
@@ -137,8 +148,12 @@ async def test_compression_offer_declined_and_session_works(cpvm, manager, echo_
     token, _ = manager.issue({"host": "127.0.0.1", "port": echo_server})
 
     def browser():
-        ws = RawWebSocket("127.0.0.1", cpvm.port, f"/websockify?token={token}", headers={
-            "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"})
+        ws = RawWebSocket(
+            "127.0.0.1",
+            cpvm.port,
+            f"/websockify?token={token}",
+            headers={"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"},
+        )
         try:
             ws.rfb_handshake()
             ws.send(b"ping")
@@ -156,8 +171,9 @@ async def test_compression_offer_declined_and_session_works(cpvm, manager, echo_
 
 def test_metrics_only_for_allowed_addresses(cpvm_factory):
     # The default allows loopback only (the other tests scrape from 127.0.0.1).
-    cpvm = cpvm_factory(metrics={"allow": "192.0.2.0/24, 2001:db8::/32"},
-                        server={"trusted_proxies": "127.0.0.1"})
+    cpvm = cpvm_factory(
+        metrics={"allow": "192.0.2.0/24, 2001:db8::/32"}, server={"trusted_proxies": "127.0.0.1"}
+    )
     status, text = http_get(cpvm.url("/metrics"))
     assert status == 404 and "cpvm_" not in text
     # Even from a trusted proxy the forwarded-for header proves nothing: the TCP peer
@@ -181,14 +197,16 @@ async def test_metrics_follow_sessions(cpvm, manager, echo_server):
     assert metric(during, "cpvm_relayed_bytes_total", direction="to_server") >= 10_000
     assert metric(during, "cpvm_rfb_handshake_seconds_count") == 1
     with pytest.raises(ConnectionError):
-        await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token=x",
-                           origin="https://evil.example")
+        await open_console(
+            f"ws://127.0.0.1:{cpvm.port}/websockify?token=x", origin="https://evil.example"
+        )
     client.sendClose(1000)
     await client.wait_closed()
 
     async def ended():
         text = (await get(cpvm.url("/metrics")))[1]
         return metric(text, "cpvm_active_sessions") == 0
+
     await wait_for(ended, what="active sessions back to 0")
     after = (await get(cpvm.url("/metrics")))[1]
     assert metric(after, "cpvm_sessions_total", outcome="client_closed") == 1
@@ -235,8 +253,7 @@ async def test_sigterm_drains_with_1001(cpvm_factory, manager, echo_server):
     started = reactor.seconds()
     await wait_for(lambda: _exited(cpvm), timeout=8, what="cpvm exit")
     assert reactor.seconds() - started < 3 + 2
-    assert any(sid == issued.session_id and r["reason"] == "shutdown"
-               for sid, r in manager.ends)
+    assert any(sid == issued.session_id and r["reason"] == "shutdown" for sid, r in manager.ends)
 
 
 async def _exited(daemon):
@@ -255,16 +272,14 @@ def _der(pem_path) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_and_sighup_certificate_reload(cpvm_factory, manager, echo_server, pki,
-                                                 tmp_path):
+async def test_tls_and_sighup_certificate_reload(cpvm_factory, manager, echo_server, pki, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(pki.server_cert.read_bytes())
     key.write_bytes(pki.server_key.read_bytes())
     cpvm = cpvm_factory(server={"tls": "true", "certificate": cert, "private_key": key})
     ca = str(pki.ca_cert)
     assert await threads.deferToThread(_peer_cert, cpvm.port, ca) == _der(cert)
-    client, _, _ = await session(cpvm, manager, echo_server, scheme="wss",
-                                 ca_pem=pki.ca_cert_pem)
+    client, _, _ = await session(cpvm, manager, echo_server, scheme="wss", ca_pem=pki.ca_cert_pem)
     await healthy(client)
     renewed = pki.issue_server_cert(tmp_path / "renewed")
     cert.write_bytes(renewed.server_cert.read_bytes())
@@ -273,6 +288,7 @@ async def test_tls_and_sighup_certificate_reload(cpvm_factory, manager, echo_ser
 
     async def reloaded():
         return await threads.deferToThread(_peer_cert, cpvm.port, ca) == _der(cert)
+
     await wait_for(reloaded, what="the renewed certificate")
     await healthy(client)  # the session opened before the reload is still up
     assert cpvm.alive()
@@ -289,7 +305,9 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
     async def two_processes():
         # Listening, not only started: under load a worker takes seconds to bind.
         return len(first.children()) == 1 and any(
-            c.status == psutil.CONN_LISTEN for c in first.children()[0].net_connections())
+            c.status == psutil.CONN_LISTEN for c in first.children()[0].net_connections()
+        )
+
     await wait_for(two_processes, what="the second worker listening")
     pids = {cpvm.pid, first.children()[0].pid}
     clients = [(await session(cpvm, manager, echo_server))[0] for _ in range(16)]
@@ -314,15 +332,17 @@ async def test_two_workers_share_the_port(cpvm_factory, manager, echo_server):
 
     async def all_ended():
         text = (await get(cpvm.url("/metrics")))[1]
-        return (metric(text, "cpvm_active_sessions") == 0
-                and metric(text, "cpvm_sessions_total", outcome="client_closed") == 16)
+        return (
+            metric(text, "cpvm_active_sessions") == 0
+            and metric(text, "cpvm_sessions_total", outcome="client_closed") == 16
+        )
+
     await wait_for(all_ended, what="every worker's sessions counted as ended")
     text = (await get(cpvm.url("/metrics")))[1]
     assert metric(text, "cpvm_relayed_bytes_total", direction="to_server") >= 16 * 100
     os.kill(cpvm.pid, signal.SIGTERM)
     await wait_for(lambda: _exited(cpvm), timeout=15, what="cpvm exit")
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                   for p in pids)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     assert not os.path.exists(shared), "the shared metrics directory outlived cpvm"
 
 
@@ -332,16 +352,21 @@ async def test_workers_start_with_a_two_word_pidfile_option(manager, proxy_key, 
     # which twistd then took for the plugin's name: every worker died at start.
     port = free_port()
     pidfile = tmp_path / "cpvm.pid"
-    text = cpvm_config(manager.url, credential_file=proxy_key[1],
-                       server={"workers": 2, "port": port})
+    text = cpvm_config(
+        manager.url, credential_file=proxy_key[1], server={"workers": 2, "port": port}
+    )
     (tmp_path / "cpvm").mkdir()
     cpvm = start_cpvm(text, workdir=tmp_path / "cpvm", extra_args=("--pidfile", str(pidfile)))
     try:
         first = psutil.Process(cpvm.pid)
 
         async def worker_listens():
-            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                       for w in first.children() for c in w.net_connections(kind="tcp"))
+            return any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for w in first.children()
+                for c in w.net_connections(kind="tcp")
+            )
+
         await wait_for(worker_listens, timeout=20, what="the second worker on the port")
         [worker] = first.children()
         assert "--pidfile=" in worker.cmdline() and str(pidfile) not in worker.cmdline()
@@ -361,8 +386,9 @@ def _slow_loris(port: int, wait: float) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_unfinished_requests_are_dropped_but_sessions_live_on(cpvm_factory, manager,
-                                                                   echo_server):
+async def test_unfinished_requests_are_dropped_but_sessions_live_on(
+    cpvm_factory, manager, echo_server
+):
     cpvm = cpvm_factory(session={"websocket_handshake_timeout": 1})
     client, _, _ = await session(cpvm, manager, echo_server)
     # The half-sent request is cut off by cpvm with a 408 (see test_slowloris.py).

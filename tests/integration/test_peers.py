@@ -165,14 +165,20 @@ def test_wait_for_rfb_banner_returns_the_banner() -> None:
         assert peers.wait_for_rfb_banner(peers.HOST, port, timeout=10) == b"RFB 003.008\n"
 
 
-@pytest.mark.parametrize("answer, why", [
-    (None, "timed out"),                             # accepts, says nothing
-    (b"HTTP/1.1 400 Bad\r\n", "unexpected banner"),  # something else on the port
-])
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (None, "timed out"),  # accepts, says nothing
+        (b"HTTP/1.1 400 Bad\r\n", "unexpected banner"),  # something else on the port
+    ],
+)
 def test_wait_for_rfb_banner_gives_up_with_the_reason(answer, why) -> None:
     with _serving(answer) as port:
-        with pytest.raises(peers.PeerStartError, match=f"no RFB banner on 127.0.0.1:{port} "
-                           rf"within 0.5s \(last: .*{why}"):
+        with pytest.raises(
+            peers.PeerStartError,
+            match=f"no RFB banner on 127.0.0.1:{port} "
+            rf"within 0.5s \(last: .*{why}",
+        ):
             peers.wait_for_rfb_banner(peers.HOST, port, timeout=0.5)
 
 
@@ -220,8 +226,7 @@ def test_xvnc_vncauth_offers_vnc_auth(xvnc: peers.Xvnc) -> None:
     assert xvnc.host == "127.0.0.1"
     assert _probe_types(xvnc) == [2]
     # As start_xvnc was asked: -geometry 1024x768, -desktop cpvm-test.
-    assert _assert_password_is_checked(xvnc, peers.XVNC_TEST_PASSWORD) == (
-        1024, 768, b"cpvm-test")
+    assert _assert_password_is_checked(xvnc, peers.XVNC_TEST_PASSWORD) == (1024, 768, b"cpvm-test")
     assert Path(f"/tmp/.X11-unix/X{xvnc.display}").exists()
     xterm = xvnc.run_xterm()
     assert xterm.poll() is None
@@ -276,8 +281,9 @@ def test_postgres_answers_select_1(postgres: peers.Postgres) -> None:
     conn = psycopg2.connect(other_dsn, connect_timeout=10)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT current_database(), count(*) FROM pg_tables "
-                        "WHERE schemaname = 'public'")
+            cur.execute(
+                "SELECT current_database(), count(*) FROM pg_tables WHERE schemaname = 'public'"
+            )
             assert cur.fetchone() == ("cpvm_test_smoke", 0)  # a new, empty database
     finally:
         conn.close()

@@ -21,8 +21,9 @@ _STARTING = re.compile(r"starting on (\d+)")
 
 def _readme_commands() -> list[list[str]]:
     text = (REPO_ROOT / "README.md").read_text()
-    lines = [line.strip() for line in text.splitlines()
-             if re.match(r"^\S*twistd -n ", line.strip())]
+    lines = [
+        line.strip() for line in text.splitlines() if re.match(r"^\S*twistd -n ", line.strip())
+    ]
     return [shlex.split(line) for line in lines]
 
 
@@ -39,14 +40,21 @@ def test_readme_command_starts_the_daemon(plugin: str, tmp_path: Path):
     if plugin == "cpvm-manager":
         conf = f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {tmp_path}/data\n"
     else:
-        conf = (f"[server]\nbind = 127.0.0.1\nport = 0\nstate_directory = {tmp_path}/state\n"
-                "[manager]\nurl = http://127.0.0.1:9\n")
+        conf = (
+            f"[server]\nbind = 127.0.0.1\nport = 0\nstate_directory = {tmp_path}/state\n"
+            "[manager]\nurl = http://127.0.0.1:9\n"
+        )
     (tmp_path / "d.conf").write_text(conf)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     log = tmp_path / "out.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([*argv, "--config", str(tmp_path / "d.conf")], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*argv, "--config", str(tmp_path / "d.conf")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:

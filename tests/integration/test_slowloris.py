@@ -40,8 +40,7 @@ class Trickler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        request = (b"GET /websockify?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
-                   + b"a" * 1000)
+        request = b"GET /websockify?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 1000
         self.sock.settimeout(0.5)
         try:
             for byte in request:
@@ -99,8 +98,10 @@ async def test_trickling_connections_are_closed_at_the_deadline(cpvm_factory, ma
 
 @pytest_twisted.ensureDeferred
 async def test_one_address_at_its_cap_does_not_lock_out_another(cpvm_factory, manager, xvnc):
-    cpvm = cpvm_factory(session={"websocket_handshake_timeout": DEADLINE},
-                        server={"max_http_connections_per_address": PER_ADDRESS})
+    cpvm = cpvm_factory(
+        session={"websocket_handshake_timeout": DEADLINE},
+        server={"max_http_connections_per_address": PER_ADDRESS},
+    )
     tricklers = [Trickler(cpvm.port, ATTACKER) for _ in range(PER_ADDRESS)]
     for t in tricklers:
         t.start()
@@ -108,8 +109,9 @@ async def test_one_address_at_its_cap_does_not_lock_out_another(cpvm_factory, ma
         # The attacker's next connection is closed at once ...
         assert await threads.deferToThread(closed_at_once, cpvm.port, ATTACKER)
         # ... while a person at another address opens a console on a real VNC server.
-        token, _ = manager.issue({"host": "127.0.0.1", "port": xvnc.port,
-                                  "password": XVNC_TEST_PASSWORD})
+        token, _ = manager.issue(
+            {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
+        )
         client = await open_console(f"ws://127.0.0.1:{cpvm.port}/websockify?token={token}")
         info = await client.rfb_handshake()
         assert (info["width"], info["height"]) == (1024, 768)
@@ -127,9 +129,13 @@ async def test_one_address_at_its_cap_does_not_lock_out_another(cpvm_factory, ma
 def test_manager_trickling_request_closed_at_its_deadline(tmp_path):
     work = tmp_path / "manager"
     work.mkdir()
-    manager = Daemon("manager", "cpvm-manager",
-                     f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {work / 'data'}\n"
-                     "request_timeout = 3\n", workdir=work)
+    manager = Daemon(
+        "manager",
+        "cpvm-manager",
+        f"[server]\nlisten = tcp:0:interface=127.0.0.1\ndata_dir = {work / 'data'}\n"
+        "request_timeout = 3\n",
+        workdir=work,
+    )
     try:
         trickler = Trickler(manager.port, "127.0.0.1")
         trickler.start()

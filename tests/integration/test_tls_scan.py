@@ -24,8 +24,12 @@ from tests.peers import HOST, INSTALL_HINT
 SSLYZE_PYTHON = Path(os.environ.get("CPVM_SSLYZE_VENV", "/opt/cpvm-sslyze")) / "bin" / "python"
 # One scan command per protocol version, plus compression and renegotiation.
 _VERSIONS = {
-    "ssl_2_0": "--sslv2", "ssl_3_0": "--sslv3", "tls_1_0": "--tlsv1", "tls_1_1": "--tlsv1_1",
-    "tls_1_2": "--tlsv1_2", "tls_1_3": "--tlsv1_3",
+    "ssl_2_0": "--sslv2",
+    "ssl_3_0": "--sslv3",
+    "tls_1_0": "--tlsv1",
+    "tls_1_1": "--tlsv1_1",
+    "tls_1_2": "--tlsv1_2",
+    "tls_1_3": "--tlsv1_3",
 }
 _FORBIDDEN_VERSIONS = ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1")
 
@@ -34,9 +38,18 @@ def sslyze(port: int, out: Path) -> dict[str, Any]:
     """Scan ``HOST:port``; return sslyze's ``scan_result`` (its JSON output)."""
     if not SSLYZE_PYTHON.exists():
         pytest.fail(f"sslyze missing at {SSLYZE_PYTHON}: {INSTALL_HINT}", pytrace=False)
-    argv = [str(SSLYZE_PYTHON), "-m", "sslyze", "--quiet", f"--json_out={out}",
-            "--mozilla_config=disable", *_VERSIONS.values(), "--compression", "--reneg",
-            f"{HOST}:{port}"]
+    argv = [
+        str(SSLYZE_PYTHON),
+        "-m",
+        "sslyze",
+        "--quiet",
+        f"--json_out={out}",
+        "--mozilla_config=disable",
+        *_VERSIONS.values(),
+        "--compression",
+        "--reneg",
+        f"{HOST}:{port}",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"sslyze failed: {done.stdout}{done.stderr}"
     [server] = json.loads(out.read_text())["server_scan_results"]
@@ -54,8 +67,10 @@ def policy_violations(scan: dict[str, Any]) -> list[str]:
     """Every way the scanned listener departs from cpvm's TLS policy (empty: compliant)."""
     found = []
     accepted = {
-        version: [c["cipher_suite"]["name"]
-                  for c in _result(scan, f"{version}_cipher_suites")["accepted_cipher_suites"]]
+        version: [
+            c["cipher_suite"]["name"]
+            for c in _result(scan, f"{version}_cipher_suites")["accepted_cipher_suites"]
+        ]
         for version in _VERSIONS
     }
     for version in _FORBIDDEN_VERSIONS:
@@ -65,8 +80,9 @@ def policy_violations(scan: dict[str, Any]) -> list[str]:
         found.append("neither TLS 1.2 nor TLS 1.3 accepted")
     # TLS 1.2 names carry the key exchange; TLS 1.3 suites (TLS_AES_*, TLS_CHACHA20_*) do
     # not, and all of them are ephemeral (EC)DHE.
-    not_fs = [name for name in accepted["tls_1_2"]
-              if not name.startswith(("TLS_ECDHE_", "TLS_DHE_"))]
+    not_fs = [
+        name for name in accepted["tls_1_2"] if not name.startswith(("TLS_ECDHE_", "TLS_DHE_"))
+    ]
     if not_fs:
         found.append(f"TLS 1.2 suites without forward secrecy: {not_fs}")
     if _result(scan, "tls_compression")["supports_compression"]:
@@ -81,20 +97,35 @@ def policy_violations(scan: dict[str, Any]) -> list[str]:
 
 def test_policy_check_flags_weak_findings():
     """The checker itself: a scan with every weakness yields one finding per weakness."""
+
     def suites(*names):
-        return {"status": "COMPLETED", "result": {
-            "accepted_cipher_suites": [{"cipher_suite": {"name": n}} for n in names]}}
+        return {
+            "status": "COMPLETED",
+            "result": {"accepted_cipher_suites": [{"cipher_suite": {"name": n}} for n in names]},
+        }
+
     weak = {f"{v}_cipher_suites": suites() for v in _VERSIONS}
     weak["tls_1_0_cipher_suites"] = suites("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA")
-    weak["tls_1_2_cipher_suites"] = suites("TLS_RSA_WITH_AES_128_GCM_SHA256",
-                                           "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")
+    weak["tls_1_2_cipher_suites"] = suites(
+        "TLS_RSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
+    )
     weak["tls_compression"] = {"status": "COMPLETED", "result": {"supports_compression": True}}
-    weak["session_renegotiation"] = {"status": "COMPLETED", "result": {
-        "supports_secure_renegotiation": False, "is_vulnerable_to_client_renegotiation_dos": True,
-        "client_renegotiations_success_count": 3}}
+    weak["session_renegotiation"] = {
+        "status": "COMPLETED",
+        "result": {
+            "supports_secure_renegotiation": False,
+            "is_vulnerable_to_client_renegotiation_dos": True,
+            "client_renegotiations_success_count": 3,
+        },
+    }
     found = policy_violations(weak)
-    assert [f.split(" ")[0] for f in found] == ["tls_1_0", "TLS", "TLS", "client-initiated",
-                                                 "insecure"]
+    assert [f.split(" ")[0] for f in found] == [
+        "tls_1_0",
+        "TLS",
+        "TLS",
+        "client-initiated",
+        "insecure",
+    ]
     assert "TLS_RSA_WITH_AES_128_GCM_SHA256" in found[1]
     assert "ECDHE" not in found[1]
 
@@ -125,8 +156,10 @@ async def test_cpvm_tls_listener_passes_the_scanner(cpvm_factory, pki, tmp_path)
 async def test_manager_tls_listener_passes_the_scanner(pki, tmp_path):
     cert, key = _copy_pki(pki, tmp_path / "tls")
     # As docs/operations.md configures it: an ssl: endpoint string.
-    config = (f"[server]\nlisten = ssl:0:interface={HOST}:privateKey={key}:certKey={cert}\n"
-              f"data_dir = {tmp_path / 'data'}\n")
+    config = (
+        f"[server]\nlisten = ssl:0:interface={HOST}:privateKey={key}:certKey={cert}\n"
+        f"data_dir = {tmp_path / 'data'}\n"
+    )
     (tmp_path / "manager").mkdir()
     manager = Daemon("cpvm-manager", "cpvm-manager", config, workdir=tmp_path / "manager")
     try:

@@ -85,10 +85,29 @@ class Manager:
         self.secrets_seen.append(data["secretkey"])
         return Credentials(name, data["apikey"], data["secretkey"])
 
-    def vm(self, owner: str, *, name: str = "web-01", state: str = "Running",
-           password: str | None = "vncsecret-1", **options: str) -> str:
-        args = ["vm", "add", "--name", name, "--owner", owner, "--vnc-host", "10.0.0.5",
-                "--vnc-port", "5901", "--state", state]
+    def vm(
+        self,
+        owner: str,
+        *,
+        name: str = "web-01",
+        state: str = "Running",
+        password: str | None = "vncsecret-1",
+        **options: str,
+    ) -> str:
+        args = [
+            "vm",
+            "add",
+            "--name",
+            name,
+            "--owner",
+            owner,
+            "--vnc-host",
+            "10.0.0.5",
+            "--vnc-port",
+            "5901",
+            "--state",
+            state,
+        ]
         for key, value in options.items():
             args += [f"--{key.replace('_', '-')}", value]
         if password is not None:
@@ -109,8 +128,14 @@ class Manager:
 
     # HTTP -------------------------------------------------------------------------------
 
-    async def api(self, creds: Credentials | None, command: str, method: str = "GET",
-                  headers: dict[str, str] | None = None, **params: str) -> tuple[int, Any]:
+    async def api(
+        self,
+        creds: Credentials | None,
+        command: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        **params: str,
+    ) -> tuple[int, Any]:
         """Call the public API, signed with ``creds`` (unless ``signature`` is given).
 
         Signed requests carry ``signatureVersion=3`` and an ``expires`` 5 minutes ahead on
@@ -129,18 +154,19 @@ class Manager:
         hdrs = {k: [v] for k, v in (headers or {}).items()}
         url = f"{self.base}/client/api"
         if method == "GET":
-            response = await treq.get(url + "?" + urlencode(query), headers=hdrs,
-                                      persistent=False)
+            response = await treq.get(url + "?" + urlencode(query), headers=hdrs, persistent=False)
         else:
             hdrs["Content-Type"] = ["application/x-www-form-urlencoded"]
-            response = await treq.post(url, data=urlencode(query).encode(), headers=hdrs,
-                                       persistent=False)
+            response = await treq.post(
+                url, data=urlencode(query).encode(), headers=hdrs, persistent=False
+            )
         body = await response.text()
         return response.code, json.loads(body) if body else None
 
     async def endpoint(self, creds: Credentials, vm_id: str, **params: str) -> dict[str, Any]:
-        status, body = await self.api(creds, "createConsoleEndpoint", virtualmachineid=vm_id,
-                                      **params)
+        status, body = await self.api(
+            creds, "createConsoleEndpoint", virtualmachineid=vm_id, **params
+        )
         assert status == 200, body
         answer = body["createconsoleendpointresponse"]["consoleendpoint"]
         if answer["success"]:
@@ -151,18 +177,36 @@ class Manager:
         headers = {"Content-Type": ["application/json"]}
         if key is not None:
             headers["Authorization"] = [f"Bearer {key}"]
-        response = await treq.post(f"{self.base}/proxy/v1/{path}", data=json.dumps(body).encode(),
-                                   headers=headers, persistent=False)
+        response = await treq.post(
+            f"{self.base}/proxy/v1/{path}",
+            data=json.dumps(body).encode(),
+            headers=headers,
+            persistent=False,
+        )
         text = await response.text()
         return response.code, json.loads(text) if text else None
 
-    async def heartbeat(self, key: str, *, host: str = "cpvm.example.com", port: int = 8080,
-                        tls: bool = False, capacity: int = 10, active: list[str] | None = None,
-                        address: str = "192.0.2.10", instance: str | None = None,
-                        expect: int = 200) -> dict[str, Any]:
+    async def heartbeat(
+        self,
+        key: str,
+        *,
+        host: str = "cpvm.example.com",
+        port: int = 8080,
+        tls: bool = False,
+        capacity: int = 10,
+        active: list[str] | None = None,
+        address: str = "192.0.2.10",
+        instance: str | None = None,
+        expect: int = 200,
+    ) -> dict[str, Any]:
         beat = {
-            "public_host": host, "public_port": port, "tls": tls, "address": address,
-            "capacity": capacity, "active_sessions": active or [], "version": "test",
+            "public_host": host,
+            "public_port": port,
+            "tls": tls,
+            "address": address,
+            "capacity": capacity,
+            "active_sessions": active or [],
+            "version": "test",
         }
         if instance is not None:
             beat["instance"] = instance
@@ -170,21 +214,32 @@ class Manager:
         assert status == expect, body
         return body
 
-    async def redeem(self, key: str, token: str, extra: str | None = None,
-                     client_address: str = "127.0.0.1",
-                     instance: str | None = None) -> tuple[int, Any]:
+    async def redeem(
+        self,
+        key: str,
+        token: str,
+        extra: str | None = None,
+        client_address: str = "127.0.0.1",
+        instance: str | None = None,
+    ) -> tuple[int, Any]:
         body = {"token": token, "extra": extra, "client_address": client_address}
         if instance is not None:
             body["instance"] = instance
         return await self.proxy(key, "redeem", body)
 
 
-async def start_manager(directory: Path, sections: dict[str, dict[str, Any]] | None = None,
-                        clock: Any = None) -> Manager:
+async def start_manager(
+    directory: Path, sections: dict[str, dict[str, Any]] | None = None, clock: Any = None
+) -> Manager:
     directory.mkdir(parents=True, exist_ok=True)
     config_path = write_config(directory, sections or {})
     service = build_manager(load_config(str(config_path)), reactor, clock=clock)
     service.startService()
     port = await service.http._waitingForPort  # type: ignore[attr-defined]
-    return Manager(service, config_path, port.getHost().port, directory,
-                   clock if clock is not None else reactor)
+    return Manager(
+        service,
+        config_path,
+        port.getHost().port,
+        directory,
+        clock if clock is not None else reactor,
+    )

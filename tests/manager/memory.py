@@ -26,9 +26,16 @@ from cpvm.manager.web import build_site
 from tests.stubhttp import Answer, MemoryHttp
 
 NOW = 1_800_000_000.0
-SETTINGS = BrokerSettings(token_ttl=60, bind_client_address=False, proxy_timeout=20,
-                          heartbeat_interval=5, url_domain=None, idle_timeout=None,
-                          max_duration=None, retention_seconds=30 * 86400.0)
+SETTINGS = BrokerSettings(
+    token_ttl=60,
+    bind_client_address=False,
+    proxy_timeout=20,
+    heartbeat_interval=5,
+    url_domain=None,
+    idle_timeout=None,
+    max_duration=None,
+    retention_seconds=30 * 86400.0,
+)
 
 
 class SyncDatabase:
@@ -90,17 +97,33 @@ class MemoryManager:
     def account(self, name: str, role: str = "user") -> Caller:
         account = self.run(store.create_account, str(uuid.uuid4()), name, role, NOW)
         api_key, secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        self.run(store.create_api_key, str(uuid.uuid4()), account.id, api_key,
-                 self.box.encrypt(secret), NOW)
+        self.run(
+            store.create_api_key,
+            str(uuid.uuid4()),
+            account.id,
+            api_key,
+            self.box.encrypt(secret),
+            NOW,
+        )
         self.secrets_seen.append(secret)
         return Caller(account.id, api_key, secret)
 
     def vm(self, owner: Caller, password: str = "vncsecret-1") -> str:
         vm_id = str(uuid.uuid4())
-        self.run(store.add_vm, {
-            "id": vm_id, "name": "web-01", "owner_id": owner.account_id, "state": "Running",
-            "vnc_host": "10.0.0.5", "vnc_port": 5901, "vnc_tls": "none",
-            "vnc_password_enc": self.box.encrypt(password)}, NOW)
+        self.run(
+            store.add_vm,
+            {
+                "id": vm_id,
+                "name": "web-01",
+                "owner_id": owner.account_id,
+                "state": "Running",
+                "vnc_host": "10.0.0.5",
+                "vnc_port": 5901,
+                "vnc_tls": "none",
+                "vnc_password_enc": self.box.encrypt(password),
+            },
+            NOW,
+        )
         self.secrets_seen.append(password)
         return vm_id
 
@@ -123,16 +146,23 @@ class MemoryManager:
                 query["signature"] = sign(query, caller.secret)
         return self.http.get("http://manager.test/client/api?" + urlencode(query))
 
-    def proxy(self, key: str | None, path: str, body: bytes | str = b"{}",
-              method: str = "POST", authorization: str | None = None) -> Answer:
+    def proxy(
+        self,
+        key: str | None,
+        path: str,
+        body: bytes | str = b"{}",
+        method: str = "POST",
+        authorization: str | None = None,
+    ) -> Answer:
         headers = {"Content-Type": ["application/json"]}
         if authorization is None and key is not None:
             authorization = f"Bearer {key}"
         if authorization is not None:
             headers["Authorization"] = [authorization]
         data = body.encode() if isinstance(body, str) else body
-        return self.http.request(method, f"http://manager.test/proxy/{path}", data=data,
-                                 headers=headers)
+        return self.http.request(
+            method, f"http://manager.test/proxy/{path}", data=data, headers=headers
+        )
 
 
 def memory_manager(directory: Path) -> MemoryManager:
@@ -143,6 +173,14 @@ def memory_manager(directory: Path) -> MemoryManager:
     box = SecretBox.from_file(directory / "secret.key")
     metrics = ManagerMetrics()
     broker = ConsoleBroker(database, box, clock, SETTINGS, metrics)  # type: ignore[arg-type]
-    site = build_site(broker, database, box, clock, (), metrics,  # type: ignore[arg-type]
-                      None, clock)
+    site = build_site(
+        broker,
+        database,
+        box,
+        clock,
+        (),
+        metrics,  # type: ignore[arg-type]
+        None,
+        clock,
+    )
     return MemoryManager(database, box, clock, MemoryHttp(site.resource))

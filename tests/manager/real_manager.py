@@ -41,8 +41,9 @@ class ManagerDaemon:
     def __init__(self, directory: Path, sections: dict[str, dict[str, Any]] | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.daemon = Daemon("manager", "cpvm-manager", _config_text(directory, sections or {}),
-                             workdir=directory)
+        self.daemon = Daemon(
+            "manager", "cpvm-manager", _config_text(directory, sections or {}), workdir=directory
+        )
         self.base = self.daemon.url()
 
     def stop(self) -> None:
@@ -65,16 +66,33 @@ class ManagerDaemon:
         return Credentials(name, data["apikey"], data["secretkey"])
 
     def vm(self, owner: str) -> str:
-        return self.admin("vm", "add", "--name", "web-01", "--owner", owner, "--vnc-host",
-                          "10.0.0.5", "--vnc-port", "5901", "--state", "Running").strip()
+        return self.admin(
+            "vm",
+            "add",
+            "--name",
+            "web-01",
+            "--owner",
+            owner,
+            "--vnc-host",
+            "10.0.0.5",
+            "--vnc-port",
+            "5901",
+            "--state",
+            "Running",
+        ).strip()
 
     def proxy_key(self, name: str = "p1") -> str:
         return self.admin("proxy-key", "create", "--name", name).strip()
 
     # HTTP -------------------------------------------------------------------------------
 
-    def request(self, path: str, data: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 30):
+    def request(
+        self,
+        path: str,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+    ):
         """(status, parsed JSON body or text, headers) of one request."""
         req = urllib.request.Request(self.base + path, data=data, headers=headers or {})
         try:
@@ -93,11 +111,16 @@ class ManagerDaemon:
         encoded = urlencode(query)
         if method == "GET":
             return self.request("/client/api?" + encoded, timeout=timeout)
-        return self.request("/client/api", encoded.encode(), timeout=timeout,
-                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return self.request(
+            "/client/api",
+            encoded.encode(),
+            timeout=timeout,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
 
-    def signed(self, creds: Credentials, command: str, *, ttl: float | None = 300,
-               **params: str) -> dict[str, str]:
+    def signed(
+        self, creds: Credentials, command: str, *, ttl: float | None = 300, **params: str
+    ) -> dict[str, str]:
         """Signed parameters; ``ttl=None`` signs as a v1 client (no expiry)."""
         query = {"command": command, "response": "json", "apiKey": creds.api_key, **params}
         if ttl is not None:
@@ -111,11 +134,19 @@ class ManagerDaemon:
         return status, body
 
     def heartbeat(self, key: str) -> None:
-        body = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
-                "capacity": 1000, "active_sessions": [], "version": "test"}
+        body = {
+            "public_host": "cpvm.example.com",
+            "public_port": 8080,
+            "tls": False,
+            "capacity": 1000,
+            "active_sessions": [],
+            "version": "test",
+        }
         status, answer, _ = self.request(
-            "/proxy/v1/heartbeat", json.dumps(body).encode(),
-            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            "/proxy/v1/heartbeat",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
         assert status == 200, answer
 
     def metrics(self) -> str:

@@ -84,8 +84,20 @@ def test_name_conflict_removes_the_new_file(run, tmp_path):
 def test_limits_set_listed_and_refused_with_reasons(run, capsys):
     import json
 
-    assert run("proxy-key", "create", "--name", "p1", "--max-capacity", "10",
-               "--allow", "10.0.0.0/8,192.0.2.7", "2001:db8::/32")[0] == 0
+    assert (
+        run(
+            "proxy-key",
+            "create",
+            "--name",
+            "p1",
+            "--max-capacity",
+            "10",
+            "--allow",
+            "10.0.0.0/8,192.0.2.7",
+            "2001:db8::/32",
+        )[0]
+        == 0
+    )
     status, out = run("proxy", "list")
     assert status == 0 and "10.0.0.0/8 192.0.2.7/32 2001:db8::/32" in out
     assert "max_capacity" in out.splitlines()[0] and "allow" in out.splitlines()[0]

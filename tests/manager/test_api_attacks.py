@@ -43,10 +43,10 @@ def ready(start_manager):
 def _regrouped(genuine: dict[str, str]) -> dict[str, str]:
     """The same signed request with expires/response/signatureVersion merged into one
     parameter name: the string to sign (and so the signature) is unchanged."""
-    merged = (f"expires={quote(genuine['expires'], safe='*')}&response=json"
-              "&signatureversion")
-    attack = {k: v for k, v in genuine.items()
-              if k not in ("expires", "response", "signatureVersion")}
+    merged = f"expires={quote(genuine['expires'], safe='*')}&response=json&signatureversion"
+    attack = {
+        k: v for k, v in genuine.items() if k not in ("expires", "response", "signatureVersion")
+    }
     attack[merged] = "3"
     assert signing.string_to_sign(attack) == signing.string_to_sign(genuine)
     return attack
@@ -81,13 +81,17 @@ def test_names_repeated_case_insensitively_are_refused(ready):
     # a second spelling of signatureVersion: which one counts would depend on the order
     status, body, _ = m.query({**query, "SIGNATUREVERSION": "1"})
     assert status == 431  # refused before the command is read: CloudStack's "errorresponse"
-    assert errortext(body, "error") == ("Invalid parameter 'SIGNATUREVERSION': given more than "
-                                     "once (parameter names are compared case-insensitively)")
+    assert errortext(body, "error") == (
+        "Invalid parameter 'SIGNATUREVERSION': given more than "
+        "once (parameter names are compared case-insensitively)"
+    )
     # the same name in the query string and in the POST body (twisted.web would keep
     # only the body's value)
-    status, body, _ = m.request("/client/api?apiKey=another-key",
-                                "&".join(f"{k}={quote(v)}" for k, v in query.items()).encode(),
-                                {"Content-Type": "application/x-www-form-urlencoded"})
+    status, body, _ = m.request(
+        "/client/api?apiKey=another-key",
+        "&".join(f"{k}={quote(v)}" for k, v in query.items()).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 431 and "'apiKey': given more than once" in errortext(body, "error")
     status, _, _ = m.query(query)
     assert status == 200
@@ -98,12 +102,18 @@ def test_requests_without_expiry_are_refused_by_default(ready):
     v1 = m.signed(alice, CREATE, ttl=None, virtualmachineid=vm)  # libcloud-style
     status, body, _ = m.query(v1)
     assert status == 401
-    assert body == {"createconsoleendpointresponse": {
-        "uuidList": [], "errorcode": 401, "cserrorcode": 9999,
-        "errortext": "this API requires signatureVersion=3 and expires: requests without "
-                     "an expiry time are refused"}}
-    status, body, _ = m.query(m.signed(alice, CREATE, ttl=None, signatureVersion="1",
-                                       virtualmachineid=vm))
+    assert body == {
+        "createconsoleendpointresponse": {
+            "uuidList": [],
+            "errorcode": 401,
+            "cserrorcode": 9999,
+            "errortext": "this API requires signatureVersion=3 and expires: requests without "
+            "an expiry time are refused",
+        }
+    }
+    status, body, _ = m.query(
+        m.signed(alice, CREATE, ttl=None, signatureVersion="1", virtualmachineid=vm)
+    )
     assert status == 401
 
 
@@ -142,17 +152,20 @@ def test_create_console_endpoint_is_rate_limited_per_api_key(start_manager):
     alice = m.account("alice")
     bob = m.account("bob")
     vm = m.vm("alice")
-    m.admin("vm", "add", "--name", "b", "--owner", "bob", "--vnc-host", "10.0.0.6",
-            "--vnc-port", "5901")
+    m.admin(
+        "vm", "add", "--name", "b", "--owner", "bob", "--vnc-host", "10.0.0.6", "--vnc-port", "5901"
+    )
     m.heartbeat(m.proxy_key())
     answers = [m.query(m.signed(alice, CREATE, virtualmachineid=vm)) for _ in range(10)]
     assert [s for s, _, _ in answers] == [200] * 3 + [429] * 7
     status, body, headers = answers[-1]
     error = body["createconsoleendpointresponse"]
     assert error["errorcode"] == 429 and error["cserrorcode"] == 9999
-    assert re.fullmatch(r"The given user has reached his/her account api limit, please retry "
-                        r"after \d+ ms\. \(createConsoleEndpoint is rate-limited per API key\)",
-                        error["errortext"]), error["errortext"]
+    assert re.fullmatch(
+        r"The given user has reached his/her account api limit, please retry "
+        r"after \d+ ms\. \(createConsoleEndpoint is rate-limited per API key\)",
+        error["errortext"],
+    ), error["errortext"]
     assert 1 <= int(headers["Retry-After"]) <= 1000
     # the manager issued only what the limit allows
     status, body = m.api(alice, LIST)
@@ -168,16 +181,29 @@ def test_create_console_endpoint_is_rate_limited_per_api_key(start_manager):
 
 def test_metrics_command_label_is_canonical(ready):
     m, alice, vm = ready
-    spellings = ["listConsoleSessions", "LISTCONSOLESESSIONS", "listconsolesessions",
-                 "ListConsoleSessions", "lIsTcOnSoLeSeSsIoNs"]
+    spellings = [
+        "listConsoleSessions",
+        "LISTCONSOLESESSIONS",
+        "listconsolesessions",
+        "ListConsoleSessions",
+        "lIsTcOnSoLeSeSsIoNs",
+    ]
     for spelling in spellings:
         assert m.api(alice, spelling)[0] == 200
     for bogus in ("deployVirtualMachine", "DEPLOYvirtualMACHINE", "x" * 300):
         assert m.api(alice, bogus)[0] == 432
-    series = re.findall(r'^cpvm_manager_api_requests_total\{command="([^"]*)",status="(\d+)"\} '
-                        r'(\S+)$', m.metrics(), re.M)
+    series = re.findall(
+        r'^cpvm_manager_api_requests_total\{command="([^"]*)",status="(\d+)"\} '
+        r"(\S+)$",
+        m.metrics(),
+        re.M,
+    )
     by_label = {(c, s): float(v) for c, s, v in series}
     assert by_label[("listConsoleSessions", "200")] == len(spellings)
     assert by_label[("unknown", "432")] == 3
-    assert {c for c, _ in by_label} <= {"listConsoleSessions", "createConsoleEndpoint",
-                                        "endConsoleSession", "unknown"}
+    assert {c for c, _ in by_label} <= {
+        "listConsoleSessions",
+        "createConsoleEndpoint",
+        "endConsoleSession",
+        "unknown",
+    }

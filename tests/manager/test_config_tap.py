@@ -31,22 +31,38 @@ def test_defaults():
 
 
 def test_shipped_file_parses_to_defaults():
-    assert parse_config(IniReader(str(SHIPPED))) == parse_config(
-        IniReader.empty(str(SHIPPED)))
+    assert parse_config(IniReader(str(SHIPPED))) == parse_config(IniReader.empty(str(SHIPPED)))
 
 
 def test_values_and_errors():
-    c = parse_config(IniReader("m.conf", text=(
-        "[server]\ntrusted_proxies = 10.0.0.0/8, 127.0.0.1\n"
-        "[database]\nurl = postgresql://u@db/cpvm\npool_size = 4\n"
-        "[proxies]\nurl_domain = *.example.com\n")))
-    assert c.server.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),
-                                        ipaddress.ip_network("127.0.0.1/32"))
+    c = parse_config(
+        IniReader(
+            "m.conf",
+            text=(
+                "[server]\ntrusted_proxies = 10.0.0.0/8, 127.0.0.1\n"
+                "[database]\nurl = postgresql://u@db/cpvm\npool_size = 4\n"
+                "[proxies]\nurl_domain = *.example.com\n"
+            ),
+        )
+    )
+    assert c.server.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("127.0.0.1/32"),
+    )
     assert (c.database.kind, c.database.dsn, c.database.pool_size) == (
-        "postgresql", "postgresql://u@db/cpvm", 4)
-    c = parse_config(IniReader("m.conf", text=(
-        "[security]\nsignature_expiry = optional\nmax_request_lifetime = 60\n"
-        "create_rate = 0\ncreate_burst = 5\n")))
+        "postgresql",
+        "postgresql://u@db/cpvm",
+        4,
+    )
+    c = parse_config(
+        IniReader(
+            "m.conf",
+            text=(
+                "[security]\nsignature_expiry = optional\nmax_request_lifetime = 60\n"
+                "create_rate = 0\ncreate_burst = 5\n"
+            ),
+        )
+    )
     assert c.security.signature_expiry_required is False
     assert c.security.max_request_lifetime == 60
     assert (c.security.create_rate, c.security.create_burst) == (0, 5)

@@ -16,8 +16,9 @@ from twisted.internet.task import Clock
 
 
 def _client(m, creds, **options) -> CloudStack:
-    return CloudStack(endpoint=f"{m.base}/client/api", key=creds.api_key, secret=creds.secret,
-                      **options)
+    return CloudStack(
+        endpoint=f"{m.base}/client/api", key=creds.api_key, secret=creds.secret, **options
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -31,13 +32,15 @@ async def test_cs_lists_vms_and_opens_a_console_endpoint(managers, log_events):
     cs = _client(m, alice)
     # fetch_list pages (pagesize 3 here) until count is reached.
     listed = await threads.deferToThread(
-        lambda: cs.listVirtualMachines(fetch_list=True, pagesize=3))
+        lambda: cs.listVirtualMachines(fetch_list=True, pagesize=3)
+    )
     assert {v["id"] for v in listed} == ids
     assert all(v["account"] == "alice" and v["state"] == "Running" for v in listed)
     one = await threads.deferToThread(lambda: cs.listVirtualMachines(keyword="vm-03"))
     assert [v["name"] for v in one["virtualmachine"]] == ["vm-03"]
     answer = await threads.deferToThread(
-        lambda: cs.createConsoleEndpoint(virtualmachineid=listed[0]["id"]))
+        lambda: cs.createConsoleEndpoint(virtualmachineid=listed[0]["id"])
+    )
     endpoint = answer["consoleendpoint"]
     assert endpoint["success"] is True and endpoint["websocket"]["token"]
     m.secrets_seen.append(endpoint["websocket"]["token"])
@@ -65,8 +68,9 @@ async def test_cs_sees_cloudstacks_errors(managers):
     alice = m.account("alice")
     cs = _client(m, alice, method="post")
     with pytest.raises(CloudStackApiException) as caught:
-        await threads.deferToThread(lambda: cs.removeConsoleVirtualMachine(
-            id="6f1c2c46-1111-4a8e-9d55-0a1b2c3d4e5f"))
+        await threads.deferToThread(
+            lambda: cs.removeConsoleVirtualMachine(id="6f1c2c46-1111-4a8e-9d55-0a1b2c3d4e5f")
+        )
     assert caught.value.error["errorcode"] == 432
     assert "not available for the account alice" in caught.value.error["errortext"]
     wrong = CloudStack(endpoint=f"{m.base}/client/api", key=alice.api_key, secret="nope")
@@ -81,9 +85,11 @@ async def test_an_orchestrator_adds_a_vm_with_cs_over_post(managers):
     root = m.account("root", is_admin=True)
     m.account("alice")
     cs = _client(m, root, method="post")
-    added = await threads.deferToThread(lambda: cs.addConsoleVirtualMachine(
-        name="orch", account="alice", vnchost="192.0.2.8", vncport=5900,
-        vncpassword="cs-vnc-pw"))
+    added = await threads.deferToThread(
+        lambda: cs.addConsoleVirtualMachine(
+            name="orch", account="alice", vnchost="192.0.2.8", vncport=5900, vncpassword="cs-vnc-pw"
+        )
+    )
     vm_id = added["virtualmachine"]["id"]
     listed = await threads.deferToThread(lambda: cs.listVirtualMachines(id=vm_id))
     assert listed["virtualmachine"][0]["source"] == "api"

@@ -22,18 +22,21 @@ T = 1_800_000_000.0
 TIMEOUT = 20.0
 
 
-@pytest.mark.parametrize("bound, seen, caller, now, accepted, bind, takeover", [
-    (None, None, A, T, True, True, False),              # first use binds
-    (A, T, A, T + 1, True, True, False),                # the bound instance: renewed
-    (A, T, A, T + 10_000, True, True, False),           # its restart after long: at once
-    (A, T, B, T + 1, False, False, False),              # another, while A is live: refused
-    (A, T, B, T + TIMEOUT, False, False, False),        # the timeout itself is still live
-    (A, T, B, T + TIMEOUT + 0.001, True, True, True),   # A silent past the timeout: B takes
-    (A, None, B, T, True, True, True),                  # bound but never seen: not live
-    (A, T, None, T + 1, False, False, False),           # no id sent while A is live: refused
-    (A, T, None, T + TIMEOUT + 1, True, False, False),  # no id, A gone: served, binds nothing
-    (None, None, None, T, True, False, False),          # an older cpvm alone: as before
-])
+@pytest.mark.parametrize(
+    "bound, seen, caller, now, accepted, bind, takeover",
+    [
+        (None, None, A, T, True, True, False),  # first use binds
+        (A, T, A, T + 1, True, True, False),  # the bound instance: renewed
+        (A, T, A, T + 10_000, True, True, False),  # its restart after long: at once
+        (A, T, B, T + 1, False, False, False),  # another, while A is live: refused
+        (A, T, B, T + TIMEOUT, False, False, False),  # the timeout itself is still live
+        (A, T, B, T + TIMEOUT + 0.001, True, True, True),  # A silent past the timeout: B takes
+        (A, None, B, T, True, True, True),  # bound but never seen: not live
+        (A, T, None, T + 1, False, False, False),  # no id sent while A is live: refused
+        (A, T, None, T + TIMEOUT + 1, True, False, False),  # no id, A gone: served, binds nothing
+        (None, None, None, T, True, False, False),  # an older cpvm alone: as before
+    ],
+)
 def test_binding_rule(bound, seen, caller, now, accepted, bind, takeover):
     d = decide(bound, seen, caller, now, TIMEOUT)
     assert (d.accepted, d.bind, d.takeover) == (accepted, bind, takeover)
@@ -60,8 +63,7 @@ async def test_second_instance_is_refused_until_the_first_falls_silent(managers,
     await m.heartbeat(key, host="one.example", port=57345, instance=A)
 
     clock.advance(1)
-    body = await m.heartbeat(key, host="two.example", port=18443, tls=True, instance=B,
-                             expect=409)
+    body = await m.heartbeat(key, host="two.example", port=18443, tls=True, instance=B, expect=409)
     assert body["error"] == "instance_conflict"
     assert "another running cpvm instance" in body["message"]
     # Nothing of B's beat was recorded: the endpoint stays A's.
@@ -85,8 +87,11 @@ async def test_second_instance_is_refused_until_the_first_falls_silent(managers,
 
     assert await _metric(m, 'cpvm_manager_instance_conflicts_total{endpoint="heartbeat"} 1.0')
     assert await _metric(m, 'cpvm_manager_instance_conflicts_total{endpoint="redeem"} 2.0')
-    logged = [e for e in log_events if e.get("endpoint") == "heartbeat"
-              and "refused" in e.get("log_format", "")]
+    logged = [
+        e
+        for e in log_events
+        if e.get("endpoint") == "heartbeat" and "refused" in e.get("log_format", "")
+    ]
     assert logged and logged[0]["instance"] == B and logged[0]["bound"] == A
     assert key.split(".", 1)[1] not in repr(log_events)  # never the key's secret
 
@@ -130,9 +135,11 @@ async def test_instance_id_is_validated(managers):
     m = await managers()
     key = m.proxy_key("p1")
     for bad in (7, "", "x" * 65, "a b", "é"):
-        status, body = await m.proxy(key, "heartbeat", {
-            "public_host": "h", "public_port": 1, "tls": False, "capacity": 1,
-            "instance": bad})
+        status, body = await m.proxy(
+            key,
+            "heartbeat",
+            {"public_host": "h", "public_port": 1, "tls": False, "capacity": 1, "instance": bad},
+        )
         assert (status, body["error"]) == (400, "bad_request"), bad
     # Without the key's say-so nobody learns about instances: 401 first.
     status, _ = await m.proxy("cpvmk_x.y", "heartbeat", {"instance": 7})
@@ -154,15 +161,26 @@ async def test_two_instances_racing_for_a_fresh_key_on_postgres(managers, postgr
     keys = [m1.proxy_key(f"p{n}") for n in range(12)]
 
     async def beat(m, key, instance):
-        status, _ = await m.proxy(key, "heartbeat", {
-            "public_host": "h", "public_port": 8080, "tls": False, "capacity": 1,
-            "instance": instance})
+        status, _ = await m.proxy(
+            key,
+            "heartbeat",
+            {
+                "public_host": "h",
+                "public_port": 8080,
+                "tls": False,
+                "capacity": 1,
+                "instance": instance,
+            },
+        )
         return instance, status
 
     for n, key in enumerate(keys):
-        results = await gatherResults([
-            Deferred.fromCoroutine(beat((m1, m2)[i % 2], key, (A, B)[(i // 2) % 2]))
-            for i in range(8)])
+        results = await gatherResults(
+            [
+                Deferred.fromCoroutine(beat((m1, m2)[i % 2], key, (A, B)[(i // 2) % 2]))
+                for i in range(8)
+            ]
+        )
         winners = {i for i, status in results if status == 200}
         assert len(winners) == 1, results
         assert all(status == 409 for i, status in results if i not in winners)
@@ -183,8 +201,7 @@ def test_every_redemption_error_reaches_the_browser_with_its_code():
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_instances_redeeming_on_a_fresh_key_on_postgres(managers, postgres,
-                                                                   tmp_path):
+async def test_two_instances_redeeming_on_a_fresh_key_on_postgres(managers, postgres, tmp_path):
     """Redemptions lock nothing, yet only one instance binds a fresh key: the others are
     refused and their tokens stay unused."""
     from twisted.internet.defer import Deferred, gatherResults
@@ -205,12 +222,12 @@ async def test_two_instances_redeeming_on_a_fresh_key_on_postgres(managers, post
             status, body = await (m1, m2)[i % 2].redeem(key, token, instance=(A, B)[i % 2])
             return (A, B)[i % 2], status, body
 
-        results = await gatherResults([Deferred.fromCoroutine(redeem(i, t))
-                                       for i, t in enumerate(tokens)])
+        results = await gatherResults(
+            [Deferred.fromCoroutine(redeem(i, t)) for i, t in enumerate(tokens)]
+        )
         winners = {who for who, status, _ in results if status == 200}
         assert len(winners) == 1, results
-        losers = [(status, body["error"]) for who, status, body in results
-                  if who not in winners]
+        losers = [(status, body["error"]) for who, status, body in results if who not in winners]
         assert losers == [(409, "instance_conflict")] * 4
         assert _proxy_row(m1, f"p{n}")["instance"] in winners
         m1.admin("proxy-key", "revoke", f"p{n}")  # the next tokens go to the next key

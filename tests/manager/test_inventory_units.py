@@ -18,18 +18,24 @@ RUNNING, SHUTOFF, PAUSED = 1, 5, 3
 
 
 def test_vnc_from_the_secure_xml():
-    xml = ("<domain><devices><graphics type='spice' port='5930'/>"
-           "<graphics type='vnc' port='5901' autoport='yes' listen='0.0.0.0' passwd='s3'>"
-           "<listen type='address' address='192.0.2.4'/></graphics></devices></domain>")
+    xml = (
+        "<domain><devices><graphics type='spice' port='5930'/>"
+        "<graphics type='vnc' port='5901' autoport='yes' listen='0.0.0.0' passwd='s3'>"
+        "<listen type='address' address='192.0.2.4'/></graphics></devices></domain>"
+    )
     assert parse_vnc(xml) == Vnc(5901, "192.0.2.4", "s3")
     # Off with autoport: no port yet; no passwd attribute without the secure flag.
-    assert parse_vnc("<domain><devices><graphics type='vnc' port='-1' autoport='yes'/>"
-                     "</devices></domain>") == Vnc(None, None, None)
+    assert parse_vnc(
+        "<domain><devices><graphics type='vnc' port='-1' autoport='yes'/></devices></domain>"
+    ) == Vnc(None, None, None)
     # Nothing cpvm can reach: no graphics, SPICE only, a UNIX socket, listen type none.
-    for devices in ("", "<graphics type='spice' port='5930'/>",
-                    "<graphics type='vnc' socket='/run/vnc.sock'/>",
-                    "<graphics type='vnc'><listen type='socket' socket='/x'/></graphics>",
-                    "<graphics type='vnc'><listen type='none'/></graphics>"):
+    for devices in (
+        "",
+        "<graphics type='spice' port='5930'/>",
+        "<graphics type='vnc' socket='/run/vnc.sock'/>",
+        "<graphics type='vnc'><listen type='socket' socket='/x'/></graphics>",
+        "<graphics type='vnc'><listen type='none'/></graphics>",
+    ):
         assert parse_vnc(f"<domain><devices>{devices}</devices></domain>") is None, devices
     assert parse_vnc("not xml") is None
 
@@ -66,25 +72,44 @@ owner = ops
 """)
     first, second = config.inventory
     assert (first.name, first.source, first.vnc_tls, first.sync_interval) == (
-        "rack-1", "libvirt:rack-1", "x509", 10.0)
+        "rack-1",
+        "libvirt:rack-1",
+        "x509",
+        10.0,
+    )
     assert first.vnc_ca_pem.startswith("-----BEGIN CERTIFICATE-----")
     assert (second.vnc_address, second.sync_interval, second.timeout) == (None, 30.0, 30.0)
     assert _config("").inventory == ()
 
 
-@pytest.mark.parametrize("body, where, words", [
-    ("uri = qemu:///system\nowner = a\nurl = x", "[inventory.libvirt.h] url",
-     "unknown setting"),
-    ("owner = a", "[inventory.libvirt.h] uri", "required"),
-    ("uri = http://h/\nowner = a", "[inventory.libvirt.h] uri", "qemu libvirt URI"),
-    ("uri = qemu:///system", "[inventory.libvirt.h] owner", "required"),
-    ("uri = qemu:///system\nowner = a\nvnc_address = 0.0.0.0",
-     "[inventory.libvirt.h] vnc_address", "not 0.0.0.0"),
-    ("uri = qemu:///system\nowner = a\nvnc_tls = x509", "[inventory.libvirt.h] vnc_ca_file",
-     "required with vnc_tls = x509"),
-    ("uri = qemu:///system\nowner = a\nsync_interval = 0",
-     "[inventory.libvirt.h] sync_interval", "at least 1"),
-])
+@pytest.mark.parametrize(
+    "body, where, words",
+    [
+        (
+            "uri = qemu:///system\nowner = a\nurl = x",
+            "[inventory.libvirt.h] url",
+            "unknown setting",
+        ),
+        ("owner = a", "[inventory.libvirt.h] uri", "required"),
+        ("uri = http://h/\nowner = a", "[inventory.libvirt.h] uri", "qemu libvirt URI"),
+        ("uri = qemu:///system", "[inventory.libvirt.h] owner", "required"),
+        (
+            "uri = qemu:///system\nowner = a\nvnc_address = 0.0.0.0",
+            "[inventory.libvirt.h] vnc_address",
+            "not 0.0.0.0",
+        ),
+        (
+            "uri = qemu:///system\nowner = a\nvnc_tls = x509",
+            "[inventory.libvirt.h] vnc_ca_file",
+            "required with vnc_tls = x509",
+        ),
+        (
+            "uri = qemu:///system\nowner = a\nsync_interval = 0",
+            "[inventory.libvirt.h] sync_interval",
+            "at least 1",
+        ),
+    ],
+)
 def test_bad_inventory_settings_name_file_section_key(body, where, words):
     with pytest.raises(ConfigError) as caught:
         _config(f"[inventory.libvirt.h]\n{body}\n")
@@ -116,8 +141,11 @@ def _domain(uuid, name, running=True, port=5901, listen="0.0.0.0", password=None
     return Domain(uuid, name, running, Vnc(port if running else None, listen, password))
 
 
-U1, U2, U3 = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222",
-              "33333333-3333-4333-8333-333333333333")
+U1, U2, U3 = (
+    "11111111-1111-4111-8111-111111111111",
+    "22222222-2222-4222-8222-222222222222",
+    "33333333-3333-4333-8333-333333333333",
+)
 
 
 def test_a_sync_is_idempotent_and_only_touches_its_own(tx_runner, tmp_path):
@@ -125,24 +153,38 @@ def test_a_sync_is_idempotent_and_only_touches_its_own(tx_runner, tmp_path):
     cfg = _source(vnc_address="10.1.0.11")
     now = time.time()
     alice = tx_runner(store.create_account, "a-id", "alice", "user", now)
-    tx_runner(vm_store.insert_vm, {"id": U3, "name": "by-hand", "owner_id": alice.id,
-                                   "state": "Stopped", "vnc_host": "h", "vnc_port": 1,
-                                   "vnc_tls": "none"}, vm_store.MANUAL, now)
-    domains = [_domain(U1, "web", password="pw"), _domain(U2, "db", running=False),
-               _domain(U3, "twin")]
+    tx_runner(
+        vm_store.insert_vm,
+        {
+            "id": U3,
+            "name": "by-hand",
+            "owner_id": alice.id,
+            "state": "Stopped",
+            "vnc_host": "h",
+            "vnc_port": 1,
+            "vnc_tls": "none",
+        },
+        vm_store.MANUAL,
+        now,
+    )
+    domains = [
+        _domain(U1, "web", password="pw"),
+        _domain(U2, "db", running=False),
+        _domain(U3, "twin"),
+    ]
     result = tx_runner(sync_source, cfg, box, "kvm1", domains, now)
     assert (sorted(result.added), result.skipped) == ([U1, U2], [U3])
     rows = {v.id: v for v in tx_runner(store.list_vms)}
-    assert (rows[U1].state, rows[U1].vnc_host, rows[U1].vnc_port) == ("Running", "10.1.0.11",
-                                                                     5901)
+    assert (rows[U1].state, rows[U1].vnc_host, rows[U1].vnc_port) == ("Running", "10.1.0.11", 5901)
     assert box.decrypt(rows[U1].vnc_password_enc) == "pw" and rows[U2].state == "Stopped"
     # Again, unchanged: nothing written (the password's ciphertext is kept).
     again = tx_runner(sync_source, cfg, box, "kvm1", domains, now + 1)
     assert (again.added, again.updated, again.removed) == ([], [], [])
     assert tx_runner(store.get_vm, U1).vnc_password_enc == rows[U1].vnc_password_enc
     # A new port after a restart; db undefined.
-    moved = tx_runner(sync_source, cfg, box, "kvm1", [_domain(U1, "web", port=5907,
-                                                              password="pw")], now + 2)
+    moved = tx_runner(
+        sync_source, cfg, box, "kvm1", [_domain(U1, "web", port=5907, password="pw")], now + 2
+    )
     assert moved.updated == [(U1, ("vnc_port",))] and moved.removed == [U2]
     # Down: its VMs Unknown, the hand-made one untouched.
     assert tx_runner(mark_unknown, cfg.source, now + 3) == 1

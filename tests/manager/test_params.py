@@ -15,8 +15,14 @@ NOW = 1_800_000_000.0
 
 
 def _signed(expires: str) -> dict[str, str]:
-    return {"apiKey": "k", "command": "createConsoleEndpoint", "expires": expires,
-            "response": "json", "signatureVersion": "3", "virtualmachineid": "v"}
+    return {
+        "apiKey": "k",
+        "command": "createConsoleEndpoint",
+        "expires": expires,
+        "response": "json",
+        "signatureVersion": "3",
+        "virtualmachineid": "v",
+    }
 
 
 def test_regrouped_request_has_the_same_string_to_sign_and_is_refused():
@@ -25,14 +31,19 @@ def test_regrouped_request_has_the_same_string_to_sign_and_is_refused():
     # The attack: one name swallows "expires=…&response=json&signatureversion".
     text = signing.string_to_sign(genuine)
     merged = text.split("expires=", 1)[1].split("&signatureversion=")[0]
-    regrouped = {"apiKey": "k", "command": "createConsoleEndpoint",
-                 f"expires={merged}&signatureversion": "3", "virtualmachineid": "v"}
+    regrouped = {
+        "apiKey": "k",
+        "command": "createConsoleEndpoint",
+        f"expires={merged}&signatureversion": "3",
+        "virtualmachineid": "v",
+    }
     assert signing.string_to_sign(regrouped) == text  # same signature would verify
     with pytest.raises(ParamError, match="only letters, digits and _ . \\[ \\] - are allowed"):
         validate_names(regrouped)
     with pytest.raises(signing.SignatureTimeError, match="request expired"):
-        signing.check_expiry({k.lower(): v for k, v in genuine.items()}, NOW,
-                             signing.ExpiryPolicy())
+        signing.check_expiry(
+            {k.lower(): v for k, v in genuine.items()}, NOW, signing.ExpiryPolicy()
+        )
 
 
 @pytest.mark.parametrize("name", ["", "a=b", "a&b", "a%3Db", "a b", "ä", "a\x00", "a/b", "a+b"])
@@ -47,11 +58,14 @@ def test_cloudstack_names_pass():
     assert params == {"tags[0].key": "x", "a-b_c.d": "", "Zz9": "ä"}
 
 
-@pytest.mark.parametrize("args", [
-    {b"expires": [b"1"], b"Expires": [b"2"]},
-    {b"signatureVersion": [b"3"], b"SIGNATUREVERSION": [b"1"]},
-    {b"apiKey": [b"a", b"b"]},  # one spelling, twice (query string and form body)
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {b"expires": [b"1"], b"Expires": [b"2"]},
+        {b"signatureVersion": [b"3"], b"SIGNATUREVERSION": [b"1"]},
+        {b"apiKey": [b"a", b"b"]},  # one spelling, twice (query string and form body)
+    ],
+)
 def test_names_repeated_case_insensitively_are_refused(args):
     with pytest.raises(ParamError) as e:
         parse_params(args)
@@ -82,8 +96,9 @@ def test_valid_names_make_the_string_to_sign_decodable(params):
         name, _, value = part.partition("=")
         assert "%" not in name and name not in decoded
         decoded[name] = value
-    assert decoded == {k.lower(): quote(v, safe="*").lower()
-                       for k, v in params.items() if k.lower() != "signature"}
+    assert decoded == {
+        k.lower(): quote(v, safe="*").lower() for k, v in params.items() if k.lower() != "signature"
+    }
 
 
 def _check(policy, **params):
@@ -92,8 +107,12 @@ def _check(policy, **params):
 
 def test_expiry_required_by_default():
     policy = signing.ExpiryPolicy()
-    for params in ({}, {"signatureVersion": "1"}, {"expires": signing.format_time(NOW + 60)},
-                   {"signatureVersion": "2"}):
+    for params in (
+        {},
+        {"signatureVersion": "1"},
+        {"expires": signing.format_time(NOW + 60)},
+        {"signatureVersion": "2"},
+    ):
         with pytest.raises(signing.SignatureTimeError) as e:
             _check(policy, **params)
         assert e.value.text == signing.EXPIRY_REQUIRED
@@ -130,8 +149,9 @@ def test_a_query_parameter_hidden_by_the_post_body_counts():
     assert parse_params(args, {b"command": [b"x"]}) == {"apiKey": "from-body", "command": "x"}
 
 
-_raw = st.dictionaries(st.binary(max_size=12), st.lists(st.binary(max_size=12), max_size=3),
-                       max_size=6)
+_raw = st.dictionaries(
+    st.binary(max_size=12), st.lists(st.binary(max_size=12), max_size=3), max_size=6
+)
 
 
 @given(_raw, st.none() | _raw)

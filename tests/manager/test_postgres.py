@@ -15,8 +15,10 @@ def _pg_sections(postgres, shared_key):
     name = f"mgr_{next(_names)}_{id(shared_key) % 100000}"
     dsn = postgres.create_database(name)
     url = f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{name}"
-    return dsn, {"database": {"url": url, "pool_size": "8"},
-                 "security": {"secret_key_file": str(shared_key)}}
+    return dsn, {
+        "database": {"url": url, "pool_size": "8"},
+        "security": {"secret_key_file": str(shared_key)},
+    }
 
 
 @pytest_twisted.ensureDeferred
@@ -30,13 +32,19 @@ async def test_two_managers_one_postgres(managers, postgres, tmp_path, log_event
     await m2.heartbeat(key)
     # one manager alone, then both: tokens created on either, redemptions spread over both
     for creator, redeemers in ((m1, [m1]), (m1, [m1, m2]), (m2, [m1, m2])):
-        tokens = [(await creator.endpoint(alice, vm, token="ex-tra"))["websocket"]["token"]
-                  for _ in range(3)]
+        tokens = [
+            (await creator.endpoint(alice, vm, token="ex-tra"))["websocket"]["token"]
+            for _ in range(3)
+        ]
         for token in tokens:
-            results = await gatherResults([
-                Deferred.fromCoroutine(redeemers[i % len(redeemers)].redeem(key, token, "ex-tra"))
-                for i in range(50)
-            ])
+            results = await gatherResults(
+                [
+                    Deferred.fromCoroutine(
+                        redeemers[i % len(redeemers)].redeem(key, token, "ex-tra")
+                    )
+                    for i in range(50)
+                ]
+            )
             statuses = sorted(s for s, _ in results)
             assert statuses == [200] + [409] * 49
             winner = next(b for s, b in results if s == 200)
@@ -46,8 +54,9 @@ async def test_two_managers_one_postgres(managers, postgres, tmp_path, log_event
     conn = psycopg2.connect(dsn)
     try:
         cur = conn.cursor()
-        cur.execute("SELECT table_name FROM information_schema.tables "
-                    "WHERE table_schema = 'public'")
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
         dump = ""
         for (table,) in cur.fetchall():
             cur.execute(f"SELECT * FROM {table}")

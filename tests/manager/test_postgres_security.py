@@ -26,8 +26,10 @@ def _waiting_on_a_lock(dsn: str, database: str) -> int:
     conn = psycopg2.connect(dsn)
     try:
         cur = conn.cursor()
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                    "AND wait_event_type = 'Lock'", (database,))
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+            (database,),
+        )
         return cur.fetchone()[0]
     finally:
         conn.close()
@@ -35,7 +37,8 @@ def _waiting_on_a_lock(dsn: str, database: str) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_end_request_racing_a_redemption_terminates_the_live_session(
-        managers, postgres, tmp_path):
+    managers, postgres, tmp_path
+):
     dsn, sections = _pg_sections(postgres, tmp_path / "kek")
     database = sections["database"]["url"].rsplit("/", 1)[1]
     m = await managers("a", sections)
@@ -51,8 +54,9 @@ async def test_end_request_racing_a_redemption_terminates_the_live_session(
     # A redemption in flight: the manager's own conditional UPDATE, not yet committed.
     redeemer = psycopg2.connect(dsn)
     try:
-        assert store.mark_acquired(Tx(redeemer.cursor(), "postgresql"), session_id,
-                                   "203.0.113.7", time.time(), 0)
+        assert store.mark_acquired(
+            Tx(redeemer.cursor(), "postgresql"), session_id, "203.0.113.7", time.time(), 0
+        )
         ending = Deferred.fromCoroutine(m.api(alice, "endConsoleSession", id=session_id))
         # The manager has read "not redeemed" and now waits for the row: commit.
         deadline = time.monotonic() + 15
@@ -78,8 +82,9 @@ async def test_proxy_key_limits_on_postgresql(managers, postgres, tmp_path):
     """Migration 4 on PostgreSQL: the limits are stored, listed and enforced there too."""
     _, sections = _pg_sections(postgres, tmp_path / "kek")
     m = await managers("a", sections)
-    key = m.admin("proxy-key", "create", "--name", "p1", "--max-capacity", "3",
-                  "--allow", "127.0.0.1/32").strip()
+    key = m.admin(
+        "proxy-key", "create", "--name", "p1", "--max-capacity", "3", "--allow", "127.0.0.1/32"
+    ).strip()
     m.secrets_seen.append(key)
     status, body = await proxy_from(m, OUTSIDER, key, "heartbeat", beat("evil.example", 10**7))
     assert (status, body["error"]) == (403, "source_not_allowed")

@@ -20,13 +20,17 @@ from tests.fuzz import targets
 def _strict_json(text: str):
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
 async def _post(m, key: str, path: str, raw: bytes) -> tuple[int, dict]:
-    response = await treq.post(f"{m.base}/proxy/v1/{path}", data=raw, persistent=False,
-                               headers={"Content-Type": ["application/json"],
-                                        "Authorization": [f"Bearer {key}"]})
+    response = await treq.post(
+        f"{m.base}/proxy/v1/{path}",
+        data=raw,
+        persistent=False,
+        headers={"Content-Type": ["application/json"], "Authorization": [f"Bearer {key}"]},
+    )
     return response.code, _strict_json(await response.text())
 
 
@@ -43,8 +47,11 @@ async def test_deeply_nested_body_is_a_400_not_a_500(managers, log_events):
 END = '{"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 2, "duration": %s}'
 
 
-@pytest.mark.parametrize("duration", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400],
-                         ids=["NaN", "Infinity", "-Infinity", "1e999", "10**400"])
+@pytest.mark.parametrize(
+    "duration",
+    ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400],
+    ids=["NaN", "Infinity", "-Infinity", "1e999", "10**400"],
+)
 @pytest_twisted.ensureDeferred
 async def test_end_report_duration_must_be_a_finite_number(managers, duration):
     m = await managers()
@@ -58,8 +65,10 @@ async def test_end_report_duration_must_be_a_finite_number(managers, duration):
     session = redeemed["session_id"]
     status, body = await _post(m, key, f"sessions/{session}/end", (END % duration).encode())
     assert (status, body["error"]) == (400, "bad_request"), body
-    beat = ('{"public_host": "h", "public_port": 1, "tls": false, "capacity": 1, "ended": '
-            f'[{(END % duration)[:-1]}, "session_id": "{session}"}}]}}')
+    beat = (
+        '{"public_host": "h", "public_port": 1, "tls": false, "capacity": 1, "ended": '
+        f'[{(END % duration)[:-1]}, "session_id": "{session}"}}]}}'
+    )
     # In a heartbeat the bad report is dropped (logged), the heartbeat itself answered.
     status, body = await _post(m, key, "heartbeat", beat.encode())
     assert status == 200 and body["terminate"] == [], body
@@ -72,5 +81,9 @@ async def test_end_report_duration_must_be_a_finite_number(managers, duration):
 
 def test_fuzz_regression_vectors_are_committed():
     names = {p.name for p in targets.corpus_files("proxy_bodies")}
-    assert {"regress-deep-nesting", "regress-nan-duration", "regress-huge-duration",
-            "regress-overflow-float-duration"} <= names
+    assert {
+        "regress-deep-nesting",
+        "regress-nan-duration",
+        "regress-huge-duration",
+        "regress-overflow-float-duration",
+    } <= names

@@ -18,21 +18,33 @@ from twisted.web.client import Agent
 OUTSIDER = "127.0.0.2"
 
 
-async def proxy_from(m, source: str, key: str, path: str, body: Any,
-                     headers: dict[str, list[str]] | None = None) -> tuple[int, Any]:
+async def proxy_from(
+    m, source: str, key: str, path: str, body: Any, headers: dict[str, list[str]] | None = None
+) -> tuple[int, Any]:
     """A proxy API call from TCP source address ``source``."""
-    hdrs = {"Content-Type": ["application/json"], "Authorization": [f"Bearer {key}"],
-            **(headers or {})}
+    hdrs = {
+        "Content-Type": ["application/json"],
+        "Authorization": [f"Bearer {key}"],
+        **(headers or {}),
+    }
     agent = Agent(reactor, bindAddress=(source, 0))
-    response = await treq.post(f"{m.base}/proxy/v1/{path}", data=json.dumps(body).encode(),
-                               headers=hdrs, agent=agent)
+    response = await treq.post(
+        f"{m.base}/proxy/v1/{path}", data=json.dumps(body).encode(), headers=hdrs, agent=agent
+    )
     text = await response.text()
     return response.code, json.loads(text) if text else None
 
 
 def beat(host: str = "cpvm.example.com", capacity: int = 10) -> dict[str, Any]:
-    return {"public_host": host, "public_port": 8443, "tls": True, "address": None,
-            "capacity": capacity, "active_sessions": [], "version": "test"}
+    return {
+        "public_host": host,
+        "public_port": 8443,
+        "tls": True,
+        "address": None,
+        "capacity": capacity,
+        "active_sessions": [],
+        "version": "test",
+    }
 
 
 def proxies(m) -> dict[str, dict[str, Any]]:
@@ -47,8 +59,7 @@ def create_key(m, name: str, *options: str) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stolen_key_claiming_huge_capacity_does_not_get_the_consoles(managers,
-                                                                           log_events):
+async def test_stolen_key_claiming_huge_capacity_does_not_get_the_consoles(managers, log_events):
     m = await managers()
     alice = m.account("alice")
     vm = m.vm("alice")
@@ -84,8 +95,7 @@ async def test_key_used_from_outside_its_networks_is_refused(managers, log_event
     assert proxies(m)["p1"]["allow"] == "127.0.0.1/32"
     xff = {"X-Forwarded-For": ["127.0.0.1"]}
 
-    status, body = await proxy_from(m, OUTSIDER, key, "heartbeat", beat("evil.example", 10**7),
-                                    xff)
+    status, body = await proxy_from(m, OUTSIDER, key, "heartbeat", beat("evil.example", 10**7), xff)
     assert (status, body["error"]) == (403, "source_not_allowed"), body
     assert proxies(m)["p1"]["status"] == "down"  # nothing recorded
     status, _ = await proxy_from(m, "127.0.0.1", key, "heartbeat", beat())
@@ -102,8 +112,7 @@ async def test_key_used_from_outside_its_networks_is_refused(managers, log_event
     assert status == 401
     status, answer = await proxy_from(m, "127.0.0.1", key, "redeem", redeem)
     assert status == 200, answer  # the refused attempts did not burn the token
-    end = {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 1,
-           "duration": 1}
+    end = {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 1, "duration": 1}
     path = f"sessions/{answer['session_id']}/end"
     status, body = await proxy_from(m, OUTSIDER, key, path, end, xff)
     assert (status, body["error"]) == (403, "source_not_allowed")
@@ -112,10 +121,11 @@ async def test_key_used_from_outside_its_networks_is_refused(managers, log_event
     status, _ = await proxy_from(m, "127.0.0.1", key, path, end)
     assert status == 204
 
-    refusals = [e for e in log_events if "outside the key's allowed networks"
-                in e.get("log_format", "")]
+    refusals = [
+        e for e in log_events if "outside the key's allowed networks" in e.get("log_format", "")
+    ]
     assert refusals and all(e["client_address"] == OUTSIDER for e in refusals)
-    assert refusals[0]["proxy"] == key[len("cpvmk_"):].split(".")[0]
+    assert refusals[0]["proxy"] == key[len("cpvmk_") :].split(".")[0]
     assert key.split(".", 1)[1] not in repr(log_events)
 
     m.admin("proxy-key", "update", "p1", "--allow", "127.0.0.2", "127.0.0.1")
@@ -132,8 +142,17 @@ async def test_heartbeat_with_a_bad_public_host_is_refused(managers):
     vm = m.vm("alice")
     key = create_key(m, "p1")
     await m.heartbeat(key, host="cpvm.example.com")
-    for host in ("https://evil.example", "evil.example/x", "evil.example:1", "a@evil.example",
-                 "evil .example", "[::1]", "1.2.3", "evil.example\r\nX: y", "javascript:x"):
+    for host in (
+        "https://evil.example",
+        "evil.example/x",
+        "evil.example:1",
+        "a@evil.example",
+        "evil .example",
+        "[::1]",
+        "1.2.3",
+        "evil.example\r\nX: y",
+        "javascript:x",
+    ):
         status, body = await m.proxy(key, "heartbeat", beat(host))
         assert (status, body["error"]) == (400, "bad_request"), host
         assert body["message"].startswith("public_host"), body
@@ -154,23 +173,27 @@ def test_keys_from_before_migration_4_keep_working_without_limits(tmp_path):
     config = DatabaseConfig("sqlite", str(tmp_path / "m.db"), None, 1)
     conn = db.connect_sync(config)
     try:
-        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
-                     "applied_at DOUBLE PRECISION NOT NULL)")
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
         for version, statements in db.MIGRATIONS[:3]:
             for statement in statements:
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-        conn.execute("INSERT INTO proxies (id, name, secret_hash, created_at, capacity) "
-                     "VALUES ('abcd1234', 'old', 'h', 0, 500)")
+        conn.execute(
+            "INSERT INTO proxies (id, name, secret_hash, created_at, capacity) "
+            "VALUES ('abcd1234', 'old', 'h', 0, 500)"
+        )
     finally:
         conn.close()
     assert 4 in db.migrate(config, 1.0)
     conn = db.connect_sync(config)
     try:
-        assert db.run_sync(conn, "sqlite", store.proxy_key_record, "abcd1234") == (
-            "h", NO_LIMITS)
-        policy = db.run_sync(conn, "sqlite", lambda tx: store.set_proxy_policy(
-            tx, "old", max_capacity=100))
+        assert db.run_sync(conn, "sqlite", store.proxy_key_record, "abcd1234") == ("h", NO_LIMITS)
+        policy = db.run_sync(
+            conn, "sqlite", lambda tx: store.set_proxy_policy(tx, "old", max_capacity=100)
+        )
         assert policy.max_capacity == 100 and policy.allowed_networks is None
         # The capacity the last heartbeat claimed is clamped at once.
         assert db.run_sync(conn, "sqlite", store.list_proxies)[0].capacity == 100

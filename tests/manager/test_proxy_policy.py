@@ -18,14 +18,42 @@ from cpvm.manager.proxy_policy import (
     public_host_problem,
 )
 
-GOOD_HOSTS = ["cpvm.example.com", "cpvm-1.example.com.", "localhost", "a", "127.0.0.1",
-              "::1", "2001:db8::10", "xn--bcher-kva.example", "1host.example", "a" * 63]
+GOOD_HOSTS = [
+    "cpvm.example.com",
+    "cpvm-1.example.com.",
+    "localhost",
+    "a",
+    "127.0.0.1",
+    "::1",
+    "2001:db8::10",
+    "xn--bcher-kva.example",
+    "1host.example",
+    "a" * 63,
+]
 BAD_HOSTS = [
-    "https://evil.example", "evil.example/path", "evil.example:8443", "user@evil.example",
-    "evil example", "evil.example\n", " evil.example", "[::1]", "1.2.3", "10.0.0.256",
-    "-evil.example", "evil-.example", "evil..example", ".", "a" * 64 + ".example",
-    "fe80::1%eth0", "évil.example", "evil.example?x=1", "evil.example#x", "evil_1.example",
-    "evil%2eexample", "evil\\example", "x." * 127 + "x",
+    "https://evil.example",
+    "evil.example/path",
+    "evil.example:8443",
+    "user@evil.example",
+    "evil example",
+    "evil.example\n",
+    " evil.example",
+    "[::1]",
+    "1.2.3",
+    "10.0.0.256",
+    "-evil.example",
+    "evil-.example",
+    "evil..example",
+    ".",
+    "a" * 64 + ".example",
+    "fe80::1%eth0",
+    "évil.example",
+    "evil.example?x=1",
+    "evil.example#x",
+    "evil_1.example",
+    "evil%2eexample",
+    "evil\\example",
+    "x." * 127 + "x",
 ]
 
 

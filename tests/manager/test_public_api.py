@@ -32,16 +32,34 @@ async def test_signature_failures_use_cloudstack_envelope(managers):
     status, body = await m.api(wrong, "listConsoleSessions")
     assert status == 401
     signing_failed = "unable to verify user credentials and/or request signature"
-    assert body == {"listconsolesessionsresponse": {
-        "uuidList": [], "errorcode": 401, "cserrorcode": 9999, "errortext": signing_failed}}
+    assert body == {
+        "listconsolesessionsresponse": {
+            "uuidList": [],
+            "errorcode": 401,
+            "cserrorcode": 9999,
+            "errortext": signing_failed,
+        }
+    }
     # tampered parameter: signed for one VM id, sent with another
     expires = signing.format_time(m.clock.seconds() + 60)
-    params = {"command": "listConsoleSessions", "response": "json", "apiKey": alice.api_key,
-              "activeonly": "true", "signatureVersion": "3", "expires": expires}
+    params = {
+        "command": "listConsoleSessions",
+        "response": "json",
+        "apiKey": alice.api_key,
+        "activeonly": "true",
+        "signatureVersion": "3",
+        "expires": expires,
+    }
     sig = signing.sign(params, alice.secret)
-    status, body = await m.api(None, "listConsoleSessions", apiKey=alice.api_key,
-                               activeonly="false", signature=sig, signatureVersion="3",
-                               expires=expires)
+    status, body = await m.api(
+        None,
+        "listConsoleSessions",
+        apiKey=alice.api_key,
+        activeonly="false",
+        signature=sig,
+        signatureVersion="3",
+        expires=expires,
+    )
     assert status == 401
     assert _error(body, "listConsoleSessions")["errortext"] == signing_failed
     # missing signature / missing apiKey
@@ -62,8 +80,7 @@ async def test_signature_version_3_expires(managers):
     alice = m.account("alice")
     future = signing.format_time(clock.seconds() + 60)
     past = signing.format_time(clock.seconds() - 1)
-    status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3",
-                               expires=future)
+    status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3", expires=future)
     assert status == 200, body
     status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3", expires=past)
     assert status == 401
@@ -72,8 +89,9 @@ async def test_signature_version_3_expires(managers):
     assert status == 401
     assert _error(body, "listConsoleSessions")["errortext"] == "signatureVersion=3 requires expires"
     # Z suffix accepted as well
-    status, body = await m.api(alice, "listConsoleSessions", signatureVersion="3",
-                               expires=future.replace("+0000", "Z"))
+    status, body = await m.api(
+        alice, "listConsoleSessions", signatureVersion="3", expires=future.replace("+0000", "Z")
+    )
     assert status == 200, body
 
 
@@ -101,20 +119,29 @@ async def test_create_console_endpoint_shape_ws(managers):
     vm = m.vm("alice")
     key = m.proxy_key("p1")
     await m.heartbeat(key, host="cpvm.example.com", port=8080, tls=False)
-    status, body = await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm,
-                               token="my extra/1")
+    status, body = await m.api(
+        alice, "createConsoleEndpoint", virtualmachineid=vm, token="my extra/1"
+    )
     assert status == 200
     answer = body["createconsoleendpointresponse"]["consoleendpoint"]
     assert set(answer) == {"success", "result", "url", "websocket"}
     assert answer["success"] is True and answer["result"] is True
     ws = answer["websocket"]
     token = ws["token"]
-    assert ws == {"host": "cpvm.example.com", "port": "8080", "path": "websockify",
-                  "token": token, "extra": "my extra/1"}
+    assert ws == {
+        "host": "cpvm.example.com",
+        "port": "8080",
+        "path": "websockify",
+        "token": token,
+        "extra": "my extra/1",
+    }
     assert len(token) >= 43  # 32 random bytes, base64url
     url = urlsplit(answer["url"])
     assert (url.scheme, url.netloc, url.path) == (
-        "http", "cpvm.example.com:8080", "/resource/noVNC/vnc.html")
+        "http",
+        "cpvm.example.com:8080",
+        "/resource/noVNC/vnc.html",
+    )
     q = parse_qs(url.query)
     assert q["autoconnect"] == ["true"] and q["reconnect"] == ["false"]
     assert q["host"] == ["cpvm.example.com"] and q["port"] == ["8080"]
@@ -234,9 +261,17 @@ async def test_list_and_end_console_sessions(managers):
     assert status == 200 and body == {"endconsolesessionresponse": {"success": True}}
     beat = await m.heartbeat(key, active=[sid])
     assert beat == {"heartbeat_interval": 5, "terminate": [sid]}
-    status, _ = await m.proxy(key, f"sessions/{sid}/end", {
-        "reason": "terminated", "client_address": "203.0.113.7", "bytes_to_client": 1000,
-        "bytes_to_server": 20, "duration": 3.5})
+    status, _ = await m.proxy(
+        key,
+        f"sessions/{sid}/end",
+        {
+            "reason": "terminated",
+            "client_address": "203.0.113.7",
+            "bytes_to_client": 1000,
+            "bytes_to_server": 20,
+            "duration": 3.5,
+        },
+    )
     assert status == 204
     assert (await m.heartbeat(key))["terminate"] == []
     status, body = await m.api(alice, "listConsoleSessions", id=sid)
@@ -262,14 +297,19 @@ async def test_documented_signing_snippet_works(managers):
     exec(snippet, namespace)
     m = await managers()
     alice = m.account("alice")
-    query = namespace["signed_query"]({"command": "listConsoleSessions", "activeonly": "a b~*"},
-                                      alice.api_key, alice.secret)
+    query = namespace["signed_query"](
+        {"command": "listConsoleSessions", "activeonly": "a b~*"}, alice.api_key, alice.secret
+    )
     for method in ("GET", "POST"):
         if method == "GET":
             r = await treq.get(f"{m.base}/client/api?{query}", persistent=False)
         else:
-            r = await treq.post(f"{m.base}/client/api", data=query.encode(), persistent=False,
-                                headers={"Content-Type": ["application/x-www-form-urlencoded"]})
+            r = await treq.post(
+                f"{m.base}/client/api",
+                data=query.encode(),
+                persistent=False,
+                headers={"Content-Type": ["application/x-www-form-urlencoded"]},
+            )
         # signature accepted; then activeonly's bad value is a 431, not a 401
         assert r.code == 431, await r.text()
 
@@ -278,8 +318,9 @@ async def test_documented_signing_snippet_works(managers):
 async def test_create_rate_limit_follows_the_injected_clock(managers):
     clock = Clock()
     clock.advance(1_800_000_000)
-    m = await managers(clock=clock, sections={"security": {"create_rate": "0.5",
-                                                           "create_burst": "1"}})
+    m = await managers(
+        clock=clock, sections={"security": {"create_rate": "0.5", "create_burst": "1"}}
+    )
     alice = m.account("alice")
     vm = m.vm("alice")
     await m.heartbeat(m.proxy_key("p1"))

@@ -67,9 +67,12 @@ def test_sqlite_reads_proceed_while_the_write_lock_is_held(start_manager):
 
 def _redeem(m: ManagerDaemon, key: str, token: str, results: list) -> None:
     body = {"token": token, "extra": None, "client_address": "127.0.0.1"}
-    status, _, _ = m.request("/proxy/v1/redeem", json.dumps(body).encode(),
-                             {"Content-Type": "application/json",
-                              "Authorization": f"Bearer {key}"}, timeout=60)
+    status, _, _ = m.request(
+        "/proxy/v1/redeem",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
     results.append(status)
 
 
@@ -77,8 +80,10 @@ def _waiting_on_locks(dsn: str, database: str) -> int:
     conn = psycopg2.connect(dsn)
     try:
         cur = conn.cursor()
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                    "AND wait_event_type = 'Lock'", (database,))
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'",
+            (database,),
+        )
         return int(cur.fetchone()[0])
     finally:
         conn.close()
@@ -87,9 +92,15 @@ def _waiting_on_locks(dsn: str, database: str) -> int:
 def test_postgres_reads_proceed_while_every_writer_waits(start_manager, postgres):
     database = f"reads_{next(_names)}_{int(time.time()) % 100000}"
     dsn = postgres.create_database(database)
-    m = start_manager("pg", {"database": {
-        "url": f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{database}",
-        "pool_size": "2"}})
+    m = start_manager(
+        "pg",
+        {
+            "database": {
+                "url": f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{database}",
+                "pool_size": "2",
+            }
+        },
+    )
     alice = m.account("alice")
     vm = m.vm("alice")
     key = m.proxy_key()
@@ -97,13 +108,14 @@ def test_postgres_reads_proceed_while_every_writer_waits(start_manager, postgres
     token = _token(m, alice, vm)
     locker = psycopg2.connect(dsn)
     results: list[int] = []
-    threads = [threading.Thread(target=_redeem, args=(m, key, token, results))
-               for _ in range(4)]
+    threads = [threading.Thread(target=_redeem, args=(m, key, token, results)) for _ in range(4)]
     try:
         # Lock the session's row: every redemption of its token waits on it, holding both
         # writing connections of the pool.
-        locker.cursor().execute("UPDATE console_sessions SET client_address = client_address "
-                                "WHERE token_hash IS NOT NULL")
+        locker.cursor().execute(
+            "UPDATE console_sessions SET client_address = client_address "
+            "WHERE token_hash IS NOT NULL"
+        )
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
@@ -127,8 +139,11 @@ def _write_through_reader(tx):
 async def test_the_read_pool_refuses_writes(managers, postgres):
     database = f"ro_{next(_names)}_{int(time.time()) % 100000}"
     postgres.create_database(database)
-    pg = {"database": {
-        "url": f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{database}"}}
+    pg = {
+        "database": {
+            "url": f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{database}"
+        }
+    }
     for name, sections in (("sqlite", None), ("pg", pg)):
         m = await managers(name, sections)
         m.account("alice")

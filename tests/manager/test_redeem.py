@@ -25,8 +25,14 @@ async def test_redeem_success_then_replay_refused(managers):
     assert body == {
         "session_id": body["session_id"],
         "vm": {"id": vm, "name": "web-01"},
-        "vnc": {"host": "10.0.0.5", "port": 5901, "password": "vncsecret-1", "tls": "none",
-                "ca_pem": None, "server_name": None},
+        "vnc": {
+            "host": "10.0.0.5",
+            "port": 5901,
+            "password": "vncsecret-1",
+            "tls": "none",
+            "ca_pem": None,
+            "server_name": None,
+        },
         "limits": {"idle_timeout": 600, "max_duration": None},
         "account": "alice",
     }
@@ -68,15 +74,22 @@ async def test_proxy_auth_required(managers):
 async def test_bad_requests(managers):
     m = await managers()
     alice, vm, key = await _setup(m)
-    for body in ({}, {"token": 5, "client_address": "1.2.3.4"}, {"token": "x" * 513,
-                 "client_address": "1.2.3.4"}, {"token": "t"}, []):
+    for body in (
+        {},
+        {"token": 5, "client_address": "1.2.3.4"},
+        {"token": "x" * 513, "client_address": "1.2.3.4"},
+        {"token": "t"},
+        [],
+    ):
         status, answer = await m.proxy(key, "redeem", body)
         assert (status, answer["error"]) == (400, "bad_request"), body
     status, answer = await m.proxy(key, "nothing", {})
     assert status == 404
-    status, answer = await m.proxy(key, "sessions/00000000-0000-4000-8000-000000000000/end",
-                                   {"reason": "client_closed", "bytes_to_client": 1,
-                                    "bytes_to_server": 1, "duration": 1})
+    status, answer = await m.proxy(
+        key,
+        "sessions/00000000-0000-4000-8000-000000000000/end",
+        {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 1, "duration": 1},
+    )
     assert (status, answer["error"]) == (404, "unknown_session")
     status, answer = await m.proxy(key, "sessions/x/end", {"reason": "bogus"})
     assert status == 400
@@ -150,8 +163,12 @@ async def test_address_binding(managers):
     status, body = await m.redeem(key, token, None, "127.0.0.1")
     assert status == 200
     # X-Forwarded-For from an untrusted peer is ignored
-    status, body = await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm,
-                               headers={"X-Forwarded-For": "198.51.100.9"})
+    status, body = await m.api(
+        alice,
+        "createConsoleEndpoint",
+        virtualmachineid=vm,
+        headers={"X-Forwarded-For": "198.51.100.9"},
+    )
     token = body["createconsoleendpointresponse"]["consoleendpoint"]["websocket"]["token"]
     status, body = await m.redeem(key, token, None, "198.51.100.9")
     assert (status, body["error"]) == (403, "address_mismatch")
@@ -159,15 +176,21 @@ async def test_address_binding(managers):
 
 @pytest_twisted.ensureDeferred
 async def test_address_binding_behind_trusted_proxies(managers):
-    m = await managers(sections={
-        "tokens": {"bind_client_address": "true"},
-        "server": {"trusted_proxies": "127.0.0.0/8, 10.0.0.0/8"},
-    })
+    m = await managers(
+        sections={
+            "tokens": {"bind_client_address": "true"},
+            "server": {"trusted_proxies": "127.0.0.0/8, 10.0.0.0/8"},
+        }
+    )
     alice, vm, key = await _setup(m)
     # rightmost untrusted hop: 10.9.9.9 is a trusted LB, 198.51.100.9 the browser,
     # 6.6.6.6 whatever the browser wrote itself
-    status, body = await m.api(alice, "createConsoleEndpoint", virtualmachineid=vm,
-                               headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.9, 10.9.9.9"})
+    status, body = await m.api(
+        alice,
+        "createConsoleEndpoint",
+        virtualmachineid=vm,
+        headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.9, 10.9.9.9"},
+    )
     token = body["createconsoleendpointresponse"]["consoleendpoint"]["websocket"]["token"]
     status, body = await m.redeem(key, token, None, "6.6.6.6")
     assert (status, body["error"]) == (403, "address_mismatch")
@@ -175,14 +198,17 @@ async def test_address_binding_behind_trusted_proxies(managers):
     assert status == 200
     status, body = await m.api(alice, "listConsoleSessions", id=body["session_id"])
     assert body["listconsolesessionsresponse"]["consolesession"][0]["creatoraddress"] == (
-        "198.51.100.9")
+        "198.51.100.9"
+    )
 
 
 async def _race(redeemers, key_for, token, n=50):
-    results = await gatherResults([
-        Deferred.fromCoroutine(redeemers[i % len(redeemers)].redeem(key_for, token, None))
-        for i in range(n)
-    ])
+    results = await gatherResults(
+        [
+            Deferred.fromCoroutine(redeemers[i % len(redeemers)].redeem(key_for, token, None))
+            for i in range(n)
+        ]
+    )
     return sorted(status for status, _ in results), results
 
 
@@ -205,11 +231,18 @@ async def test_key_checked_before_body_errors_are_told(managers):
     alice, vm, key = await _setup(m)
     bad_key = key.split(".")[0] + ".wrong"
     end_bad_id = "sessions/not-a-uuid/end"
-    end_body = {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 1,
-                "duration": 1}
-    for path, body, valid_status in (("redeem", {"token": 5}, 400), ("heartbeat", {}, 400),
-                                     (end_bad_id, end_body, 404),
-                                     ("sessions/x/end", {"reason": "nope"}, 400)):
+    end_body = {
+        "reason": "client_closed",
+        "bytes_to_client": 1,
+        "bytes_to_server": 1,
+        "duration": 1,
+    }
+    for path, body, valid_status in (
+        ("redeem", {"token": 5}, 400),
+        ("heartbeat", {}, 400),
+        (end_bad_id, end_body, 404),
+        ("sessions/x/end", {"reason": "nope"}, 400),
+    ):
         status, answer = await m.proxy(bad_key, path, body)
         assert (status, answer["error"]) == (401, "unauthorized"), path
         status, answer = await m.proxy(key, path, body)
@@ -231,12 +264,28 @@ async def test_one_bad_end_report_does_not_poison_the_heartbeat(managers):
     token = (await m.endpoint(alice, vm))["websocket"]["token"]
     status, body = await m.redeem(key, token)
     assert status == 200, body
-    good = {"session_id": body["session_id"], "reason": "client_closed",
-            "bytes_to_client": 10, "bytes_to_server": 20, "duration": 1.5}
-    bad = {"session_id": "00000000-0000-4000-8000-000000000001", "reason": "no_such_reason",
-           "bytes_to_client": 1, "bytes_to_server": 1, "duration": 1}
-    beat = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
-            "capacity": 10, "active_sessions": [], "ended": [bad, "not an object", good]}
+    good = {
+        "session_id": body["session_id"],
+        "reason": "client_closed",
+        "bytes_to_client": 10,
+        "bytes_to_server": 20,
+        "duration": 1.5,
+    }
+    bad = {
+        "session_id": "00000000-0000-4000-8000-000000000001",
+        "reason": "no_such_reason",
+        "bytes_to_client": 1,
+        "bytes_to_server": 1,
+        "duration": 1,
+    }
+    beat = {
+        "public_host": "cpvm.example.com",
+        "public_port": 8080,
+        "tls": False,
+        "capacity": 10,
+        "active_sessions": [],
+        "ended": [bad, "not an object", good],
+    }
     status, answer = await m.proxy(key, "heartbeat", beat)
     assert status == 200, answer
     status, sessions = await m.api(alice, "listConsoleSessions", activeonly="false")

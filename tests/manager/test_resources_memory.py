@@ -13,8 +13,15 @@ from cpvm.manager.signing import format_time, sign
 from cpvm.manager.web import BAD_CREDENTIALS
 from tests.manager.memory import MemoryManager, memory_manager
 
-BEAT = {"public_host": "cpvm.example.com", "public_port": 8443, "tls": True,
-        "address": "192.0.2.10", "capacity": 10, "active_sessions": [], "version": "t"}
+BEAT = {
+    "public_host": "cpvm.example.com",
+    "public_port": 8443,
+    "tls": True,
+    "address": "192.0.2.10",
+    "capacity": 10,
+    "active_sessions": [],
+    "version": "t",
+}
 
 
 @pytest.fixture
@@ -35,32 +42,40 @@ def test_no_command_and_unknown_command(m):
     alice = m.account("alice")
     answer = m.api(alice)
     assert answer.code == 432
-    assert envelope(answer, "error") == {"uuidList": [], "errorcode": 432,
-                                         "cserrorcode": 9999, "errortext": "no command given"}
+    assert envelope(answer, "error") == {
+        "uuidList": [],
+        "errorcode": 432,
+        "cserrorcode": 9999,
+        "errortext": "no command given",
+    }
     answer = m.api(alice, command="deployVirtualMachine")
     assert answer.code == 432
     assert envelope(answer, "deployVirtualMachine")["errortext"] == (
-        "unknown command 'deployVirtualMachine'")
+        "unknown command 'deployVirtualMachine'"
+    )
     # Without valid credentials an unknown command is a credentials error, not a hint.
-    answer = m.api(None, command="deployVirtualMachine", apiKey=alice.api_key,
-                   signature="x")
+    answer = m.api(None, command="deployVirtualMachine", apiKey=alice.api_key, signature="x")
     assert answer.code == 401
 
 
-@pytest.mark.parametrize("change", ["secret", "parameter", "no-signature", "no-key",
-                                    "unknown-key"])
+@pytest.mark.parametrize("change", ["secret", "parameter", "no-signature", "no-key", "unknown-key"])
 def test_bad_signatures_get_the_cloudstack_401(m, change):
     alice = m.account("alice")
     params = {"command": "listConsoleSessions"}
     if change == "secret":
-        answer = m.api(type(alice)(alice.account_id, alice.api_key, "not-the-secret"),
-                       **params)
+        answer = m.api(type(alice)(alice.account_id, alice.api_key, "not-the-secret"), **params)
     elif change == "parameter":
-        signed = {"response": "json", "apiKey": alice.api_key, "activeonly": "true",
-                  "signatureVersion": "3", "expires": format_time(m.clock.seconds() + 300),
-                  **params}
-        answer = m.api(None, **{**signed, "activeonly": "false",
-                                "signature": sign(signed, alice.secret)})
+        signed = {
+            "response": "json",
+            "apiKey": alice.api_key,
+            "activeonly": "true",
+            "signatureVersion": "3",
+            "expires": format_time(m.clock.seconds() + 300),
+            **params,
+        }
+        answer = m.api(
+            None, **{**signed, "activeonly": "false", "signature": sign(signed, alice.secret)}
+        )
     elif change == "no-signature":
         answer = m.api(None, apiKey=alice.api_key, **params)
     elif change == "no-key":
@@ -69,22 +84,37 @@ def test_bad_signatures_get_the_cloudstack_401(m, change):
         answer = m.api(type(alice)(alice.account_id, "no-such-key", alice.secret), **params)
     assert answer.code == 401
     assert envelope(answer, "listConsoleSessions") == {
-        "uuidList": [], "errorcode": 401, "cserrorcode": 9999, "errortext": BAD_CREDENTIALS}
+        "uuidList": [],
+        "errorcode": 401,
+        "cserrorcode": 9999,
+        "errortext": BAD_CREDENTIALS,
+    }
     assert answer.headers["content-type"] == "application/json; charset=utf-8"
 
 
-@pytest.mark.parametrize("params, text", [
-    ({"command": "createConsoleEndpoint"},
-     "Unable to execute API command createconsoleendpoint due to missing parameter "
-     "virtualmachineid"),
-    ({"command": "createConsoleEndpoint", "virtualmachineid": "not-a-uuid"},
-     "Invalid parameter virtualmachineid value: not a UUID"),
-    ({"command": "endConsoleSession"},
-     "Unable to execute API command endconsolesession due to missing parameter id"),
-    ({"command": "listConsoleSessions", "activeonly": "maybe"},
-     "Invalid parameter activeonly value='maybe': expected true or false"),
-    ({"command": "listConsoleSessions", "response": "xml"}, "only response=json is supported"),
-])
+@pytest.mark.parametrize(
+    "params, text",
+    [
+        (
+            {"command": "createConsoleEndpoint"},
+            "Unable to execute API command createconsoleendpoint due to missing parameter "
+            "virtualmachineid",
+        ),
+        (
+            {"command": "createConsoleEndpoint", "virtualmachineid": "not-a-uuid"},
+            "Invalid parameter virtualmachineid value: not a UUID",
+        ),
+        (
+            {"command": "endConsoleSession"},
+            "Unable to execute API command endconsolesession due to missing parameter id",
+        ),
+        (
+            {"command": "listConsoleSessions", "activeonly": "maybe"},
+            "Invalid parameter activeonly value='maybe': expected true or false",
+        ),
+        ({"command": "listConsoleSessions", "response": "xml"}, "only response=json is supported"),
+    ],
+)
 def test_missing_and_bad_parameters_get_431(m, params, text):
     answer = m.api(m.account("alice"), **params)
     assert answer.code == 431
@@ -95,9 +125,15 @@ def test_signature_version_3_needs_a_future_expiry(m):
     alice = m.account("alice")
     answer = m.api(alice, command="listConsoleSessions", signatureVersion="3")
     assert (answer.code, envelope(answer, "listConsoleSessions")["errortext"]) == (
-        401, "signatureVersion=3 requires expires")
-    answer = m.api(alice, command="listConsoleSessions", signatureVersion="3",
-                   expires="2020-01-01T00:00:00+0000")  # the clock says 2027
+        401,
+        "signatureVersion=3 requires expires",
+    )
+    answer = m.api(
+        alice,
+        command="listConsoleSessions",
+        signatureVersion="3",
+        expires="2020-01-01T00:00:00+0000",
+    )  # the clock says 2027
     assert envelope(answer, "listConsoleSessions")["errortext"] == "request expired"
 
 
@@ -127,13 +163,16 @@ def test_readyz_gives_up_on_a_database_that_does_not_answer(m):
 # -- proxy API -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("authorization, message", [
-    (None, "missing Authorization header"),
-    ("Basic Y3B2bTpwdw==", "expected a Bearer proxy key"),
-    ("Bearer ", "expected a Bearer proxy key"),
-    ("Bearer not-a-proxy-key", "unknown, malformed or revoked proxy key"),
-    ("Bearer cpvmk_00000000.guessed", "unknown, malformed or revoked proxy key"),
-])
+@pytest.mark.parametrize(
+    "authorization, message",
+    [
+        (None, "missing Authorization header"),
+        ("Basic Y3B2bTpwdw==", "expected a Bearer proxy key"),
+        ("Bearer ", "expected a Bearer proxy key"),
+        ("Bearer not-a-proxy-key", "unknown, malformed or revoked proxy key"),
+        ("Bearer cpvmk_00000000.guessed", "unknown, malformed or revoked proxy key"),
+    ],
+)
 def test_proxy_api_refuses_callers_without_a_valid_key(m, authorization, message, log_events):
     m.proxy_key()
     answer = m.proxy(None, "v1/heartbeat", json.dumps(BEAT), authorization=authorization)
@@ -147,8 +186,10 @@ def test_bad_body_is_401_without_a_key_and_400_with_one(m):
     wrong = key[:-3] + "xyz"
     assert m.proxy(wrong, "v1/heartbeat", "not json").code == 401
     answer = m.proxy(key, "v1/heartbeat", "not json")
-    assert (answer.code, answer.json()) == (400, {"error": "bad_request",
-                                                  "message": "body is not JSON"})
+    assert (answer.code, answer.json()) == (
+        400,
+        {"error": "bad_request", "message": "body is not JSON"},
+    )
     answer = m.proxy(key, "v1/heartbeat", json.dumps({**BEAT, "tls": "yes"}))
     assert (answer.code, answer.json()["message"]) == (400, "tls must be true or false")
 
@@ -165,8 +206,11 @@ def test_proxy_api_routes(m):
     assert m.proxy(key, "v1/heartbeat", method="GET").json()["error"] == "method_not_allowed"
     assert m.proxy(key, "v1/nothing").code == 404
     assert m.proxy(key, "v2/heartbeat").code == 404
-    answer = m.proxy(key, "v1/sessions/not-a-uuid/end", json.dumps(
-        {"reason": "client_closed", "bytes_to_client": 0, "bytes_to_server": 0}))
+    answer = m.proxy(
+        key,
+        "v1/sessions/not-a-uuid/end",
+        json.dumps({"reason": "client_closed", "bytes_to_client": 0, "bytes_to_server": 0}),
+    )
     assert (answer.code, answer.json()["error"]) == (404, "unknown_session")
 
 
@@ -178,7 +222,9 @@ def test_endpoint_redemption_and_end_through_both_apis(m, log_events):
     vm = m.vm(alice)
     key = m.proxy_key()
     assert m.proxy(key, "v1/heartbeat", json.dumps(BEAT)).json() == {
-        "heartbeat_interval": 5, "terminate": []}
+        "heartbeat_interval": 5,
+        "terminate": [],
+    }
     answer = m.api(alice, command="createConsoleEndpoint", virtualmachineid=vm)
     endpoint = envelope(answer, "createConsoleEndpoint")["consoleendpoint"]
     assert endpoint["success"] is True

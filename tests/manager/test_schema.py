@@ -48,8 +48,15 @@ def plan(conn: Any, sql: str, params: tuple) -> str:
     return " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
 
 
-BEAT = {"public_host": "cpvm.example.com", "public_port": 8443, "tls": True,
-        "address": None, "capacity": 10, "active_count": 0, "version": "t"}
+BEAT = {
+    "public_host": "cpvm.example.com",
+    "public_port": 8443,
+    "tls": True,
+    "address": None,
+    "capacity": 10,
+    "active_count": 0,
+    "version": "t",
+}
 
 
 def test_per_token_and_per_beat_queries_search_an_index(tmp_path):
@@ -63,8 +70,7 @@ def test_per_token_and_per_beat_queries_search_an_index(tmp_path):
         db.run_sync(conn, "sqlite", store.create_proxy, "p1", "cpvm-1", "hash", now)
         ran = run_recorded(conn, store.heartbeat, "p1", BEAT, now)
         ran += run_recorded(conn, store.live_proxies, now, 20.0, "vm-1")
-        plans = {sql: plan(conn, sql, params) for sql, params in ran
-                 if "console_sessions" in sql}
+        plans = {sql: plan(conn, sql, params) for sql, params in ran if "console_sessions" in sql}
         # The proxy is live, so every count ran: the proxy's, the pending and live
         # sessions, the VM's.
         assert len(plans) == 4, list(plans)

@@ -49,8 +49,9 @@ async def test_no_plaintext_secret_in_sqlite_or_logs(managers, log_events):
     db_path = m.directory / "data" / "manager.db"
     conn = sqlite3.connect(db_path)
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    assert {"accounts", "api_keys", "vms", "proxies", "console_sessions",
-            "schema_version"} <= set(tables)
+    assert {"accounts", "api_keys", "vms", "proxies", "console_sessions", "schema_version"} <= set(
+        tables
+    )
     dump = repr({t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in tables})
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -58,7 +59,8 @@ async def test_no_plaintext_secret_in_sqlite_or_logs(managers, log_events):
     logged = _all_log_text(log_events)
     assert "GET /client/api" in logged and "POST /proxy/v1/redeem" in logged
     assert "?" not in "".join(
-        formatEvent(e) for e in log_events if e.get("log_namespace") == "cpvm.manager.access")
+        formatEvent(e) for e in log_events if e.get("log_namespace") == "cpvm.manager.access"
+    )
     # secrets_seen holds every signature the harness sent, too
     secrets = m.secrets_seen + [alice.api_key]
     assert token in m.secrets_seen and extra in secrets
@@ -84,6 +86,7 @@ def test_admin_cli(tmp_path):
         out = io.StringIO()
         if stdin is not None:
             import sys
+
             old, sys.stdin = sys.stdin, io.StringIO(stdin)
         try:
             status = admin.main(["--config", str(conf), *args], out=out)
@@ -98,9 +101,24 @@ def test_admin_cli(tmp_path):
     assert status == 0 and "apiKey:" in out and "secretKey:" in out
     status, out = run("--json", "account", "list")
     assert json.loads(out)[0]["role"] == "admin"
-    status, out = run("vm", "add", "--id", "6f1c2c46-1111-4a8e-9d55-0a1b2c3d4e5f", "--name", "db",
-                      "--owner", "root", "--vnc-host", "10.0.0.9", "--vnc-port", "5900",
-                      "--vnc-password-stdin", "--tls", "anonymous", stdin="topsecret-pw\n")
+    status, out = run(
+        "vm",
+        "add",
+        "--id",
+        "6f1c2c46-1111-4a8e-9d55-0a1b2c3d4e5f",
+        "--name",
+        "db",
+        "--owner",
+        "root",
+        "--vnc-host",
+        "10.0.0.9",
+        "--vnc-port",
+        "5900",
+        "--vnc-password-stdin",
+        "--tls",
+        "anonymous",
+        stdin="topsecret-pw\n",
+    )
     assert (status, out.strip()) == (0, "6f1c2c46-1111-4a8e-9d55-0a1b2c3d4e5f")
     status, out = run("vm", "list")
     assert "db" in out and "10.0.0.9:5900" in out and "anonymous" in out
@@ -110,7 +128,7 @@ def test_admin_cli(tmp_path):
     assert json.loads(out)[0]["state"] == "Stopped" and "topsecret-pw" not in out
     status, out = run("proxy-key", "create", "--name", "cpvm-1")
     assert status == 0 and out.startswith("cpvmk_")
-    proxy_id = out.strip()[len("cpvmk_"):].split(".")[0]
+    proxy_id = out.strip()[len("cpvmk_") :].split(".")[0]
     status, out = run("proxy", "list")
     assert proxy_id in out and "down" in out and out.count(".") == 0
     assert run("proxy-key", "revoke", "cpvm-1")[0] == 0
@@ -169,12 +187,14 @@ async def test_health_ready_metrics(managers):
     assert "cpvm_manager_tokens_issued_total 1.0" in text
     assert 'cpvm_manager_redemptions_total{outcome="ok"} 1.0' in text
     assert 'cpvm_manager_redemptions_total{outcome="token_used"} 1.0' in text
-    assert ('cpvm_manager_api_requests_total{command="createConsoleEndpoint",status="200"} 1.0'
-            in text)
+    assert (
+        'cpvm_manager_api_requests_total{command="createConsoleEndpoint",status="200"} 1.0' in text
+    )
     assert 'cpvm_manager_api_requests_total{command="unknown",status="432"} 1.0' in text
     assert "cpvm_manager_redemption_seconds_count 2.0" in text
     # a database that went away makes /readyz fail, /healthz stays up
     from twisted.internet.defer import fail
+
     m.service.database.ping = lambda: fail(RuntimeError("database is down"))
     r = await treq.get(m.base + "/readyz", persistent=False)
     assert r.code == 503

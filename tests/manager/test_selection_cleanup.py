@@ -80,8 +80,9 @@ async def test_cleanup_ends_lost_sessions_and_purges(managers, log_events):
     clock = Clock()
     clock.advance(1_800_000_000)
     # the timer would run cleanup on every clock.advance; call it by hand instead
-    m = await managers(sections={"sessions": {"retention_days": "1",
-                                              "cleanup_interval": "1000000"}}, clock=clock)
+    m = await managers(
+        sections={"sessions": {"retention_days": "1", "cleanup_interval": "1000000"}}, clock=clock
+    )
     alice = m.account("alice")
     vm = m.vm("alice")
     key = m.proxy_key("p1")
@@ -97,8 +98,11 @@ async def test_cleanup_ends_lost_sessions_and_purges(managers, log_events):
     s = body["listconsolesessionsresponse"]["consolesession"][0]
     assert s["endreason"] == "proxy_lost"
     # a late end report from the proxy still lands (it knows better than our guess)
-    status, _ = await m.proxy(key, f"sessions/{sid}/end", {
-        "reason": "client_closed", "bytes_to_client": 5, "bytes_to_server": 6, "duration": 20})
+    status, _ = await m.proxy(
+        key,
+        f"sessions/{sid}/end",
+        {"reason": "client_closed", "bytes_to_client": 5, "bytes_to_server": 6, "duration": 20},
+    )
     assert status == 204
     # the unused token: still "expired" within the grace, then purged (session "expired")
     status, body = await m.redeem(key, unused)
@@ -153,24 +157,39 @@ async def test_heartbeat_carries_end_reports(managers, log_events):
     for _ in range(2):
         token = (await m.endpoint(alice, vm))["websocket"]["token"]
         sids.append((await m.redeem(key, token))[1]["session_id"])
-    base = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
-            "capacity": 10, "active_sessions": []}
-    report = {"reason": "client_closed", "client_address": "203.0.113.9",
-              "bytes_to_client": 700, "bytes_to_server": 70, "duration": 4.5}
+    base = {
+        "public_host": "cpvm.example.com",
+        "public_port": 8080,
+        "tls": False,
+        "capacity": 10,
+        "active_sessions": [],
+    }
+    report = {
+        "reason": "client_closed",
+        "client_address": "203.0.113.9",
+        "bytes_to_client": 700,
+        "bytes_to_server": 70,
+        "duration": 4.5,
+    }
     # Another proxy cannot end them; in a batch with a malformed report only that report
     # is dropped (refusing the whole batch would fail every later heartbeat too).
-    status, _ = await m.proxy(other, "heartbeat", {
-        **base, "ended": [{"session_id": sids[0], **report}]})
+    status, _ = await m.proxy(
+        other, "heartbeat", {**base, "ended": [{"session_id": sids[0], **report}]}
+    )
     assert status == 200
     status, body = await m.api(alice, "listConsoleSessions", activeonly="true")
     assert body["listconsolesessionsresponse"]["count"] == 2
-    status, body = await m.proxy(key, "heartbeat", {
-        **base, "ended": [{"session_id": sids[0], **report}, {"session_id": "x", **report}]})
+    status, body = await m.proxy(
+        key,
+        "heartbeat",
+        {**base, "ended": [{"session_id": sids[0], **report}, {"session_id": "x", **report}]},
+    )
     assert status == 200 and body["terminate"] == []
     status, body = await m.api(alice, "listConsoleSessions", activeonly="true")
     assert [r["id"] for r in body["listconsolesessionsresponse"]["consolesession"]] == [sids[1]]
-    status, body = await m.proxy(key, "heartbeat", {
-        **base, "ended": [{"session_id": s, **report} for s in sids[1:]]})
+    status, body = await m.proxy(
+        key, "heartbeat", {**base, "ended": [{"session_id": s, **report} for s in sids[1:]]}
+    )
     assert status == 200 and body["terminate"] == []
     status, body = await m.api(alice, "listConsoleSessions")
     rows = body["listconsolesessionsresponse"]["consolesession"]
@@ -192,15 +211,16 @@ async def test_heartbeat_reconciles_sessions_a_restarted_process_lost(managers):
 
     async def redeemed(worker):
         token = (await m.endpoint(alice, vm))["websocket"]["token"]
-        status, body = await m.proxy(key, "redeem", {"token": token, "extra": None,
-                                                     "client_address": "127.0.0.1",
-                                                     "worker": worker})
+        status, body = await m.proxy(
+            key,
+            "redeem",
+            {"token": token, "extra": None, "client_address": "127.0.0.1", "worker": worker},
+        )
         assert status == 200, body
         return body["session_id"]
 
     kept, lost, other_worker = await redeemed(0), await redeemed(0), await redeemed(1)
-    base = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False,
-            "capacity": 10}
+    base = {"public_host": "cpvm.example.com", "public_port": 8080, "tls": False, "capacity": 10}
     # A session redeemed a moment ago may be missing from a heartbeat: it is kept.
     status, _ = await m.proxy(key, "heartbeat", {**base, "worker": 0, "active_sessions": []})
     assert status == 200
@@ -208,8 +228,7 @@ async def test_heartbeat_reconciles_sessions_a_restarted_process_lost(managers):
     assert body["listconsolesessionsresponse"]["count"] == 3
     clock.advance(30)  # longer than proxy_timeout (20 s)
     # Worker 0 restarted and still has only one of its sessions; worker 1 is not concerned.
-    status, _ = await m.proxy(key, "heartbeat", {**base, "worker": 0,
-                                                 "active_sessions": [kept]})
+    status, _ = await m.proxy(key, "heartbeat", {**base, "worker": 0, "active_sessions": [kept]})
     assert status == 200
     status, body = await m.api(alice, "listConsoleSessions")
     rows = {r["id"]: r for r in body["listconsolesessionsresponse"]["consolesession"]}
@@ -217,9 +236,11 @@ async def test_heartbeat_reconciles_sessions_a_restarted_process_lost(managers):
     assert "endreason" not in rows[kept] or rows[kept]["endreason"] in (None, "")
     assert "endreason" not in rows[other_worker] or not rows[other_worker]["endreason"]
     # Its real end report, arriving late, replaces the guess.
-    status, _ = await m.proxy(key, f"sessions/{lost}/end", {
-        "reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 2, "duration": 3})
+    status, _ = await m.proxy(
+        key,
+        f"sessions/{lost}/end",
+        {"reason": "client_closed", "bytes_to_client": 1, "bytes_to_server": 2, "duration": 3},
+    )
     assert status == 204
     status, body = await m.api(alice, "listConsoleSessions", id=lost)
-    assert body["listconsolesessionsresponse"]["consolesession"][0]["endreason"] == \
-        "client_closed"
+    assert body["listconsolesessionsresponse"]["consolesession"][0]["endreason"] == "client_closed"

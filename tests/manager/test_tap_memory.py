@@ -27,8 +27,14 @@ def conf(tmp_path: Path, text: str) -> Path:
 
 
 def test_services_timer_and_tree(tmp_path):
-    config = load_config(str(conf(tmp_path, "listen = tcp:18250:interface=127.0.0.3\n"
-                                  "[sessions]\ncleanup_interval = 45\n")))
+    config = load_config(
+        str(
+            conf(
+                tmp_path,
+                "listen = tcp:18250:interface=127.0.0.3\n[sessions]\ncleanup_interval = 45\n",
+            )
+        )
+    )
     reactor, clock = MemoryReactorClock(), Clock()
     svc = tap.build_manager(config, reactor, clock=clock)
     database, http, timer = list(svc)
@@ -53,10 +59,8 @@ def test_services_timer_and_tree(tmp_path):
 
 
 def test_tls_listener_serves_the_configured_certificate(tmp_path, pki):
-    listen = (f"ssl:18251:interface=127.0.0.1:privateKey={pki.server_key}"
-              f":certKey={pki.server_cert}")
-    config = load_config(str(conf(tmp_path, f"listen = {listen}\n"
-                                  "[metrics]\nenabled = false\n")))
+    listen = f"ssl:18251:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_cert}"
+    config = load_config(str(conf(tmp_path, f"listen = {listen}\n[metrics]\nenabled = false\n")))
     reactor = MemoryReactorClock()
     svc = tap.build_manager(config, reactor)
     svc.startService()

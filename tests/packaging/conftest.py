@@ -21,10 +21,11 @@ _HERE = Path(__file__).resolve().parent
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "packaging: builds, installs (apt, as root) and purges the cpvm .deb")
+        "markers", "packaging: builds, installs (apt, as root) and purges the cpvm .deb"
+    )
     config.addinivalue_line(
-        "markers", "purges_package: purges the installed .deb; runs after the other "
-        "packaging tests")
+        "markers", "purges_package: purges the installed .deb; runs after the other packaging tests"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,9 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not purging:
         return
     rest = [i for i in items if not i.get_closest_marker("purges_package")]
-    last = max((n for n, i in enumerate(rest) if _HERE in Path(str(i.path)).parents),
-               default=len(rest) - 1)
-    items[:] = rest[:last + 1] + purging + rest[last + 1:]
+    last = max(
+        (n for n, i in enumerate(rest) if _HERE in Path(str(i.path)).parents), default=len(rest) - 1
+    )
+    items[:] = rest[: last + 1] + purging + rest[last + 1 :]
 
 
 @pytest.fixture(scope="session")

@@ -99,9 +99,15 @@ def config_file(unit: str, config_text: str, unit_dir: Path = UNIT_DIR) -> Itera
 
 
 @contextlib.contextmanager
-def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
-                     sandbox: bool = True, unit_dir: Path = UNIT_DIR,
-                     output: list[str] | None = None) -> Iterator[int]:
+def installed_daemon(
+    unit: str,
+    config_text: str,
+    *,
+    timeout: float = 30.0,
+    sandbox: bool = True,
+    unit_dir: Path = UNIT_DIR,
+    output: list[str] | None = None,
+) -> Iterator[int]:
     """Start ``unit``'s ExecStart as its user with ``config_text``; yield its port.
 
     On leaving, the daemon gets SIGTERM (the unit's KillSignal) and must exit within the
@@ -109,12 +115,20 @@ def installed_daemon(unit: str, config_text: str, *, timeout: float = 30.0,
     ``output``, if given, receives the daemon's log lines.
     """
     with config_file(unit, config_text, unit_dir) as config_path:
-        yield from _run_daemon(unit, config_path, timeout=timeout, sandbox=sandbox,
-                               unit_dir=unit_dir, output=output)
+        yield from _run_daemon(
+            unit, config_path, timeout=timeout, sandbox=sandbox, unit_dir=unit_dir, output=output
+        )
 
 
-def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
-                unit_dir: Path, output: list[str] | None) -> Iterator[int]:
+def _run_daemon(
+    unit: str,
+    config_path: Path,
+    *,
+    timeout: float,
+    sandbox: bool,
+    unit_dir: Path,
+    output: list[str] | None,
+) -> Iterator[int]:
     settings = unit_settings(unit_dir / f"{unit}.service")
     user = pwd.getpwnam(settings["User"][0])
     umask = int(settings.get("UMask", ["0022"])[0], 8)
@@ -131,8 +145,13 @@ def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
     argv = ["prlimit", f"--nofile={nofile}", "--", *argv]
 
     # What systemd sets for a service with User=.
-    env = {**_SERVICE_ENV, "HOME": user.pw_dir, "USER": user.pw_name,
-           "LOGNAME": user.pw_name, "SHELL": user.pw_shell}
+    env = {
+        **_SERVICE_ENV,
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "LOGNAME": user.pw_name,
+        "SHELL": user.pw_shell,
+    }
     # RuntimeDirectory=: created for the user before start, removed after stop.
     runtime = [f"/run/{d}" for v in settings.get("RuntimeDirectory", []) for d in v.split()]
     for directory in runtime:
@@ -142,9 +161,16 @@ def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
     if runtime:
         env["RUNTIME_DIRECTORY"] = ":".join(runtime)
     # Every wrapper execs the next, so proc.pid is the daemon's own pid ($MAINPID).
-    proc = subprocess.Popen(argv, cwd="/", env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, umask=umask,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd="/",
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        umask=umask,
+        start_new_session=True,
+    )
     lines: list[str] = output if output is not None else []
 
     def collect() -> None:
@@ -167,8 +193,7 @@ def _run_daemon(unit: str, config_path: Path, *, timeout: float, sandbox: bool,
 def as_user(user: pwd.struct_passwd) -> list[str]:
     """The command prefix that runs a command as ``user`` the way systemd's ``User=`` does:
     its uid, gid and supplementary groups, no PAM session, then exec."""
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
-            "--"]
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
 
 
 # Runs as root in a new mount namespace, then execs the command ("$@" after the "--").
@@ -210,12 +235,21 @@ def sandboxed_command(argv: list[str], settings: dict[str, list[str]]) -> list[s
     writable += [f"/run/{d}" for v in settings.get("RuntimeDirectory", []) for d in v.split()]
     writable += [p.lstrip("-") for v in settings.get("ReadWritePaths", []) for p in v.split()]
     hidden = [p.lstrip("-") for v in settings.get("InaccessiblePaths", []) for p in v.split()]
-    return ["unshare", "--mount", "sh", "-c", _SANDBOX_SCRIPT, "sandbox",
-            *(f"rw:{p}" for p in writable), *(f"hide:{p}" for p in hidden), "--", *argv]
+    return [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        _SANDBOX_SCRIPT,
+        "sandbox",
+        *(f"rw:{p}" for p in writable),
+        *(f"hide:{p}" for p in hidden),
+        "--",
+        *argv,
+    ]
 
 
-def _wait_for_port(proc: subprocess.Popen, lines: list[str], timeout: float,
-                   what: str) -> int:
+def _wait_for_port(proc: subprocess.Popen, lines: list[str], timeout: float, what: str) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in list(lines):
@@ -241,7 +275,8 @@ def _stop(proc: subprocess.Popen, stop_timeout: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         raise AssertionError(
-            f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)") from None
+            f"daemon ignored SIGTERM for {stop_timeout} s (TimeoutStopSec)"
+        ) from None
 
 
 def pids_listening_on(port: int) -> set[int]:
@@ -264,5 +299,14 @@ def pids_listening_on(port: int) -> set[int]:
     return pids
 
 
-__all__ = ["DaemonStartError", "as_user", "config_file", "http_status", "installed_daemon",
-           "pids_listening_on", "sandboxed_command", "unit_command", "unit_settings"]
+__all__ = [
+    "DaemonStartError",
+    "as_user",
+    "config_file",
+    "http_status",
+    "installed_daemon",
+    "pids_listening_on",
+    "sandboxed_command",
+    "unit_command",
+    "unit_settings",
+]

@@ -20,14 +20,19 @@ BUILD_COMMAND = [str(REPO / "packaging" / "build-deb")]
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 
-def run(argv: list[str], *, check: bool = True, timeout: float = 180,
-        **kwargs) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str], *, check: bool = True, timeout: float = 180, **kwargs
+) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; a failure (with ``check``) fails the test."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                            **kwargs)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
     if check and result.returncode != 0:
-        pytest.fail(f"{shlex.join(argv)} exited with {result.returncode}:\n"
-                    f"{result.stdout}\n{result.stderr}", pytrace=False)
+        pytest.fail(
+            f"{shlex.join(argv)} exited with {result.returncode}:\n"
+            f"{result.stdout}\n{result.stderr}",
+            pytrace=False,
+        )
     return result
 
 
@@ -37,8 +42,11 @@ def require_root_and_tools() -> None:
         pytest.fail("the packaging tests install a .deb: run them as root", pytrace=False)
     for tool in ("dpkg-deb", "apt-get", "runuser", "setpriv", "systemd-analyze"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: the packaging tests need Debian 12's dpkg, apt, "
-                        "util-linux and systemd", pytrace=False)
+            pytest.fail(
+                f"{tool} not found: the packaging tests need Debian 12's dpkg, apt, "
+                "util-linux and systemd",
+                pytrace=False,
+            )
 
 
 def package_state() -> str:
@@ -67,8 +75,11 @@ def install(deb: Path) -> None:
         run(["apt-get", "update", "-q"], env=APT_ENV, timeout=300)
         result = run(argv, check=False, env=APT_ENV, timeout=600)
     if result.returncode != 0:
-        pytest.fail("apt-get could not install the package (are Debian 12's apt registries "
-                    f"reachable?):\n{result.stdout}\n{result.stderr}", pytrace=False)
+        pytest.fail(
+            "apt-get could not install the package (are Debian 12's apt registries "
+            f"reachable?):\n{result.stdout}\n{result.stderr}",
+            pytrace=False,
+        )
 
 
 def reinstall(deb: Path) -> subprocess.CompletedProcess:

@@ -35,9 +35,16 @@ from tests.packaging.package import REPO, package_state, purge, run
 PYLIB = Path("/usr/lib/python3/dist-packages")
 PLUGINS = PYLIB / "twisted" / "plugins"
 DEBIAN_PYTHON = "/usr/bin/python3"
-DEPENDENCIES = ["python3-twisted", "python3-autobahn", "python3-openssl",
-                "python3-service-identity", "python3-treq", "python3-cryptography",
-                "python3-prometheus-client", "novnc"]
+DEPENDENCIES = [
+    "python3-twisted",
+    "python3-autobahn",
+    "python3-openssl",
+    "python3-service-identity",
+    "python3-treq",
+    "python3-cryptography",
+    "python3-prometheus-client",
+    "novnc",
+]
 UNITS = ["cpvm", "cpvm-manager"]
 USERS = ["cpvm", "cpvm-manager"]
 
@@ -49,15 +56,22 @@ def plugin_cache_modules() -> set[str]:
     cache = PLUGINS / "dropin.cache"
     if not cache.exists():
         return set()
-    result = run([DEBIAN_PYTHON, "-c",
-                  "import pickle, sys; print(' '.join(pickle.load(open(sys.argv[1], 'rb'))))",
-                  str(cache)], cwd="/")
+    result = run(
+        [
+            DEBIAN_PYTHON,
+            "-c",
+            "import pickle, sys; print(' '.join(pickle.load(open(sys.argv[1], 'rb'))))",
+            str(cache),
+        ],
+        cwd="/",
+    )
     return set(result.stdout.split())
 
 
 def debian_version(module: str) -> str:
-    return run([DEBIAN_PYTHON, "-c", f"import {module}; print({module}.__version__)"],
-               cwd="/").stdout.strip()
+    return run(
+        [DEBIAN_PYTHON, "-c", f"import {module}; print({module}.__version__)"], cwd="/"
+    ).stdout.strip()
 
 
 # --- The .deb itself ----------------------------------------------------------------------
@@ -76,9 +90,13 @@ def test_control_depends_on_debians_libraries(deb: Path) -> None:
     names = {d.split()[0].split(":")[0] for d in depends.replace("\n", " ").split(",")}
     assert set(DEPENDENCIES) | {"python3", "adduser"} <= names
     # Bounds from setup.cfg, which are Debian 12's versions.
-    for bound in ("python3-twisted (>= 22.4)", "python3-autobahn (>= 22.7)",
-                  "python3-treq (>= 22.2)", "python3-cryptography (>= 38.0)",
-                  "python3-prometheus-client (>= 0.16)"):
+    for bound in (
+        "python3-twisted (>= 22.4)",
+        "python3-autobahn (>= 22.7)",
+        "python3-treq (>= 22.2)",
+        "python3-cryptography (>= 38.0)",
+        "python3-prometheus-client (>= 0.16)",
+    ):
         assert bound in depends
     assert "python3-psycopg2" in run(["dpkg-deb", "-f", str(deb), "Recommends"]).stdout
     # Debian's noVNC and websockify packages are used, never replaced.
@@ -89,7 +107,9 @@ def test_control_depends_on_debians_libraries(deb: Path) -> None:
 def test_control_archive_declares_conffiles_and_scripts(deb: Path) -> None:
     info = run(["dpkg-deb", "-I", str(deb)]).stdout
     for member in ("control", "conffiles", "md5sums", "postinst", "prerm", "postrm"):
-        assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*?\s+{member}\b", info, re.MULTILINE), member
+        assert re.search(rf"^\s+\d+ bytes,\s+\d+ lines\s+\*?\s+{member}\b", info, re.MULTILINE), (
+            member
+        )
     conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
     assert conffiles == ["/etc/cpvm/cpvm.conf", "/etc/cpvm/manager.conf"]
 
@@ -100,22 +120,37 @@ def test_contents(deb: Path) -> None:
     owners = {line.split()[1] for line in listing}
     assert owners == {"root/root"}
     expected = {
-        "/etc/cpvm/cpvm.conf", "/etc/cpvm/manager.conf",
-        "/lib/systemd/system/cpvm.service", "/lib/systemd/system/cpvm-manager.service",
-        f"{PLUGINS}/cpvm_plugin.py", "/usr/bin/cpvm-manager-admin",
-        "/usr/share/doc/cpvm/copyright", "/usr/share/doc/cpvm/changelog.gz",
+        "/etc/cpvm/cpvm.conf",
+        "/etc/cpvm/manager.conf",
+        "/lib/systemd/system/cpvm.service",
+        "/lib/systemd/system/cpvm-manager.service",
+        f"{PLUGINS}/cpvm_plugin.py",
+        "/usr/bin/cpvm-manager-admin",
+        "/usr/share/doc/cpvm/copyright",
+        "/usr/share/doc/cpvm/changelog.gz",
         "/usr/share/doc/cpvm/operations.md",
     }
-    modules = {f"{PYLIB}/{p.relative_to(REPO)}" for p in (REPO / "cpvm").rglob("*.py")
-               if "__pycache__" not in p.parts}
+    modules = {
+        f"{PYLIB}/{p.relative_to(REPO)}"
+        for p in (REPO / "cpvm").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert expected <= paths
     assert modules <= {p for p in paths if p.startswith(f"{PYLIB}/cpvm/")}
-    junk = [p for p in paths if "__pycache__" in p or p.endswith((".pyc", ".pyo"))
-            or "dropin.cache" in p or ".egg-info" in p or p.startswith(f"{PYLIB}/tests")]
+    junk = [
+        p
+        for p in paths
+        if "__pycache__" in p
+        or p.endswith((".pyc", ".pyo"))
+        or "dropin.cache" in p
+        or ".egg-info" in p
+        or p.startswith(f"{PYLIB}/tests")
+    ]
     assert junk == []
     # Only our own module in twisted/plugins (the directory belongs to python3-twisted).
-    assert {p for p in paths if p.startswith(f"{PLUGINS}/") and not p.endswith("/")} == \
-        {f"{PLUGINS}/cpvm_plugin.py"}
+    assert {p for p in paths if p.startswith(f"{PLUGINS}/") and not p.endswith("/")} == {
+        f"{PLUGINS}/cpvm_plugin.py"
+    }
     assert all(not p.startswith(("/usr/local", "/opt", "/home", "/root")) for p in paths)
 
 
@@ -136,10 +171,12 @@ def test_apt_pulled_every_dependency(installed: Path) -> None:
 
 
 def test_cpvm_imports_under_debians_python(installed: Path) -> None:
-    code = ("import pkgutil, importlib, cpvm\n"
-            "for m in pkgutil.walk_packages(cpvm.__path__, 'cpvm.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "print(cpvm.__file__)\n")
+    code = (
+        "import pkgutil, importlib, cpvm\n"
+        "for m in pkgutil.walk_packages(cpvm.__path__, 'cpvm.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(cpvm.__file__)\n"
+    )
     out = run([DEBIAN_PYTHON, "-c", code], cwd="/").stdout.strip()
     assert out == f"{PYLIB}/cpvm/__init__.py"
 
@@ -153,8 +190,11 @@ def test_users_directories_and_permissions(installed: Path) -> None:
 
     def mode_owner(path: str) -> tuple[int, str, str]:
         st = os.stat(path)
-        return (stat.S_IMODE(st.st_mode), pwd.getpwuid(st.st_uid).pw_name,
-                grp.getgrgid(st.st_gid).gr_name)
+        return (
+            stat.S_IMODE(st.st_mode),
+            pwd.getpwuid(st.st_uid).pw_name,
+            grp.getgrgid(st.st_gid).gr_name,
+        )
 
     assert pwd.getpwnam("cpvm-manager").pw_dir == "/var/lib/cpvm-manager"
     assert mode_owner("/var/lib/cpvm-manager") == (0o750, "cpvm-manager", "cpvm-manager")
@@ -235,10 +275,12 @@ def test_admin_tool_run_as_root_acts_as_the_manager_user(installed: Path) -> Non
 
 def test_units_pass_systemd_analyze_verify(installed: Path) -> None:
     for unit in UNITS:
-        assert (UNIT_DIR / f"{unit}.service").read_text() == \
-            (REPO / "systemd" / f"{unit}.service").read_text()
-    result = run(["systemd-analyze", "verify", *(str(UNIT_DIR / f"{u}.service") for u in UNITS)],
-                 check=False)
+        assert (UNIT_DIR / f"{unit}.service").read_text() == (
+            REPO / "systemd" / f"{unit}.service"
+        ).read_text()
+    result = run(
+        ["systemd-analyze", "verify", *(str(UNIT_DIR / f"{u}.service") for u in UNITS)], check=False
+    )
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
@@ -246,24 +288,45 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
     for unit in UNITS:
         s = unit_settings(REPO / "systemd" / f"{unit}.service")
         argv = unit_command(unit, "/x.conf", REPO / "systemd")
-        assert argv[:5] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile=", "--reactor=cpvm",
-                            "--logger=cpvm.common.logs.observer"]
+        assert argv[:5] == [
+            "/usr/bin/twistd3",
+            "--nodaemon",
+            "--pidfile=",
+            "--reactor=cpvm",
+            "--logger=cpvm.common.logs.observer",
+        ]
         assert argv[5:] == [unit, "--config", "/x.conf"]
         assert s["User"] == [unit]
         config = "/etc/cpvm/cpvm.conf" if unit == "cpvm" else "/etc/cpvm/manager.conf"
         assert s["ExecStart"][0].endswith(f"--config {config}")
         for key, value in {
-            "Restart": "on-failure", "KillSignal": "SIGTERM", "UMask": "0077",
-            "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-            "PrivateTmp": "yes", "PrivateDevices": "yes", "DevicePolicy": "closed",
-            "CapabilityBoundingSet": "", "AmbientCapabilities": "", "PrivateUsers": "yes",
+            "Restart": "on-failure",
+            "KillSignal": "SIGTERM",
+            "UMask": "0077",
+            "NoNewPrivileges": "yes",
+            "ProtectSystem": "strict",
+            "ProtectHome": "yes",
+            "PrivateTmp": "yes",
+            "PrivateDevices": "yes",
+            "DevicePolicy": "closed",
+            "CapabilityBoundingSet": "",
+            "AmbientCapabilities": "",
+            "PrivateUsers": "yes",
             "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-            "SystemCallArchitectures": "native", "ProtectKernelTunables": "yes",
-            "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
-            "ProtectControlGroups": "yes", "ProtectClock": "yes", "ProtectHostname": "yes",
-            "RestrictNamespaces": "yes", "RestrictRealtime": "yes",
-            "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
-            "MemoryDenyWriteExecute": "no", "ProtectProc": "invisible", "ProcSubset": "pid",
+            "SystemCallArchitectures": "native",
+            "ProtectKernelTunables": "yes",
+            "ProtectKernelModules": "yes",
+            "ProtectKernelLogs": "yes",
+            "ProtectControlGroups": "yes",
+            "ProtectClock": "yes",
+            "ProtectHostname": "yes",
+            "RestrictNamespaces": "yes",
+            "RestrictRealtime": "yes",
+            "RestrictSUIDSGID": "yes",
+            "LockPersonality": "yes",
+            "MemoryDenyWriteExecute": "no",
+            "ProtectProc": "invisible",
+            "ProcSubset": "pid",
             "PrivateMounts": "yes",
         }.items():
             assert s.get(key) == [value], (unit, key, s.get(key))
@@ -276,8 +339,9 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
     cpvm = unit_settings(REPO / "systemd" / "cpvm.service")
     assert cpvm["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert cpvm["KillMode"] == ["mixed"]
-    assert unit_settings(REPO / "systemd" / "cpvm-manager.service")["StateDirectory"] == \
-        ["cpvm-manager"]
+    assert unit_settings(REPO / "systemd" / "cpvm-manager.service")["StateDirectory"] == [
+        "cpvm-manager"
+    ]
     # The default [server] state_directory: the instance id survives restarts.
     assert cpvm["StateDirectory"] == ["cpvm"]
 
@@ -285,8 +349,16 @@ def test_units_run_twistd_in_the_foreground_hardened() -> None:
 def test_units_security_exposure_stays_low() -> None:
     """``systemd-analyze security`` (offline: no running systemd needed); README has 1.1."""
     for unit in UNITS:
-        result = run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                      str(REPO / "systemd" / f"{unit}.service")], check=False)
+        result = run(
+            [
+                "systemd-analyze",
+                "security",
+                "--offline=true",
+                "--no-pager",
+                str(REPO / "systemd" / f"{unit}.service"),
+            ],
+            check=False,
+        )
         match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
         assert match, result.stdout + result.stderr
         assert float(match.group(1)) <= 1.5, (unit, match.group(1))
@@ -318,8 +390,7 @@ def test_memory_deny_write_execute_breaks_tls(installed: Path) -> None:
     mdwe = run([DEBIAN_PYTHON, "-c", code, "mdwe"], cwd="/").stdout
     assert plain.strip() == "ok"
     if mdwe.startswith("no-prctl"):
-        pytest.fail(f"this kernel has no PR_SET_MDWE (Linux >= 6.3 needed): {mdwe}",
-                    pytrace=False)
+        pytest.fail(f"this kernel has no PR_SET_MDWE (Linux >= 6.3 needed): {mdwe}", pytrace=False)
     assert mdwe.startswith("MemoryError"), mdwe
 
 
@@ -342,20 +413,30 @@ def test_purge_leaves_nothing(installed: Path) -> None:
     finally:
         shutil.rmtree(target_dir)
     assert package_state() == "not-installed"
-    leftovers = [p for p in (
-        "/etc/cpvm", "/var/lib/cpvm-manager", "/var/lib/cpvm", "/var/log/cpvm",
-        "/lib/systemd/system/cpvm.service", "/lib/systemd/system/cpvm-manager.service",
-        "/usr/bin/cpvm-manager-admin", f"{PYLIB}/cpvm", f"{PLUGINS}/cpvm_plugin.py",
-        "/usr/share/doc/cpvm", "/usr/share/man/man1/cpvm-manager-admin.1.gz",
-    ) if os.path.lexists(p)]
+    leftovers = [
+        p
+        for p in (
+            "/etc/cpvm",
+            "/var/lib/cpvm-manager",
+            "/var/lib/cpvm",
+            "/var/log/cpvm",
+            "/lib/systemd/system/cpvm.service",
+            "/lib/systemd/system/cpvm-manager.service",
+            "/usr/bin/cpvm-manager-admin",
+            f"{PYLIB}/cpvm",
+            f"{PLUGINS}/cpvm_plugin.py",
+            "/usr/share/doc/cpvm",
+            "/usr/share/man/man1/cpvm-manager-admin.1.gz",
+        )
+        if os.path.lexists(p)
+    ]
     leftovers += [str(p) for p in PYLIB.glob("cpvm-*.dist-info")]
     leftovers += [str(p) for p in (PLUGINS / "__pycache__").glob("cpvm_plugin*")]
     leftovers += [str(p) for p in Path("/etc/systemd/system").rglob("cpvm*")]
     leftovers += [str(p) for p in Path("/var/lib/systemd").rglob("*cpvm*")]
     assert leftovers == []
     # No daemon (or worker) the tests started outlived them.
-    running = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
-               and _real_uid(p) in uids]
+    running = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _real_uid(p) in uids]
     assert running == []
     for user in USERS:
         assert run(["getent", "passwd", user], check=False).returncode == 2, user

@@ -99,11 +99,23 @@ class ConsoleStack:
     def cpvm_conf(self, port: int, *extra: str) -> str:
         """An installed cpvm's configuration against this manager, at debug level
         (``extra``: more ``[server]`` lines)."""
-        return "\n".join([
-            "[server]", "bind = 127.0.0.1", f"port = {port}", "public_host = 127.0.0.1",
-            *extra, "[manager]", f"url = http://127.0.0.1:{self.manager_port}",
-            f"credential_file = {PROXY_KEY}", "heartbeat_interval = 1",
-            "[log]", "level = debug", f"audit_file = {AUDIT_FILE}", ""])
+        return "\n".join(
+            [
+                "[server]",
+                "bind = 127.0.0.1",
+                f"port = {port}",
+                "public_host = 127.0.0.1",
+                *extra,
+                "[manager]",
+                f"url = http://127.0.0.1:{self.manager_port}",
+                f"credential_file = {PROXY_KEY}",
+                "heartbeat_interval = 1",
+                "[log]",
+                "level = debug",
+                f"audit_file = {AUDIT_FILE}",
+                "",
+            ]
+        )
 
     def create_console_endpoint(self) -> dict:
         """A signed createConsoleEndpoint call, as any CloudStack API client makes it."""
@@ -117,8 +129,7 @@ class ConsoleStack:
         }
         params["signature"] = sign(params, self.secret_key)
         self.signatures.append(params["signature"])
-        url = (f"http://127.0.0.1:{self.manager_port}/client/api?"
-               + urllib.parse.urlencode(params))
+        url = f"http://127.0.0.1:{self.manager_port}/client/api?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=10) as response:
             answer = json.load(response)["createconsoleendpointresponse"]["consoleendpoint"]
         assert answer.get("success") is True, answer
@@ -126,9 +137,12 @@ class ConsoleStack:
         return answer
 
     def secrets(self) -> dict[str, str]:
-        found = {"VNC password": peers.QEMU_TEST_PASSWORD, "API secret key": self.secret_key,
-                 "proxy key": self.proxy_key,
-                 "proxy key's secret part": self.proxy_key.split(".", 1)[1]}
+        found = {
+            "VNC password": peers.QEMU_TEST_PASSWORD,
+            "API secret key": self.secret_key,
+            "proxy key": self.proxy_key,
+            "proxy key's secret part": self.proxy_key.split(".", 1)[1],
+        }
         found.update({f"token {n}": t for n, t in enumerate(self.tokens)})
         found.update({f"signature {n}": s for n, s in enumerate(self.signatures)})
         return found
@@ -138,11 +152,15 @@ class ConsoleStack:
         parts = []
         for name, lines in self.logs.items():
             text = "".join(lines)
-            tracebacks = re.findall(r"Traceback \(most recent call last\):.*?^\S[^\n]*$", text,
-                                    re.MULTILINE | re.DOTALL)
-            parts.append(f"--- {name}: {len(tracebacks)} traceback(s) ---\n"
-                         + "\n".join(tracebacks[:3])
-                         + f"\n--- {name}: last lines ---\n" + "".join(lines[-40:]))
+            tracebacks = re.findall(
+                r"Traceback \(most recent call last\):.*?^\S[^\n]*$", text, re.MULTILINE | re.DOTALL
+            )
+            parts.append(
+                f"--- {name}: {len(tracebacks)} traceback(s) ---\n"
+                + "\n".join(tracebacks[:3])
+                + f"\n--- {name}: last lines ---\n"
+                + "".join(lines[-40:])
+            )
         return "\n".join(parts)
 
 
@@ -172,8 +190,10 @@ def wait_ready(url: str, stack: ConsoleStack, what: str) -> None:
         if status == 200:
             return
         time.sleep(0.1)
-    pytest.fail(f"{what}: {url} answered {status}, not 200, for {READY_TIMEOUT} s\n"
-                f"{stack.evidence()}", pytrace=False)
+    pytest.fail(
+        f"{what}: {url} answered {status}, not 200, for {READY_TIMEOUT} s\n{stack.evidence()}",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -191,28 +211,50 @@ def console_stack(installed: Path) -> Iterator[ConsoleStack]:
         proxy_key = admin("proxy-key", "create", "--name", "installed-cpvm", config=conf).strip()
         assert re.fullmatch(r"cpvmk_[0-9a-f]{8}\.\S+", proxy_key), "unexpected proxy key form"
         write_root_file(PROXY_KEY, proxy_key.encode() + b"\n", "cpvm")
-        vm_id = admin("vm", "add", "--name", VM_NAME, "--owner", ACCOUNT,
-                      "--vnc-host", qemu.host, "--vnc-port", str(qemu.port),
-                      "--vnc-password-stdin", "--state", "Running",
-                      config=conf, stdin=peers.QEMU_TEST_PASSWORD + "\n").strip()
+        vm_id = admin(
+            "vm",
+            "add",
+            "--name",
+            VM_NAME,
+            "--owner",
+            ACCOUNT,
+            "--vnc-host",
+            qemu.host,
+            "--vnc-port",
+            str(qemu.port),
+            "--vnc-password-stdin",
+            "--state",
+            "Running",
+            config=conf,
+            stdin=peers.QEMU_TEST_PASSWORD + "\n",
+        ).strip()
         manager_port = stack.enter_context(
-            installed_daemon("cpvm-manager", MANAGER_CONF, output=manager_log))
-        result = ConsoleStack(manager_port=manager_port, qemu=qemu, vm_id=vm_id,
-                              api_key=keys["apikey"], secret_key=keys["secretkey"],
-                              proxy_key=proxy_key, logs={"cpvm-manager": manager_log},
-                              resources=stack)
+            installed_daemon("cpvm-manager", MANAGER_CONF, output=manager_log)
+        )
+        result = ConsoleStack(
+            manager_port=manager_port,
+            qemu=qemu,
+            vm_id=vm_id,
+            api_key=keys["apikey"],
+            secret_key=keys["secretkey"],
+            proxy_key=proxy_key,
+            logs={"cpvm-manager": manager_log},
+            resources=stack,
+        )
         wait_ready(f"http://127.0.0.1:{manager_port}/readyz", result, "cpvm-manager")
         yield result
 
 
 def console_url(answer: dict, scheme: str = "ws") -> str:
     ws = answer["websocket"]
-    return (f"{scheme}://{ws['host']}:{ws['port']}/{ws['path']}?"
-            + urllib.parse.urlencode({"token": ws["token"]}))
+    return f"{scheme}://{ws['host']}:{ws['port']}/{ws['path']}?" + urllib.parse.urlencode(
+        {"token": ws["token"]}
+    )
 
 
-async def use_console(url: str, origin: str, stack: ConsoleStack,
-                      ca_pem: bytes | None = None) -> RfbWebSocketClient:
+async def use_console(
+    url: str, origin: str, stack: ConsoleStack, ca_pem: bytes | None = None
+) -> RfbWebSocketClient:
     """Open the console, do the RFB handshake, get one framebuffer update; return it open."""
     try:
         client = await open_console(url, origin=origin, ca_pem=ca_pem)
@@ -225,8 +267,10 @@ async def use_console(url: str, origin: str, stack: ConsoleStack,
         assert rects >= 1
         return client
     except Exception as e:
-        pytest.fail(f"console session through the installed cpvm failed: {e!r}\n"
-                    f"{stack.evidence()}", pytrace=False)
+        pytest.fail(
+            f"console session through the installed cpvm failed: {e!r}\n{stack.evidence()}",
+            pytrace=False,
+        )
 
 
 @pytest_twisted.ensureDeferred
@@ -273,8 +317,10 @@ def _holder_of_connection(server_port: int, client_port: int, pids: set[int]) ->
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local, remote = fields[1], fields[2]
-            if (int(local.rsplit(":", 1)[1], 16) == server_port
-                    and int(remote.rsplit(":", 1)[1], 16) == client_port):
+            if (
+                int(local.rsplit(":", 1)[1], 16) == server_port
+                and int(remote.rsplit(":", 1)[1], 16) == client_port
+            ):
                 inodes.add(f"socket:[{fields[9]}]")
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -283,8 +329,9 @@ def _holder_of_connection(server_port: int, client_port: int, pids: set[int]) ->
     return None
 
 
-def _readyz_on_one_connection(port: int, context: ssl.SSLContext,
-                              pids: set[int]) -> tuple[int | None, int]:
+def _readyz_on_one_connection(
+    port: int, context: ssl.SSLContext, pids: set[int]
+) -> tuple[int | None, int]:
     """GET /readyz over one new TLS connection: (the process that accepted it, status)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         holder = None
@@ -304,10 +351,15 @@ def _exec_reload(unit: str, main_pid: int) -> None:
     for line in settings["ExecReload"]:
         # systemd's expansion: ${MAINPID} anywhere, $MAINPID as a word of its own; the
         # variable is in the environment as well.
-        argv = [str(main_pid) if a == "$MAINPID" else a.replace("${MAINPID}", str(main_pid))
-                for a in shlex.split(line)]
-        run(sandboxed_command([*as_user(user), *argv], settings), cwd="/",
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MAINPID": str(main_pid)})
+        argv = [
+            str(main_pid) if a == "$MAINPID" else a.replace("${MAINPID}", str(main_pid))
+            for a in shlex.split(line)
+        ]
+        run(
+            sandboxed_command([*as_user(user), *argv], settings),
+            cwd="/",
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MAINPID": str(main_pid)},
+        )
 
 
 @pytest.fixture
@@ -348,8 +400,9 @@ async def test_two_workers_under_the_unit(console_stack, proxy_tls):
         assert cmdline[-3:-1] == [b"--worker", b"1"], cmdline
         # The unit's settings hold for the worker as for the first process.
         # The unit's LimitNOFILE=, as far as installed_daemon could grant it here.
-        nofile = str(min(int(settings["LimitNOFILE"][0]),
-                         resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        nofile = str(
+            min(int(settings["LimitNOFILE"][0]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
         cpvm_uid = str(pwd.getpwnam("cpvm").pw_uid)
         for pid in (main, worker):
             status = _proc_status(pid)
@@ -375,15 +428,19 @@ async def test_two_workers_under_the_unit(console_stack, proxy_tls):
                 break
             answer = stack.create_console_endpoint()
             assert answer["websocket"]["port"] == str(port)
-            client = await use_console(console_url(answer, "wss"), f"https://127.0.0.1:{port}",
-                                       stack, ca_pem=ca_pem)
+            client = await use_console(
+                console_url(answer, "wss"), f"https://127.0.0.1:{port}", stack, ca_pem=ca_pem
+            )
             clients.append(client)
             served.add(_holder_of_connection(port, client.transport.getHost().port, pids))
         assert served == pids, f"sessions in {served} of {pids}"
         # The processes share their metrics in the unit's runtime directory (the first
         # made it; the worker was started with it in its environment).
-        environ = dict(item.split(b"=", 1) for item in
-                       Path(f"/proc/{worker}/environ").read_bytes().split(b"\0") if item)
+        environ = dict(
+            item.split(b"=", 1)
+            for item in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+            if item
+        )
         assert environ[b"PROMETHEUS_MULTIPROC_DIR"].startswith(b"/run/cpvm/cpvm-metrics-")
 
         # ExecReload reaches every process: each re-reads the certificate.
@@ -396,7 +453,8 @@ async def test_two_workers_under_the_unit(console_stack, proxy_tls):
             time.sleep(0.05)
         assert reloads() == 2, (
             f"the unit's ExecReload made {reloads()} of 2 processes reload TLS (the first "
-            f"must pass SIGHUP on to its worker, once)\n{stack.evidence()}")
+            f"must pass SIGHUP on to its worker, once)\n{stack.evidence()}"
+        )
     finally:
         # SIGTERM to the first process only (KillMode=mixed): it stops the worker.
         await threads.deferToThread(daemon.__exit__, None, None, None)
@@ -414,15 +472,20 @@ def test_logs_hold_no_secret(console_stack):
     """Token, VNC password, API secret, signature, proxy key: in no daemon's log."""
     stack = console_stack
     stack.resources.close()  # stops the manager and QEMU: the logs are complete
-    assert set(stack.logs) == {"cpvm-manager", "cpvm", "cpvm (workers = 2)"}, \
+    assert set(stack.logs) == {"cpvm-manager", "cpvm", "cpvm (workers = 2)"}, (
         "the session tests did not run"
+    )
     assert stack.tokens and stack.signatures
     texts = {name: "".join(lines) for name, lines in stack.logs.items()}
     texts["audit file"] = AUDIT_FILE.read_text()
     assert "console session acquired" in texts["cpvm"]
     assert "redeem" in texts["cpvm-manager"] or "/proxy/v1/" in texts["cpvm-manager"]
-    leaks = [f"{what} in the {name} log" for name, text in texts.items()
-             for what, secret in stack.secrets().items() if secret in text]
+    leaks = [
+        f"{what} in the {name} log"
+        for name, text in texts.items()
+        for what, secret in stack.secrets().items()
+        if secret in text
+    ]
     assert leaks == []
     tracebacks = [name for name, text in texts.items() if "Traceback" in text]
     assert tracebacks == [], stack.evidence()

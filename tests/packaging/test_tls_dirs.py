@@ -92,10 +92,20 @@ def certbot_tree(key: bytes, group: str) -> Iterator[Path]:
 
 
 def cpvm_conf(*tls_lines: str) -> str:
-    return "\n".join(["[server]", "bind = 127.0.0.1", "port = 0", "public_host = 127.0.0.1",
-                      "tls = true", *tls_lines,
-                      # Nothing listens there: /healthz must not depend on the manager.
-                      "[manager]", "url = http://127.0.0.1:9", ""])
+    return "\n".join(
+        [
+            "[server]",
+            "bind = 127.0.0.1",
+            "port = 0",
+            "public_host = 127.0.0.1",
+            "tls = true",
+            *tls_lines,
+            # Nothing listens there: /healthz must not depend on the manager.
+            "[manager]",
+            "url = http://127.0.0.1:9",
+            "",
+        ]
+    )
 
 
 def manager_conf(key: Path, cert: Path) -> str:
@@ -121,8 +131,9 @@ def both_serve_tls(placed: Placed, cpvm_config: str, manager_config: str) -> Non
 
 def can_read(user: str, path: Path) -> bool:
     """Whether ``user`` can read ``path`` (``runuser -u USER -- cat PATH``)."""
-    return run(["runuser", "-u", user, "--", "cat", str(path)], check=False,
-               cwd="/").returncode == 0
+    return (
+        run(["runuser", "-u", user, "--", "cat", str(path)], check=False, cwd="/").returncode == 0
+    )
 
 
 def assert_each_key_readable_by_its_daemon_only(placed: Placed) -> None:
@@ -150,12 +161,23 @@ def new_layout(installed: Path, pki) -> Iterator[Placed]:
         place(MANAGER_TLS / "cert.pem", manager.server_cert.read_bytes(), "cpvm-manager")
         (MANAGER_TLS / "key.pem").symlink_to(live)
         names = ["cert.pem", "key.pem"]
-        watched = [PROXY_TLS, MANAGER_TLS, *(PROXY_TLS / n for n in names),
-                   *(MANAGER_TLS / n for n in names), live, live.resolve()]
+        watched = [
+            PROXY_TLS,
+            MANAGER_TLS,
+            *(PROXY_TLS / n for n in names),
+            *(MANAGER_TLS / n for n in names),
+            live,
+            live.resolve(),
+        ]
         try:
-            yield Placed(proxy.ca_cert.read_bytes(), manager.ca_cert.read_bytes(),
-                         PROXY_TLS / "key.pem", MANAGER_TLS / "key.pem", live.resolve(),
-                         watched)
+            yield Placed(
+                proxy.ca_cert.read_bytes(),
+                manager.ca_cert.read_bytes(),
+                PROXY_TLS / "key.pem",
+                MANAGER_TLS / "key.pem",
+                live.resolve(),
+                watched,
+            )
         finally:
             for name in names:
                 (PROXY_TLS / name).unlink(missing_ok=True)
@@ -196,12 +218,14 @@ def test_installation_gives_each_daemon_its_tls_directory(installed: Path) -> No
     assert not os.path.lexists(LEGACY_TLS)
 
 
-def test_each_daemon_keeps_its_tls_through_an_upgrade(installed: Path, new_layout: Placed,
-                                                      linked_proxy_key: list[Path]) -> None:
+def test_each_daemon_keeps_its_tls_through_an_upgrade(
+    installed: Path, new_layout: Placed, linked_proxy_key: list[Path]
+) -> None:
     placed = new_layout
     placed.watched += linked_proxy_key
-    cpvm_config = cpvm_conf(f"certificate = {PROXY_TLS}/cert.pem",
-                            f"private_key = {PROXY_TLS}/key.pem")
+    cpvm_config = cpvm_conf(
+        f"certificate = {PROXY_TLS}/cert.pem", f"private_key = {PROXY_TLS}/key.pem"
+    )
     manager_config = manager_conf(MANAGER_TLS / "key.pem", MANAGER_TLS / "cert.pem")
     both_serve_tls(placed, cpvm_config, manager_config)
     before = {p: metadata(p) for p in placed.watched}
@@ -232,13 +256,19 @@ def legacy_layout(installed: Path, pki) -> Iterator[Placed]:
         with certbot_tree(manager.server_key.read_bytes(), "cpvm-manager") as live:
             place(LEGACY_TLS / "cert.pem", proxy.server_cert.read_bytes(), "cpvm")
             place(LEGACY_TLS / "key.pem", proxy.server_key.read_bytes(), "cpvm")
-            place(LEGACY_TLS / "manager.crt", manager.server_cert.read_bytes(), "cpvm-manager",
-                  0o644)
+            place(
+                LEGACY_TLS / "manager.crt", manager.server_cert.read_bytes(), "cpvm-manager", 0o644
+            )
             (LEGACY_TLS / "manager.key").symlink_to(live)
             watched = [LEGACY_TLS, *LEGACY_TLS.iterdir(), live, live.resolve()]
-            yield Placed(proxy.ca_cert.read_bytes(), manager.ca_cert.read_bytes(),
-                         LEGACY_TLS / "key.pem", LEGACY_TLS / "manager.key", live.resolve(),
-                         watched)
+            yield Placed(
+                proxy.ca_cert.read_bytes(),
+                manager.ca_cert.read_bytes(),
+                LEGACY_TLS / "key.pem",
+                LEGACY_TLS / "manager.key",
+                live.resolve(),
+                watched,
+            )
     finally:
         shutil.rmtree(LEGACY_TLS, ignore_errors=True)
         # What the package makes, should the upgrade under test not have made it.
@@ -250,7 +280,8 @@ def legacy_layout(installed: Path, pki) -> Iterator[Placed]:
 
 
 def test_upgrade_leaves_the_old_tls_directory_as_the_operator_set_it(
-        installed: Path, legacy_layout: Placed, linked_proxy_key: list[Path]) -> None:
+    installed: Path, legacy_layout: Placed, linked_proxy_key: list[Path]
+) -> None:
     placed = legacy_layout
     placed.watched += linked_proxy_key
     before = {p: metadata(p) for p in placed.watched}
@@ -279,8 +310,10 @@ def test_units_hide_the_other_daemons_secrets(installed: Path, new_layout: Place
             echo "end of $path"
         done
         """)
-    hidden = {"cpvm": [MANAGER_TLS, Path("/var/lib/cpvm-manager")],
-              "cpvm-manager": [PROXY_TLS, Path("/etc/cpvm/proxy.key")]}
+    hidden = {
+        "cpvm": [MANAGER_TLS, Path("/var/lib/cpvm-manager")],
+        "cpvm-manager": [PROXY_TLS, Path("/etc/cpvm/proxy.key")],
+    }
     with contextlib.ExitStack() as cleanup:
         # Something to hide in each path (test_installed_console may have left a proxy key).
         for path in (Path("/etc/cpvm/proxy.key"), Path("/var/lib/cpvm-manager/probe")):

@@ -165,8 +165,14 @@ def _start_once(cluster: _Cluster, timeout: float) -> Postgres:
     ]  # fmt: skip
     log_path = cluster.workdir / f"postgres-{port}.log"
     # SIGINT is PostgreSQL's "fast shutdown": roll back sessions, stop now.
-    proc = Supervised("postgres", argv, log_path, user=cluster.run_as, cwd=cluster.workdir,
-                      stop_signal=signal.SIGINT)
+    proc = Supervised(
+        "postgres",
+        argv,
+        log_path,
+        user=cluster.run_as,
+        cwd=cluster.workdir,
+        stop_signal=signal.SIGINT,
+    )
     ready = _wait_ready(cluster.bindir, proc, port, timeout)
     if not ready or not pid_listens_on(proc.pid, port):
         detail = proc.log_tail()

@@ -59,7 +59,6 @@ def require_binary(name: str, *candidates: str) -> str:
     return found
 
 
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _live: set["Supervised"] = set()
@@ -137,8 +136,9 @@ class Supervised:
                 break
             time.sleep(0.005)
         self.stop()
-        raise PeerStartError(f"{self.name}: could not find the process under timeout\n"
-                             f"{self.log_tail()}")
+        raise PeerStartError(
+            f"{self.name}: could not find the process under timeout\n{self.log_tail()}"
+        )
 
     def exited(self) -> bool:
         return self.wrapper.poll() is not None

@@ -155,8 +155,7 @@ def start_qemu(
     return start_with_port_retry(start_once, what="qemu")
 
 
-def _vnc_options(workdir: Path, port: int, password: str | None,
-                 tls_dir: Path | None) -> list[str]:
+def _vnc_options(workdir: Path, port: int, password: str | None, tls_dir: Path | None) -> list[str]:
     """QEMU's ``-vnc`` on 127.0.0.1:port, with the password (from a 0600 file) and TLS."""
     options: list[str] = []
     vnc = f"{HOST}:{port - 5900}"

@@ -54,29 +54,50 @@ async def lab(tmp_path, demo_guest):
         guest = readable_guest(host, demo_guest)
         serial = host.file("web-serial.log")
         conn = await _blocking(host.connect)
-        web = await _blocking(conn.defineXML, domain_xml(
-            "web", password=WEB_PASSWORD, guest=guest, serial_log=serial))
+        web = await _blocking(
+            conn.defineXML, domain_xml("web", password=WEB_PASSWORD, guest=guest, serial_log=serial)
+        )
         db = await _blocking(conn.defineXML, domain_xml("db"))
         await _blocking(web.create)
         await _blocking(db.create)
-        m = await start_manager(tmp_path / "manager", {
-            "inventory.libvirt.lab": {"uri": host.uri, "owner": "alice", "sync_interval": 2,
-                                      "timeout": 5}})
+        m = await start_manager(
+            tmp_path / "manager",
+            {
+                "inventory.libvirt.lab": {
+                    "uri": host.uri,
+                    "owner": "alice",
+                    "sync_interval": 2,
+                    "timeout": 5,
+                }
+            },
+        )
         m.secrets_seen.append(WEB_PASSWORD)
         alice, bob = m.account("alice"), m.account("bob")
         key_file = tmp_path / "proxy.key"
         m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
         m.secrets_seen.append(key_file.read_text().strip())
-        cpvm = await _blocking(lambda: start_cpvm(cpvm_config(
-            m.base, credential_file=key_file, server={"port": free_port()}),
-            workdir=tmp_path))
+        cpvm = await _blocking(
+            lambda: start_cpvm(
+                cpvm_config(m.base, credential_file=key_file, server={"port": free_port()}),
+                workdir=tmp_path,
+            )
+        )
 
         async def proxy_up():
             return proxies(m)["cpvm1"]["status"] == "up"
 
         await until(proxy_up, "cpvm's first heartbeat")
-        yield {"host": host, "conn": conn, "m": m, "alice": alice, "bob": bob, "web": web,
-               "db": db, "serial": serial, "guest": guest}
+        yield {
+            "host": host,
+            "conn": conn,
+            "m": m,
+            "alice": alice,
+            "bob": bob,
+            "web": web,
+            "db": db,
+            "serial": serial,
+            "guest": guest,
+        }
         await _blocking(conn.close)
     finally:
         if cpvm is not None:
@@ -127,8 +148,11 @@ async def test_domains_become_vms_and_follow_libvirt(lab):
 
     async def both_running():
         vms = await listed(m, alice)
-        return vms if {n: v["state"] for n, v in vms.items()} == {
-            "db": "Running", "web": "Running"} else None
+        return (
+            vms
+            if {n: v["state"] for n, v in vms.items()} == {"db": "Running", "web": "Running"}
+            else None
+        )
 
     vms = await until(both_running, "both domains discovered and Running")
     assert (vms["web"]["id"], vms["db"]["id"]) == (web_id, db_id)  # the domain's UUID
@@ -142,8 +166,9 @@ async def test_domains_become_vms_and_follow_libvirt(lab):
 
     # A console through cpvm to the libvirt-started guest; keys reach it.
     deadline = time.monotonic() + 60
-    while GUEST_READY_MARKER not in (lab["serial"].read_text(errors="replace")
-                                     if lab["serial"].exists() else ""):
+    while GUEST_READY_MARKER not in (
+        lab["serial"].read_text(errors="replace") if lab["serial"].exists() else ""
+    ):
         assert time.monotonic() < deadline, "the guest's shell never started"
         await deferLater(reactor, 0.5)
     client = await console_frame(m, alice, web_id, b"web")
@@ -158,7 +183,8 @@ async def test_domains_become_vms_and_follow_libvirt(lab):
     # And as a person does it: noVNC in Chromium, typing into the libvirt guest.
     url = (await m.endpoint(alice, web_id))["url"]
     status, second = await threads.deferToThread(
-        _type_in_browser, url, "serial novnc42", lab["host"].file("web.png"))
+        _type_in_browser, url, "serial novnc42", lab["host"].file("web.png")
+    )
     assert status == "Connected (unencrypted) to web"
     assert second == "New connection has been rejected with reason: token already used"
 
@@ -214,8 +240,15 @@ async def test_vms_added_by_hand_or_api_are_never_touched(lab):
     m, alice, conn = lab["m"], lab["alice"], lab["conn"]
     root = m.account("root", is_admin=True)
     manual = m.vm("alice", name="by-hand", state="Stopped")
-    status, body = await m.api(root, "addConsoleVirtualMachine", method="POST", name="by-api",
-                               account="alice", vnchost="192.0.2.9", vncport="5999")
+    status, body = await m.api(
+        root,
+        "addConsoleVirtualMachine",
+        method="POST",
+        name="by-api",
+        account="alice",
+        vnchost="192.0.2.9",
+        vncport="5999",
+    )
     assert status == 200, body
     # A domain whose UUID is the hand-made VM's: discovery leaves that VM alone.
     twin = await _blocking(conn.defineXML, domain_xml("twin", uuid=manual))
@@ -236,15 +269,21 @@ async def test_vms_added_by_hand_or_api_are_never_touched(lab):
     await until(two_more_syncs, "two more syncs")
     rows = registry(m)
     assert (rows["by-hand"]["id"], rows["by-hand"]["state"], rows["by-hand"]["source"]) == (
-        manual, "Stopped", "manual")
+        manual,
+        "Stopped",
+        "manual",
+    )
     assert (rows["by-api"]["vnc"], rows["by-api"]["source"]) == ("192.0.2.9:5999", "api")
     assert "twin" not in rows
     # And a discovered VM cannot be changed by hand: libvirt is where it lives.
     web_id = lab["web"].UUIDString()
-    status, body = await m.api(root, "updateConsoleVirtualMachine", method="POST", id=web_id,
-                               vncport="1234")
-    assert status == 431 and "change it in libvirt" in body[
-        "updateconsolevirtualmachineresponse"]["errortext"]
+    status, body = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=web_id, vncport="1234"
+    )
+    assert (
+        status == 431
+        and "change it in libvirt" in body["updateconsolevirtualmachineresponse"]["errortext"]
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -276,9 +315,10 @@ def unreachable_uri(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_host_never_reached_blocks_nothing(tmp_path, unreachable_uri):
-    m = await start_manager(tmp_path / "m", {
-        "inventory.libvirt.gone": {"uri": unreachable_uri, "owner": "alice",
-                                   "sync_interval": 1}})
+    m = await start_manager(
+        tmp_path / "m",
+        {"inventory.libvirt.gone": {"uri": unreachable_uri, "owner": "alice", "sync_interval": 1}},
+    )
     try:
         alice = m.account("alice")
         watcher = [s for s in m.service if hasattr(s, "watchers")][0].watchers[0]
@@ -308,6 +348,7 @@ async def test_a_host_that_hangs_never_blocks_the_api(lab):
     await until(running, "discovery")
     os.kill(host.process.pid, signal.SIGSTOP)
     try:
+
         async def unknown():
             started = time.monotonic()
             vms = await listed(m, alice)
@@ -336,9 +377,16 @@ async def test_an_orchestrator_adds_updates_removes_then_consoles(lab):
 
     await until(web_running, "discovery")
     host, port = registry(m)["web"]["vnc"].rsplit(":", 1)
-    status, body = await m.api(root, "addConsoleVirtualMachine", method="POST",
-                               name="orchestrated", account="alice", vnchost=host,
-                               vncport=port, vncpassword="wrong-pw")
+    status, body = await m.api(
+        root,
+        "addConsoleVirtualMachine",
+        method="POST",
+        name="orchestrated",
+        account="alice",
+        vnchost=host,
+        vncport=port,
+        vncpassword="wrong-pw",
+    )
     assert status == 200, body
     vm_id = body["addconsolevirtualmachineresponse"]["virtualmachine"]["id"]
     m.secrets_seen.append("wrong-pw")
@@ -348,8 +396,9 @@ async def test_an_orchestrator_adds_updates_removes_then_consoles(lab):
     with pytest.raises(RfbRefused, match="VNC authentication failed"):
         await client.rfb_handshake()  # QEMU refuses the wrong password
     assert (await client.wait_closed()).code == 4012
-    status, body = await m.api(root, "updateConsoleVirtualMachine", method="POST", id=vm_id,
-                               vncpassword=WEB_PASSWORD)
+    status, body = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=vm_id, vncpassword=WEB_PASSWORD
+    )
     assert status == 200, body
     client = await console_frame(m, alice, vm_id, b"orchestrated")  # cpvm names the VM
     client.sendClose(1000)
@@ -379,14 +428,14 @@ async def test_two_managers_on_one_postgres_do_not_fight(tmp_path, postgres):
         for dom in doms:
             await _blocking(dom.create)
         _, sections = _pg_sections(postgres, tmp_path / "kek")
-        sections["inventory.libvirt.lab"] = {"uri": host.uri, "owner": "alice",
-                                             "sync_interval": 1}
+        sections["inventory.libvirt.lab"] = {"uri": host.uri, "owner": "alice", "sync_interval": 1}
         first = await start_manager(tmp_path / "a", sections)
         managers.append(first)
         first.admin("account", "create", "alice")
         managers.append(await start_manager(tmp_path / "b", sections))
-        watchers = [[s for s in m.service if hasattr(s, "watchers")][0].watchers[0]
-                    for m in managers]
+        watchers = [
+            [s for s in m.service if hasattr(s, "watchers")][0].watchers[0] for m in managers
+        ]
 
         async def both_synced(after=(0, 0)):
             return all(w.syncs >= a + 2 for w, a in zip(watchers, after, strict=False))
@@ -404,10 +453,12 @@ async def test_two_managers_on_one_postgres_do_not_fight(tmp_path, postgres):
             return await both_synced(after)
 
         await until(more, "more syncs by both")
-        audit = [(e["event"], e["vm_name"]) for e in events
-                 if str(e.get("event", "")).startswith("vm_")]
-        assert sorted(audit) == [("vm_added", "one"), ("vm_added", "two"),
-                                 ("vm_updated", "one")], audit
+        audit = [
+            (e["event"], e["vm_name"]) for e in events if str(e.get("event", "")).startswith("vm_")
+        ]
+        assert sorted(audit) == [("vm_added", "one"), ("vm_added", "two"), ("vm_updated", "one")], (
+            audit
+        )
         rows = json.loads(first.admin("--json", "vm", "list"))
         assert sorted(r["name"] for r in rows) == ["one", "two"]
         assert not [e for e in events if e.get("log_failure") is not None]
@@ -422,28 +473,44 @@ async def test_two_managers_on_one_postgres_do_not_fight(tmp_path, postgres):
 async def test_vnc_tls_x509_as_libvirt_sets_it_up(tmp_path, pki):
     """qemu.conf vnc_tls = 1 on the host; vnc_tls = x509 with the CA in the source: cpvm
     speaks VeNCrypt X509 to the guest's VNC and verifies its certificate."""
-    host = await _blocking(lambda: start_libvirtd(
-        qemu_conf='vnc_tls = 1\nvnc_tls_x509_cert_dir = "{tls}"\nvnc_tls_x509_verify = 0\n',
-        tls_dir=pki.dir))
+    host = await _blocking(
+        lambda: start_libvirtd(
+            qemu_conf='vnc_tls = 1\nvnc_tls_x509_cert_dir = "{tls}"\nvnc_tls_x509_verify = 0\n',
+            tls_dir=pki.dir,
+        )
+    )
     m = cpvm = None
     try:
         conn = await _blocking(host.connect)
         dom = await _blocking(conn.defineXML, domain_xml("secure", password="tls-pw-1"))
         await _blocking(dom.create)
-        m = await start_manager(tmp_path / "manager", {
-            "inventory.libvirt.tls": {"uri": host.uri, "owner": "alice", "vnc_tls": "x509",
-                                      "vnc_ca_file": str(pki.ca_cert)}})
+        m = await start_manager(
+            tmp_path / "manager",
+            {
+                "inventory.libvirt.tls": {
+                    "uri": host.uri,
+                    "owner": "alice",
+                    "vnc_tls": "x509",
+                    "vnc_ca_file": str(pki.ca_cert),
+                }
+            },
+        )
         m.secrets_seen.append("tls-pw-1")
         alice = m.account("alice")
         key_file = tmp_path / "proxy.key"
         m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
-        cpvm = await _blocking(lambda: start_cpvm(cpvm_config(
-            m.base, credential_file=key_file, server={"port": free_port()}),
-            workdir=tmp_path))
+        cpvm = await _blocking(
+            lambda: start_cpvm(
+                cpvm_config(m.base, credential_file=key_file, server={"port": free_port()}),
+                workdir=tmp_path,
+            )
+        )
 
         async def ready():
-            return (proxies(m)["cpvm1"]["status"] == "up"
-                    and registry(m).get("secure", {}).get("state") == "Running")
+            return (
+                proxies(m)["cpvm1"]["status"] == "up"
+                and registry(m).get("secure", {}).get("state") == "Running"
+            )
 
         await until(ready, "cpvm up and the domain discovered")
         assert registry(m)["secure"]["tls"] == "x509"

@@ -30,8 +30,18 @@ async def system(tmp_path):
     cpvm = None
     try:
         key_file = tmp_path / "proxy.key"
-        m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file),
-                "--allow", "127.0.0.1/32", "--max-capacity", "100")
+        m.admin(
+            "proxy-key",
+            "create",
+            "--name",
+            "cpvm1",
+            "--output",
+            str(key_file),
+            "--allow",
+            "127.0.0.1/32",
+            "--max-capacity",
+            "100",
+        )
         key = key_file.read_text().strip()
         m.secrets_seen.append(key)
         port = free_port()

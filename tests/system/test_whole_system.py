@@ -25,17 +25,35 @@ def demo(demo_guest):
     ports = {"http": free_port(), "manager": free_port()}
     url_file = workdir / "first-url.json"
     env = {**os.environ, "CPVM_DEMO_DIR": str(workdir / "state")}
-    proc = Supervised("demo", [
-        sys.executable, str(REPO_ROOT / "scripts" / "demo.py"),
-        "--http-port", str(ports["http"]), "--manager-port", str(ports["manager"]),
-        "--vnc-display", str(_free_vnc_display()),
-        "--url-file", str(url_file)], workdir / "demo.log", env=env, cwd=REPO_ROOT)
+    proc = Supervised(
+        "demo",
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "demo.py"),
+            "--http-port",
+            str(ports["http"]),
+            "--manager-port",
+            str(ports["manager"]),
+            "--vnc-display",
+            str(_free_vnc_display()),
+            "--url-file",
+            str(url_file),
+        ],
+        workdir / "demo.log",
+        env=env,
+        cwd=REPO_ROOT,
+    )
     deadline = time.monotonic() + 60
     while not url_file.exists() and time.monotonic() < deadline and not proc.exited():
         time.sleep(0.2)
     assert url_file.exists(), proc.log_tail()
-    yield {"answer": json.loads(url_file.read_text()), "state": workdir / "state", "env": env,
-           "ports": ports, "proc": proc}
+    yield {
+        "answer": json.loads(url_file.read_text()),
+        "state": workdir / "state",
+        "env": env,
+        "ports": ports,
+        "proc": proc,
+    }
     proc.stop(grace=20)
 
 
@@ -53,8 +71,13 @@ def _free_vnc_display() -> int:
 
 
 def fresh_answer(demo) -> dict:
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "url"],
-                         env=demo["env"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "url"],
+        env=demo["env"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     url = out.stdout.strip()
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
@@ -70,7 +93,8 @@ def test_create_console_endpoint_answer_shape(demo):
     assert ws["host"] == "127.0.0.1" and ws["port"] == str(demo["ports"]["http"])
     assert ws["path"] == "websockify" and len(ws["token"]) >= 22
     assert answer["url"].startswith(
-        f"http://127.0.0.1:{demo['ports']['http']}/resource/noVNC/vnc.html?")
+        f"http://127.0.0.1:{demo['ports']['http']}/resource/noVNC/vnc.html?"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -101,7 +125,8 @@ def _type_in_browser(url: str, text: str, shot) -> tuple[str, str]:
             page.goto(url)
             page.wait_for_function(
                 "document.querySelector('#noVNC_status').textContent.startsWith('Connected')",
-                timeout=30_000)
+                timeout=30_000,
+            )
             status = page.inner_text("#noVNC_status")
             page.locator("#noVNC_container canvas").click()
             page.keyboard.type(text, delay=30)
@@ -115,7 +140,9 @@ def _type_in_browser(url: str, text: str, shot) -> tuple[str, str]:
                 # A function, not an expression string: Playwright evaluates strings with
                 # eval, which cpvm's Content-Security-Policy (rightly) forbids.
                 "() => { const t = document.querySelector('#noVNC_status').textContent;"
-                " return t.includes('rejected') ? t : false; }", timeout=30_000)
+                " return t.includes('rejected') ? t : false; }",
+                timeout=30_000,
+            )
             return status, refusal.json_value()
         finally:
             browser.close()
@@ -126,12 +153,14 @@ async def test_person_opens_the_console_types_and_cannot_reuse_it(demo, tmp_path
     serial = demo["state"] / "serial.log"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "cpvm-guest: shell ready" not in (
-            serial.read_text(errors="replace") if serial.exists() else ""):
+        serial.read_text(errors="replace") if serial.exists() else ""
+    ):
         await threads.deferToThread(time.sleep, 0.5)
     a = fresh_answer(demo)
     # Letters and digits only: through QEMU, noVNC loses Shift ("serial" is in the guest).
     status, second = await threads.deferToThread(
-        _type_in_browser, a["url"], "serial typed42", tmp_path / "demo.png")
+        _type_in_browser, a["url"], "serial typed42", tmp_path / "demo.png"
+    )
     assert status == "Connected (unencrypted) to demo-vm"
     assert second == "New connection has been rejected with reason: token already used"
     deadline = time.monotonic() + 10

@@ -51,8 +51,16 @@ def refused(err: str):
 def test_token_shape_is_what_the_manager_mints():
     token = new_token()
     assert len(token) == TOKEN_LENGTH and looks_like_token(token)
-    for bad in ("", "not-a-token", token[:-1], token + "A", token[:-1] + "=",
-                token[:-1] + "/", token[:-1] + "\n", "é" * TOKEN_LENGTH):
+    for bad in (
+        "",
+        "not-a-token",
+        token[:-1],
+        token + "A",
+        token[:-1] + "=",
+        token[:-1] + "/",
+        token[:-1] + "\n",
+        "é" * TOKEN_LENGTH,
+    ):
         assert not looks_like_token(bad), bad
 
 
@@ -86,7 +94,8 @@ def test_refused_sessions_do_not_count_against_max_sessions():
 
 def test_failed_redemptions_are_rate_limited_per_address():
     sessions, manager, clock = sessions_with(
-        "[session]\nfailed_redemption_burst = 3\nfailed_redemption_rate = 0.5\n")
+        "[session]\nfailed_redemption_burst = 3\nfailed_redemption_rate = 0.5\n"
+    )
     for _ in range(3):
         sessions._redeem(new_token(), None, "192.0.2.1")
         manager.calls[-1].errback(refused("invalid_token"))

@@ -23,15 +23,18 @@ def test_embedded_defaults():
     assert c.session.idle_timeout == 900
     assert c.session.max_message_size == 64 * 1024
     assert c.server.workers == 1
-    assert (c.server.max_http_connections, c.server.max_http_connections_per_address) == (
-        1000, 64)
-    assert (c.session.max_pending, c.session.failed_redemption_burst,
-            c.session.failed_redemption_rate) == (200, 20, 0.5)
+    assert (c.server.max_http_connections, c.server.max_http_connections_per_address) == (1000, 64)
+    assert (
+        c.session.max_pending,
+        c.session.failed_redemption_burst,
+        c.session.failed_redemption_rate,
+    ) == (200, 20, 0.5)
 
 
 def test_shipped_file_is_all_defaults():
     assert load_config("etc/cpvm/cpvm.conf") == load_config(None).__class__(
-        **{**load_config(None).__dict__, "path": "etc/cpvm/cpvm.conf"})
+        **{**load_config(None).__dict__, "path": "etc/cpvm/cpvm.conf"}
+    )
 
 
 def test_tls_defaults_to_8443_and_needs_certificate(tmp_path):
@@ -39,8 +42,9 @@ def test_tls_defaults_to_8443_and_needs_certificate(tmp_path):
     key = tmp_path / "k.pem"
     cert.write_text("x")
     key.write_text("x")
-    c = load_config(write(tmp_path, f"[server]\ntls = true\ncertificate = {cert}\n"
-                                    f"private_key = {key}\n"))
+    c = load_config(
+        write(tmp_path, f"[server]\ntls = true\ncertificate = {cert}\nprivate_key = {key}\n")
+    )
     assert c.server.tls and c.server.port == 8443 and c.server.scheme == "https"
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "[server]\ntls = yes\ncertificate = /nonexistent.pem\n"))
@@ -65,35 +69,58 @@ def test_credential_readable_by_others_is_refused(tmp_path):
     assert "s3cr3t" not in str(e.value)
 
 
-@pytest.mark.parametrize("text, where, reason", [
-    ("[server]\ntls = maybe\n", "[server] tls", "expected true or false"),
-    ("[server]\nport = 70000\n", "[server] port", "at most 65535"),
-    ("[server]\nbind = example.com\n", "[server] bind", "expected an IP address"),
-    ("[server]\ntsl = true\n", "[server] tsl", "unknown setting"),
-    ("[srever]\n", "[srever]", "unknown section"),
-    ("[server]\nallowed_origins = dashboard.example.com\n", "[server] allowed_origins",
-     "is not an origin"),
-    ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies", "CIDR"),
-    ("[server]\ntrusted_proxies = any\n", "[server] trusted_proxies",
-     "'any' is not an address or CIDR network"),
-    ("[manager]\nurl = ftp://x\n", "[manager] url", "http:// or https://"),
-    ("[manager]\ncredential_file = /nonexistent/key\n", "[manager] credential_file",
-     "cannot read"),
-    ("[session]\nidle_timeout = soon\n", "[session] idle_timeout", "expected a number"),
-    ("[log]\nformat = xml\n", "[log] format", "expected one of text, json"),
-    ("[metrics]\nallow = prometheus.example.com\n", "[metrics] allow",
-     "not an address, CIDR network or 'any'"),
-    ("not an ini file\n", "cpvm.conf", "not a valid INI file"),
-    ("[server]\nmax_http_connections = -1\n", "[server] max_http_connections",
-     "at least 0"),
-    ("[server]\nmax_http_connections_per_address = lots\n",
-     "[server] max_http_connections_per_address", "expected an integer"),
-    ("[session]\nmax_pending = 0\n", "[session] max_pending", "at least 1"),
-    ("[session]\nfailed_redemption_burst = 0\n", "[session] failed_redemption_burst",
-     "at least 1"),
-    ("[session]\nfailed_redemption_rate = 0\n", "[session] failed_redemption_rate",
-     "at least 0.001"),
-])
+@pytest.mark.parametrize(
+    "text, where, reason",
+    [
+        ("[server]\ntls = maybe\n", "[server] tls", "expected true or false"),
+        ("[server]\nport = 70000\n", "[server] port", "at most 65535"),
+        ("[server]\nbind = example.com\n", "[server] bind", "expected an IP address"),
+        ("[server]\ntsl = true\n", "[server] tsl", "unknown setting"),
+        ("[srever]\n", "[srever]", "unknown section"),
+        (
+            "[server]\nallowed_origins = dashboard.example.com\n",
+            "[server] allowed_origins",
+            "is not an origin",
+        ),
+        ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies", "CIDR"),
+        (
+            "[server]\ntrusted_proxies = any\n",
+            "[server] trusted_proxies",
+            "'any' is not an address or CIDR network",
+        ),
+        ("[manager]\nurl = ftp://x\n", "[manager] url", "http:// or https://"),
+        (
+            "[manager]\ncredential_file = /nonexistent/key\n",
+            "[manager] credential_file",
+            "cannot read",
+        ),
+        ("[session]\nidle_timeout = soon\n", "[session] idle_timeout", "expected a number"),
+        ("[log]\nformat = xml\n", "[log] format", "expected one of text, json"),
+        (
+            "[metrics]\nallow = prometheus.example.com\n",
+            "[metrics] allow",
+            "not an address, CIDR network or 'any'",
+        ),
+        ("not an ini file\n", "cpvm.conf", "not a valid INI file"),
+        ("[server]\nmax_http_connections = -1\n", "[server] max_http_connections", "at least 0"),
+        (
+            "[server]\nmax_http_connections_per_address = lots\n",
+            "[server] max_http_connections_per_address",
+            "expected an integer",
+        ),
+        ("[session]\nmax_pending = 0\n", "[session] max_pending", "at least 1"),
+        (
+            "[session]\nfailed_redemption_burst = 0\n",
+            "[session] failed_redemption_burst",
+            "at least 1",
+        ),
+        (
+            "[session]\nfailed_redemption_rate = 0\n",
+            "[session] failed_redemption_rate",
+            "at least 0.001",
+        ),
+    ],
+)
 def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -104,21 +131,36 @@ def test_bad_values_name_file_key_and_reason(tmp_path, text, where, reason):
     assert reason in message
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:8250", "http://127.8.9.10", "http://[::1]:8250", "http://localhost:8250",
-    "http://LOCALHOST./", "http://manager.localhost", "https://manager.example.com",
-    "https://10.0.0.5:8250",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8250",
+        "http://127.8.9.10",
+        "http://[::1]:8250",
+        "http://localhost:8250",
+        "http://LOCALHOST./",
+        "http://manager.localhost",
+        "https://manager.example.com",
+        "https://10.0.0.5:8250",
+    ],
+)
 def test_manager_url_secure_or_loopback_is_accepted(tmp_path, url):
     c = load_config(write(tmp_path, f"[manager]\nurl = {url}\n"))
     assert c.manager.allow_plaintext is False
     assert c.manager.url == url.rstrip("/")
 
 
-@pytest.mark.parametrize("url", [
-    "http://10.0.0.5:8250", "http://manager.example.com", "http://[2001:db8::1]:8250",
-    "http://localhost.example.com", "http://0.0.0.0:8250", "http://[::ffff:10.0.0.1]",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.5:8250",
+        "http://manager.example.com",
+        "http://[2001:db8::1]:8250",
+        "http://localhost.example.com",
+        "http://0.0.0.0:8250",
+        "http://[::ffff:10.0.0.1]",
+    ],
+)
 def test_plain_http_manager_off_loopback_is_refused(tmp_path, url):
     path = write(tmp_path, f"[manager]\nurl = {url}\n")
     with pytest.raises(ConfigError) as e:
@@ -131,6 +173,7 @@ def test_plain_http_manager_off_loopback_is_refused(tmp_path, url):
 
 def test_ipv4_mapped_loopback_counts_as_loopback():
     from cpvm.proxy.config import is_loopback_host
+
     assert is_loopback_host("::ffff:127.0.0.1")
     assert not is_loopback_host("")
 
@@ -150,6 +193,7 @@ def test_missing_file(tmp_path):
 
 def test_metrics_readable_from_loopback_unless_told_otherwise(tmp_path):
     import ipaddress
+
     default = load_config(None).metrics
     assert default.enabled
     assert [str(n) for n in default.allow] == ["127.0.0.1/32", "::1/128"]

@@ -17,8 +17,12 @@ from cpvm.proxy import manager_client, websocket
 @pytest.mark.parametrize("outcome", list(Outcome), ids=lambda o: o.name)
 def test_every_end_reason_the_proxy_can_report_is_accepted_by_the_manager(outcome):
     # The proxy reports end_reason(outcome) for a redeemed session, whatever ended it.
-    report = {"reason": end_reason(outcome), "bytes_to_client": 1, "bytes_to_server": 2,
-              "duration": 3.5}
+    report = {
+        "reason": end_reason(outcome),
+        "bytes_to_client": 1,
+        "bytes_to_server": 2,
+        "duration": 3.5,
+    }
     accepted = manager_web._end_report(report)
     assert accepted["reason"] == end_reason(outcome)
 

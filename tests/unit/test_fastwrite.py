@@ -152,8 +152,7 @@ def test_tls_or_closing_tcp_transports_are_not_bypassed():
 writes = st.lists(
     st.one_of(
         st.tuples(st.just("write"), st.binary(max_size=40)),
-        st.tuples(st.just("frame"), st.binary(min_size=1, max_size=10),
-                  st.binary(max_size=40)),
+        st.tuples(st.just("frame"), st.binary(min_size=1, max_size=10), st.binary(max_size=40)),
         st.tuples(st.just("drain")),
     ),
     max_size=30,

@@ -28,8 +28,10 @@ def test_connect_src_is_cpvm_itself():
     assert tls["connect-src"] == ["'self'", "wss://[::1]:8443"]
 
 
-@pytest.mark.parametrize("host", [None, b"", b"evil.example; connect-src *", b"a b",
-                                  b"x.example\n", b"x.example:99999999"])
+@pytest.mark.parametrize(
+    "host",
+    [None, b"", b"evil.example; connect-src *", b"a b", b"x.example\n", b"x.example:99999999"],
+)
 def test_a_strange_host_header_adds_nothing(host):
     policy = SecurityHeaders(tls=False, frame_ancestors="'self'").policy(host)
     assert directives(policy)["connect-src"] == ["'self'"]
@@ -52,21 +54,35 @@ def test_headers_on_a_request():
     assert b"strict-transport-security" not in names and b"x-frame-options" not in names
 
 
-@pytest.mark.parametrize("sources, expected", [
-    (("'self'",), "'self'"),
-    (("'none'",), "'none'"),
-    (("'self'", "https://dash.example/", "https://*.example.org:8443"),
-     "'self' https://dash.example https://*.example.org:8443"),
-])
+@pytest.mark.parametrize(
+    "sources, expected",
+    [
+        (("'self'",), "'self'"),
+        (("'none'",), "'none'"),
+        (
+            ("'self'", "https://dash.example/", "https://*.example.org:8443"),
+            "'self' https://dash.example https://*.example.org:8443",
+        ),
+    ],
+)
 def test_frame_ancestors_accepted(sources, expected):
     assert check_frame_ancestors(sources) == expected
 
 
-@pytest.mark.parametrize("sources", [
-    (), ("'none'", "'self'"), ("self",), ("*",), ("dash.example",),
-    ("https://dash.example/path",), ("javascript:alert(1)",), ("https://a;b",),
-    ("https://dash.example?x",),
-])
+@pytest.mark.parametrize(
+    "sources",
+    [
+        (),
+        ("'none'", "'self'"),
+        ("self",),
+        ("*",),
+        ("dash.example",),
+        ("https://dash.example/path",),
+        ("javascript:alert(1)",),
+        ("https://a;b",),
+        ("https://dash.example?x",),
+    ],
+)
 def test_frame_ancestors_refused(sources):
     with pytest.raises(ValueError):
         check_frame_ancestors(sources)

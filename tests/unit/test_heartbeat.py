@@ -29,11 +29,17 @@ from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.registry import ConsoleSessions
 
-CONFIG = parse_config(IniReader("cpvm.conf", text=(
-    "[server]\npublic_host = console.example.com\nport = 8080\n"
-    # StubTreq never leaves the process: plain HTTP to a made-up host is fine here.
-    "[manager]\nurl = http://manager.invalid:8250\nallow_plaintext = true\ntimeout = 2\n"
-    "heartbeat_interval = 5\n")))
+CONFIG = parse_config(
+    IniReader(
+        "cpvm.conf",
+        text=(
+            "[server]\npublic_host = console.example.com\nport = 8080\n"
+            # StubTreq never leaves the process: plain HTTP to a made-up host is fine here.
+            "[manager]\nurl = http://manager.invalid:8250\nallow_plaintext = true\ntimeout = 2\n"
+            "heartbeat_interval = 5\n"
+        ),
+    )
+)
 
 
 def redemption(session_id: str) -> dict:
@@ -99,11 +105,17 @@ class Proxy:
         self.reactor = MemoryReactorClock()
         self.stub = stub or ManagerStub()
         self.http = http if http is not None else StubTreq(self.stub)
-        self.manager = ManagerClient(self.reactor, CONFIG.manager.url, "cpvmk_p1.s3cret",
-                                     CONFIG.manager.timeout, http=self.http)
+        self.manager = ManagerClient(
+            self.reactor,
+            CONFIG.manager.url,
+            "cpvmk_p1.s3cret",
+            CONFIG.manager.timeout,
+            http=self.http,
+        )
         self.sessions = ConsoleSessions(self.reactor, CONFIG, self.manager, ProxyMetrics())
-        self.heartbeat = Heartbeat(self.reactor, self.manager, self.sessions,
-                                   CONFIG.manager.heartbeat_interval)
+        self.heartbeat = Heartbeat(
+            self.reactor, self.manager, self.sessions, CONFIG.manager.heartbeat_interval
+        )
 
     def advance(self, seconds: float = 0) -> None:
         self.reactor.advance(seconds)
@@ -141,7 +153,10 @@ def test_first_beat_at_start_then_at_the_interval():
     assert len(p.stub.beats) == 1
     beat = p.stub.beats[0]
     assert (beat["public_host"], beat["public_port"], beat["tls"]) == (
-        "console.example.com", 8080, False)
+        "console.example.com",
+        8080,
+        False,
+    )
     assert beat["ended"] == [] and beat["active_sessions"] == [] and beat["worker"] == 0
     assert p.heartbeat.manager_reachable
     assert p.next_beat_in() == 5
@@ -151,12 +166,20 @@ def test_first_beat_at_start_then_at_the_interval():
     assert p.reactor.getDelayedCalls() == []
 
 
-@pytest.mark.parametrize("asked, interval", [
-    (0.01, 0.5), (0, 0.5), (-3, 0.5),    # a manager cannot make cpvm beat in a loop
-    (10_000, 300.0),                     # nor fall silent for hours
-    (12, 12.0), (2.5, 2.5),
-    ("1", 5.0), (True, 5.0), (None, 5.0),  # not a number: the configured interval stays
-])
+@pytest.mark.parametrize(
+    "asked, interval",
+    [
+        (0.01, 0.5),
+        (0, 0.5),
+        (-3, 0.5),  # a manager cannot make cpvm beat in a loop
+        (10_000, 300.0),  # nor fall silent for hours
+        (12, 12.0),
+        (2.5, 2.5),
+        ("1", 5.0),
+        (True, 5.0),
+        (None, 5.0),  # not a number: the configured interval stays
+    ],
+)
 def test_interval_the_manager_asks_for_is_clamped(asked, interval):
     p = Proxy()
     answer = {} if asked is None else {"heartbeat_interval": asked}
@@ -178,11 +201,16 @@ def test_manager_errors_mark_it_unreachable_and_beats_are_retried(log_events):
     assert p.next_beat_in() == 5  # retried at the interval, not given up
     p.advance(5)
     assert not p.heartbeat.manager_reachable and len(p.stub.beats) == 3
-    assert p.sessions.metrics.registry.get_sample_value(
-        "cpvm_manager_failures_total", {"call": "heartbeat"}) == 2
+    assert (
+        p.sessions.metrics.registry.get_sample_value(
+            "cpvm_manager_failures_total", {"call": "heartbeat"}
+        )
+        == 2
+    )
     # One warning when it goes away, not one per failed beat; one line when it is back.
-    warnings = [e for e in log_events if e.get("log_format", "").startswith(
-        "manager heartbeat failed")]
+    warnings = [
+        e for e in log_events if e.get("log_format", "").startswith("manager heartbeat failed")
+    ]
     assert len(warnings) == 1 and "503" in warnings[0]["why"]
     p.advance(5)
     assert p.heartbeat.manager_reachable
@@ -207,8 +235,7 @@ def test_manager_that_never_answers_times_out_and_the_beat_is_retried():
 def test_manager_up_then_down_through_a_real_agent():
     # No stub: ManagerClient's own Agent over the memory reactor, on the wire.
     reactor = MemoryReactorClock()
-    manager = ManagerClient(reactor, CONFIG.manager.url, "cpvmk_p1.s3cret",
-                            CONFIG.manager.timeout)
+    manager = ManagerClient(reactor, CONFIG.manager.url, "cpvmk_p1.s3cret", CONFIG.manager.timeout)
     sessions = ConsoleSessions(reactor, CONFIG, manager, ProxyMetrics())
     heartbeat = Heartbeat(reactor, manager, sessions, CONFIG.manager.heartbeat_interval)
     heartbeat.startService()
@@ -222,8 +249,10 @@ def test_manager_up_then_down_through_a_real_agent():
     request = wire.value()
     assert request.startswith(b"POST /proxy/v1/heartbeat HTTP/1.1\r\n")
     assert b"Authorization: Bearer cpvmk_p1.s3cret\r\n" in request
-    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 27\r\n\r\n{\"heartbeat_interval\": 7.5}")
+    protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 27\r\n\r\n{"heartbeat_interval": 7.5}'
+    )
     assert heartbeat.manager_reachable and heartbeat.interval == 7.5
     # The manager goes away: the persistent connection drops, the next one is refused.
     protocol.connectionLost(Failure(ConnectionRefusedError()))
@@ -241,20 +270,20 @@ def test_failed_beat_gives_its_end_reports_back_in_order():
     p.stub.answers = [(503, {}), "hang", (200, {}), (200, {})]
     p.end_sessions(2)
     p.heartbeat.startService()
-    p.advance(0)                     # beat 0: s-1, s-2, refused
+    p.advance(0)  # beat 0: s-1, s-2, refused
     assert p.stub.ended_ids(0) == ["s-1", "s-2"]
     assert p.sessions.ended_waiting == 2
-    p.advance(5)                     # beat 1: the same two, no answer yet ...
+    p.advance(5)  # beat 1: the same two, no answer yet ...
     assert p.stub.ended_ids(1) == ["s-1", "s-2"]
     assert p.sessions.ended_waiting == 0
-    p.end_sessions(1)                # ... while s-3 ends
+    p.end_sessions(1)  # ... while s-3 ends
     p.advance(CONFIG.manager.timeout)  # beat 1 times out: its reports go back first
     assert p.sessions.ended_waiting == 3
     p.advance(5)
     assert p.stub.ended_ids(2) == ["s-1", "s-2", "s-3"]
     report = p.stub.beats[2]["ended"][0]
     assert report["reason"] == "client_closed" and report["client_address"] == "192.0.2.7"
-    p.advance(5)                     # accepted: never sent again
+    p.advance(5)  # accepted: never sent again
     assert p.stub.ended_ids(3) == []
     assert p.sessions.ended_waiting == 0
 
@@ -277,11 +306,12 @@ def test_queue_of_end_reports_is_bounded(monkeypatch, log_events):
     p.stub.answers = [(503, {}), (200, {})]
     p.end_sessions(2)
     p.heartbeat.startService()
-    p.advance(0)                     # refused: s-1 and s-2 are queued again
-    p.end_sessions(3)                # s-3 .. s-5: s-1 and s-2 make way
+    p.advance(0)  # refused: s-1 and s-2 are queued again
+    p.end_sessions(3)  # s-3 .. s-5: s-1 and s-2 make way
     assert p.sessions.ended_waiting == 3
-    dropped = [e["session"] for e in log_events if "dropped the end report" in
-               e.get("log_format", "")]
+    dropped = [
+        e["session"] for e in log_events if "dropped the end report" in e.get("log_format", "")
+    ]
     assert dropped == ["s-1", "s-2"]
     p.advance(5)
     assert p.stub.ended_ids(1) == ["s-3", "s-4", "s-5"]
@@ -296,7 +326,7 @@ def test_flush_at_shutdown_sends_what_is_waiting_within_the_grace():
     assert p.stub.ended_ids(0) == ["s-1"]
     fired = []
     d.addBoth(fired.append)
-    p.advance(1.0)                   # the grace period ends before the manager's timeout
+    p.advance(1.0)  # the grace period ends before the manager's timeout
     assert fired == [None]
     assert p.sessions.ended_waiting == 1  # given back: still queued, not lost
     # Nothing waiting: no beat at all.

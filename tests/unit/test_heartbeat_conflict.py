@@ -58,8 +58,12 @@ def test_conflict_is_an_error_once_and_clears_when_accepted():
         clock, manager, sessions = Clock(), Manager(), Sessions()
         hb = Heartbeat(clock, manager, sessions, 1.0)
         conflict = InstanceConflict("proxy key 0a1b2c3d is in use")
-        manager.answers = [fail(conflict), fail(conflict),
-                           succeed({"terminate": []}), fail(ManagerUnavailable("down"))]
+        manager.answers = [
+            fail(conflict),
+            fail(conflict),
+            succeed({"terminate": []}),
+            fail(ManagerUnavailable("down")),
+        ]
         hb.beat()
         assert hb.conflict and not hb.manager_reachable
         assert sessions.given_back  # end reports wait for an accepted beat

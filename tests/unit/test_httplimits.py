@@ -50,8 +50,9 @@ def test_no_body_site_refuses_content_length_from_the_headers():
 def test_no_body_site_refuses_chunked_from_the_headers():
     site = make_site(Clock())
     channel, transport = connect(site)
-    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"5\r\nhello\r\n0\r\n\r\n")
+    channel.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert b"got" not in transport.value()
 
@@ -85,8 +86,9 @@ def test_capped_site_counts_chunked_bodies_and_stops_at_the_cap():
     assert b"got" not in transport.value()
     # Within the cap, chunked works.
     channel, transport = connect(site)
-    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"4\r\nabcd\r\n0\r\n\r\n")
+    channel.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+    )
     assert transport.value().endswith(b"got 4 bytes")
 
 

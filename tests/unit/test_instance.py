@@ -59,11 +59,20 @@ def test_a_too_open_file_is_made_private(tmp_path, machine):
     assert _mode(tmp_path / INSTANCE_FILE) == 0o600
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"not json", b"[]", b'{"instance_id": "short"}', b'{"machine_id": "x"}',
-    b'{"instance_id": "' + b"g" * 32 + b'"}', b"\xff\xfe", b"{" + b" " * 5000 + b"}",
-    b'{"instance_id": "0123456789abcdef0123456789abcdef", "machine_id": 7}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"instance_id": "short"}',
+        b'{"machine_id": "x"}',
+        b'{"instance_id": "' + b"g" * 32 + b'"}',
+        b"\xff\xfe",
+        b"{" + b" " * 5000 + b"}",
+        b'{"instance_id": "0123456789abcdef0123456789abcdef", "machine_id": 7}',
+    ],
+)
 def test_corrupt_file_is_replaced(tmp_path, machine, content):
     (tmp_path / INSTANCE_FILE).write_bytes(content)
     new = load_instance_id(tmp_path, machine)

@@ -22,12 +22,14 @@ def _emit(fmt: str, **fields) -> str:
     publisher = LogPublisher()
     publisher.addObserver(logs.make_observer(out, fmt, "info"))
     Logger(namespace="cpvm.proxy.registry", observer=publisher).info(
-        "redeeming token=abc123 for {client}", client="203.0.113.7", **fields)
+        "redeeming token=abc123 for {client}", client="203.0.113.7", **fields
+    )
     return out.getvalue()
 
 
-@pytest.mark.parametrize("workers, worker, named", [(1, None, False), (3, None, True),
-                                                      (3, 2, True)])
+@pytest.mark.parametrize(
+    "workers, worker, named", [(1, None, False), (3, None, True), (3, 2, True)]
+)
 def test_text_lines_name_the_worker_when_there_are_several(settings, workers, worker, named):
     logs.configure(format="text", level="info", name="cpvm", worker=worker, workers=workers)
     line = _emit("text")

@@ -21,8 +21,14 @@ from cpvm.proxy.manager_client import (
 GOOD = {
     "session_id": "s-1",
     "vm": {"id": "vm-1", "name": "web-01"},
-    "vnc": {"host": "127.0.0.1", "port": 5901, "password": "pw", "tls": "none",
-            "ca_pem": None, "server_name": None},
+    "vnc": {
+        "host": "127.0.0.1",
+        "port": 5901,
+        "password": "pw",
+        "tls": "none",
+        "ca_pem": None,
+        "server_name": None,
+    },
     "limits": {"idle_timeout": 60, "max_duration": None},
     "account": "alice",
 }
@@ -37,8 +43,9 @@ class Answer(Resource):
         self.requests = []
 
     def render_POST(self, request):  # noqa: N802
-        self.requests.append((request.path, request.getHeader(b"authorization"),
-                              json.loads(request.content.read())))
+        self.requests.append(
+            (request.path, request.getHeader(b"authorization"), json.loads(request.content.read()))
+        )
         request.setResponseCode(self.status)
         if self.raw is not None:
             return self.raw
@@ -49,8 +56,14 @@ INSTANCE = "0123456789abcdef0123456789abcdef"
 
 
 def client(resource, clock=None):
-    return ManagerClient(clock or Clock(), "http://manager.invalid", "cpvmk_a.secret", 5,
-                         http=StubTreq(resource), instance=INSTANCE)
+    return ManagerClient(
+        clock or Clock(),
+        "http://manager.invalid",
+        "cpvmk_a.secret",
+        5,
+        http=StubTreq(resource),
+        instance=INSTANCE,
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -60,23 +73,31 @@ async def test_redeem_success_sends_credential_and_parses_target():
     path, auth, body = res.requests[0]
     assert path == b"/proxy/v1/redeem"
     assert auth == b"Bearer cpvmk_a.secret"
-    assert body == {"token": "tok", "extra": "x", "client_address": "203.0.113.7",
-                    "worker": 0, "instance": INSTANCE}
+    assert body == {
+        "token": "tok",
+        "extra": "x",
+        "client_address": "203.0.113.7",
+        "worker": 0,
+        "instance": INSTANCE,
+    }
     assert r.session_id == "s-1" and r.vm_name == "web-01" and r.account == "alice"
     assert r.vnc.port == 5901 and r.vnc.password == b"pw"
     assert r.idle_timeout == 60 and r.max_duration is None
     assert "pw" not in repr(r.vnc)
 
 
-@pytest.mark.parametrize("status, error, outcome", [
-    (404, "invalid_token", Outcome.INVALID_TOKEN),
-    (410, "expired_token", Outcome.EXPIRED_TOKEN),
-    (409, "token_used", Outcome.TOKEN_USED),
-    (403, "extra_mismatch", Outcome.EXTRA_MISMATCH),
-    (403, "address_mismatch", Outcome.ADDRESS_MISMATCH),
-    (403, "wrong_proxy", Outcome.WRONG_PROXY),
-    (409, "instance_conflict", Outcome.INSTANCE_CONFLICT),
-])
+@pytest.mark.parametrize(
+    "status, error, outcome",
+    [
+        (404, "invalid_token", Outcome.INVALID_TOKEN),
+        (410, "expired_token", Outcome.EXPIRED_TOKEN),
+        (409, "token_used", Outcome.TOKEN_USED),
+        (403, "extra_mismatch", Outcome.EXTRA_MISMATCH),
+        (403, "address_mismatch", Outcome.ADDRESS_MISMATCH),
+        (403, "wrong_proxy", Outcome.WRONG_PROXY),
+        (409, "instance_conflict", Outcome.INSTANCE_CONFLICT),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_refusals_map_to_close_codes(status, error, outcome):
     with pytest.raises(RedemptionRefused) as e:
@@ -84,15 +105,18 @@ async def test_refusals_map_to_close_codes(status, error, outcome):
     assert e.value.outcome is outcome
 
 
-@pytest.mark.parametrize("status, body, raw", [
-    (500, {"error": "internal"}, None),
-    (401, {"error": "unauthorized"}, None),
-    (200, None, b"not json"),
-    (200, {"session_id": "s"}, None),
-    (418, {"error": "teapot"}, None),
-    (200, {**GOOD, "vnc": {**GOOD["vnc"], "port": 99999}}, None),
-    (200, {**GOOD, "vnc": {**GOOD["vnc"], "tls": "maybe"}}, None),
-])
+@pytest.mark.parametrize(
+    "status, body, raw",
+    [
+        (500, {"error": "internal"}, None),
+        (401, {"error": "unauthorized"}, None),
+        (200, None, b"not json"),
+        (200, {"session_id": "s"}, None),
+        (418, {"error": "teapot"}, None),
+        (200, {**GOOD, "vnc": {**GOOD["vnc"], "port": 99999}}, None),
+        (200, {**GOOD, "vnc": {**GOOD["vnc"], "tls": "maybe"}}, None),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_broken_answers_mean_manager_unavailable(status, body, raw):
     with pytest.raises(ManagerUnavailable):
@@ -133,8 +157,12 @@ async def test_oversized_answer_is_refused():
 
 
 def test_parse_redemption_rejects_bad_types():
-    for bad in ([], {"session_id": 1}, {**GOOD, "vnc": {**GOOD["vnc"], "password": 5}},
-                {**GOOD, "limits": {"idle_timeout": -1}}):
+    for bad in (
+        [],
+        {"session_id": 1},
+        {**GOOD, "vnc": {**GOOD["vnc"], "password": 5}},
+        {**GOOD, "limits": {"idle_timeout": -1}},
+    ):
         with pytest.raises(ValueError):
             parse_redemption(bad)
 

@@ -72,6 +72,8 @@ def test_a_second_stop_signal_while_stopping_is_no_error():
         globalLogPublisher.removeObserver(events.append)
         reactor._poller.close()
     texts = [e.get("log_format", "") for e in events if e.get("signal") == "SIGTERM"]
-    assert texts == ["Received {signal}, shutting down.",
-                     "Received {signal} while already stopping"]
+    assert texts == [
+        "Received {signal}, shutting down.",
+        "Received {signal} while already stopping",
+    ]
     assert not [e for e in events if "log_failure" in e]

@@ -835,19 +835,20 @@ def test_server_waits_for_a_decision_after_the_version():
     machine.start()
     # The whole handshake arrives at once: nothing is answered before accept().
     assert machine.receive(b"RFB 003.008\n\x01\x01") == [ClientVersionReceived(8)]
-    assert machine.accept() == [
-        Send(b"\x01\x01"), Send(u32(0)), ClientInitReceived(True, b"")]
+    assert machine.accept() == [Send(b"\x01\x01"), Send(u32(0)), ClientInitReceived(True, b"")]
 
 
-@pytest.mark.parametrize("version, head", [
-    (b"RFB 003.008\n", b"\x00"),
-    (b"RFB 003.007\n", b"\x00"),
-    (b"RFB 003.003\n", u32(0)),
-])
+@pytest.mark.parametrize(
+    "version, head",
+    [
+        (b"RFB 003.008\n", b"\x00"),
+        (b"RFB 003.007\n", b"\x00"),
+        (b"RFB 003.003\n", u32(0)),
+    ],
+)
 def test_server_rejects_with_a_reason_novnc_shows(version, head):
     machine = RfbServerHandshake()
-    sent, events = drive_server(machine, version,
-                                decide=lambda m: m.reject("token already used"))
+    sent, events = drive_server(machine, version, decide=lambda m: m.reject("token already used"))
     assert sent == b"RFB 003.008\n" + head + reason(b"token already used")
     assert events == []
     assert machine.receive(b"\x01") == []
@@ -1082,11 +1083,14 @@ def test_scanner_counts_any_stream_in_any_chunks(names, data):
 # require_tls: the manager says this VM's VNC must be reached over VeNCrypt TLS
 
 
-@pytest.mark.parametrize("server_bytes, what", [
-    (b"RFB 003.008\n" + b"\x01\x02", "plain VncAuth only"),
-    (b"RFB 003.008\n" + b"\x02\x01\x02", "None and VncAuth"),
-    (b"RFB 003.003\n" + u32(2), "RFB 3.3 imposing VncAuth"),
-])
+@pytest.mark.parametrize(
+    "server_bytes, what",
+    [
+        (b"RFB 003.008\n" + b"\x01\x02", "plain VncAuth only"),
+        (b"RFB 003.008\n" + b"\x02\x01\x02", "None and VncAuth"),
+        (b"RFB 003.003\n" + u32(2), "RFB 3.3 imposing VncAuth"),
+    ],
+)
 def test_require_tls_refuses_plain_security(server_bytes, what):
     outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server_bytes])
     assert isinstance(outcome.last, Failed), what
@@ -1095,16 +1099,23 @@ def test_require_tls_refuses_plain_security(server_bytes, what):
 
 
 def test_require_tls_refuses_plain_vencrypt_subtypes():
-    server = (b"RFB 003.008\n" + b"\x01\x13" + b"\x00\x02" + b"\x00"
-              + b"\x02" + u32(2) + u32(1))
+    server = b"RFB 003.008\n" + b"\x01\x13" + b"\x00\x02" + b"\x00" + b"\x02" + u32(2) + u32(1)
     outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server])
     assert isinstance(outcome.last, Failed)
     assert "TLS is required" in outcome.last.message
 
 
 def test_require_tls_takes_x509vnc():
-    server = (b"RFB 003.008\n" + b"\x01\x13" + b"\x00\x02" + b"\x00"
-              + b"\x02" + u32(2) + u32(261) + b"\x01")
+    server = (
+        b"RFB 003.008\n"
+        + b"\x01\x13"
+        + b"\x00\x02"
+        + b"\x00"
+        + b"\x02"
+        + u32(2)
+        + u32(261)
+        + b"\x01"
+    )
     outcome = drive_client(RfbClientHandshake(PASSWORD, require_tls=True), [server])
     assert StartTLS(anonymous=False) in outcome.events
     assert outcome.sent.endswith(u32(261))
@@ -1112,8 +1123,9 @@ def test_require_tls_takes_x509vnc():
 
 def test_without_a_ca_x509_subtypes_are_skipped_for_plain_vnc_auth():
     # TigerVNC "X509Vnc,VncAuth": [19, 2] with VeNCrypt subtypes [261, 2].
-    server = (b"RFB 003.008\n" + b"\x02\x13\x02" + b"\x00\x02" + b"\x00"
-              + b"\x02" + u32(261) + u32(2))
+    server = (
+        b"RFB 003.008\n" + b"\x02\x13\x02" + b"\x00\x02" + b"\x00" + b"\x02" + u32(261) + u32(2)
+    )
     outcome = drive_client(RfbClientHandshake(PASSWORD, allow_x509=False), [server])
     assert outcome.sent.endswith(u32(2))
     assert StartTLS(anonymous=False) not in outcome.events

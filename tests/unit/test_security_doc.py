@@ -23,8 +23,9 @@ def _references(text: str) -> list[tuple[str, str | None]]:
 
 def _test_names(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    return {n.name for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {
+        n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
 
 
 def test_every_test_named_in_security_md_exists():
@@ -39,8 +40,12 @@ def test_every_test_named_in_security_md_exists():
 
 
 def test_the_check_notices_a_missing_test():
-    refs = _references("`tests/unit/test_contract.py::test_no_such_test` and `::test_vnc_tls_modes_are_one_list[x]`")
-    assert refs == [("tests/unit/test_contract.py", "test_no_such_test"),
-                    ("tests/unit/test_contract.py", "test_vnc_tls_modes_are_one_list")]
+    refs = _references(
+        "`tests/unit/test_contract.py::test_no_such_test` and `::test_vnc_tls_modes_are_one_list[x]`"
+    )
+    assert refs == [
+        ("tests/unit/test_contract.py", "test_no_such_test"),
+        ("tests/unit/test_contract.py", "test_vnc_tls_modes_are_one_list"),
+    ]
     names = _test_names(ROOT / "tests/unit/test_contract.py")
     assert "test_no_such_test" not in names and "test_vnc_tls_modes_are_one_list" in names

@@ -16,9 +16,14 @@ from cpvm.rfb import ServerInit
 
 SERVER_INIT = ServerInit(800, 600, bytes(16), b"qemu")
 REDEMPTION = Redemption(
-    session_id="s-1", vm_id="vm-1", vm_name="web-01", account="alice",
+    session_id="s-1",
+    vm_id="vm-1",
+    vm_name="web-01",
+    account="alice",
     vnc=VncTarget("127.0.0.1", 5901, b"pw", "none", None, None),
-    idle_timeout=None, max_duration=None)
+    idle_timeout=None,
+    max_duration=None,
+)
 
 
 class FakeBrowser:
@@ -86,11 +91,16 @@ def make(redeem_result=None, limits=None):
         return succeed(None)
 
     session = ConsoleSession(
-        reactor=clock, browser=browser, token="tok", extra=None, client_address="192.0.2.7",
-        redeem=redeem, connect_upstream=connect,
-        limits=limits or SessionLimits(handshake_timeout=10, idle_timeout=60,
-                                       max_duration=3600),
-        hooks=hooks)
+        reactor=clock,
+        browser=browser,
+        token="tok",
+        extra=None,
+        client_address="192.0.2.7",
+        redeem=redeem,
+        connect_upstream=connect,
+        limits=limits or SessionLimits(handshake_timeout=10, idle_timeout=60, max_duration=3600),
+        hooks=hooks,
+    )
     return session, clock, browser, upstream, hooks, calls, redeem_d
 
 
@@ -135,8 +145,10 @@ def test_happy_path_order_and_relay():
     assert upstream.transport.producer is browser.transport
 
 
-@pytest.mark.parametrize("error, outcome", [
-    ("token_used", Outcome.TOKEN_USED), ("extra_mismatch", Outcome.EXTRA_MISMATCH)])
+@pytest.mark.parametrize(
+    "error, outcome",
+    [("token_used", Outcome.TOKEN_USED), ("extra_mismatch", Outcome.EXTRA_MISMATCH)],
+)
 def test_refusal_after_version_is_told_through_rfb(error, outcome):
     session, clock, browser, upstream, hooks, calls, redeem_d = make()
     session.start()
@@ -169,7 +181,7 @@ def test_refusal_before_version_uses_rfb_when_the_version_comes():
 
 
 def test_handshake_timeout_while_redeeming_and_while_connecting():
-    session, clock, browser, *_ , redeem_d = make()
+    session, clock, browser, *_, redeem_d = make()
     session.start()
     session.browser_data(b"RFB 003.008\n")
     clock.advance(10)
@@ -237,7 +249,8 @@ def test_close_is_idempotent_and_reports_once():
 
 def test_unexpected_error_is_an_internal_error_close():
     session, clock, browser, upstream, hooks, calls, _ = make(
-        redeem_result=fail(RuntimeError("bug")))
+        redeem_result=fail(RuntimeError("bug"))
+    )
     session.start()
     assert hooks.events == [Outcome.ERROR]
     assert browser.closed == (1011, "internal error")
@@ -286,7 +299,8 @@ def test_manager_idle_limit_applies_when_ours_is_off():
     r = Redemption(**{**REDEMPTION.__dict__, "idle_timeout": 30.0})
     session, clock, browser, upstream, hooks, calls, _ = make(
         redeem_result=succeed(r),
-        limits=SessionLimits(handshake_timeout=10, idle_timeout=0, max_duration=0))
+        limits=SessionLimits(handshake_timeout=10, idle_timeout=0, max_duration=0),
+    )
     session.start()
     session.browser_data(b"RFB 003.008\n")
     session.upstream_security_complete()

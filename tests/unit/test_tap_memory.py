@@ -34,8 +34,9 @@ url = http://127.0.0.1:18250
 heartbeat_interval = 7
 """
 
-TLS = PLAIN.replace("port = 18080", "port = 18443\ntls = true\n"
-                    "certificate = {cert}\nprivate_key = {key}")
+TLS = PLAIN.replace(
+    "port = 18080", "port = 18443\ntls = true\ncertificate = {cert}\nprivate_key = {key}"
+)
 
 
 def config(tmp_path: Path, text: str, **values: object) -> CpvmConfig:
@@ -111,8 +112,7 @@ def test_metrics_off_means_no_metrics_page(tmp_path):
 
 def test_tls_config_listens_with_the_configured_certificate(tmp_path, pki):
     reactor = MemoryReactorClock()
-    svc = build_service(config(tmp_path, TLS, cert=pki.server_cert, key=pki.server_key),
-                        reactor)
+    svc = build_service(config(tmp_path, TLS, cert=pki.server_cert, key=pki.server_key), reactor)
     assert isinstance(svc.tls, ReloadableServerTLS)
     svc.startService()
     assert reactor.tcpServers == []
@@ -156,21 +156,32 @@ def test_a_worker_shares_the_port_and_starts_no_workers(tmp_path):
 RUN = ["-c", "from twisted.scripts.twistd import run; run()"]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    # The systemd unit's command line.
-    (["twistd", "--nodaemon", "--pidfile=", "--reactor=cpvm", "cpvm", "--config", "/c"],
-     ["--nodaemon", "--reactor=cpvm", "--nodaemon", "--pidfile=", "cpvm", "--config", "/c"]),
-    # The first process's pid file is its own; a worker daemonizes never.
-    (["twistd", "--pidfile=/run/cpvm.pid", "cpvm"], ["--nodaemon", "--pidfile=", "cpvm"]),
-    (["twistd", "--pidfile", "/run/cpvm.pid", "-l", "/var/log/cpvm.log", "cpvm"],
-     ["-l", "/var/log/cpvm.log", "--nodaemon", "--pidfile=", "cpvm"]),
-    # An option's value that reads "cpvm" is not the plugin.
-    (["twistd", "--reactor", "cpvm", "cpvm", "--config", "/c"],
-     ["--reactor", "cpvm", "--nodaemon", "--pidfile=", "cpvm", "--config", "/c"]),
-    (["twistd", "-r", "cpvm", "-n", "cpvm"],
-     ["-r", "cpvm", "-n", "--nodaemon", "--pidfile=", "cpvm"]),
-    # No plugin name (python -c ...): the plugin is added.
-    (["twistd"], ["--nodaemon", "--pidfile=", "cpvm"]),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        # The systemd unit's command line.
+        (
+            ["twistd", "--nodaemon", "--pidfile=", "--reactor=cpvm", "cpvm", "--config", "/c"],
+            ["--nodaemon", "--reactor=cpvm", "--nodaemon", "--pidfile=", "cpvm", "--config", "/c"],
+        ),
+        # The first process's pid file is its own; a worker daemonizes never.
+        (["twistd", "--pidfile=/run/cpvm.pid", "cpvm"], ["--nodaemon", "--pidfile=", "cpvm"]),
+        (
+            ["twistd", "--pidfile", "/run/cpvm.pid", "-l", "/var/log/cpvm.log", "cpvm"],
+            ["-l", "/var/log/cpvm.log", "--nodaemon", "--pidfile=", "cpvm"],
+        ),
+        # An option's value that reads "cpvm" is not the plugin.
+        (
+            ["twistd", "--reactor", "cpvm", "cpvm", "--config", "/c"],
+            ["--reactor", "cpvm", "--nodaemon", "--pidfile=", "cpvm", "--config", "/c"],
+        ),
+        (
+            ["twistd", "-r", "cpvm", "-n", "cpvm"],
+            ["-r", "cpvm", "-n", "--nodaemon", "--pidfile=", "cpvm"],
+        ),
+        # No plugin name (python -c ...): the plugin is added.
+        (["twistd"], ["--nodaemon", "--pidfile=", "cpvm"]),
+    ],
+)
 def test_worker_argv(argv, expected):
     assert worker_argv(argv) == [*RUN, *expected]

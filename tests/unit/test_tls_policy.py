@@ -13,10 +13,12 @@ from tests import peers
 @pytest.fixture(scope="module")
 def options(tmp_path_factory):
     pki = peers.make_test_ca(tmp_path_factory.mktemp("pki"))
-    cert = ssl.PrivateCertificate.loadPEM(pki.server_key.read_bytes() + b"\n"
-                                          + pki.server_cert.read_bytes())
-    return pki, lambda **kw: ssl.CertificateOptions(privateKey=cert.privateKey.original,
-                                                   certificate=cert.original, **kw)
+    cert = ssl.PrivateCertificate.loadPEM(
+        pki.server_key.read_bytes() + b"\n" + pki.server_cert.read_bytes()
+    )
+    return pki, lambda **kw: ssl.CertificateOptions(
+        privateKey=cert.privateKey.original, certificate=cert.original, **kw
+    )
 
 
 def _pump(one: SSL.Connection, other: SSL.Connection) -> None:
@@ -73,6 +75,7 @@ def test_tls11_is_refused_even_from_a_permissive_context(options):
         context = make(insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0).getContext()
         context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
         return context
+
     old_client = client(SSL.TLS1_1_VERSION, b"DEFAULT:@SECLEVEL=0")
     assert handshake(permissive(), old_client) != "no handshake"  # the probe works
     with pytest.raises(SSL.Error):
@@ -98,4 +101,3 @@ def test_server_endpoint_hardens_ssl_and_leaves_tcp_alone(options):
     with pytest.raises(SSL.Error):
         handshake(endpoint._sslContextFactory.getContext(), rsa_only)
     assert isinstance(tls.server_endpoint(reactor, "tcp:0"), endpoints.TCP4ServerEndpoint)
-

@@ -39,15 +39,21 @@ def _certificate(tls) -> bytes:
 GARBAGE = b"-----BEGIN PRIVATE KEY-----\nQUJD\n-----END PRIVATE KEY-----\n"
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("other key", "does not match the certificate"),
-    ("garbage", "not a usable PEM"),
-    ("empty", "not a usable PEM"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("other key", "does not match the certificate"),
+        ("garbage", "not a usable PEM"),
+        ("empty", "not a usable PEM"),
+    ],
+)
 def test_bad_key_keeps_the_old_pair_and_says_why(tls, files, pki, tmp_path, kind, reason):
     before = _certificate(tls)
-    bad = {"other key": lambda: pki.issue_server_cert(tmp_path / "o").server_key.read_bytes(),
-           "garbage": lambda: GARBAGE, "empty": lambda: b""}[kind]()
+    bad = {
+        "other key": lambda: pki.issue_server_cert(tmp_path / "o").server_key.read_bytes(),
+        "garbage": lambda: GARBAGE,
+        "empty": lambda: b"",
+    }[kind]()
     files[1].write_bytes(bad)
     assert tls.reload() is False
     assert _certificate(tls) == before

@@ -10,17 +10,20 @@ from cpvm.proxy.websocket import origin_allowed
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32"))
 
 
-@pytest.mark.parametrize("origin, host, allowed, expected", [
-    ("http://cpvm.example:8080", "cpvm.example:8080", ("self",), True),
-    ("HTTP://CPVM.example:8080/", "cpvm.example:8080", ("self",), True),
-    ("http://evil.example", "cpvm.example:8080", ("self",), False),
-    ("https://cpvm.example:8080", "cpvm.example:8080", ("self",), False),  # scheme differs
-    ("https://dash.example", "cpvm.example", ("self", "https://dash.example"), True),
-    ("https://dash.example", "cpvm.example", ("https://other.example",), False),
-    ("https://anything", "cpvm.example", ("*",), True),
-    ("null", "cpvm.example", ("self",), False),
-    (None, "cpvm.example", ("self",), True),  # non-browser clients send no Origin
-])
+@pytest.mark.parametrize(
+    "origin, host, allowed, expected",
+    [
+        ("http://cpvm.example:8080", "cpvm.example:8080", ("self",), True),
+        ("HTTP://CPVM.example:8080/", "cpvm.example:8080", ("self",), True),
+        ("http://evil.example", "cpvm.example:8080", ("self",), False),
+        ("https://cpvm.example:8080", "cpvm.example:8080", ("self",), False),  # scheme differs
+        ("https://dash.example", "cpvm.example", ("self", "https://dash.example"), True),
+        ("https://dash.example", "cpvm.example", ("https://other.example",), False),
+        ("https://anything", "cpvm.example", ("*",), True),
+        ("null", "cpvm.example", ("self",), False),
+        (None, "cpvm.example", ("self",), True),  # non-browser clients send no Origin
+    ],
+)
 def test_origin_allowed(origin, host, allowed, expected):
     assert origin_allowed(origin, host, "http", allowed) is expected
 

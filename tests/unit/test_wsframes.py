@@ -37,7 +37,7 @@ def _feed_all(reader: FrameReader, pieces: list[bytes]) -> tuple[list[bytes], li
     for i, piece in enumerate(pieces):
         out += reader.feed(piece)
         if reader.handoff is not None:
-            return out, pieces[i + 1:]
+            return out, pieces[i + 1 :]
     return out, []
 
 
@@ -53,13 +53,18 @@ def test_any_split_gives_the_payloads_of_one_piece(items, data):
 
 
 # The first byte of frames the fast path must not take (with the mask bit on).
-NOT_FAST = st.sampled_from([
-    0x81,  # text
-    0x02,  # binary, not final: the first fragment of a message
-    0x80,  # continuation
-    0x88, 0x89, 0x8A,  # close, ping, pong
-    0x92, 0xC2,  # binary with RSV bits (an extension nobody negotiated)
-])
+NOT_FAST = st.sampled_from(
+    [
+        0x81,  # text
+        0x02,  # binary, not final: the first fragment of a message
+        0x80,  # continuation
+        0x88,
+        0x89,
+        0x8A,  # close, ping, pong
+        0x92,
+        0xC2,  # binary with RSV bits (an extension nobody negotiated)
+    ]
+)
 
 
 @st.composite
@@ -86,7 +91,7 @@ def test_handoff_at_the_first_frame_off_the_fast_path(before, bad, after, data):
     assert got == [p for p, _ in before]
     assert reader.handoff is not None
     # Autobahn gets exactly the bytes from the odd frame's first byte on, none twice.
-    assert reader.handoff + b"".join(rest) == stream[len(head):]
+    assert reader.handoff + b"".join(rest) == stream[len(head) :]
     with pytest.raises(RuntimeError):
         reader.feed(b"\x82\x80")
 
@@ -116,9 +121,9 @@ def test_cost_is_linear_in_small_reads():
     reader.feed(frame[:1024])
     buffer = reader._buf
     for i in range(1024, len(frame) - 1024, 1024):
-        assert reader.feed(frame[i:i + 1024]) == []
+        assert reader.feed(frame[i : i + 1024]) == []
     assert reader._buf is buffer
-    assert reader.feed(frame[i + 1024:]) == [payload]
+    assert reader.feed(frame[i + 1024 :]) == [payload]
 
 
 def test_unmask_round_trip():
