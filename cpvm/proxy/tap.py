@@ -154,32 +154,9 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     """Everything cpvm runs, from a parsed configuration (``worker``: index of an extra
     worker process, which shares the port and starts no workers itself)."""
     server = config.server
-    shared = None
-    if server.workers > 1:
-        # Worker processes inherit the first process's directory through the environment.
-        try:
-            shared = (
-                metrics_module.create_shared_directory()
-                if worker is None
-                else os.environ.get(metrics_module.SHARED_DIR_ENV)
-            )
-        except OSError as e:
-            raise ConfigError(
-                config.path,
-                "server",
-                "workers",
-                f"cannot create the workers' shared metrics directory: {e}",
-            ) from None
-        if shared:
-            metrics_module.use_shared_directory(shared)
+    shared = _shared_metrics_directory(config, worker)
     metrics = ProxyMetrics(shared_directory=shared)
-    try:
-        # Before any worker starts: they inherit it (cpvm/proxy/instance.py).
-        instance_id = instance_id_for(server.state_directory, worker)
-    except OSError as e:
-        raise ConfigError(
-            config.path, "server", "state_directory", f"cannot keep the instance id there: {e}"
-        ) from None
+    instance_id = _instance_id(config, worker)
     manager = ManagerClient(
         reactor,
         config.manager.url,
@@ -193,6 +170,81 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     )
     sessions = ConsoleSessions(reactor, config, manager, metrics)
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
+    site = _site(config, reactor, sessions, heartbeat, manager, metrics)
+    endpoint, tls = _listening_endpoint(config, reactor, worker)
+    top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)
+    if server.workers > 1 and worker is None:
+        # Here shared is the directory _shared_metrics_directory() made above.
+        pool = WorkerPool(
+            reactor,
+            server.workers,
+            worker_argv(sys.argv),
+            server.grace_period,
+            on_exit=lambda pid: metrics_module.process_gone(cast(str, shared), pid),
+        )
+        pool.setServiceParent(top)
+        top.workers = pool
+    listener = internet.StreamServerEndpointService(endpoint, site)
+    # A port that cannot be bound must stop start-up, not be logged and forgotten.
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    heartbeat.setServiceParent(top)
+    top.listener = listener  # type: ignore[attr-defined]
+    log.info(
+        "cpvm {version} configured from {path}: {scheme} on {bind}:{port}, instance {instance}",
+        version=__version__,
+        path=config.path,
+        scheme=server.scheme,
+        bind=server.bind,
+        port=server.port,
+        instance=instance_id,
+    )
+    return top
+
+
+def _shared_metrics_directory(config: CpvmConfig, worker: int | None) -> str | None:
+    """With several workers, the directory every process keeps its metric values in:
+    made by the first process, inherited by the workers through the environment."""
+    if config.server.workers <= 1:
+        return None
+    try:
+        shared = (
+            metrics_module.create_shared_directory()
+            if worker is None
+            else os.environ.get(metrics_module.SHARED_DIR_ENV)
+        )
+    except OSError as e:
+        raise ConfigError(
+            config.path,
+            "server",
+            "workers",
+            f"cannot create the workers' shared metrics directory: {e}",
+        ) from None
+    if shared:
+        metrics_module.use_shared_directory(shared)
+    return shared
+
+
+def _instance_id(config: CpvmConfig, worker: int | None) -> str:
+    try:
+        # Before any worker starts: they inherit it (cpvm/proxy/instance.py).
+        return instance_id_for(config.server.state_directory, worker)
+    except OSError as e:
+        raise ConfigError(
+            config.path, "server", "state_directory", f"cannot keep the instance id there: {e}"
+        ) from None
+
+
+def _site(
+    config: CpvmConfig,
+    reactor,
+    sessions: ConsoleSessions,
+    heartbeat: Heartbeat,
+    manager: ManagerClient,
+    metrics: ProxyMetrics,
+) -> ConsoleSite:
+    """The whole HTTP side: noVNC, the WebSocket, health, readiness and metrics."""
+    server = config.server
     ws_factory = ConsoleWebSocketFactory(
         sessions=sessions,
         scheme="https" if server.tls else "http",
@@ -236,15 +288,21 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         max_connections_per_address=server.max_http_connections_per_address,
         per_address_exempt=server.trusted_proxies,
     )
-    site = ConsoleSite(
+    return ConsoleSite(
         root,
         limits=limits,
         reactor=reactor,
         timeout=config.session.websocket_handshake_timeout,
         security_headers=SecurityHeaders(tls=server.tls, frame_ancestors=server.frame_ancestors),
     )
+
+
+def _listening_endpoint(
+    config: CpvmConfig, reactor, worker: int | None
+) -> tuple[IStreamServerEndpoint, ReloadableServerTLS | None]:
+    """Where cpvm listens: TCP or TLS, shared with SO_REUSEPORT when there are workers."""
+    server = config.server
     tls = None
-    endpoint: IStreamServerEndpoint
     if server.tls:
         # parse_config guarantees both paths when tls = true.
         assert server.certificate is not None and server.private_key is not None
@@ -252,40 +310,14 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
             tls = ReloadableServerTLS(server.certificate, server.private_key, server.chain)
         except TLSFilesError as e:
             raise ConfigError(config.path, "server", "private_key", str(e)) from None
+    endpoint: IStreamServerEndpoint
     if server.workers > 1 or worker is not None:
         endpoint = ReusePortEndpoint(reactor, server.port, server.bind, tls)
     elif tls is not None:
         endpoint = endpoints.SSL4ServerEndpoint(reactor, server.port, tls, interface=server.bind)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, server.port, interface=server.bind)
-    top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)
-    if server.workers > 1 and worker is None:
-        # Here shared is the directory create_shared_directory() made above.
-        pool = WorkerPool(
-            reactor,
-            server.workers,
-            worker_argv(sys.argv),
-            server.grace_period,
-            on_exit=lambda pid: metrics_module.process_gone(cast(str, shared), pid),
-        )
-        pool.setServiceParent(top)
-        top.workers = pool
-    listener = internet.StreamServerEndpointService(endpoint, site)
-    # A port that cannot be bound must stop start-up, not be logged and forgotten.
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
-    heartbeat.setServiceParent(top)
-    top.listener = listener  # type: ignore[attr-defined]
-    log.info(
-        "cpvm {version} configured from {path}: {scheme} on {bind}:{port}, instance {instance}",
-        version=__version__,
-        path=config.path,
-        scheme=server.scheme,
-        bind=server.bind,
-        port=server.port,
-        instance=instance_id,
-    )
-    return top
+    return endpoint, tls
 
 
 def makeService(options: Options):  # noqa: N802 (twistd's name)
