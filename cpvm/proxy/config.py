@@ -116,6 +116,33 @@ def load_config(path: str | None) -> CpvmConfig:
 
 
 def parse_config(r: IniReader) -> CpvmConfig:
+    """Every section of ``cpvm.conf``; unknown keys and bad values raise ``ConfigError``."""
+    server = _read_server(r)
+    manager = _read_manager(r)
+    vnc = VncConfig(
+        connect_timeout=r.number("vnc", "connect_timeout", 10.0, minimum=0.1),
+        handshake_timeout=r.number("vnc", "handshake_timeout", 15.0, minimum=0.1),
+        ca_file=r.path("vnc", "ca_file", None, must_exist=True),
+        allow_anonymous_tls=r.boolean("vnc", "allow_anonymous_tls", False),
+    )
+    session = _read_session(r)
+    log = read_log(r)
+    metrics = read_metrics(r)
+    if server.workers > 1 and server.port == 0:
+        raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
+    r.check_unknown()
+    return CpvmConfig(
+        path=r.filename,
+        server=server,
+        manager=manager,
+        vnc=vnc,
+        session=session,
+        log=log,
+        metrics=metrics,
+    )
+
+
+def _read_server(r: IniReader) -> ServerConfig:
     tls = r.boolean("server", "tls", False)
     port = r.port("server", "port", 8443 if tls else 8080)
     tls_dir = default_tls_dir()
@@ -143,7 +170,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
                 "allowed_origins",
                 f"{origin!r} is not an origin like https://console.example.com",
             )
-    server = ServerConfig(
+    return ServerConfig(
         tls=tls,
         bind=bind,
         port=port,
@@ -168,16 +195,9 @@ def parse_config(r: IniReader) -> CpvmConfig:
         ),
     )
 
-    manager = _read_manager(r)
 
-    vnc = VncConfig(
-        connect_timeout=r.number("vnc", "connect_timeout", 10.0, minimum=0.1),
-        handshake_timeout=r.number("vnc", "handshake_timeout", 15.0, minimum=0.1),
-        ca_file=r.path("vnc", "ca_file", None, must_exist=True),
-        allow_anonymous_tls=r.boolean("vnc", "allow_anonymous_tls", False),
-    )
-
-    session = SessionConfig(
+def _read_session(r: IniReader) -> SessionConfig:
+    return SessionConfig(
         websocket_handshake_timeout=r.number(
             "session", "websocket_handshake_timeout", 10.0, minimum=0.1
         ),
@@ -192,21 +212,6 @@ def parse_config(r: IniReader) -> CpvmConfig:
         max_pending=r.integer("session", "max_pending", 200, minimum=1),
         failed_redemption_burst=r.integer("session", "failed_redemption_burst", 20, minimum=1),
         failed_redemption_rate=r.number("session", "failed_redemption_rate", 0.5, minimum=0.001),
-    )
-
-    log = read_log(r)
-    metrics = read_metrics(r)
-    if server.workers > 1 and server.port == 0:
-        raise r.error("server", "workers", "several workers need a fixed port (port = 0)")
-    r.check_unknown()
-    return CpvmConfig(
-        path=r.filename,
-        server=server,
-        manager=manager,
-        vnc=vnc,
-        session=session,
-        log=log,
-        metrics=metrics,
     )
 
 
