@@ -19,8 +19,10 @@ from tests.peers import XVNC_TEST_PASSWORD, launch_chromium
 
 pytestmark = pytest.mark.browser
 
+# Waits are functions, never expression strings: Playwright polls a string with eval,
+# which cpvm's Content-Security-Policy (rightly) forbids.
 CONNECTED = (
-    "document.querySelector('#noVNC_status') && "
+    "() => !!document.querySelector('#noVNC_status') && "
     "document.querySelector('#noVNC_status').textContent.startsWith('Connected')"
 )
 

@@ -124,7 +124,7 @@ def _type_in_browser(url: str, text: str, shot) -> tuple[str, str]:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
             page.wait_for_function(
-                "document.querySelector('#noVNC_status').textContent.startsWith('Connected')",
+                "() => document.querySelector('#noVNC_status').textContent.startsWith('Connected')",
                 timeout=30_000,
             )
             status = page.inner_text("#noVNC_status")
