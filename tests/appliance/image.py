@@ -22,7 +22,7 @@ KEEP = 3
 # What the image is made of: the package's sources and the appliance's files. Docs count
 # too (operations.md is in the .deb).
 INPUTS = ("cpvm", "twisted/plugins/cpvm_plugin.py", "etc/cpvm", "systemd", "packaging",
-          "docs/operations.md", "docs/management-api.md", "setup.cfg")
+          "docs/operations.md", "docs/management-api.md", "docs/appliance.md", "setup.cfg")
 BUILD_TIMEOUT = 900
 
 

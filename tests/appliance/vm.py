@@ -47,7 +47,8 @@ class Appliance:
 
     def __init__(self, image: Path, drive: Path | None, *, manager_port: int, vnc_port: int,
                  console_port: int | None = None, disk: Path | None = None,
-                 probe_ports: tuple[int, ...] = (), memory_mb: int = 256) -> None:
+                 probe_ports: tuple[int, ...] = (), memory_mb: int = 256,
+                 accel: str | None = None) -> None:
         self.workdir = _workdir("appliance")
         self.disk = disk or self.workdir / "root.qcow2"
         if disk is None:
@@ -62,7 +63,7 @@ class Appliance:
         nic += [f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self.forwards.items()]
         for (addr, port), target in ((MANAGER_ADDRESS, manager_port), (VNC_ADDRESS, vnc_port)):
             nic.append(f"guestfwd=tcp:{addr}:{port}-cmd:socat - TCP:127.0.0.1:{target}")
-        self.accel = "kvm" if kvm_usable() else "tcg"
+        self.accel = accel or ("kvm" if kvm_usable() else "tcg")
         argv = ["qemu-system-x86_64", "-machine", f"q35,accel={self.accel}", "-m", str(memory_mb),
                 "-smp", "1", "-nodefaults", "-display", "none", "-no-user-config",
                 "-drive", f"file={self.disk},if=virtio,format=qcow2",
