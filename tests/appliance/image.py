@@ -4,6 +4,8 @@ The cache key is a hash of every input of the build (the .deb's sources and the 
 files), so a second run with the same checkout boots the same image without building, and
 any change to those files builds a new one. The cache lives in ``CPVM_APPLIANCE_CACHE``
 (default ``/var/cache/cpvm-tests/appliance``); only the newest few images are kept.
+``CPVM_APPLIANCE_IMAGE=PATH`` uses that image instead (no build, no hash: for working on
+the tests themselves).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def input_hash() -> str:
 
 def cached_image() -> Path:
     """The image for this checkout: from the cache, or built now (under a lock)."""
+    given = os.environ.get("CPVM_APPLIANCE_IMAGE")
+    if given:
+        return Path(given)
     key = input_hash()
     directory = CACHE / key
     CACHE.mkdir(parents=True, exist_ok=True)

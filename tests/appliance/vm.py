@@ -26,12 +26,27 @@ CONSOLE_PORT = 8080
 
 
 def kvm_usable() -> bool:
+    """KVM that runs a guest: /dev/kvm opens *and* the CPU has hardware virtualisation.
+
+    Some nested set-ups (a Firecracker VM, say) offer /dev/kvm without vmx/svm in the CPU
+    flags: SeaBIOS runs, then GRUB and Linux hang as soon as they leave real mode. Those get
+    TCG. ``CPVM_APPLIANCE_ACCEL=kvm|tcg`` overrides the guess.
+    """
+    forced = os.environ.get("CPVM_APPLIANCE_ACCEL")
+    if forced:
+        return forced == "kvm"
     try:
         fd = os.open("/dev/kvm", os.O_RDWR)
     except OSError:
         return False
     os.close(fd)
-    return True
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return bool(flags & {"vmx", "svm"})
 
 
 def make_drive(path: Path, *args: str) -> Path:
@@ -70,8 +85,6 @@ class Appliance:
                 "-nic", ",".join(nic),
                 "-serial", f"file:{self.serial_log}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if self.accel == "kvm":
-            argv += ["-cpu", "host"]
         if drive is not None:
             argv += ["-drive", f"file={drive},if=virtio,format=raw,readonly=on"]
         self.started = time.monotonic()
