@@ -4,7 +4,9 @@
 - boot to "registered with the manager": from QEMU's start until the appliance's
   ``/readyz`` answers 200 through ``hostfwd`` (cpvm answers 200 once a heartbeat reached
   the manager), under KVM (when ``/dev/kvm`` works) and under TCG, ``--boots`` times each,
-  with 256 MiB of RAM and one vCPU.
+  with 256 MiB of RAM and one vCPU;
+- memory once ready: the guest's used memory (``free``) and cpvm's resident set (over SSH,
+  with a key on the drive).
 
 A real manager (``twistd cpvm-manager`` from this checkout) runs on 127.0.0.1 and the guest
 reaches it through ``guestfwd``, as in tests/appliance. Without ``--image`` the image is
@@ -43,9 +45,15 @@ def image_figures(image: Path) -> dict:
 def boot_once(image: Path, drive: Path, port: int, manager_port: int, accel: str,
               timeout: float) -> dict:
     vm = Appliance(image, drive, manager_port=manager_port, vnc_port=1, console_port=port,
-                   accel=accel)
+                   accel=accel, probe_ports=(22,))
     try:
-        return {"ready_s": round(vm.wait_ready(timeout), 2)}
+        figures: dict = {"ready_s": round(vm.wait_ready(timeout), 2)}
+        key = drive.parent / "id_ed25519"
+        used = vm.ssh(key, "free -k | awk '/^Mem:/ {print $3}'").strip()
+        rss = vm.ssh(key, "ps -o rss= -C twistd3 | awk '{s += $1} END {print s}'").strip()
+        figures.update(guest_used_mib=round(int(used) / 1024, 1),
+                       cpvm_rss_mib=round(int(rss) / 1024, 1))
+        return figures
     finally:
         vm.stop()
 
@@ -68,18 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         key.write_text(admin(conf, "proxy-key", "create", "--name", "bench") + "\n")
         key.chmod(0o600)
         port = peers.free_port()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(workdir / "id_ed25519")], check=True)
         drive = make_drive(workdir / "drive.iso", "--proxy-key", str(key),
                            "--set", f"manager.url=http://{MANAGER_ADDRESS[0]}:{MANAGER_ADDRESS[1]}",
                            "--set", "manager.heartbeat_interval=1",
                            "--set", "server.public_host=127.0.0.1",
-                           "--set", f"server.public_port={port}")
+                           "--set", f"server.public_port={port}",
+                           "--ssh-authorized-keys", str(workdir / "id_ed25519.pub"))
         accels = (["kvm"] if kvm_usable() else []) + ([] if args.no_tcg else ["tcg"])
         for accel in accels:
-            runs = [boot_once(image, drive, port, manager.port, accel,
-                              timeout=60 if accel == "kvm" else 600)["ready_s"]
-                    for _ in range(args.boots)]
+            boots = [boot_once(image, drive, port, manager.port, accel,
+                               timeout=60 if accel == "kvm" else 600)
+                     for _ in range(args.boots)]
+            runs = [b["ready_s"] for b in boots]
             result[f"boot_to_registered_{accel}_s"] = {"runs": runs, "min": min(runs),
                                                        "median": sorted(runs)[len(runs) // 2]}
+            result[f"idle_memory_{accel}"] = {k: boots[-1][k] for k in
+                                              ("guest_used_mib", "cpvm_rss_mib")}
     finally:
         manager.stop()
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -182,5 +182,11 @@ class Appliance:
         except OSError:
             return False
 
+    def answering(self, ports: tuple[int, ...]) -> list[int]:
+        """The ports of ``ports`` that answer, probed in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(ports)) as pool:
+            return [p for p, ok in zip(ports, pool.map(self.answers, ports)) if ok]
+
     def stop(self) -> None:
         self.process.stop(grace=5)
