@@ -194,13 +194,17 @@ def test_only_cpvm_listens(stack: Stack, booted: Appliance):
         if address in ("127.0.0.1", "::1", "127.0.0.53", "127.0.0.54"):
             continue
         outside.append((fields[0], local, fields[-1]))
-    names = sorted({(proto, local.rsplit(":", 1)[1], "sshd" if "sshd" in proc else
-                     "twistd" if "twistd" in proc else proc) for proto, local, proc in outside})
-    assert set(names) == {("tcp", "22", "sshd"), ("tcp", "8080", "twistd")}, sockets
+    names = {(proto, local.rsplit(":", 1)[1], "sshd" if "sshd" in proc else
+              "twistd" if "twistd" in proc else "networkd" if "systemd-network" in proc
+              else proc) for proto, local, proc in outside}
+    # networkd's DHCP client socket (udp 68, bound to eth0) is the one other socket: a
+    # client's, answered only by the DHCP server (the firewall admits sport 67 only).
+    assert names == {("tcp", "22", "sshd"), ("tcp", "8080", "twistd"),
+                     ("udp", "68", "networkd")}, sockets
     answering = booted.answering(PROBED)
     assert answering == [22, CONSOLE_PORT], answering
     ruleset = booted.ssh(stack.ssh_key, "nft list ruleset")
-    assert "policy drop" in ruleset and "tcp dport { 8080, 22 } accept" in ruleset, ruleset
+    assert "policy drop" in ruleset and "tcp dport { 22, 8080 } accept" in ruleset, ruleset
 
 
 def test_time_synchronisation_is_configured(stack: Stack, booted: Appliance):
