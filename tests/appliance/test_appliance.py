@@ -275,11 +275,27 @@ async def test_upgrade_is_a_new_root_disk_with_the_same_drive(stack: Stack, boot
     """A fresh root disk (the image as shipped) with the first boot's drive: the same
     machine id (from the drive), registered and serving."""
     port = booted.console_port  # the drive announces it
+    booted.stop()  # its host port is the drive's; normally already powered off above
     vm = stack.boot(stack.workdir / "good.iso", console_port=port)
     try:
         await threads.deferToThread(vm.wait_ready, BOOT_TIMEOUT)
         machine_id = await threads.deferToThread(vm.ssh, stack.ssh_key, "cat /etc/machine-id")
         assert machine_id.strip() == "5eed" * 8
+        client, _url = await use_console(stack, vm)
+        client.sendClose(1000)
+        await client.wait_closed()
+    finally:
+        vm.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uefi_boot_serves(stack: Stack, booted: Appliance):
+    """The same disk under UEFI firmware (OVMF): GRUB's EFI image on the ESP boots it."""
+    port = booted.console_port
+    booted.stop()
+    vm = stack.boot(stack.workdir / "good.iso", console_port=port, uefi=True)
+    try:
+        await threads.deferToThread(vm.wait_ready, BOOT_TIMEOUT)
         client, _url = await use_console(stack, vm)
         client.sendClose(1000)
         await client.wait_closed()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -23,6 +24,8 @@ from tests.peers import _Supervised, _workdir, free_port
 MANAGER_ADDRESS = ("10.0.2.100", 8250)
 VNC_ADDRESS = ("10.0.2.101", 5901)
 CONSOLE_PORT = 8080
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
 def kvm_usable() -> bool:
@@ -63,7 +66,7 @@ class Appliance:
     def __init__(self, image: Path, drive: Path | None, *, manager_port: int, vnc_port: int,
                  console_port: int | None = None, disk: Path | None = None,
                  probe_ports: tuple[int, ...] = (), memory_mb: int = 256,
-                 accel: str | None = None) -> None:
+                 accel: str | None = None, uefi: bool = False) -> None:
         self.workdir = _workdir("appliance")
         self.disk = disk or self.workdir / "root.qcow2"
         if disk is None:
@@ -87,6 +90,10 @@ class Appliance:
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if drive is not None:
             argv += ["-drive", f"file={drive},if=virtio,format=raw,readonly=on"]
+        if uefi:  # OVMF (Debian's ovmf), with a private copy of its variable store
+            shutil.copy(OVMF_VARS, self.workdir / "vars.fd")
+            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,file={self.workdir / 'vars.fd'}"]
         self.started = time.monotonic()
         self.process = _Supervised("appliance", argv, self.workdir / "qemu.log")
 
