@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     image = args.image or cached_image()
     result: dict = {"image": str(image), **image_figures(image)}
-    workdir = Path(peers._workdir("bench-appliance"))
+    workdir = Path(peers.make_workdir("bench-appliance"))
     manager_conf = (
         f"[server]\nlisten = tcp:0:interface=127.0.0.1\n"
         f"data_dir = {workdir}/data\n[proxies]\nheartbeat_interval = 1\n"

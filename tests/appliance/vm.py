@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.peers import _Supervised, _workdir, free_port
+from tests.peers import Supervised, free_port, make_workdir
 
 MANAGER_ADDRESS = ("10.0.2.100", 8250)
 VNC_ADDRESS = ("10.0.2.101", 5901)
@@ -82,7 +82,7 @@ class Appliance:
         accel: str | None = None,
         uefi: bool = False,
     ) -> None:
-        self.workdir = _workdir("appliance")
+        self.workdir = make_workdir("appliance")
         self.disk = disk or self.workdir / "root.qcow2"
         if disk is None:
             subprocess.run(
@@ -142,7 +142,7 @@ class Appliance:
                 f"if=pflash,format=raw,file={self.workdir / 'vars.fd'}",
             ]
         self.started = time.monotonic()
-        self.process = _Supervised("appliance", argv, self.workdir / "qemu.log")
+        self.process = Supervised("appliance", argv, self.workdir / "qemu.log")
 
     @property
     def serial(self) -> str:
