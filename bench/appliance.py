@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             str(key),
             "--set",
             f"manager.url=http://{MANAGER_ADDRESS[0]}:{MANAGER_ADDRESS[1]}",
+            # The test manager is on the host's loopback behind QEMU's guestfwd, plain HTTP;
+            # cpvm refuses that off loopback unless told (a real appliance uses https).
+            "--set",
+            "manager.allow_plaintext=true",
             "--set",
             "manager.heartbeat_interval=1",
             "--set",

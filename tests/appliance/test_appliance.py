@@ -60,6 +60,10 @@ class Stack:
             "cpvm-test-1",
             "--set",
             f"manager.url=http://{MANAGER_ADDRESS[0]}:{MANAGER_ADDRESS[1]}",
+            # The test manager is on the host's loopback behind QEMU's guestfwd, plain HTTP;
+            # cpvm refuses that off loopback unless told (a real appliance uses https).
+            "--set",
+            "manager.allow_plaintext=true",
             "--set",
             "manager.heartbeat_interval=1",
             "--set",

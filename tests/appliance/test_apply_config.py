@@ -36,7 +36,7 @@ def plan(files, cmdline=""):
 
 GOOD = {
     "proxy.key": b"cpvmk_0123abcd.s3cret\n",
-    "cpvm.conf": b"[manager]\nurl = http://10.0.2.100:8250\n[server]\nport = 8081\n",
+    "cpvm.conf": b"[manager]\nurl = http://10.0.2.100:8250\nallow_plaintext = true\n[server]\nport = 8081\n",
 }
 
 
@@ -81,7 +81,11 @@ def test_merged_config_sets_each_value_under_its_section_once():
     ],
 )
 def test_cpvm_settings_are_checked_by_cpvms_own_parser(fragment, message):
-    files = {**GOOD, "cpvm.conf": b"[manager]\nurl = http://10.0.2.100:8250\n" + fragment.encode()}
+    files = {
+        **GOOD,
+        "cpvm.conf": b"[manager]\nurl = http://10.0.2.100:8250\nallow_plaintext = true\n"
+        + fragment.encode(),
+    }
     with pytest.raises(Refused, match=message):
         plan(files)
 
