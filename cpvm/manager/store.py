@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from cpvm.manager import vm_store
 from cpvm.manager.db import Tx
 from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.proxy_policy import NO_LIMITS, ProxyPolicy, format_networks, policy_from_row
@@ -223,25 +224,8 @@ def _vm(row: tuple) -> Vm:
 def add_vm(tx: Tx, vm: dict[str, Any], now: float) -> None:
     if tx.execute("SELECT 1 FROM vms WHERE id = ?", (vm["id"],)).fetchone():
         raise Conflict(f"VM {vm['id']} already exists")
-    tx.execute(
-        "INSERT INTO vms (id, name, owner_id, state, vnc_host, vnc_port, vnc_password_enc, "
-        "vnc_tls, vnc_ca_pem, vnc_server_name, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            vm["id"],
-            vm["name"],
-            vm["owner_id"],
-            vm["state"],
-            vm["vnc_host"],
-            vm["vnc_port"],
-            vm.get("vnc_password_enc"),
-            vm["vnc_tls"],
-            vm.get("vnc_ca_pem"),
-            vm.get("vnc_server_name"),
-            now,
-            now,
-        ),
-    )
+    # One INSERT for every way a VM arrives (vm_store records where it came from).
+    vm_store.insert_vm(tx, vm, "manual", now)
 
 
 _VM_UPDATABLE = (
