@@ -1,4 +1,5 @@
-"""The browser's messages after the handshake: input events, for idle timeouts."""
+"""The browser's messages after the handshake: input events, for idle timeouts, and the
+pixel format the browser asked for, for recordings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import Final
 
 # Client-to-server messages of a fixed total length, by message type.
 _FIXED_LENGTH: Final = {
-    0: 20,  # SetPixelFormat
     3: 10,  # FramebufferUpdateRequest
     4: 8,  # KeyEvent
     5: 6,  # PointerEvent
@@ -17,6 +17,7 @@ _FIXED_LENGTH: Final = {
 _FIXED_INPUT: Final = frozenset({4, 5})
 # Messages whose length depends on their header: type -> bytes of header needed first.
 _HEADER_LENGTH: Final = {
+    0: 20,  # SetPixelFormat: type, 3 pad, the 16-byte pixel format (kept: pixel_format)
     2: 4,  # SetEncodings: type, pad, u16 count; then 4 bytes per encoding
     6: 8,  # ClientCutText: type, 3 pad, s32 length; then the text
     248: 9,  # ClientFence: type, 3 pad, u32 flags, u8 length; then the payload
@@ -38,18 +39,29 @@ class ClientInputScanner:
     idle timeout can ignore automatic traffic such as FramebufferUpdateRequest. On a
     message type it does not know it cannot find the next message boundary: it stops and
     sets :attr:`desynchronised`, after which the caller should count any bytes as activity.
+    It also keeps the browser's latest SetPixelFormat in :attr:`pixel_format`.
 
     Work is O(bytes) with no buffering of message bodies: payloads (notably clipboard text)
     are skipped by counting.
     """
 
-    __slots__ = ("_header", "_header_length", "_skip", "desynchronised", "unknown_type")
+    __slots__ = (
+        "_header",
+        "_header_length",
+        "_skip",
+        "desynchronised",
+        "pixel_format",
+        "unknown_type",
+    )
 
     def __init__(self) -> None:
         #: True once an unknown message type was seen; :meth:`feed` then returns 0.
         self.desynchronised = False
         #: The unknown message type that desynchronised the scanner, for logs.
         self.unknown_type: int | None = None
+        #: The pixel format of the browser's latest SetPixelFormat (16 bytes), if any: the
+        #: format the server encodes its updates in from then on.
+        self.pixel_format: bytes | None = None
         self._skip = 0  # bytes of the current message still to pass over
         self._header: bytearray | None = None  # header bytes of a variable-length message
         self._header_length = 0  # how many header bytes that message needs in all
@@ -102,7 +114,9 @@ class ClientInputScanner:
         """
         message_type = header[0]
         inputs = 0
-        if message_type == 2:
+        if message_type == 0:
+            self.pixel_format = bytes(header[4:20])
+        elif message_type == 2:
             self._skip = 4 * int.from_bytes(header[2:4], "big")
         elif message_type == 6:
             length = int.from_bytes(header[4:8], "big", signed=True)
