@@ -86,6 +86,7 @@ def test_reader_rebuilds_the_stream_byte_for_byte(tmp_path_factory, chunks, star
     raw = Path(rec.path).read_bytes()
     parsed = read_fbs(raw)
     assert not parsed.truncated
+    assert parsed.blocks[0].timestamp_ms == 0
     hs = parse_handshake(parsed.stream())
     assert hs.version == b"RFB 003.003\n"
     assert (hs.width, hs.height, hs.name) == (1024, 768, SERVER_INIT.name)
@@ -149,7 +150,7 @@ def test_input_side_file_only_when_asked(tmp_path):
     side = read_fbs((tmp_path / "on" / (rec.session_id + ".input.fbs")).read_bytes())
     assert [(b.timestamp_ms, b.data) for b in side.blocks] == [(250, key), (1000, key)]
     main = read_fbs(Path(rec.path).read_bytes())
-    assert [b.timestamp_ms for b in main.blocks] == [500, 500]  # same clock
+    assert [b.timestamp_ms for b in main.blocks] == [0, 500]  # handshake at 0, same clock
     assert summary.input_size == 12 + 2 * (8 + 8)
 
 

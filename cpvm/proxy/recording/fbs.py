@@ -59,16 +59,17 @@ class FbsEncoder:
     :meth:`data`. Empty chunks produce no block.
     """
 
-    __slots__ = ("_origin", "_last_ms", "started")
+    __slots__ = ("origin", "_last_ms", "started")
 
     def __init__(self, origin: float):
-        self._origin = origin
+        #: The clock reading that is timestamp 0.
+        self.origin = origin
         self._last_ms = 0
         self.started = False
 
     def elapsed_ms(self, now: float) -> int:
         """Milliseconds since the origin on this encoder's clock (monotonic, capped)."""
-        ms = int((now - self._origin) * 1000)
+        ms = int((now - self.origin) * 1000)
         if ms > self._last_ms:
             self._last_ms = min(ms, MAX_TIMESTAMP_MS)
         return self._last_ms

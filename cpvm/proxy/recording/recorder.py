@@ -127,7 +127,7 @@ class SessionRecorder:
         if self.failure is not None or self._encoder is None:
             return
         if not self._handshake_written:
-            self._write_handshake(now, pixel_format)
+            self._write_handshake(pixel_format)
         self._main.write(self._encoder.data(data, now))  # type: ignore[union-attr]
 
     def client_data(self, data: bytes, now: float) -> None:
@@ -144,7 +144,7 @@ class SessionRecorder:
             raise RuntimeError("finish() called twice")
         self._finished = True
         if not self._handshake_written and self.failure is None:
-            self._write_handshake(now, None)
+            self._write_handshake(None)
         duration = self._encoder.elapsed_ms(now) / 1000
         files = [self._main.finish()]
         if self._input is not None:
@@ -174,13 +174,14 @@ class SessionRecorder:
             on_failure=self._failed,
         )
 
-    def _write_handshake(self, now: float, pixel_format: bytes | None) -> None:
+    def _write_handshake(self, pixel_format: bytes | None) -> None:
         self._handshake_written = True
         server_init = self._server_init
         assert server_init is not None and self._encoder is not None and self._main is not None
         if pixel_format is not None and pixel_format != server_init.pixel_format:
             server_init = dataclasses.replace(server_init, pixel_format=pixel_format)
-        self._main.write(self._encoder.start(server_init, now))
+        # Stamped 0: the browser had ServerInit when the relay started.
+        self._main.write(self._encoder.start(server_init, self._encoder.origin))
 
     def _failed(self, reason: str) -> None:
         if self.failure is not None:
