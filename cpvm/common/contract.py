@@ -38,6 +38,9 @@ class Outcome(Enum):
     IDLE_TIMEOUT = (4020, "idle timeout (no input from the browser)", "idle_timeout")
     MAX_DURATION = (4021, "session time limit reached", "max_duration")
     TERMINATED = (4022, "session terminated by administrator", "terminated")
+    # The session had to be recorded and its recording could not be written (disk full or
+    # too slow) with [recording] on_failure = end: it does not go on unrecorded.
+    RECORDING_FAILED = (4023, "session recording failed", "recording_failed")
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
     # Refused by cpvm itself, without asking the manager (docs/management-api.md).
@@ -71,6 +74,7 @@ SESSION_END_OUTCOMES = (
     Outcome.IDLE_TIMEOUT,
     Outcome.MAX_DURATION,
     Outcome.TERMINATED,
+    Outcome.RECORDING_FAILED,
     Outcome.ERROR,
 )
 END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
