@@ -136,6 +136,10 @@ UPSTREAM_FAILURES: dict[str, Outcome] = {
 # How cpvm must reach a VM's VNC server, as the manager stores it and sends it.
 VNC_TLS_MODES = ("none", "x509", "anonymous")
 
+# What the desktop name noVNC shows starts with when the session is recorded, so the
+# person knows (docs/recording.md).
+RECORDING_MARKER = "\u25cf REC "
+
 # The console's WebSocket: ws[s]://<proxy>/websockify?token=T[&extra=E].
 WEBSOCKET_PATH = "websockify"
 # The longest ``extra`` (CloudStack's ``token`` parameter of createConsoleEndpoint) and the

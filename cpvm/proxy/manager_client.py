@@ -30,6 +30,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from cpvm.common.contract import REDEMPTION_ERRORS, VNC_TLS_MODES, Outcome
+from cpvm.proxy.recording.player import PlaybackRefused
 
 MAX_ANSWER = 256 * 1024
 
@@ -79,6 +80,8 @@ class Redemption:
     vnc: VncTarget
     idle_timeout: float | None
     max_duration: float | None
+    # The manager's policy says this session is recorded (docs/recording.md).
+    recording: bool = False
 
 
 def parse_redemption(body: Any) -> Redemption:
@@ -109,6 +112,9 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
+    recording = body.get("recording", False)
+    if not isinstance(recording, bool):
+        raise ValueError("recording is not true or false")
     return Redemption(
         session_id=session_id,
         vm_id=_string(vm, "id"),
@@ -124,6 +130,7 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
+        recording=recording,
     )
 
 
@@ -230,6 +237,28 @@ class ManagerClient:
             raise ManagerUnavailable(f"manager answered HTTP {status} ({error or 'no error code'})")
         # A known outcome means error is a string.
         raise RedemptionRefused(outcome, cast(str, error), str(message or "")[:200])
+
+    def redeem_playback(self, ticket: str) -> Deferred:
+        """Redeem a one-time playback ticket: fires with the session id whose recording it
+        opens, or fails with ``PlaybackRefused`` (the manager's refusal, or 503 when it
+        cannot be reached)."""
+        return ensureDeferred(self._redeem_playback(ticket))
+
+    async def _redeem_playback(self, ticket: str) -> str:
+        try:
+            status, body = await self._post(
+                "/proxy/v1/playback", {"ticket": ticket, "instance": self._instance}
+            )
+        except ManagerUnavailable as e:
+            raise PlaybackRefused(503, "the management server is unreachable") from e
+        if status == 200 and isinstance(body, dict):
+            session_id = body.get("session_id")
+            if isinstance(session_id, str) and session_id:
+                return session_id
+        message = body.get("message") if isinstance(body, dict) else None
+        if status in (403, 404, 409, 410):
+            raise PlaybackRefused(status, str(message or "this playback link is not valid")[:200])
+        raise PlaybackRefused(503, f"the management server answered HTTP {status}")
 
     def heartbeat(self, payload: dict) -> Deferred:
         """Send a heartbeat; fires with the manager's answer (a dict)."""

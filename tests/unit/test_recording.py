@@ -350,3 +350,36 @@ def test_retention_service_deletes_and_reports(tmp_path):
     assert deleted == [("a", "age"), ("b", "space")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fbs", "live.fbs", "unrelated.txt"]
     svc.stopService()
+
+
+def test_recordings_service_tracks_active_and_deleted(tmp_path):
+    from cpvm.proxy.recording.service import Recordings
+
+    clock = Clock()
+    clock.callFromThread = lambda fn, *a: fn(*a)  # type: ignore[attr-defined]
+    directory = tmp_path / "rec"
+    svc = Recordings(
+        reactor=clock,
+        settings=RecordingSettings(str(directory)),
+        retention_days=0,
+        max_bytes=1,
+        drain=InlineDrain(),
+        run_in_thread=lambda fn, *a: succeed(fn(*a)),
+    )
+    svc.startService()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    rec = svc.recorder("live-1", on_failure=pytest.fail)
+    rec.start(SERVER_INIT, clock.seconds())
+    rec.server_data(b"x" * 100, clock.seconds())
+    assert svc.active == 1
+    svc.retention.apply()  # over max_bytes, but being written: kept
+    assert (directory / "live-1.fbs").exists() and svc.take_deleted() == []
+    summary = finished(svc.finish(rec, clock.seconds() + 1))
+    assert summary.complete and svc.active == 0
+    svc.retention.apply()
+    assert not (directory / "live-1.fbs").exists()
+    taken = svc.take_deleted()
+    assert taken == ["live-1"]
+    svc.give_back_deleted(taken)
+    assert svc.take_deleted() == ["live-1"]
+    finished(svc.stopService())

@@ -156,7 +156,8 @@ class RetentionService(Service):
         """One pass: list, decide, delete; fires when done (None if one is running)."""
         if self._running is not None:
             return None
-        d = self._run(scan, self._directory)
+        d = self._running = Deferred()
+        d.addCallback(lambda _: self._run(scan, self._directory))
         d.addCallback(self._decide)
         d.addErrback(
             lambda f: self._log.warn(
@@ -164,7 +165,7 @@ class RetentionService(Service):
             )
         )
         d.addBoth(self._done)
-        self._running = d
+        d.callback(None)
         return d
 
     def _done(self, _):
