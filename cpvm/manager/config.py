@@ -88,6 +88,18 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class RecordingPolicyConfig:
+    """``[recording]``: whether sessions are recorded when neither the VM nor the account
+    says (docs/recording.md), and who may play a recording back."""
+
+    default: str = "never"  # "never" or "always"
+    # An account may play back recordings of its own sessions (admins always may).
+    account_playback: bool = False
+    # How long a playback URL stays valid (it works once).
+    playback_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
 class ManagerConfig:
     """Everything the manager needs, as read from one file."""
 
@@ -102,6 +114,7 @@ class ManagerConfig:
     metrics: MetricsConfig
     log: LogConfig
     inventory: tuple[LibvirtSourceConfig, ...] = ()  # [inventory.libvirt.NAME] sections
+    recording: RecordingPolicyConfig = RecordingPolicyConfig()
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -187,6 +200,11 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
     )
+    recording = RecordingPolicyConfig(
+        default=reader.choice("recording", "default", "never", ("never", "always")),
+        account_playback=reader.boolean("recording", "account_playback", False),
+        playback_ttl=reader.number("recording", "playback_ttl", 300.0, minimum=5.0, maximum=86400),
+    )
     metrics = read_metrics(reader)
     log = read_log(reader)
     inventory = read_inventory(reader)
@@ -205,6 +223,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         metrics=metrics,
         log=log,
         inventory=inventory,
+        recording=recording,
     )
 
 
