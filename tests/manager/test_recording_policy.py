@@ -170,3 +170,26 @@ def test_summary_and_deletion_only_for_recorded_sessions_of_that_proxy(run):
     assert _sql(run, rs.mark_deleted, "p2", ["s1"], 500.0) == 0
     assert _sql(run, rs.mark_deleted, "p1", ["s1", "s2"], 500.0) == 1
     assert _sql(run, rs.get_recording, "s1").listing()["deleted"] == 500.0
+
+
+def test_end_report_recording_object_is_checked():
+    from cpvm.manager.recording_api import RecordingReportError, parse_deleted, parse_summary
+
+    good = {"size": 10, "sha256": "0" * 64, "duration": 1, "complete": True}
+    assert parse_summary(good) == {**good, "duration": 1.0}
+    assert parse_summary(None) is None
+    for bad in (
+        {**good, "size": -1},
+        {**good, "size": True},
+        {**good, "sha256": "A" * 64},
+        {**good, "duration": float("nan")},
+        {**good, "complete": 1},
+        [],
+    ):
+        with pytest.raises(RecordingReportError):
+            parse_summary(bad)
+    sid = "5f1c0d2e-0000-4000-8000-000000000001"
+    assert parse_deleted({"recordings_deleted": [sid.upper()]}) == [sid]
+    assert parse_deleted({}) == []
+    with pytest.raises(RecordingReportError):
+        parse_deleted({"recordings_deleted": ["../x"]})

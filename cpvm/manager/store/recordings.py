@@ -193,3 +193,26 @@ def purge_tickets(tx: Tx, now: float, keep: float = 86400.0) -> int:
     """Forget tickets that expired more than ``keep`` seconds ago."""
     tx.execute("DELETE FROM playback_tickets WHERE expires_at < ?", (now - keep,))
     return tx.rowcount
+
+
+def session_policies(tx: Tx, session_id: str) -> tuple[str | None, str | None]:
+    """The policies of a session's VM and account, as they are now."""
+    row = tx.execute(
+        "SELECT v.record_policy, a.record_policy FROM console_sessions s "
+        "LEFT JOIN vms v ON v.id = s.vm_id LEFT JOIN accounts a ON a.id = s.account_id "
+        "WHERE s.id = ?",
+        (session_id,),
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def proxy_address(tx: Tx, proxy_id: str) -> tuple[str, int, bool, str | None] | None:
+    """Where browsers reach a proxy (its last heartbeat): host, port, TLS, address."""
+    row = tx.execute(
+        "SELECT public_host, public_port, tls, address FROM proxies WHERE id = ? "
+        "AND revoked_at IS NULL",
+        (proxy_id,),
+    ).fetchone()
+    if row is None or row[0] is None or row[1] is None:
+        return None
+    return (row[0], int(row[1]), bool(row[2]), row[3])
