@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from cpvm.manager import store
-from cpvm.manager.consoles import choose_proxy, console_host
+from cpvm.manager.decisions import choose_proxy, console_host
 
 
 def _load(pid, active, capacity, pending=0, vm_sessions=0):
