@@ -46,6 +46,9 @@ class BrokerSettings:
     idle_timeout: int | None
     max_duration: int | None
     retention_seconds: float
+    # [recording] default: whether a session is recorded when neither its VM nor its
+    # account says (cpvm.manager.recording_policy).
+    record_default: str = "never"
 
 
 @dataclass(frozen=True)

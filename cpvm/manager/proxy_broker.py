@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.logger import Logger
 
 from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS
-from cpvm.manager import instances, store
+from cpvm.manager import instances, recording_policy, store
 from cpvm.manager.db import Database
 from cpvm.manager.decisions import check_redemption, parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
@@ -26,6 +26,7 @@ from cpvm.manager.proxy_admission import (
 )
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
 from cpvm.manager.session_audit import audit, log_ended, log_lost
+from cpvm.manager.store import recordings as recording_store
 
 if TYPE_CHECKING:
     from cpvm.manager.consoles import BrokerSettings
@@ -135,7 +136,7 @@ class ProxyBroker:
         extra_hash = self._box.keyed_hash(extra) if extra else ""
         # Not waiting for the disk saves a sync per console set-up; a power cut can forget
         # the redemption, so the next start voids pending tokens (recover_sqlite).
-        error, row = await self._db.run(
+        error, row, recorded = await self._db.run(
             self._redeem_in,
             key,
             sha256_hex(token),
@@ -165,13 +166,18 @@ class ProxyBroker:
             self._log.info("redemption refused: {outcome}", outcome=outcome, **log_fields)
             return Redemption(error)
         audit.info(
-            "session {session} acquired from {client_address} via proxy {proxy}",
+            "session {session} acquired from {client_address} via proxy {proxy}"
+            + (", recorded" if recorded else ""),
             audit=True,
             event="acquired",
             waited=now - (row.expires_at - self.settings.token_ttl),
+            recorded=recorded,
             **log_fields,
         )
-        return Redemption(None, self._redemption_body(row))
+        body = self._redemption_body(row)
+        if recorded:  # absent means not recorded: what older managers send
+            body["recording"] = True
+        return Redemption(None, body)
 
     def _redeem_in(
         self,
@@ -184,8 +190,9 @@ class ProxyBroker:
         instance: str | None,
         peer: str | None,
         now: float,
-    ) -> tuple[str | None, Any]:
-        """The redemption's transaction: ``(error or None, token row or instance event)``."""
+    ) -> tuple[str | None, Any, bool]:
+        """The redemption's transaction: ``(error or None, token row or instance event,
+        whether the session is recorded)``."""
         proxy_id = key[0]
         admit_proxy(tx, key, peer)
         # Before the token is looked at: a refused instance consumes nothing.
@@ -193,18 +200,24 @@ class ProxyBroker:
             tx, proxy_id, instance, peer, now, self.settings.proxy_timeout, heartbeat=False
         )
         if refusal is not None and refusal.refused:
-            return "instance_conflict", refusal
+            return "instance_conflict", refusal, False
         row = store.token_row(tx, token_hash)
         error = check_redemption(
             row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address, now=now
         )
         if error is not None:
-            return error, row
+            return error, row, False
         assert row is not None
         # Validated in this transaction; the conditional UPDATE decides who wins.
         if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
-            return "token_used", row
-        return None, row
+            return "token_used", row, False
+        # The policy as it is at redemption: the proxy is told, the record remembers.
+        recorded = recording_policy.is_recorded(
+            *recording_store.session_policies(tx, row.session_id), self.settings.record_default
+        )
+        if recorded:
+            recording_store.mark_recorded(tx, row.session_id)
+        return None, row, recorded
 
     def _redemption_body(self, row: store.TokenRow) -> dict[str, Any]:
         """What the proxy needs to open the console (it holds the VNC password)."""
@@ -283,9 +296,10 @@ class ProxyBroker:
             return event
         # End reports first, so a session ended in this beat is not asked to terminate.
         records = [
-            (store.end_session(tx, sid, proxy_id, report, now), report)
+            (self._end_in(tx, sid, proxy_id, report, now), report)
             for sid, report in beat.get("ended") or []
         ]
+        recording_store.mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
         active = beat.get("active_sessions")
         lost = (
             []
@@ -325,7 +339,17 @@ class ProxyBroker:
         now: float,
     ) -> store.SessionRecord | None:
         admit_proxy(tx, key, peer)
-        return store.end_session(tx, session_id, key[0], report, now)
+        return ProxyBroker._end_in(tx, session_id, key[0], report, now)
+
+    @staticmethod
+    def _end_in(
+        tx: Any, session_id: str, proxy_id: str, report: dict[str, Any], now: float
+    ) -> store.SessionRecord | None:
+        """Record an end report, with its recording's summary when there is one."""
+        record = store.end_session(tx, session_id, proxy_id, report, now)
+        if record is not None and report.get("recording") is not None:
+            recording_store.store_summary(tx, session_id, proxy_id, report["recording"])
+        return record
 
     # Logging --------------------------------------------------------------------------
 

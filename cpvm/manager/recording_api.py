@@ -16,8 +16,10 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from cpvm.manager import recording_policy
+from cpvm.manager.api_errors import ApiError
 from cpvm.manager.config import RecordingPolicyConfig
-from cpvm.manager.consoles import console_host
+from cpvm.manager.decisions import console_host
+from cpvm.manager.signing import format_time
 from cpvm.manager.store import recordings as recording_store
 from cpvm.manager.store.records import Account
 
@@ -168,6 +170,10 @@ class PlaybackBroker:
             recording_policy.playback_url(base, ticket.secret), now + config.playback_ttl
         )
 
+    def recordings_of(self, session_ids: list[str]):
+        """The recording facts of listed sessions: id → RecordingRecord."""
+        return self._db.read(recording_store.recordings_of, session_ids)
+
     @inlineCallbacks
     def redeem(self, proxy_id: str, secret: str):
         """``(status, body)`` for the proxy API: the session id once, else why not."""
@@ -190,3 +196,30 @@ class PlaybackBroker:
             proxy=proxy_id,
         )
         return 200, {"session_id": session_id}
+
+
+def commands(playback: PlaybackBroker) -> dict[str, Any]:
+    """``createConsoleRecordingPlayback`` for the public API's command table."""
+
+    async def create_playback(request: Any, account: Account, p: dict[str, str], name: str):
+        if not p.get("id"):
+            raise ApiError(431, f"Unable to execute API command {name} due to missing parameter id")
+        try:
+            session_id = str(uuid.UUID(p["id"]))
+        except ValueError:
+            raise ApiError(431, "Invalid parameter id value: not a UUID") from None
+        try:
+            playback_ = await playback.create(account, session_id)
+        except PlaybackError as e:
+            raise ApiError(e.code, e.text) from None
+        return 200, {
+            "createconsolerecordingplaybackresponse": {
+                "consolerecordingplayback": {
+                    "id": session_id,
+                    "url": playback_.url,
+                    "expires": format_time(playback_.expires),
+                }
+            }
+        }
+
+    return {"createconsolerecordingplayback": create_playback}

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.common.metrics import MetricsPage
+from cpvm.manager import recording_api
 from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import ConsoleBroker
@@ -25,6 +26,7 @@ from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_api import ProxyApiResource
 from cpvm.manager.public_api import CommandHandler, PublicApiResource
 from cpvm.manager.ratelimit import KeyedRateLimiter
+from cpvm.manager.recording_api import PlaybackBroker
 
 DEFAULT_LIMITS = HttpLimits(max_body=1024 * 1024, request_deadline=60.0)
 
@@ -103,18 +105,29 @@ def build_site(
     vm_commands: dict[str, CommandHandler] | None = None,
     create_limiter: KeyedRateLimiter | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
+    playback: PlaybackBroker | None = None,
 ) -> ManagerSite:
     """The resource tree of the manager."""
+    commands = dict(vm_commands or {})
+    if playback is not None:
+        commands.update(recording_api.commands(playback))
     root = Resource()
     client = Resource()
     client.putChild(
         b"api",
         PublicApiResource(
-            broker, authenticator, clock, trusted_proxies, metrics, create_limiter, vm_commands
+            broker,
+            authenticator,
+            clock,
+            trusted_proxies,
+            metrics,
+            create_limiter,
+            commands,
+            recordings=playback.recordings_of if playback is not None else None,
         ),
     )
     root.putChild(b"client", client)
-    root.putChild(b"proxy", ProxyApiResource(broker.proxies, metrics))
+    root.putChild(b"proxy", ProxyApiResource(broker.proxies, metrics, playback))
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(ping, reactor))
     if metrics_allow is not None:
