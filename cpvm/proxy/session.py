@@ -73,7 +73,7 @@ class SessionStats:
     started: float
     bytes_to_client: int = 0
     bytes_to_server: int = 0
-    # How much of the above the byte counters already hold (see ConsoleSessions).
+    # How much of the above the byte counters already hold (see SessionRegistry).
     counted_to_client: int = 0
     counted_to_server: int = 0
     relay_started: float | None = None
