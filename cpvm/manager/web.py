@@ -23,6 +23,7 @@ from cpvm.common.addresses import client_address
 from cpvm.common.contract import END_REASONS, MAX_EXTRA_LENGTH
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.common.metrics import MetricsPage
+from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.manager import instances, signing, store
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import (
@@ -37,7 +38,6 @@ from cpvm.manager.db import Database
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.params import ParamError, parse_params
 from cpvm.manager.proxy_policy import public_host_problem
-from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 
 _STATUS_TEXT = {
