@@ -8,16 +8,10 @@ needs of the configuration is a ``RegistrySettings``, built by :mod:`cpvm.proxy.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,7 +27,7 @@ from cpvm.proxy.manager_client import (
 )
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.session import ConsoleSession, SessionLimits
-from cpvm.proxy.upstream import VncClientFactory, tls_creator
+from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
 audit_log = Logger(namespace="cpvm.audit")
 
@@ -224,7 +218,7 @@ class SessionRegistry:
             handshake,
             lambda anonymous: tls_creator(target, settings.default_ca_pem, anonymous),
         )
-        endpoint = _endpoint(self._reactor, target.host, target.port, settings.connect_timeout)
+        endpoint = vnc_endpoint(self._reactor, target.host, target.port, settings.connect_timeout)
         return endpoint.connect(factory)
 
     # -- hooks called by sessions --------------------------------------------------------
@@ -386,14 +380,3 @@ class SessionRegistry:
         self.accepting = False
         for session in list(self._all):
             session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
-
-
-def _endpoint(reactor, host: str, port: int, timeout: float):
-    """An address connects directly; only a name goes through the resolver (a thread)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
