@@ -27,7 +27,7 @@ from cpvm.proxy import fastwrite
 from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpvm.proxy.registry import ConsoleSessions
+    from cpvm.proxy.registry import SessionRegistry
 
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
@@ -185,7 +185,7 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
     def __init__(
         self,
         *,
-        sessions: "ConsoleSessions",
+        sessions: "SessionRegistry",
         scheme: str,
         allowed_origins: tuple[str, ...],
         trusted_proxies: tuple,
