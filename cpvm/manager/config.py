@@ -162,6 +162,14 @@ def _security(reader: IniReader, data_dir: Path) -> SecurityConfig:
     )
 
 
+def _recording(reader: IniReader) -> RecordingPolicyConfig:
+    return RecordingPolicyConfig(
+        default=reader.choice("recording", "default", "never", ("never", "always")),
+        account_playback=reader.boolean("recording", "account_playback", False),
+        playback_ttl=reader.number("recording", "playback_ttl", 300.0, minimum=5.0, maximum=86400),
+    )
+
+
 def parse_config(reader: IniReader) -> ManagerConfig:
     """Read every setting from ``reader`` and refuse unknown ones."""
     data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
@@ -200,11 +208,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
     )
-    recording = RecordingPolicyConfig(
-        default=reader.choice("recording", "default", "never", ("never", "always")),
-        account_playback=reader.boolean("recording", "account_playback", False),
-        playback_ttl=reader.number("recording", "playback_ttl", 300.0, minimum=5.0, maximum=86400),
-    )
+    recording = _recording(reader)
     metrics = read_metrics(reader)
     log = read_log(reader)
     inventory = read_inventory(reader)

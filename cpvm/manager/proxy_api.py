@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from cpvm.common.contract import END_REASONS
+from cpvm.common.contract import END_REASONS, MAX_CAPACITY
 from cpvm.manager import instances
 from cpvm.manager.json_http import send_json, tcp_peer
 from cpvm.manager.metrics import ManagerMetrics
@@ -228,7 +228,7 @@ class ProxyApiResource(Resource):
             "public_port": _int(body, "public_port", 1, 65535),
             "tls": tls,
             "address": _string(body, "address", optional=True, maximum=100),
-            "capacity": _int(body, "capacity", 0, 10**7),
+            "capacity": _int(body, "capacity", 0, MAX_CAPACITY),
             "active_count": len(sessions),
             "version": _string(body, "version", optional=True, maximum=100),
             "ended": _ended_reports(body),

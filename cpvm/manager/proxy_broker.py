@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.logger import Logger
 
 from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS
-from cpvm.manager import instances, recording_policy, store
+from cpvm.manager import instances, store
 from cpvm.manager.db import Database
 from cpvm.manager.decisions import check_redemption, parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
@@ -211,12 +211,7 @@ class ProxyBroker:
         # Validated in this transaction; the conditional UPDATE decides who wins.
         if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
             return "token_used", row, False
-        # The policy as it is at redemption: the proxy is told, the record remembers.
-        recorded = recording_policy.is_recorded(
-            *recording_store.session_policies(tx, row.session_id), self.settings.record_default
-        )
-        if recorded:
-            recording_store.mark_recorded(tx, row.session_id)
+        recorded = recording_store.decide(tx, row.session_id, self.settings.record_default)
         return None, row, recorded
 
     def _redemption_body(self, row: store.TokenRow) -> dict[str, Any]:
@@ -296,7 +291,7 @@ class ProxyBroker:
             return event
         # End reports first, so a session ended in this beat is not asked to terminate.
         records = [
-            (self._end_in(tx, sid, proxy_id, report, now), report)
+            (recording_store.end_session(tx, sid, proxy_id, report, now), report)
             for sid, report in beat.get("ended") or []
         ]
         recording_store.mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
@@ -339,17 +334,7 @@ class ProxyBroker:
         now: float,
     ) -> store.SessionRecord | None:
         admit_proxy(tx, key, peer)
-        return ProxyBroker._end_in(tx, session_id, key[0], report, now)
-
-    @staticmethod
-    def _end_in(
-        tx: Any, session_id: str, proxy_id: str, report: dict[str, Any], now: float
-    ) -> store.SessionRecord | None:
-        """Record an end report, with its recording's summary when there is one."""
-        record = store.end_session(tx, session_id, proxy_id, report, now)
-        if record is not None and report.get("recording") is not None:
-            recording_store.store_summary(tx, session_id, proxy_id, report["recording"])
-        return record
+        return recording_store.end_session(tx, session_id, key[0], report, now)
 
     # Logging --------------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cpvm.manager import recording_policy
 from cpvm.manager.db import Tx
-from cpvm.manager.store.records import NotFound
+from cpvm.manager.store.records import NotFound, SessionRecord
+from cpvm.manager.store.sessions import end_session as _end_session
 
 
 @dataclass(frozen=True)
@@ -216,3 +218,22 @@ def proxy_address(tx: Tx, proxy_id: str) -> tuple[str, int, bool, str | None] | 
     if row is None or row[0] is None or row[1] is None:
         return None
     return (row[0], int(row[1]), bool(row[2]), row[3])
+
+
+def decide(tx: Tx, session_id: str, default: str) -> bool:
+    """At redemption: whether the session is recorded, by the policy as it is now; the
+    record remembers it (the proxy is told in the answer)."""
+    recorded = recording_policy.is_recorded(*session_policies(tx, session_id), default)
+    if recorded:
+        mark_recorded(tx, session_id)
+    return recorded
+
+
+def end_session(
+    tx: Tx, session_id: str, proxy_id: str, report: dict[str, Any], now: float
+) -> SessionRecord | None:
+    """``store.end_session``, and the recording's summary when the report carries one."""
+    record = _end_session(tx, session_id, proxy_id, report, now)
+    if record is not None and report.get("recording") is not None:
+        store_summary(tx, session_id, proxy_id, report["recording"])
+    return record
