@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,3 +153,18 @@ async def test_bad_key_fails_the_api_leg_with_the_managers_words(system, xvnc, t
     wrong.write_text(json.dumps({**data, "secretkey": "x" + data["secretkey"][1:]}))
     done = await probe(m, wrong, vm)
     assert done.returncode == 3 and "manager answered HTTP 401" in done.stdout, done.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_proxy_gone_fails_the_upgrade_leg(system, xvnc):
+    m, cpvm, credentials = system
+    vm = _vm(m, xvnc.port, XVNC_TEST_PASSWORD)
+    # Killed, not stopped: no last heartbeat, so the manager still sends browsers there
+    # (until proxy_timeout), as after a crash.
+    os.kill(cpvm.pid, signal.SIGKILL)
+    await threads.deferToThread(cpvm.stop)
+    done = await probe(m, credentials, vm, "--format", "json")
+    assert done.returncode == 4, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["failed_leg"] == "upgrade" and "cannot connect to cpvm at" in report["reason"]
+    assert sorted(report["seconds"]) == ["api"]
