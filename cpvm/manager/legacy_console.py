@@ -25,7 +25,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from cpvm.common.addresses import client_address
-from cpvm.manager import signing
+from cpvm.manager import signing, store
 from cpvm.manager.api_errors import ApiError
 from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import IPNetwork
@@ -111,7 +111,7 @@ class LegacyConsoleResource(Resource):
         request.write(page)
         request.finish()
 
-    async def _access(self, request: server.Request) -> tuple[Any, str, str]:
+    async def _access(self, request: server.Request) -> tuple[store.Account, str, str]:
         try:
             params = parse_params(cast("dict[bytes, list[bytes]]", request.args or {}))
         except ParamError as e:
@@ -132,7 +132,7 @@ class LegacyConsoleResource(Resource):
         endpoint = await self._broker.create_endpoint(
             account, vm_id, None, self._creator_address(request)
         )
-        if not endpoint.success:
+        if not endpoint.success or endpoint.url is None:
             raise LegacyRefusal(409, endpoint.details or "no console")
         return account, vm_id, endpoint.url
 
