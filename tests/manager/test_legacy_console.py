@@ -138,3 +138,24 @@ async def test_another_accounts_vm_is_refused_with_the_managers_words(managers):
     assert (
         "consoleAccess" in m.service.metrics_text() if hasattr(m.service, "metrics_text") else True
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_link_opens_a_console_once(managers):
+    """docs/public-api.md's sign.py, given ``cmd=access vm=…``, makes a working link."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "public-api.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    namespace: dict = {"__name__": "doc_snippet"}
+    exec(snippet, namespace)
+    assert "cmd=access vm=" in doc and "/client/console?$Q" in doc
+    m = await managers()
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    await m.heartbeat(m.proxy_key("p1"))
+    query = namespace["signed_query"]({"cmd": "access", "vm": vm}, alice.api_key, alice.secret)
+    url = f"{m.base}/client/console?{query}"
+    assert (await get(url))[0] == 200
+    assert (await get(url))[0] == 403
