@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
@@ -27,15 +28,20 @@ from tests.peers import REPO_ROOT, XVNC_TEST_PASSWORD, free_port
 
 
 @pytest_twisted.async_yield_fixture
-async def system(tmp_path):
-    """A manager, a cpvm registered with it, an account ``probe`` and its key file."""
+async def system(request, tmp_path):
+    """A manager, a cpvm registered with it, an account ``probe`` and its key file.
+    Parametrized (indirect) with ``"tls"``: cpvm serves wss with the test PKI's leaf."""
     m = await start_manager(tmp_path / "manager")
     cpvm = None
     try:
         key_file = tmp_path / "proxy.key"
         m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
         m.secrets_seen.append(key_file.read_text().strip())
-        text = cpvm_config(m.base, credential_file=key_file, server={"port": free_port()})
+        server: dict = {"port": free_port()}
+        if getattr(request, "param", None) == "tls":
+            pki = request.getfixturevalue("pki")
+            server.update(tls="true", certificate=pki.server_cert, private_key=pki.server_key)
+        text = cpvm_config(m.base, credential_file=key_file, server=server)
         cpvm = await threads.deferToThread(start_cpvm, text, workdir=tmp_path)
         deadline = time.monotonic() + 20
         while proxies(m).get("cpvm1", {}).get("status") != "up":
@@ -168,3 +174,19 @@ async def test_console_proxy_gone_fails_the_upgrade_leg(system, xvnc):
     report = json.loads(done.stdout)
     assert report["failed_leg"] == "upgrade" and "cannot connect to cpvm at" in report["reason"]
     assert sorted(report["seconds"]) == ["api"]
+
+
+@pytest.mark.parametrize("system", ["tls"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_wss_is_verified_against_the_ca_given(system, xvnc, pki, tmp_path):
+    m, _, credentials = system
+    vm = _vm(m, xvnc.port, XVNC_TEST_PASSWORD)
+    done = await probe(m, credentials, vm, "--ca-file", str(pki.ca_cert), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["first_update_pixels"] == 1024 * 768
+    # The system's CAs do not know the test CA: the upgrade leg fails, saying why.
+    other = pki.other_ca(tmp_path / "other")
+    done = await probe(m, credentials, vm, "--ca-file", str(other.ca_cert), "--format", "json")
+    assert done.returncode == 4, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["failed_leg"] == "upgrade" and "certificate verify failed" in report["reason"]
