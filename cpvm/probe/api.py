@@ -8,10 +8,12 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from twisted.internet import defer, error
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from cpvm.common.signatures import signed_query
 from cpvm.probe.legs import Leg, LegFailed
 
+_RESPONSE_FAILURES = (ResponseNeverReceived, ResponseFailed)
 #: The manager's answer is a few hundred bytes; anything much larger is not the manager.
 MAX_ANSWER = 256 * 1024
 
@@ -96,7 +98,13 @@ async def create_console_endpoint(
         raise LegFailed(Leg.API, f"no answer from {url} within {timeout:g} s") from None
     except (error.ConnectError, error.DNSLookupError) as e:
         raise LegFailed(Leg.API, f"manager unreachable at {url}: {e}") from None
-    except Exception as e:  # TLS failures, a dropped connection
+    except _RESPONSE_FAILURES as e:  # the request was sent: a timeout, TLS, a drop
+        reasons = [f.value for f in e.reasons]
+        if any(isinstance(r, defer.CancelledError) for r in reasons):
+            raise LegFailed(Leg.API, f"no answer from {url} within {timeout:g} s") from None
+        said = "; ".join(str(r) or type(r).__name__ for r in reasons)
+        raise LegFailed(Leg.API, f"request to {url} failed: {said}"[:400]) from None
+    except Exception as e:
         raise LegFailed(Leg.API, f"request to {url} failed: {e!r}"[:400]) from None
     if response.code != 200:
         raise LegFailed(Leg.API, f"manager answered HTTP {response.code}: {_errortext(body)}")

@@ -292,3 +292,60 @@ def test_plain_console_endpoint_is_ws():
         websocket={"host": "10.0.0.1", "port": "8080", "token": "abc"},
     )
     assert console_endpoint(plain).websocket_url == "ws://10.0.0.1:8080/websockify?token=abc"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manager_that_never_answers_fails_the_api_leg_in_time():
+    import time
+
+    import treq
+    from twisted.internet import protocol, reactor
+
+    class Silent(protocol.Protocol):
+        def dataReceived(self, data):  # noqa: N802
+            pass
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Silent), interface="127.0.0.1")
+    try:
+        started = time.monotonic()
+        with pytest.raises(LegFailed) as failed:
+            await create_console_endpoint(
+                treq,
+                reactor,
+                f"http://127.0.0.1:{port.getHost().port}",
+                ApiCredentials("k", "s"),
+                "vm",
+                timeout=0.5,
+            )
+        assert time.monotonic() - started < 3
+        assert failed.value.leg is Leg.API
+        assert "no answer from" in failed.value.reason and "within 0.5 s" in failed.value.reason
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_that_never_upgrades_fails_the_upgrade_leg_in_time():
+    import time
+
+    from twisted.internet import protocol, reactor
+
+    from cpvm.probe.api import ConsoleEndpoint
+    from cpvm.probe.websocket import probe_console
+
+    class Silent(protocol.Protocol):
+        def dataReceived(self, data):  # noqa: N802
+            pass
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Silent), interface="127.0.0.1")
+    n = port.getHost().port
+    endpoint = ConsoleEndpoint("127.0.0.1", n, False, f"ws://127.0.0.1:{n}/websockify?token=t")
+    result = ProbeResult(vm="vm")
+    try:
+        started = time.monotonic()
+        with pytest.raises(LegFailed) as failed:
+            await probe_console(reactor, endpoint, result, timeout=0.5)
+        assert time.monotonic() - started < 3
+        assert failed.value.leg is Leg.UPGRADE and result.seconds == {}
+    finally:
+        await port.stopListening()
