@@ -84,6 +84,9 @@ class LegacyConsoleResource(Resource):
         ensureDeferred(self._handle(request))
         return server.NOT_DONE_YET
 
+    # CloudStack's servlet answered POST the same way (a form's body holds the parameters).
+    render_POST = render_GET
+
     async def _handle(self, request: server.Request) -> None:
         account = None
         try:

@@ -159,3 +159,21 @@ async def test_the_documented_link_opens_a_console_once(managers):
     url = f"{m.base}/client/console?{query}"
     assert (await get(url))[0] == 200
     assert (await get(url))[0] == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_post_works_like_the_get_and_spends_the_same_signature(managers):
+    m = await managers()
+    alice = m.account("alice")
+    vm = m.vm("alice")
+    await m.heartbeat(m.proxy_key("p1"))
+    url = legacy_url(m.base, alice, vm, m.clock.seconds())
+    base, query = url.split("?", 1)
+    response = await treq.post(
+        base,
+        data=query.encode(),
+        headers={"Content-Type": ["application/x-www-form-urlencoded"]},
+        persistent=False,
+    )
+    assert response.code == 200 and refresh_target(await response.text())
+    assert (await get(url))[0] == 403
