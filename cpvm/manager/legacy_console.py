@@ -25,6 +25,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from cpvm.common.addresses import client_address
+from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.manager import signing, store
 from cpvm.manager.api_errors import ApiError
 from cpvm.manager.auth import ApiAuthenticator
@@ -34,7 +35,6 @@ from cpvm.manager.json_http import STATUS_TEXT, alive
 from cpvm.manager.legacy_page import PAGE_HEADERS, access_page, refusal_page
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.params import ParamError, parse_params
-from cpvm.manager.ratelimit import KeyedRateLimiter
 
 ALREADY_USED = "this console link was already used: ask for a new one"
 NEEDS_EXPIRY = "a console link must be signed with signatureVersion=3 and expires"

@@ -12,17 +12,21 @@ import pytest
 import pytest_twisted
 import treq
 
-from cpvm.common.signatures import format_time, sign
 from cpvm.manager.legacy_console import ALREADY_USED, NEEDS_EXPIRY, NOT_ACCESS
+from tests.signing import signed_query
 
 
-def legacy_url(base: str, creds: Any, vm: str, now: float, ttl: float = 300, **extra: str) -> str:
+def legacy_url(
+    base: str, creds: Any, vm: str, now: float, ttl: float | None = 300, **extra: str
+) -> str:
     """The signed legacy URL a tool would build: every parameter signed, as CloudStack's
     servlet checks it (no ``command``, no ``response``)."""
-    query = {"cmd": "access", "vm": vm, "apiKey": creds.api_key, **extra}
-    if ttl is not None:
-        query.update(signatureVersion="3", expires=format_time(now + ttl))
-    query["signature"] = sign(query, creds.secret)
+    query = signed_query(
+        {"cmd": "access", "vm": vm, **extra},
+        creds.api_key,
+        creds.secret,
+        expires_at=None if ttl is None else now + ttl,
+    )
     return f"{base}/client/console?{urlencode(query)}"
 
 
