@@ -42,6 +42,8 @@ class ProbeWebSocket(WebSocketClientProtocol):
         self._refusal: LegFailed | None = None
         self._timer = clock.callLater(timeout, self._timed_out)
         self.done: defer.Deferred[None] = defer.Deferred()
+        #: Fires when the connection is closed, however it ended.
+        self.closed: defer.Deferred[None] = defer.Deferred()
 
     def _finish_leg(self, next_leg: Leg | None) -> None:
         now = self._clock.seconds()
@@ -79,6 +81,8 @@ class ProbeWebSocket(WebSocketClientProtocol):
             self.done.callback(None)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+        if not self.closed.called:
+            self.closed.callback(None)
         if self.done.called:
             return
         said = f"close code {code}" + (f" ({reason})" if reason else "")
@@ -137,3 +141,8 @@ async def probe_console(
         protocol._timer.cancel()
         raise LegFailed(Leg.UPGRADE, f"cannot connect to cpvm at {endpoint.where}: {e}") from None
     await protocol.done
+    # A clean close, so cpvm records the browser side as closed (bounded: the result is in).
+    try:
+        await protocol.closed.addTimeout(2, reactor)
+    except defer.TimeoutError:
+        protocol.dropConnection(abort=True)

@@ -104,8 +104,14 @@ async def test_healthy_console_reports_every_leg(system, xvnc, tmp_path):
     assert 'cpvm_probe_leg_seconds{leg="first_update"' in prom
     assert [p.name for p in textfile.parent.iterdir()] == ["cpvm_probe.prom"]  # no temp left
     # The console was real: one session, acquired and ended by the browser side.
-    (session,) = json.loads(m.admin("--json", "session", "list", "--vm", vm))
+    deadline = time.monotonic() + 15
+    while True:
+        (session,) = json.loads(m.admin("--json", "session", "list", "--vm", vm))
+        if session["reason"] is not None or time.monotonic() > deadline:
+            break
+        await deferLater(reactor, 0.2)
     assert session["account"] == "probe" and session["acquired"] != "-"
+    assert session["reason"] == "client_closed"  # closed cleanly, as a person's browser does
     # Text, for a person.
     text = await probe(m, credentials, vm)
     assert text.returncode == 0 and text.stdout.startswith("cpvm-probe: healthy: VM " + vm)
