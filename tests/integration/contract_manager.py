@@ -24,6 +24,8 @@ class Issued:
     extra: str | None = None
     limits: dict = field(default_factory=dict)
     used: bool = False
+    # view_only, viewer_policy, taken_over: as the manager puts them in the redemption.
+    console: dict = field(default_factory=dict)
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -52,9 +54,12 @@ class ContractManager(resource.Resource):
         extra: str | None = None,
         vm_name: str = "test-vm",
         limits: dict | None = None,
+        console: dict | None = None,
     ) -> tuple[str, Issued]:
         token = secrets.token_urlsafe(32)
-        issued = Issued(vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {})
+        issued = Issued(
+            vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {}, console=console or {}
+        )
         self.tokens[token] = issued
         return token, issued
 
@@ -118,6 +123,7 @@ class ContractManager(resource.Resource):
             "vnc": {"tls": "none", "ca_pem": None, "server_name": None, **issued.vnc},
             "limits": issued.limits,
             "account": "tester",
+            **issued.console,
         }
 
     @staticmethod
