@@ -64,6 +64,6 @@ def test_the_console_url_names_the_path_the_proxy_serves():
 
 def test_vnc_tls_modes_are_one_list():
     assert manager_client.VNC_TLS_MODES is contract.VNC_TLS_MODES
-    from cpvm.manager import admin
+    from cpvm.manager.admin import vm_commands
 
-    assert admin.VNC_TLS_MODES is contract.VNC_TLS_MODES
+    assert vm_commands.VNC_TLS_MODES is contract.VNC_TLS_MODES
