@@ -39,6 +39,7 @@ _FIELD_PARAMS = {
     "vnccacertificate": "vnc_ca_pem",
     "vncservername": "vnc_server_name",
     "state": "state",
+    "viewerpolicy": "viewer_policy",  # shared | exclusive | takeover | default
 }
 # Given empty on update: remove the value.
 _CLEARABLE = ("vncpassword", "vnccacertificate", "vncservername")
