@@ -42,6 +42,7 @@ class ContractManager(resource.Resource):
         self.heartbeats: list[dict] = []
         self.ends: list[tuple[str, dict]] = []
         self.terminate: list[str] = []
+        self.taken_over: list[str] = []
         self.delay = 0.0
         self.override: tuple[int, bytes] | None = None
         self.down = False  # drop every request's connection, like a dead manager
@@ -87,8 +88,17 @@ class ContractManager(resource.Resource):
             for report in body.get("ended", []):
                 report = dict(report)
                 self.ends.append((report.pop("session_id"), report))
-            answer = (200, {"heartbeat_interval": 1, "terminate": self.terminate})
-            self.terminate = []
+            answer = (
+                200,
+                {
+                    "heartbeat_interval": 1,
+                    # Like the manager: a taken-over session is in both lists, so a proxy
+                    # that predates takeover still ends it.
+                    "terminate": self.terminate + self.taken_over,
+                    "taken_over": self.taken_over,
+                },
+            )
+            self.terminate, self.taken_over = [], []
         elif path.startswith("/proxy/v1/sessions/") and path.endswith("/end"):
             self.ends.append((path.split("/")[4], body))
             answer = (204, None)

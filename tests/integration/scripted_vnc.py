@@ -41,6 +41,7 @@ class EchoRfb(protocol.Protocol):
             self.transport.write(b"\x00\x00\x00\x00")
             self.stage = "init"
         if self.stage == "init" and len(self.buf) >= 1:
+            self.shared_flag = self.buf[0]  # the ClientInit the proxy sent
             rest, self.buf = self.buf[1:], b""
             self.transport.write(self.server_init)
             self.stage = "relay"
