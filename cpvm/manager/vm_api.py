@@ -2,7 +2,7 @@
 commands for orchestrators (``addConsoleVirtualMachine``, ``updateConsoleVirtualMachine``,
 ``removeConsoleVirtualMachine``).
 
-:func:`commands` gives the handlers for :class:`cpvm.manager.web.PublicApiResource`'s
+:func:`commands` gives the handlers for :class:`cpvm.manager.public_api.PublicApiResource`'s
 command table. Each handler is called as ``handler(request, account, params, name)`` with
 the authenticated account and the lower-cased parameters, and returns ``(status, body)``
 or raises ``ApiError``. The rules of the admin commands are those of the CLI
@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 from twisted.web import server
 
 from cpvm.manager import signing, store, vm_store, vms
+from cpvm.manager.api_errors import ApiError
 from cpvm.manager.db import Database
 from cpvm.manager.secrets_box import SecretBox
 
@@ -51,8 +52,6 @@ def run_read(db: Database, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _error(code: int, text: str) -> Exception:
-    from cpvm.manager.web import ApiError  # web imports this module at construction
-
     return ApiError(code, text)
 
 

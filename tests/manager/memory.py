@@ -1,6 +1,6 @@
 """The manager's resource tree in memory: a real SQLite database (migrated, in the test's
 directory) run synchronously instead of in adbapi's threads, a ``Clock``, and
-``tests.stubhttp.MemoryHttp`` in front of ``build_site``. No reactor, no socket, no thread.
+``tests.stubhttp.MemoryHttp`` in front of ``manager_site``. No reactor, no socket, no thread.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
 from cpvm.manager.signing import format_time, sign
-from cpvm.manager.web import build_site
+from cpvm.manager.tap import manager_site
 from tests.stubhttp import Answer, MemoryHttp
 
 NOW = 1_800_000_000.0
@@ -173,14 +173,5 @@ def memory_manager(directory: Path) -> MemoryManager:
     box = SecretBox.from_file(directory / "secret.key")
     metrics = ManagerMetrics()
     broker = ConsoleBroker(database, box, clock, SETTINGS, metrics)  # type: ignore[arg-type]
-    site = build_site(
-        broker,
-        database,
-        box,
-        clock,
-        (),
-        metrics,  # type: ignore[arg-type]
-        None,
-        clock,
-    )
+    site = manager_site(broker, database, box, clock, clock, metrics)  # type: ignore[arg-type]
     return MemoryManager(database, box, clock, MemoryHttp(site.resource))

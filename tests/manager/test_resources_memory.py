@@ -9,8 +9,8 @@ import json
 import pytest
 
 from cpvm.manager import store
+from cpvm.manager.api_errors import BAD_CREDENTIALS
 from cpvm.manager.signing import format_time, sign
-from cpvm.manager.web import BAD_CREDENTIALS
 from tests.manager.memory import MemoryManager, memory_manager
 
 BEAT = {

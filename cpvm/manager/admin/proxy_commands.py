@@ -11,14 +11,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cpvm.common.contract import MAX_CAPACITY
 from cpvm.manager import store
 from cpvm.manager.admin.context import AdminContext, AdminError, Commands, fmt, table
 from cpvm.manager.instances import InstanceBinding
 from cpvm.manager.proxy_policy import ProxyPolicy, format_networks, parse_allow
 from cpvm.manager.secrets_box import sha256_hex
-
-# The most capacity a heartbeat may claim at all (cpvm.manager.web).
-MAX_CAPACITY = 10**7
 
 
 def _max_capacity(value: str) -> int:
