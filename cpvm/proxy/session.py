@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import rfb
-from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.common.contract import UPSTREAM_FAILURES, Outcome, vnc_shared_flag
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
@@ -128,6 +128,8 @@ class ConsoleSession:
         self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
+        # A view-only console's filter (set at redemption): the browser's input stops here.
+        self._viewer: rfb.ViewOnlyFilter | None = None
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -170,9 +172,9 @@ class ConsoleSession:
             if self._scanner.desynchronised:
                 self._last_input = self._reactor.seconds()
             elif self._scanner.feed(data):
+                # A watcher's keys are dropped below, yet they show the person is there.
                 self._last_input = self._reactor.seconds()
-            self.stats.bytes_to_server += len(data)
-            self._upstream.write(data)  # type: ignore[union-attr]
+            self._write_upstream(data)
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
         # machine, VNC socket): bound it, whoever the sender is.
@@ -213,6 +215,8 @@ class ConsoleSession:
             self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
+        if redemption.view_only:
+            self._viewer = rfb.ViewOnlyFilter()
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
         self._timer(
@@ -310,8 +314,12 @@ class ConsoleSession:
             elif isinstance(event, rfb.ClientInitReceived):
                 self._browser_ready = True
                 assert self._upstream is not None
-                shared = event.shared and self._limits.shared
-                self._upstream.send_client_init(shared)
+                r = self.redemption
+                assert r is not None
+                requested = event.shared and self._limits.shared
+                self._upstream.send_client_init(
+                    vnc_shared_flag(r.viewer_policy, r.view_only, requested)
+                )
                 if event.leftover:
                     self._queue_for_upstream(event.leftover)
             elif isinstance(event, rfb.Failed):
@@ -326,8 +334,29 @@ class ConsoleSession:
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
         # order, so these bytes can go now.
-        self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
+        self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        """The browser's messages to the VNC server; a view-only console's through its
+        filter, which ends the console on a message it cannot size (fail closed)."""
+        viewer = self._viewer
+        if viewer is not None:
+            data = viewer.feed(data)
+            if viewer.failed:
+                self._log.warn(
+                    "view-only console ended: browser sent message type {kind}, which cpvm "
+                    "cannot size",
+                    kind=viewer.unknown_type,
+                    **self.log_fields(),
+                )
+                if data:
+                    self._upstream.write(data)  # type: ignore[union-attr]
+                self.close(Outcome.VIEW_ONLY_UNCHECKABLE, "unsizable browser message")
+                return
+            if not data:
+                return
+        self.stats.bytes_to_server += len(data)
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:

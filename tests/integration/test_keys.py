@@ -99,9 +99,11 @@ async def wait_for(check, timeout: float = 15.0) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_shifted_punctuation_reaches_xvnc_exactly(cpvm, manager, xvnc, tmp_path):
-    typed = tmp_path / "typed.txt"
-    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", f"cat > {typed}"))
+    typed, ready = tmp_path / "typed.txt", tmp_path / "ready"
+    command = f"touch {ready}; exec cat > {typed}"
+    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", command))
     try:
+        assert await wait_for(ready.exists)  # the xterm's window is up
         token, _ = manager.issue(
             {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
         )

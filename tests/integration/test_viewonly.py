@@ -31,6 +31,7 @@ from tests.wsclient import open_console
 KEY = lambda keysym, down=True: struct.pack("!BBxxI", 4, int(down), keysym)  # noqa: E731
 POINTER = lambda x, y, buttons=0: struct.pack("!BBHH", 5, buttons, x, y)  # noqa: E731
 VIEW_ONLY = {"view_only": True}
+RETURN = 0xFF0D  # the Return keysym
 
 # One of every client message cpvm knows, and whether a viewer's may pass.
 SET_ENCODINGS = struct.pack("!BxHiiii", 2, 4, 0, -258, -316, -223)
@@ -59,30 +60,44 @@ async def wait_for(check, timeout: float = 10.0) -> bool:
     return bool(check())
 
 
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+async def type_line(cpvm, manager, vnc, console, text: bytes) -> dict:
+    """Open a console, point at the xterm (focus follows the pointer), type ``text`` and
+    Return, then take a whole screen update (the server has read the keys by then)."""
+    client, info, _ = await open_session(cpvm, manager, vnc, console=console)
+    client.send(POINTER(200, 100))
+    for keysym in [*text, RETURN]:
+        client.send(KEY(keysym) + KEY(keysym, down=False))
+    info = {**info, "pixels": await full_update(client, info)}
+    assert client.close_info is None
+    client.sendClose(1000)
+    await client.wait_closed()
+    return info
+
+
 @pytest_twisted.ensureDeferred
 async def test_view_only_keys_never_reach_xvnc_while_screen_updates_flow(
     cpvm, manager, xvnc, tmp_path
 ):
-    typed = tmp_path / "typed.txt"
-    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", f"cat > {typed}"))
+    typed, ready = tmp_path / "typed.txt", tmp_path / "ready"
+    command = f"touch {ready}; exec cat > {typed}"
+    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", command))
     vnc = {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
     try:
-        watcher, info, _ = await open_session(cpvm, manager, vnc, console=VIEW_ONLY)
-        # The pointer over the xterm (focus follows it), then a line of keys.
-        watcher.send(POINTER(200, 100))
-        for keysym in b"leak\r":
-            watcher.send(KEY(keysym) + KEY(keysym, down=False))
-        # Screen traffic flows both ways: the whole screen comes back.
-        assert await full_update(watcher, info) == info["width"] * info["height"]
-        assert watcher.close_info is None
-        # The same keys on a full console do arrive: the test can see keys at all.
-        person, info, _ = await open_session(cpvm, manager, vnc)
-        person.send(POINTER(200, 100))
-        for keysym in b"ok\r":
-            person.send(KEY(keysym) + KEY(keysym, down=False))
-        assert await full_update(person, info) > 0
-        await wait_for(lambda: typed.exists() and typed.read_text().endswith("\n"))
-        assert typed.read_text() == "ok\n"
+        assert await wait_for(ready.exists, 15)  # the xterm's window is up
+        # A full console first: the xterm is up and keys typed through cpvm reach it.
+        await type_line(cpvm, manager, vnc, {}, b"ok")
+        assert await wait_for(lambda: _read(typed) == "ok\n", 15), _read(typed)
+        # A watcher types a line: the screen flows, the keys do not.
+        info = await type_line(cpvm, manager, vnc, VIEW_ONLY, b"leak")
+        assert info["pixels"] == info["width"] * info["height"]
+        # A full console again: its line follows "ok" directly.
+        await type_line(cpvm, manager, vnc, {}, b"end")
+        assert await wait_for(lambda: _read(typed).count("\n") >= 2, 15), _read(typed)
+        assert _read(typed) == "ok\nend\n"
     finally:
         xterm.terminate()
 
@@ -194,10 +209,12 @@ async def test_takeover_through_the_heartbeat(cpvm, manager):
 @pytest.mark.browser
 @pytest_twisted.ensureDeferred
 async def test_novnc_view_only_typed_text_does_not_reach_the_xterm(cpvm, manager, xvnc, tmp_path):
-    typed = tmp_path / "typed.txt"
-    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", f"cat > {typed}"))
+    typed, ready = tmp_path / "typed.txt", tmp_path / "ready"
+    command = f"touch {ready}; exec cat > {typed}"
+    xterm = xvnc.run_xterm("-geometry", "100x30+0+0", command=("sh", "-c", command))
     vnc = {"host": "127.0.0.1", "port": xvnc.port, "password": XVNC_TEST_PASSWORD}
     try:
+        assert await wait_for(ready.exists, 15)  # the xterm's window is up
         token, _ = manager.issue(vnc, console=VIEW_ONLY)
         # noVNC without its own view_only setting: it sends every key, cpvm must drop them.
         status = await threads.deferToThread(open_and_type, console_url(cpvm, token), "leaked\n")
