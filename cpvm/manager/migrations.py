@@ -98,9 +98,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         3,
         [
             # Choosing a proxy for each new token counts the open sessions (ended_at IS
-            # NULL): with this index a few rows, not the whole retained history (20 ms per
-            # token at 200,000 records before, 0.1 ms after); the retention cleanup's range
-            # on ended_at uses it too.
+            # NULL): with this index a few rows, not the whole retained history
+            # (docs/performance.md has the figures); the retention cleanup's range on
+            # ended_at uses it too.
             "CREATE INDEX console_sessions_ended ON console_sessions (ended_at)",
         ],
     ),

@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 
 from cpvm.common.addresses import client_address
 from cpvm.common.contract import MAX_EXTRA_LENGTH
+from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.manager import signing
 from cpvm.manager.api_errors import ApiError
 from cpvm.manager.auth import ApiAuthenticator
@@ -28,7 +29,6 @@ from cpvm.manager.consoles import ConsoleBroker, Endpoint, SessionRecord
 from cpvm.manager.json_http import alive, send_json
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.params import ParamError, parse_params
-from cpvm.manager.ratelimit import KeyedRateLimiter
 
 # A command handler: ``handler(request, account, lower-cased params, command name)`` gives
 # ``(status, body)`` or raises ApiError (cpvm/manager/vm_api.py has the VM commands).

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.common.metrics import MetricsPage
+from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import ConsoleBroker
@@ -24,7 +25,6 @@ from cpvm.manager.json_http import alive, tcp_peer
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_api import ProxyApiResource
 from cpvm.manager.public_api import CommandHandler, PublicApiResource
-from cpvm.manager.ratelimit import KeyedRateLimiter
 
 DEFAULT_LIMITS = HttpLimits(max_body=1024 * 1024, request_deadline=60.0)
 

@@ -14,6 +14,7 @@ from cpvm import __version__
 from cpvm.common import logs
 from cpvm.common.httplimits import HttpLimits
 from cpvm.common.inifile import ConfigError
+from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.common.tls import server_endpoint
 from cpvm.manager import db as dbmodule
 from cpvm.manager import vm_api
@@ -23,7 +24,6 @@ from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.inventory import InventoryService, load_libvirt
 from cpvm.manager.inventory_config import PREFIX
 from cpvm.manager.metrics import ManagerMetrics
-from cpvm.manager.ratelimit import KeyedRateLimiter
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.signing import ExpiryPolicy
 from cpvm.manager.site import DEFAULT_LIMITS, ManagerSite, build_site

@@ -29,7 +29,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cpvm.common.contract import REDEMPTION_ERRORS, VNC_TLS_MODES, Outcome, ViewerPolicy
+from cpvm.common.contract import (
+    REDEMPTION_ERRORS,
+    VNC_TLS_MODES,
+    Outcome,
+    ViewerPolicy,
+    vnc_shared_flag,
+)
 
 MAX_ANSWER = 256 * 1024
 
@@ -85,6 +91,10 @@ class Redemption:
     viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
     #: Sessions this one took over (policy "takeover"): end them with close code 4023.
     taken_over: tuple[str, ...] = ()
+
+    def vnc_shared_flag(self, requested: bool) -> bool:
+        """The ClientInit shared flag towards the VNC server (see the contract's rule)."""
+        return vnc_shared_flag(self.viewer_policy, self.view_only, requested)
 
 
 def parse_redemption(body: Any) -> Redemption:

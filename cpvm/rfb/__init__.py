@@ -16,9 +16,10 @@ caller what to send or do. Bytes may arrive in any chunking, down to one byte at
 Nothing here imports Twisted; the protocols in other modules are thin adapters.
 
 Modules: ``events`` (constants, events, ServerInit), ``machine`` (what both handshakes
-share), ``client`` (towards the VNC server), ``server`` (towards the browser),
-``messages`` (how long each browser message is, what it does), ``scanner`` (input events
-for the idle timer), ``viewonly`` (the view-only filter), ``vncauth`` (the DES response).
+share), ``client`` (towards the VNC server) with ``security`` (which security type it
+takes), ``server`` (towards the browser), ``messages`` (how long each browser message is,
+what it does), ``scanner`` (input events for the idle timer), ``viewonly`` (the view-only
+filter), ``vncauth`` (the DES response).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from cpvm.rfb.events import (
     StartTLS,
 )
 from cpvm.rfb.scanner import ClientInputScanner
+from cpvm.rfb.security import SecurityPolicy
 from cpvm.rfb.server import RfbServerHandshake
 from cpvm.rfb.viewonly import ViewOnlyFilter
 
@@ -66,6 +68,7 @@ __all__ = [
     "RfbClientHandshake",
     "RfbServerHandshake",
     "SecurityComplete",
+    "SecurityPolicy",
     "Send",
     "ServerInit",
     "ServerInitReceived",

@@ -21,8 +21,8 @@ from cpvm.manager.config import DatabaseConfig
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.signing import format_time, sign
 from cpvm.manager.tap import manager_site
+from tests.signing import DEFAULT_TTL, signed_query
 from tests.stubhttp import Answer, MemoryHttp
 
 NOW = 1_800_000_000.0
@@ -137,13 +137,10 @@ class MemoryManager:
         """A public API call, signed by ``caller`` unless ``signature`` is given."""
         query = {"response": "json", **params}
         if caller is not None:
-            query.setdefault("apiKey", caller.api_key)
-            if "signature" not in query:
-                # Signature version 3 with an expiry, as [security] signature_expiry requires.
-                if "signatureVersion" not in query and "expires" not in query:
-                    query["signatureVersion"] = "3"
-                    query["expires"] = format_time(self.clock.seconds() + 300)
-                query["signature"] = sign(query, caller.secret)
+            # Signature version 3 with an expiry, as [security] signature_expiry requires.
+            query = signed_query(
+                query, caller.api_key, caller.secret, expires_at=self.clock.seconds() + DEFAULT_TTL
+            )
         return self.http.get("http://manager.test/client/api?" + urlencode(query))
 
     def proxy(
