@@ -70,6 +70,9 @@ def _vm_json(v: vm_store.VmListing, admin: bool) -> dict[str, Any]:
     }
     if admin:
         fields["source"] = v.source  # a cpvm extension: manual, api or libvirt:NAME
+        fields["viewerpolicy"] = (
+            v.viewer_policy or "default"
+        )  # cpvm: see updateConsoleVirtualMachine
     return {k: v for k, v in fields.items() if v is not None}  # CloudStack omits nulls
 
 

@@ -62,6 +62,7 @@ class VmListing:
     hostname: str | None
     hypervisor: str | None
     created_at: float
+    viewer_policy: str | None = None  # None: the manager's default
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class OwnedVm:
 
 
 _LIST_COLS = (
-    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at"
+    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at, "
+    "v.viewer_policy"
 )
 
 
