@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.logger import Logger
 
 from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS
-from cpvm.manager import instances, store
+from cpvm.manager import instances, store, viewers
 from cpvm.manager.db import Database
 from cpvm.manager.decisions import check_redemption, parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
@@ -25,7 +25,7 @@ from cpvm.manager.proxy_admission import (
     check_instance,
 )
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.session_audit import audit, log_ended, log_lost
+from cpvm.manager.session_audit import log_acquired, log_ended, log_lost
 
 if TYPE_CHECKING:
     from cpvm.manager.consoles import BrokerSettings
@@ -133,8 +133,8 @@ class ProxyBroker:
         proxy_id = key[0]
         now = self._clock.seconds()
         extra_hash = self._box.keyed_hash(extra) if extra else ""
-        # Not waiting for the disk saves a sync per console set-up; a power cut can forget
-        # the redemption, so the next start voids pending tokens (recover_sqlite).
+        # Not waiting for the disk saves a sync per console set-up; a power cut can forget the
+        # redemption, so the next start voids pending tokens (recover_sqlite).
         error, row = await self._db.run(
             self._redeem_in,
             key,
@@ -151,6 +151,7 @@ class ProxyBroker:
             self._metrics.redemptions.labels(error).inc()
             self._instance_refused(proxy_id, "redeem", row)
             return Redemption(error)
+        row, decision, taken_over = row if error is None else (row, None, [])
         outcome = error or "ok"
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - now))
@@ -164,14 +165,13 @@ class ProxyBroker:
         if error is not None:
             self._log.info("redemption refused: {outcome}", outcome=outcome, **log_fields)
             return Redemption(error)
-        audit.info(
-            "session {session} acquired from {client_address} via proxy {proxy}",
-            audit=True,
-            event="acquired",
-            waited=now - (row.expires_at - self.settings.token_ttl),
-            **log_fields,
+        assert decision is not None
+        log_acquired(row, taken_over, now - (row.expires_at - self.settings.token_ttl), log_fields)
+        body = self._redemption_body(row)
+        body.update(
+            view_only=row.view_only, viewer_policy=decision.policy.value, taken_over=taken_over
         )
-        return Redemption(None, self._redemption_body(row))
+        return Redemption(None, body)
 
     def _redeem_in(
         self,
@@ -185,7 +185,8 @@ class ProxyBroker:
         peer: str | None,
         now: float,
     ) -> tuple[str | None, Any]:
-        """The redemption's transaction: ``(error or None, token row or instance event)``."""
+        """The redemption's transaction: ``(error, token row or instance event)``, or
+        ``(None, (token row, viewer decision, sessions taken over))``."""
         proxy_id = key[0]
         admit_proxy(tx, key, peer)
         # Before the token is looked at: a refused instance consumes nothing.
@@ -200,11 +201,24 @@ class ProxyBroker:
         )
         if error is not None:
             return error, row
-        assert row is not None
+        assert row is not None and row.vm is not None
+        # The VM's viewer policy, atomic with the single use (viewers.py locks the VM's
+        # row on PostgreSQL when the policy is not shared); a refusal spends nothing.
+        decision = viewers.check(
+            tx,
+            row.vm_id,
+            row.session_id,
+            row.view_only,
+            row.vm.viewer_policy,
+            self.settings.viewer_policy,
+        )
+        if decision.error is not None:
+            return decision.error, row
         # Validated in this transaction; the conditional UPDATE decides who wins.
         if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
             return "token_used", row
-        return None, row
+        taken_over = viewers.take_over(tx, decision, row.vm_id, row.session_id, now)
+        return None, (row, decision, taken_over)
 
     def _redemption_body(self, row: store.TokenRow) -> dict[str, Any]:
         """What the proxy needs to open the console (it holds the VNC password)."""
@@ -255,7 +269,7 @@ class ProxyBroker:
         if isinstance(result, instances.InstanceEvent):
             self._instance_refused(proxy_id, "heartbeat", result)
             return result
-        terminate, records, lost, ceiling, takeover = result
+        terminate, taken_over, records, lost, ceiling, takeover = result
         self._note_clamp(proxy_id, beat["capacity"], ceiling)
         if takeover is not None:
             self._log_takeover(proxy_id, takeover)
@@ -264,13 +278,19 @@ class ProxyBroker:
                 log_ended(self._metrics, record, report)
         for record in lost:
             log_lost(self._metrics, record, now)
-        return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
+        return {
+            "heartbeat_interval": self.settings.heartbeat_interval,
+            "terminate": terminate,
+            # Those of terminate a newer console took over (close code 4023, not 4022).
+            "taken_over": taken_over,
+        }
 
     def _heartbeat_in(
         self, tx: Any, key: tuple[str, str], beat: dict[str, Any], peer: str | None, now: float
     ) -> Any:
         """The heartbeat's transaction: the refusing InstanceEvent, or
-        ``(terminate, ended records, lost records, capacity ceiling, takeover or None)``."""
+        ``(terminate, taken over, ended records, lost records, capacity ceiling, instance
+        takeover or None)``."""
         proxy_id = key[0]
         grace = self.settings.proxy_timeout
         admitted = admit_proxy(tx, key, peer)
@@ -295,7 +315,8 @@ class ProxyBroker:
         # Never more than the administrator's ceiling, whatever the key's holder claims.
         granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
         terminate = store.heartbeat(tx, proxy_id, granted, now)
-        return terminate, records, lost, admitted.max_capacity, event
+        taken_over = viewers.taken_over_among(tx, terminate)
+        return terminate, taken_over, records, lost, admitted.max_capacity, event
 
     # End reports ----------------------------------------------------------------------
 
