@@ -233,6 +233,10 @@ class SessionRegistry:
             event="acquired",
             **session.log_fields(),
         )
+        taken = session.redemption.taken_over if session.redemption else ()
+        if taken:
+            # Before this console reaches the VNC server: the old one hears why it ends.
+            self.terminate(taken, Outcome.TAKEN_OVER, f"taken over by session {sid}")
 
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
@@ -353,13 +357,19 @@ class SessionRegistry:
 
     # -- control from outside ------------------------------------------------------------
 
-    def terminate(self, session_ids) -> int:
-        """End sessions an administrator terminated; returns how many were here."""
+    def terminate(
+        self,
+        session_ids,
+        outcome: Outcome = Outcome.TERMINATED,
+        detail: str = "terminated through the API",
+    ) -> int:
+        """End sessions an administrator terminated (or, with ``Outcome.TAKEN_OVER``, a
+        newer console replaced); returns how many were here."""
         n = 0
         for sid in session_ids:
             session = self._by_id.get(sid) if isinstance(sid, str) else None
-            if session is not None:
-                session.terminate(Outcome.TERMINATED, "terminated through the API")
+            if session is not None and not session.closed:
+                session.terminate(outcome, detail)
                 n += 1
         return n
 

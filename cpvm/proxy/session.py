@@ -100,6 +100,7 @@ class ConsoleSession:
         self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
+        self._viewer: rfb.ViewOnlyFilter | None = None  # a view-only console's, once redeemed
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -141,10 +142,9 @@ class ConsoleSession:
         if self._relaying:
             if self._scanner.desynchronised:
                 self._last_input = self._reactor.seconds()
-            elif self._scanner.feed(data):
+            elif self._scanner.feed(data):  # a watcher's keys too: the person is there
                 self._last_input = self._reactor.seconds()
-            self.stats.bytes_to_server += len(data)
-            self._upstream.write(data)  # type: ignore[union-attr]
+            self._write_upstream(data)
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
         # machine, VNC socket): bound it, whoever the sender is.
@@ -185,6 +185,7 @@ class ConsoleSession:
             self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
+        self._viewer = rfb.ViewOnlyFilter() if redemption.view_only else None
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
         self._timer(
@@ -284,7 +285,8 @@ class ConsoleSession:
             elif isinstance(event, rfb.ClientInitReceived):
                 self._browser_ready = True
                 assert self._upstream is not None
-                shared = event.shared and self._limits.shared
+                assert self.redemption is not None
+                shared = self.redemption.vnc_shared_flag(event.shared and self._limits.shared)
                 self._upstream.send_client_init(shared)
                 if event.leftover:
                     self._queue_for_upstream(event.leftover)
@@ -300,8 +302,19 @@ class ConsoleSession:
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
         # order, so these bytes can go now.
-        self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
+        self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        """To the VNC server; a view-only console's through its filter (fail closed)."""
+        if self._viewer is not None:
+            data = self._viewer.feed(data)
+            if self._viewer.failed:
+                self._upstream.write(data)  # type: ignore[union-attr]
+                kind = self._viewer.unknown_type
+                self.close(Outcome.VIEW_ONLY_UNCHECKABLE, f"browser message type {kind} unsizable")
+                return
+        self.stats.bytes_to_server += len(data)
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:
