@@ -26,9 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import rfb
-from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.common.contract import RECORDING_MARKER, UPSTREAM_FAILURES, Outcome
 from cpvm.proxy import relaytransport
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
+from cpvm.proxy.recording.recorder import SessionRecorder
 from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
@@ -103,6 +104,7 @@ class ConsoleSession:
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
+        self.recorder: SessionRecorder | None = None  # the registry's, when recorded
 
     # -- identity for logs (never the token) --------------------------------------------
 
@@ -144,6 +146,8 @@ class ConsoleSession:
             elif self._scanner.feed(data):
                 self._last_input = self._reactor.seconds()
             self.stats.bytes_to_server += len(data)
+            if self.recorder is not None:
+                self.recorder.client_data(data, self._reactor.seconds())
             self._upstream.write(data)  # type: ignore[union-attr]
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
@@ -232,11 +236,15 @@ class ConsoleSession:
         if self.closed:
             return
         name = self.redemption.vm_name.encode("utf-8") if self.redemption else b""
+        if self.recorder is not None:  # the person is told
+            name = RECORDING_MARKER.encode("utf-8") + name
         self._send_browser(self._server_hs.send_server_init(server_init, name or None))
         self._relaying = True
         self._cancel("handshake")
         self.stats.relay_started = self._reactor.seconds()
         self._last_input = self.stats.relay_started
+        if self.recorder is not None:
+            self.recorder.start(server_init.with_name(name), self.stats.relay_started)
         if leftover:
             self.upstream_data(leftover)
         # Flow control: from here on each transport's buffer is the other's brake.
@@ -250,6 +258,11 @@ class ConsoleSession:
         """RFB bytes from the VNC server, after ServerInit: to the browser unchanged."""
         if self.closed:
             return
+        if self.recorder is not None:
+            # First: a recording too slow to take it ends the session before it shows more.
+            self.recorder.server_data(data, self._reactor.seconds(), self._scanner.pixel_format)
+            if self.closed:
+                return
         self.stats.bytes_to_client += len(data)
         self._browser.send(data)
 

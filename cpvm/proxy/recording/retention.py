@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from twisted.application.service import Service
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -109,8 +108,9 @@ def _session_of(name: str) -> str | None:
 class RetentionService(Service):
     """Applies the retention at start-up and every ``interval`` seconds.
 
-    The directory is listed and files removed on a thread (``run_in_thread``), never on
-    the reactor; decisions and log lines happen on the reactor.
+    The directory is listed and files removed on a thread (``run_in_thread``: the
+    recordings' drain thread), never on the reactor; decisions and log lines happen on
+    the reactor.
     """
 
     _log = Logger()
@@ -124,8 +124,8 @@ class RetentionService(Service):
         max_bytes: int,
         active: Callable[[], Iterable[str]],
         on_deleted: Callable[[str, str], None] = lambda session_id, reason: None,
+        run_in_thread: Callable[..., Deferred],
         interval: float = 60.0,
-        run_in_thread: Callable[..., Deferred] | None = None,
     ):
         self._reactor = reactor
         self._directory = directory
@@ -134,7 +134,7 @@ class RetentionService(Service):
         self._active = active
         self._on_deleted = on_deleted
         self._interval = interval
-        self._run = run_in_thread or threads.deferToThread
+        self._run = run_in_thread
         self._loop: LoopingCall | None = None
         self._running: Deferred | None = None
 
@@ -147,10 +147,10 @@ class RetentionService(Service):
         self._loop.start(self._interval, now=True)
 
     def stopService(self):
+        # A pass under way finishes on its thread; stopping never waits for a slow disk.
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return self._running
 
     def apply(self) -> Deferred | None:
         """One pass: list, decide, delete; fires when done (None if one is running)."""

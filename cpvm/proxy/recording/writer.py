@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 Pieces = Sequence[bytes | memoryview]
 Job = Callable[[], None]
@@ -80,6 +81,27 @@ class InlineDrain:
 
     def stop(self, timeout: float = 0.0) -> None:
         pass
+
+
+def on_thread(drain: DrainThread | InlineDrain, call_from_thread: Callable[..., None]):
+    """``run(fn, *args)``: ``fn`` on the drain thread, its result as a Deferred that fires
+    on the reactor thread (for the retention's directory work)."""
+
+    def run(fn: Callable[..., object], *args: object) -> Deferred:
+        d: Deferred = Deferred()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except Exception:
+                call_from_thread(d.errback, Failure())
+            else:
+                call_from_thread(d.callback, result)
+
+        drain.submit(job)
+        return d
+
+    return run
 
 
 @dataclass(frozen=True)
