@@ -144,6 +144,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         7,
         [
+            # Signed URLs that open a console once (the legacy /client/console?cmd=access):
+            # the hash of each one's signature until its expires, so a replay is refused
+            # by every manager on the database (cpvm/manager/store/replays.py).
+            """CREATE TABLE spent_signatures (
+                signature_hash TEXT PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX spent_signatures_expires ON spent_signatures (expires_at)",
+        ],
+    ),
+    (
+        8,
+        [
             # Session recording (docs/recording.md). The policy per VM and per account:
             # 'always', 'never' or NULL (the [recording] default decides).
             "ALTER TABLE vms ADD COLUMN record_policy TEXT",

@@ -17,10 +17,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 from twisted.web import server
 
-from cpvm.manager import signing, store, vm_store, vms
+from cpvm.manager import signing, vm_store, vms
 from cpvm.manager.api_errors import ApiError
 from cpvm.manager.db import Database
 from cpvm.manager.secrets_box import SecretBox
+from cpvm.manager.store import Account
 
 DEFAULT_PAGE_SIZE = 500  # CloudStack's default.page.size
 MAX_PAGE_SIZE = 500
@@ -111,7 +112,7 @@ class VmCommands:
         }
 
     async def list_virtual_machines(
-        self, request: server.Request, account: store.Account, p: dict[str, str], name: str
+        self, request: server.Request, account: Account, p: dict[str, str], name: str
     ):
         filters: dict[str, Any] = {
             "keyword": p.get("keyword") or None,
@@ -125,20 +126,7 @@ class VmCommands:
         offset, limit = _page(p)
         wanted = p.get("account") or p.get("accountid")
 
-        def txn(tx):
-            if wanted:
-                try:
-                    target = store.find_account(tx, wanted)
-                except store.NotFound:
-                    return None
-                if not account.is_admin and target.id != account.id:
-                    return None
-                filters["owner_id"] = target.id
-            elif not account.is_admin:
-                filters["owner_id"] = account.id
-            return vm_store.list_vms(tx, filters, offset, limit)
-
-        result = await run_read(self._db, txn)
+        result = await run_read(self._db, vms.visible, account, wanted, filters, offset, limit)
         if result is None:
             # Never says whether another account exists.
             raise _error(431, "Invalid parameter account: no such account")
@@ -152,7 +140,7 @@ class VmCommands:
 
     # Admin commands ---------------------------------------------------------------------
 
-    def _admin_only(self, account: store.Account, command: str) -> None:
+    def _admin_only(self, account: Account, command: str) -> None:
         if not account.is_admin:
             raise _error(432, NOT_AVAILABLE.format(command=command, account=account.name))
 
