@@ -72,7 +72,8 @@ class Recordings(MultiService):
             else succeed(None)
         )
         d.addCallback(lambda _: super(Recordings, self).stopService())
-        d.addCallback(lambda _: self._drain.stop())
+        # The drain thread stays (a daemon): sessions still open end after this and
+        # their files are closed on it; the last heartbeat waits for them.
         return d
 
     @classmethod
