@@ -1,7 +1,8 @@
 """Recording from policy to playback with the real manager and a real cpvm process:
 ``vm add --record always``, the console through cpvm, the end report's summary stored by
 the manager and equal to the file on the proxy, createConsoleRecordingPlayback's one-time
-URL served by that proxy (431 for an account without the right)."""
+URL served by that proxy (431 for an account without the right), also after the proxy
+restarted."""
 
 from __future__ import annotations
 
@@ -93,6 +94,20 @@ async def test_policy_recording_summary_and_playback(tmp_path):
         assert hashlib.sha256(await first.content()).hexdigest() == rec["sha256"]
         again = await treq.get(data, persistent=False)
         assert again.code == 409 and b"already used" in await again.content()
+
+        # The proxy's recordings survive its restart.
+        await threads.deferToThread(cpvm.stop)
+        (tmp_path / "restarted").mkdir()
+        cpvm = await threads.deferToThread(start_cpvm, text, workdir=tmp_path / "restarted")
+        status, answer = await m.api(admin, "createConsoleRecordingPlayback", id=sid)
+        url = answer["createconsolerecordingplaybackresponse"]["consolerecordingplayback"]["url"]
+        ticket = url.split("#ticket=")[1]
+        m.secrets_seen.append(ticket)
+        after = await treq.get(
+            f"http://127.0.0.1:{port}/recording/data?ticket={ticket}", persistent=False
+        )
+        assert after.code == 200
+        assert hashlib.sha256(await after.content()).hexdigest() == rec["sha256"]
     finally:
         await listening.stopListening()
         if cpvm is not None:
