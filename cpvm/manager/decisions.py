@@ -39,8 +39,11 @@ def console_host(public_host: str, address: str | None, url_domain: str | None) 
     return url_domain
 
 
-def console_url(host: str, port: int, tls: bool, token: str, extra: str | None) -> str:
-    """The stock-noVNC URL that opens ``ws[s]://host:port/websockify?token=…``."""
+def console_url(
+    host: str, port: int, tls: bool, token: str, extra: str | None, view_only: bool = False
+) -> str:
+    """The stock-noVNC URL that opens ``ws[s]://host:port/websockify?token=…``;
+    ``view_only`` adds noVNC's own ``view_only=1`` (cpvm enforces it regardless)."""
     path = f"{WEBSOCKET_PATH}?token={quote(token, safe='')}"
     if extra is not None:
         path += f"&extra={quote(extra, safe='')}"
@@ -49,7 +52,7 @@ def console_url(host: str, port: int, tls: bool, token: str, extra: str | None) 
     return (
         f"{scheme}://{host_in_url}:{port}{NOVNC_PATH}?autoconnect=true&reconnect=false"
         f"&host={quote(host, safe='')}&port={port}&encrypt={1 if tls else 0}"
-        f"&path={quote(path, safe='')}&show_dot=true"
+        f"&path={quote(path, safe='')}&show_dot=true{'&view_only=1' if view_only else ''}"
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.logger import Logger
 
 from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS
-from cpvm.manager import instances, store
+from cpvm.manager import instances, store, viewers
 from cpvm.manager.db import Database
 from cpvm.manager.decisions import check_redemption, parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
@@ -25,7 +25,7 @@ from cpvm.manager.proxy_admission import (
     check_instance,
 )
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.session_audit import audit, log_ended, log_lost
+from cpvm.manager.session_audit import log_acquired, log_ended, log_lost
 from cpvm.manager.store import recordings as recording_store
 
 if TYPE_CHECKING:
@@ -134,9 +134,9 @@ class ProxyBroker:
         proxy_id = key[0]
         now = self._clock.seconds()
         extra_hash = self._box.keyed_hash(extra) if extra else ""
-        # Not waiting for the disk saves a sync per console set-up; a power cut can forget
-        # the redemption, so the next start voids pending tokens (recover_sqlite).
-        error, row, recorded = await self._db.run(
+        # Not waiting for the disk saves a sync per console set-up; a power cut can forget the
+        # redemption, so the next start voids pending tokens (recover_sqlite).
+        error, row = await self._db.run(
             self._redeem_in,
             key,
             sha256_hex(token),
@@ -152,6 +152,7 @@ class ProxyBroker:
             self._metrics.redemptions.labels(error).inc()
             self._instance_refused(proxy_id, "redeem", row)
             return Redemption(error)
+        row, decision, taken_over, recorded = row if error is None else (row, None, [], False)
         outcome = error or "ok"
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - now))
@@ -161,22 +162,17 @@ class ProxyBroker:
             session=row.session_id if row else None,
             vm=row.vm_id if row else None,
             account=row.account_name if row else None,
+            recorded=recorded,
         )
         if error is not None:
             self._log.info("redemption refused: {outcome}", outcome=outcome, **log_fields)
             return Redemption(error)
-        audit.info(
-            "session {session} acquired from {client_address} via proxy {proxy}"
-            + (", recorded" if recorded else ""),
-            audit=True,
-            event="acquired",
-            waited=now - (row.expires_at - self.settings.token_ttl),
-            recorded=recorded,
-            **log_fields,
+        assert decision is not None
+        log_acquired(row, taken_over, now - (row.expires_at - self.settings.token_ttl), log_fields)
+        body = self._redemption_body(row, recorded)
+        body.update(
+            view_only=row.view_only, viewer_policy=decision.policy.value, taken_over=taken_over
         )
-        body = self._redemption_body(row)
-        if recorded:  # absent means not recorded: what older managers send
-            body["recording"] = True
         return Redemption(None, body)
 
     def _redeem_in(
@@ -190,9 +186,9 @@ class ProxyBroker:
         instance: str | None,
         peer: str | None,
         now: float,
-    ) -> tuple[str | None, Any, bool]:
-        """The redemption's transaction: ``(error or None, token row or instance event,
-        whether the session is recorded)``."""
+    ) -> tuple[str | None, Any]:
+        """The redemption's transaction: ``(error, token row or instance event)``, or
+        ``(None, (token row, viewer decision, sessions taken over, recorded))``."""
         proxy_id = key[0]
         admit_proxy(tx, key, peer)
         # Before the token is looked at: a refused instance consumes nothing.
@@ -200,21 +196,34 @@ class ProxyBroker:
             tx, proxy_id, instance, peer, now, self.settings.proxy_timeout, heartbeat=False
         )
         if refusal is not None and refusal.refused:
-            return "instance_conflict", refusal, False
+            return "instance_conflict", refusal
         row = store.token_row(tx, token_hash)
         error = check_redemption(
             row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address, now=now
         )
         if error is not None:
-            return error, row, False
-        assert row is not None
+            return error, row
+        assert row is not None and row.vm is not None
+        # The VM's viewer policy, atomic with the single use (viewers.py locks the VM's
+        # row on PostgreSQL when the policy is not shared); a refusal spends nothing.
+        decision = viewers.check(
+            tx,
+            row.vm_id,
+            row.session_id,
+            row.view_only,
+            row.vm.viewer_policy,
+            self.settings.viewer_policy,
+        )
+        if decision.error is not None:
+            return decision.error, row
         # Validated in this transaction; the conditional UPDATE decides who wins.
         if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
-            return "token_used", row, False
+            return "token_used", row
+        taken_over = viewers.take_over(tx, decision, row.vm_id, row.session_id, now)
         recorded = recording_store.decide(tx, row.session_id, self.settings.record_default)
-        return None, row, recorded
+        return None, (row, decision, taken_over, recorded)
 
-    def _redemption_body(self, row: store.TokenRow) -> dict[str, Any]:
+    def _redemption_body(self, row: store.TokenRow, recorded: bool) -> dict[str, Any]:
         """What the proxy needs to open the console (it holds the VNC password)."""
         assert row.vm is not None
         vm = row.vm
@@ -235,6 +244,7 @@ class ProxyBroker:
                 "max_duration": self.settings.max_duration,
             },
             "account": row.account_name,
+            **({"recording": True} if recorded else {}),  # absent: not (older managers)
         }
 
     # Heartbeat ------------------------------------------------------------------------
@@ -263,7 +273,7 @@ class ProxyBroker:
         if isinstance(result, instances.InstanceEvent):
             self._instance_refused(proxy_id, "heartbeat", result)
             return result
-        terminate, records, lost, ceiling, takeover = result
+        terminate, taken_over, records, lost, ceiling, takeover = result
         self._note_clamp(proxy_id, beat["capacity"], ceiling)
         if takeover is not None:
             self._log_takeover(proxy_id, takeover)
@@ -272,13 +282,19 @@ class ProxyBroker:
                 log_ended(self._metrics, record, report)
         for record in lost:
             log_lost(self._metrics, record, now)
-        return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
+        return {
+            "heartbeat_interval": self.settings.heartbeat_interval,
+            "terminate": terminate,
+            # Those of terminate a newer console took over (close code 4023, not 4022).
+            "taken_over": taken_over,
+        }
 
     def _heartbeat_in(
         self, tx: Any, key: tuple[str, str], beat: dict[str, Any], peer: str | None, now: float
     ) -> Any:
         """The heartbeat's transaction: the refusing InstanceEvent, or
-        ``(terminate, ended records, lost records, capacity ceiling, takeover or None)``."""
+        ``(terminate, taken over, ended records, lost records, capacity ceiling, instance
+        takeover or None)``."""
         proxy_id = key[0]
         grace = self.settings.proxy_timeout
         admitted = admit_proxy(tx, key, peer)
@@ -290,11 +306,7 @@ class ProxyBroker:
         if event is not None and event.refused:
             return event
         # End reports first, so a session ended in this beat is not asked to terminate.
-        records = [
-            (recording_store.end_session(tx, sid, proxy_id, report, now), report)
-            for sid, report in beat.get("ended") or []
-        ]
-        recording_store.mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
+        records = recording_store.end_reports(tx, proxy_id, beat, now)
         active = beat.get("active_sessions")
         lost = (
             []
@@ -304,7 +316,8 @@ class ProxyBroker:
         # Never more than the administrator's ceiling, whatever the key's holder claims.
         granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
         terminate = store.heartbeat(tx, proxy_id, granted, now)
-        return terminate, records, lost, admitted.max_capacity, event
+        taken_over = viewers.taken_over_among(tx, terminate)
+        return terminate, taken_over, records, lost, admitted.max_capacity, event
 
     # End reports ----------------------------------------------------------------------
 

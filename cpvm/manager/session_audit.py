@@ -1,5 +1,6 @@
-"""The audit lines and counters of a session's end, shared by the proxy side (end reports,
-reconciliation) and the cleanup (sessions of silent proxies)."""
+"""The audit lines and counters of a session's redemption and end, shared by the proxy
+side (redemptions, end reports, reconciliation) and the cleanup (sessions of silent
+proxies)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,28 @@ from cpvm.manager import store
 from cpvm.manager.metrics import ManagerMetrics
 
 audit = Logger(namespace="cpvm.audit")
+
+
+def log_acquired(
+    row: store.TokenRow, taken_over: list[str], waited: float, fields: dict[str, Any]
+) -> None:
+    """A token was redeemed; under viewer policy ``takeover`` it ended ``taken_over``."""
+    audit.info(
+        "session {session} acquired from {client_address} via proxy {proxy}",
+        audit=True,
+        event="acquired",
+        waited=waited,
+        view_only=row.view_only,
+        **fields,
+    )
+    for old in taken_over:
+        audit.info(
+            "session {old} taken over by session {session}",
+            audit=True,
+            event="taken_over",
+            old=old,
+            **fields,
+        )
 
 
 def log_lost(metrics: ManagerMetrics, record: store.SessionRecord, now: float) -> None:

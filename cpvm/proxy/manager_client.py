@@ -29,8 +29,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cpvm.common.contract import REDEMPTION_ERRORS, VNC_TLS_MODES, Outcome
-from cpvm.proxy.recording.player import PlaybackRefused
+from cpvm.common.contract import (
+    REDEMPTION_ERRORS,
+    VNC_TLS_MODES,
+    Outcome,
+    ViewerPolicy,
+    vnc_shared_flag,
+)
+from cpvm.proxy.recording.tickets import redeem_playback
 
 MAX_ANSWER = 256 * 1024
 
@@ -80,8 +86,18 @@ class Redemption:
     vnc: VncTarget
     idle_timeout: float | None
     max_duration: float | None
-    # The manager's policy says this session is recorded (docs/recording.md).
+    #: The browser may only watch: cpvm drops its input (cpvm.rfb.ViewOnlyFilter).
+    view_only: bool = False
+    #: The VM's viewer policy, which decides the VNC shared flag.
+    viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
+    #: Sessions this one took over (policy "takeover"): end them with close code 4023.
+    taken_over: tuple[str, ...] = ()
+    #: The manager's policy says this session is recorded (docs/recording.md).
     recording: bool = False
+
+    def vnc_shared_flag(self, requested: bool) -> bool:
+        """The ClientInit shared flag towards the VNC server (see the contract's rule)."""
+        return vnc_shared_flag(self.viewer_policy, self.view_only, requested)
 
 
 def parse_redemption(body: Any) -> Redemption:
@@ -112,9 +128,18 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
-    recording = body.get("recording", False)
-    if not isinstance(recording, bool):
-        raise ValueError("recording is not true or false")
+    view_only = body.get("view_only", False)
+    if not isinstance(view_only, bool):
+        raise ValueError("view_only is not a boolean")
+    try:
+        policy = ViewerPolicy(body.get("viewer_policy") or "shared")
+    except ValueError:
+        raise ValueError("viewer_policy is not a known policy") from None
+    taken_over = body.get("taken_over") or []
+    if not isinstance(taken_over, list) or not all(
+        isinstance(s, str) and 0 < len(s) <= 1024 for s in taken_over
+    ):
+        raise ValueError("taken_over is not a list of session ids")
     return Redemption(
         session_id=session_id,
         vm_id=_string(vm, "id"),
@@ -130,8 +155,18 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
-        recording=recording,
+        view_only=view_only,
+        viewer_policy=policy,
+        taken_over=tuple(taken_over),
+        recording=_flag(body, "recording"),
     )
+
+
+def _flag(obj: dict, key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} is not true or false")
+    return value
 
 
 def _string(obj: dict, key: str) -> str:
@@ -239,26 +274,9 @@ class ManagerClient:
         raise RedemptionRefused(outcome, cast(str, error), str(message or "")[:200])
 
     def redeem_playback(self, ticket: str) -> Deferred:
-        """Redeem a one-time playback ticket: fires with the session id whose recording it
-        opens, or fails with ``PlaybackRefused`` (the manager's refusal, or 503 when it
-        cannot be reached)."""
-        return ensureDeferred(self._redeem_playback(ticket))
-
-    async def _redeem_playback(self, ticket: str) -> str:
-        try:
-            status, body = await self._post(
-                "/proxy/v1/playback", {"ticket": ticket, "instance": self._instance}
-            )
-        except ManagerUnavailable as e:
-            raise PlaybackRefused(503, "the management server is unreachable") from e
-        if status == 200 and isinstance(body, dict):
-            session_id = body.get("session_id")
-            if isinstance(session_id, str) and session_id:
-                return session_id
-        message = body.get("message") if isinstance(body, dict) else None
-        if status in (403, 404, 409, 410):
-            raise PlaybackRefused(status, str(message or "this playback link is not valid")[:200])
-        raise PlaybackRefused(503, f"the management server answered HTTP {status}")
+        """Redeem a one-time playback ticket (cpvm.proxy.recording.tickets): fires with the
+        session id whose recording it opens, or fails with ``PlaybackRefused``."""
+        return ensureDeferred(redeem_playback(self._post, ticket, self._instance))
 
     def heartbeat(self, payload: dict) -> Deferred:
         """Send a heartbeat; fires with the manager's answer (a dict)."""

@@ -26,7 +26,7 @@ from cpvm.proxy.manager_client import (
     RedemptionRefused,
 )
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.recording.sessions import SessionRecordings
+from cpvm.proxy.recording.sessions import NO_RECORDINGS, NoRecordings, SessionRecordings
 from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
@@ -78,11 +78,10 @@ class SessionRegistry:
         settings: RegistrySettings,
         manager: ManagerClient,
         metrics: ProxyMetrics,
-        recordings: SessionRecordings | None = None,
+        recordings: SessionRecordings | NoRecordings = NO_RECORDINGS,
     ):
         self._reactor = reactor
-        #: Sessions the manager says to record get a recorder from here.
-        self.recordings = recordings
+        self.recordings = recordings  # recorders for the sessions the manager says to record
         self._settings = settings
         self._manager = manager
         self.metrics = metrics
@@ -236,14 +235,17 @@ class SessionRegistry:
         sid = session.session_id
         if sid:
             self._by_id[sid] = session
-        if self.recordings is not None:
-            self.recordings.attach(session)
+        self.recordings.attach(session)
         audit_log.info(
             "console session acquired: vm {vm} by {client}",
             event="acquired",
             recorded=session.recorder is not None,
             **session.log_fields(),
         )
+        taken = session.redemption.taken_over if session.redemption else ()
+        if taken:
+            # Before this console reaches the VNC server: the old one hears why it ends.
+            self.terminate(taken, Outcome.TAKEN_OVER, f"taken over by session {sid}")
 
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
@@ -338,10 +340,8 @@ class SessionRegistry:
             "bytes_to_server": stats.bytes_to_server,
             "duration": round(duration, 3),
         }
-        if self.recordings is not None:  # the report waits for the file's summary
-            self.recordings.end_report(session, report, lambda r: self._report_end(sid, r))
-        else:
-            self._report_end(sid, report)
+        # A recorded session's report waits for its file's summary.
+        self.recordings.end_report(session, report, lambda r: self._report_end(sid, r))
 
     def _report_end(self, sid: str, report: dict) -> None:
         if len(self._ended) >= MAX_QUEUED_ENDS:
@@ -365,13 +365,19 @@ class SessionRegistry:
 
     # -- control from outside ------------------------------------------------------------
 
-    def terminate(self, session_ids) -> int:
-        """End sessions an administrator terminated; returns how many were here."""
+    def terminate(
+        self,
+        session_ids,
+        outcome: Outcome = Outcome.TERMINATED,
+        detail: str = "terminated through the API",
+    ) -> int:
+        """End sessions an administrator terminated (or, with ``Outcome.TAKEN_OVER``, a
+        newer console replaced); returns how many were here."""
         n = 0
         for sid in session_ids:
             session = self._by_id.get(sid) if isinstance(sid, str) else None
-            if session is not None:
-                session.terminate(Outcome.TERMINATED, "terminated through the API")
+            if session is not None and not session.closed:
+                session.terminate(outcome, detail)
                 n += 1
         return n
 

@@ -18,7 +18,6 @@ with reason" path (an RFB security failure), then the WebSocket closes with its 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -30,36 +29,12 @@ from cpvm.common.contract import RECORDING_MARKER, UPSTREAM_FAILURES, Outcome
 from cpvm.proxy import relaytransport
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
 from cpvm.proxy.recording.recorder import SessionRecorder
-from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
+from cpvm.proxy.session_sides import Browser, SessionHooks, SessionLimits, SessionStats, Upstream
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """Timeouts of one session, in seconds (0 = no limit)."""
-
-    handshake_timeout: float
-    idle_timeout: float
-    max_duration: float
-    shared: bool = True
-
-
-@dataclass
-class SessionStats:
-    """What the audit record and the end report carry."""
-
-    started: float
-    bytes_to_client: int = 0
-    bytes_to_server: int = 0
-    # How much of the above the byte counters already hold (see SessionRegistry).
-    counted_to_client: int = 0
-    counted_to_server: int = 0
-    relay_started: float | None = None
-    ended: float | None = None
 
 
 class ConsoleSession:
@@ -101,6 +76,7 @@ class ConsoleSession:
         self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
+        self._viewer: rfb.ViewOnlyFilter | None = None  # a view-only console's, once redeemed
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -143,12 +119,9 @@ class ConsoleSession:
         if self._relaying:
             if self._scanner.desynchronised:
                 self._last_input = self._reactor.seconds()
-            elif self._scanner.feed(data):
+            elif self._scanner.feed(data):  # a watcher's keys too: the person is there
                 self._last_input = self._reactor.seconds()
-            self.stats.bytes_to_server += len(data)
-            if self.recorder is not None:
-                self.recorder.client_data(data, self._reactor.seconds())
-            self._upstream.write(data)  # type: ignore[union-attr]
+            self._write_upstream(data)
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
         # machine, VNC socket): bound it, whoever the sender is.
@@ -189,6 +162,7 @@ class ConsoleSession:
             self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
+        self._viewer = rfb.ViewOnlyFilter() if redemption.view_only else None
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
         self._timer(
@@ -297,7 +271,8 @@ class ConsoleSession:
             elif isinstance(event, rfb.ClientInitReceived):
                 self._browser_ready = True
                 assert self._upstream is not None
-                shared = event.shared and self._limits.shared
+                assert self.redemption is not None
+                shared = self.redemption.vnc_shared_flag(event.shared and self._limits.shared)
                 self._upstream.send_client_init(shared)
                 if event.leftover:
                     self._queue_for_upstream(event.leftover)
@@ -313,8 +288,21 @@ class ConsoleSession:
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
         # order, so these bytes can go now.
-        self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
+        self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        """To the VNC server; a view-only console's through its filter (fail closed)."""
+        if self._viewer is not None:
+            data = self._viewer.feed(data)
+            if self._viewer.failed:
+                self._upstream.write(data)  # type: ignore[union-attr]
+                kind = self._viewer.unknown_type
+                self.close(Outcome.VIEW_ONLY_UNCHECKABLE, f"browser message type {kind} unsizable")
+                return
+        self.stats.bytes_to_server += len(data)
+        if self.recorder is not None:  # what reached the VM, on the recording's clock
+            self.recorder.client_data(data, self._reactor.seconds())
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:

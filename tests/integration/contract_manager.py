@@ -24,6 +24,8 @@ class Issued:
     extra: str | None = None
     limits: dict = field(default_factory=dict)
     used: bool = False
+    # view_only, viewer_policy, taken_over: as the manager puts them in the redemption.
+    console: dict = field(default_factory=dict)
     recording: bool = False  # the redemption tells cpvm to record the session
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -41,6 +43,7 @@ class ContractManager(resource.Resource):
         self.heartbeats: list[dict] = []
         self.ends: list[tuple[str, dict]] = []
         self.terminate: list[str] = []
+        self.taken_over: list[str] = []
         # One-time playback tickets: ticket -> session id (docs/recording.md).
         self.playback_tickets: dict[str, str] = {}
         self.playback_requests: list[dict] = []
@@ -57,11 +60,17 @@ class ContractManager(resource.Resource):
         extra: str | None = None,
         vm_name: str = "test-vm",
         limits: dict | None = None,
+        console: dict | None = None,
         recording: bool = False,
     ) -> tuple[str, Issued]:
         token = secrets.token_urlsafe(32)
         issued = Issued(
-            vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {}, recording=recording
+            vnc=vnc,
+            vm_name=vm_name,
+            extra=extra,
+            limits=limits or {},
+            console=console or {},
+            recording=recording,
         )
         self.tokens[token] = issued
         return token, issued
@@ -91,6 +100,17 @@ class ContractManager(resource.Resource):
             for report in body.get("ended", []):
                 report = dict(report)
                 self.ends.append((report.pop("session_id"), report))
+            answer = (
+                200,
+                {
+                    "heartbeat_interval": 1,
+                    # Like the manager: a taken-over session is in both lists, so a proxy
+                    # that predates takeover still ends it.
+                    "terminate": self.terminate + self.taken_over,
+                    "taken_over": self.taken_over,
+                },
+            )
+            self.terminate, self.taken_over = [], []
             answer = (200, {"heartbeat_interval": 1, "terminate": self.terminate})
             self.terminate = []
         elif path == "/proxy/v1/playback":
@@ -139,6 +159,7 @@ class ContractManager(resource.Resource):
             "vnc": {"tls": "none", "ca_pem": None, "server_name": None, **issued.vnc},
             "limits": issued.limits,
             "account": "tester",
+            **issued.console,
         }
 
     @staticmethod

@@ -157,7 +157,7 @@ async def test_disk_full_ends_the_session_with_its_code(
     await client.rfb_handshake()
     sent = await fill_the_disk(client)
     closed = await client.wait_closed()
-    assert closed.code == 4023, (closed, sent)
+    assert closed.code == 4024, (closed, sent)
     assert sent < 4 << 20
     report = await until(lambda: end_report(manager, issued.session_id), "the end report")
     assert report["reason"] == "recording_failed"

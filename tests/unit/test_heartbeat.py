@@ -348,3 +348,16 @@ def test_terminate_answer_ends_the_named_sessions_here():
     assert p.stub.beats[0]["active_sessions"] == ["s-1"]
     assert session.outcome is Outcome.TERMINATED
     assert p.sessions.ended_waiting == 1
+
+
+def test_taken_over_sessions_close_with_their_own_code():
+    p = Proxy()
+    session = p.sessions.create(Browser(), "t" * 43, None, "192.0.2.7")
+    session.start()
+    p.http.flush()
+    # In both lists, as the manager sends them (an older cpvm reads only "terminate").
+    sid = session.session_id
+    p.stub.answers = [(200, {"terminate": [sid], "taken_over": [sid, "s-elsewhere"]})]
+    p.heartbeat.startService()
+    p.advance(0)
+    assert session.outcome is Outcome.TAKEN_OVER

@@ -76,13 +76,13 @@ def test_recorded_session_shows_the_marker_and_records_what_it_relays(tmp_path):
     assert not (tmp_path / "s-1.input.fbs").exists()  # record_input is off
 
 
-def test_a_too_slow_disk_ends_the_session_with_4023_before_it_shows_more(tmp_path):
+def test_a_too_slow_disk_ends_the_session_with_4024_before_it_shows_more(tmp_path):
     glue = recorded(tmp_path, HeldDrain(), max_buffer=64 * 1024)
     session, browser, upstream = session_with(glue)
     shown = len(browser.sent)
     session.upstream_data(b"x" * 100_000)
     assert session.outcome is Outcome.RECORDING_FAILED
-    assert browser.closed == (4023, "session recording failed")
+    assert browser.closed == (4024, "session recording failed")
     assert len(browser.sent) == shown  # the chunk that could not be recorded was not shown
 
 

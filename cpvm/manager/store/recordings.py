@@ -237,3 +237,16 @@ def end_session(
     if record is not None and report.get("recording") is not None:
         store_summary(tx, session_id, proxy_id, report["recording"])
     return record
+
+
+def end_reports(
+    tx: Tx, proxy_id: str, beat: dict[str, Any], now: float
+) -> list[tuple[SessionRecord | None, dict[str, Any]]]:
+    """A heartbeat's end reports (with their recordings' summaries) and its recordings
+    deleted: ``[(record or None, report), ...]``."""
+    records = [
+        (end_session(tx, sid, proxy_id, report, now), report)
+        for sid, report in beat.get("ended") or []
+    ]
+    mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
+    return records

@@ -106,3 +106,31 @@ class SessionRecordings:
 
     def give_back_deleted(self, session_ids: list[str]) -> None:
         self.recordings.give_back_deleted(session_ids)
+
+
+class NoRecordings:
+    """The registry's recordings when there are none (tests, tools): nothing is recorded,
+    reports go out at once."""
+
+    def attach(self, session: ConsoleSession) -> None:
+        """Nothing to attach."""
+
+    def end_report(
+        self, session: ConsoleSession, report: dict, queue: Callable[[dict], None]
+    ) -> None:
+        """The report, as it is."""
+        queue(report)
+
+    def settled(self) -> Deferred:
+        """Nothing is ever being closed."""
+        return succeed(None)
+
+    def take_deleted(self) -> list[str]:
+        """Nothing was deleted."""
+        return []
+
+    def give_back_deleted(self, session_ids: list[str]) -> None:
+        """Nothing to keep."""
+
+
+NO_RECORDINGS = NoRecordings()
