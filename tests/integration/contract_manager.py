@@ -111,8 +111,6 @@ class ContractManager(resource.Resource):
                 },
             )
             self.terminate, self.taken_over = [], []
-            answer = (200, {"heartbeat_interval": 1, "terminate": self.terminate})
-            self.terminate = []
         elif path == "/proxy/v1/playback":
             self.playback_requests.append(body)
             session_id = self.playback_tickets.pop(body.get("ticket"), None)
