@@ -98,6 +98,22 @@ def play(base: str) -> dict:
             page.wait_for_function("() => window.cpvmPlayer.position === 1000")
             page.wait_for_timeout(300)
             out["at_1s_left"] = page.evaluate(PIXEL, [10, 10])
+            # Pause holds the position; speed changes how fast it plays.
+            page.select_option("#speed", "0.5")
+            page.evaluate("() => window.cpvmPlayer.seek(0)")
+            page.click("#play")
+            page.wait_for_timeout(400)
+            page.click("#play")  # now "Pause"
+            held = page.evaluate("() => window.cpvmPlayer.position")
+            page.wait_for_timeout(500)
+            out["paused"] = (held, page.evaluate("() => window.cpvmPlayer.position"))
+            out["paused_state"] = page.inner_text("#status")
+            page.select_option("#speed", "8")
+            page.click("#play")
+            started = page.evaluate("() => performance.now()")
+            page.wait_for_function("() => document.body.dataset.state === 'ended'")
+            out["fast_ms"] = page.evaluate("() => performance.now()") - started
+            out["fast_left"] = page.evaluate(PIXEL, [10, 10])
             out["violations"] = page.evaluate("() => window.__violations")
             # The same link again: the download was one-time.
             again = browser.new_page()
@@ -126,6 +142,9 @@ async def test_the_player_replays_a_recording_once(tmp_path):
     assert seen["name"] == "\u25cf REC player-test"
     assert seen["time"] == "0:01 / 0:01"
     assert "ticket" not in seen["url"]  # taken off the address bar
+    held, later = seen["paused"]
+    assert 0 < held < 1500 and later == held and seen["paused_state"] == "paused"
+    assert seen["fast_ms"] < 1000 and seen["fast_left"] == [0, 255, 0]  # 8×: ~160 ms
     assert seen["violations"] == []
     assert "already used" in seen["again"]
 

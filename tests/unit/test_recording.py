@@ -373,13 +373,36 @@ def test_recordings_service_tracks_active_and_deleted(tmp_path):
     rec.server_data(b"x" * 100, clock.seconds())
     assert svc.active == 1
     svc.retention.apply()  # over max_bytes, but being written: kept
-    assert (directory / "live-1.fbs").exists() and svc.take_deleted() == []
+    # While written it is a .part file: whole recordings only have the plain name.
+    assert (directory / "live-1.fbs.part").exists() and not (directory / "live-1.fbs").exists()
+    assert svc.take_deleted() == []
     summary = finished(svc.finish(rec, clock.seconds() + 1))
     assert summary.complete and svc.active == 0
     svc.retention.apply()
-    assert not (directory / "live-1.fbs").exists()
+    assert list(directory.iterdir()) == []
     taken = svc.take_deleted()
     assert taken == ["live-1"]
     svc.give_back_deleted(taken)
     assert svc.take_deleted() == ["live-1"]
     finished(svc.stopService())
+
+
+def test_retention_leaves_other_processes_recordings_alone(tmp_path):
+    # Another worker process's recording in progress: a .part file, counted, never
+    # deleted for space; a crash's leftover .part goes by age.
+    now = 1000 * DAY
+    for name, age, size in [
+        ("theirs.fbs.part", 0.1, 500),
+        ("old.fbs", 3, 10),
+        ("crash.fbs.part", 90, 5),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - age * DAY,) * 2)
+    recs = {r.session_id: r for r in scan(str(tmp_path))}
+    assert recs["theirs"].partial and not recs["old"].partial
+    plan = plan_deletions(recs.values(), now=now, retention_days=30, max_bytes=100)
+    assert [(d.recording.session_id, d.reason) for d in plan] == [
+        ("crash", "age"),
+        ("old", "space"),
+    ]

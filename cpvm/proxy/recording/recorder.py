@@ -108,6 +108,11 @@ class SessionRecorder:
         self._handshake_written = False
         self._finished = False
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called (the relay began)."""
+        return self._main is not None
+
     def start(self, server_init: ServerInit, now: float) -> None:
         """The relay starts now (timestamp 0) with the ServerInit the browser was sent."""
         if self._main is not None:

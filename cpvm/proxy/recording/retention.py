@@ -4,7 +4,8 @@
 directory): first every recording older than ``retention_days`` goes, then, while the
 directory holds more than ``max_bytes``, the oldest one. Oldest means the earliest last
 write, i.e. the session that ended first. Recordings still being written are never
-deleted. Each deletion is logged, and ``on_deleted`` hears of it so the manager's record
+deleted (they are ``.part`` files until finished, so another worker process
+sees them too). Each deletion is logged, and ``on_deleted`` hears of it so the manager's record
 can say the recording is gone.
 """
 
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from twisted.application.service import Service
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from cpvm.proxy.recording.recorder import INPUT_SUFFIX, RECORDING_SUFFIX
+from cpvm.proxy.recording.writer import PART_SUFFIX
 
 DAY = 86400.0
 
@@ -33,6 +34,9 @@ class StoredRecording:
     session_id: str
     mtime: float
     size: int
+    # Still being written (a ".part" file, by any worker process): never deleted for
+    # space; by age only when left behind (a crash).
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def plan_deletions(
         for r in remaining:
             if total <= max_bytes:
                 break
-            if r.session_id in keep:
+            if r.session_id in keep or r.partial:
                 continue
             deletions.append(Deletion(r, "space"))
             total -= r.size
@@ -78,25 +82,28 @@ def plan_deletions(
 
 def scan(directory: str) -> list[StoredRecording]:
     """Every recording in ``directory`` (its ``.fbs`` and ``.input.fbs`` files together)."""
-    found: dict[str, tuple[float, int]] = {}
+    found: dict[str, tuple[float, int, bool]] = {}
     with os.scandir(directory) as entries:
         for entry in entries:
-            session_id = _session_of(entry.name)
+            partial = entry.name.endswith(PART_SUFFIX)
+            name = entry.name[: -len(PART_SUFFIX)] if partial else entry.name
+            session_id = _session_of(name)
             if session_id is None or not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)
-            mtime, size = found.get(session_id, (0.0, 0))
-            found[session_id] = (max(mtime, st.st_mtime), size + st.st_size)
-    return [StoredRecording(s, m, n) for s, (m, n) in found.items()]
+            mtime, size, was_partial = found.get(session_id, (0.0, 0, False))
+            found[session_id] = (max(mtime, st.st_mtime), size + st.st_size, was_partial or partial)
+    return [StoredRecording(s, m, n, p) for s, (m, n, p) in found.items()]
 
 
 def delete(directory: str, session_id: str) -> None:
     """Remove a session's recording files (those already gone are fine)."""
     for suffix in (INPUT_SUFFIX, RECORDING_SUFFIX):
-        try:
-            os.unlink(os.path.join(directory, session_id + suffix))
-        except FileNotFoundError:
-            pass
+        for name in (session_id + suffix, session_id + suffix + PART_SUFFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 def _session_of(name: str) -> str | None:
@@ -109,8 +116,9 @@ def _session_of(name: str) -> str | None:
 class RetentionService(Service):
     """Applies the retention at start-up and every ``interval`` seconds.
 
-    The directory is listed and files removed on a thread (``run_in_thread``), never on
-    the reactor; decisions and log lines happen on the reactor.
+    The directory is listed and files removed on a thread (``run_in_thread``: the
+    recordings' drain thread), never on the reactor; decisions and log lines happen on
+    the reactor.
     """
 
     _log = Logger()
@@ -124,8 +132,8 @@ class RetentionService(Service):
         max_bytes: int,
         active: Callable[[], Iterable[str]],
         on_deleted: Callable[[str, str], None] = lambda session_id, reason: None,
+        run_in_thread: Callable[..., Deferred],
         interval: float = 60.0,
-        run_in_thread: Callable[..., Deferred] | None = None,
     ):
         self._reactor = reactor
         self._directory = directory
@@ -134,7 +142,7 @@ class RetentionService(Service):
         self._active = active
         self._on_deleted = on_deleted
         self._interval = interval
-        self._run = run_in_thread or threads.deferToThread
+        self._run = run_in_thread
         self._loop: LoopingCall | None = None
         self._running: Deferred | None = None
 
@@ -147,10 +155,10 @@ class RetentionService(Service):
         self._loop.start(self._interval, now=True)
 
     def stopService(self):
+        # A pass under way finishes on its thread; stopping never waits for a slow disk.
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return self._running
 
     def apply(self) -> Deferred | None:
         """One pass: list, decide, delete; fires when done (None if one is running)."""

@@ -15,9 +15,10 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
+from cpvm.proxy.config import RecordingConfig
 from cpvm.proxy.recording.recorder import RecordingSettings, SessionRecorder
 from cpvm.proxy.recording.retention import RetentionService
-from cpvm.proxy.recording.writer import DrainThread, InlineDrain
+from cpvm.proxy.recording.writer import DrainThread, InlineDrain, on_thread
 
 # Deletions the manager has not heard of yet: bounded like the end reports.
 MAX_QUEUED_DELETIONS = 10_000
@@ -54,7 +55,8 @@ class Recordings(MultiService):
             active=lambda: self._active.keys(),
             on_deleted=self._recording_deleted,
             interval=retention_interval,
-            run_in_thread=run_in_thread,
+            run_in_thread=run_in_thread
+            or on_thread(self._drain, lambda *a: reactor.callFromThread(*a)),
         )
         self.retention.setServiceParent(self)
 
@@ -70,8 +72,25 @@ class Recordings(MultiService):
             else succeed(None)
         )
         d.addCallback(lambda _: super(Recordings, self).stopService())
-        d.addCallback(lambda _: self._drain.stop())
+        # The drain thread stays (a daemon): sessions still open end after this and
+        # their files are closed on it; the last heartbeat waits for them.
         return d
+
+    @classmethod
+    def from_config(cls, config: RecordingConfig, reactor) -> Recordings:
+        """This process's recordings as ``[recording]`` says."""
+        settings = RecordingSettings(
+            directory=str(config.directory),
+            record_input=config.record_input,
+            on_failure="end" if config.on_failure == "end" else "continue",
+            max_buffer=config.max_buffer,
+        )
+        return cls(
+            reactor=reactor,
+            settings=settings,
+            retention_days=config.retention_days,
+            max_bytes=config.max_bytes,
+        )
 
     @property
     def active(self) -> int:

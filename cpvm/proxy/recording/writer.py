@@ -24,8 +24,11 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 Pieces = Sequence[bytes | memoryview]
+# The name a recording has while it is written.
+PART_SUFFIX = ".part"
 Job = Callable[[], None]
 
 
@@ -80,6 +83,27 @@ class InlineDrain:
 
     def stop(self, timeout: float = 0.0) -> None:
         pass
+
+
+def on_thread(drain: DrainThread | InlineDrain, call_from_thread: Callable[..., None]):
+    """``run(fn, *args)``: ``fn`` on the drain thread, its result as a Deferred that fires
+    on the reactor thread (for the retention's directory work)."""
+
+    def run(fn: Callable[..., object], *args: object) -> Deferred:
+        d: Deferred = Deferred()
+
+        def job() -> None:
+            try:
+                result = fn(*args)
+            except Exception:
+                call_from_thread(d.errback, Failure())
+            else:
+                call_from_thread(d.callback, result)
+
+        drain.submit(job)
+        return d
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -170,9 +194,13 @@ class RecordingFile:
         self._call_from_thread(self._fail, reason)
 
     def _open(self) -> None:
+        # Written as <name>.part and linked to <name> when finished: a name without
+        # ".part" is a whole recording, which retention (of any worker process) may delete.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            self._fd = os.open(self.path, flags, 0o600)
+            if os.path.lexists(self.path):
+                raise FileExistsError(errno.EEXIST, "a recording of this session exists")
+            self._fd = os.open(self.path + PART_SUFFIX, flags, 0o600)
         except OSError as e:
             self._thread_error(f"cannot create the file: {_describe(e)}")
 
@@ -206,6 +234,11 @@ class RecordingFile:
                     self._thread_error(f"cannot fsync: {_describe(e)}")
             os.close(self._fd)
             self._fd = None
+            try:  # never over an existing file: link, then drop the working name
+                os.link(self.path + PART_SUFFIX, self.path)
+                os.unlink(self.path + PART_SUFFIX)
+            except OSError as e:
+                self._error = self._error or f"cannot name the file: {_describe(e)}"
             _fsync_directory(os.path.dirname(self.path) or ".")
         result = FileResult(
             path=self.path,
