@@ -178,7 +178,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         registry_settings(config),
         manager,
         metrics,
-        recordings=SessionRecordings(recordings, reactor),
+        recordings=SessionRecordings(recordings, reactor, metrics),
     )
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
     site = _site(config, reactor, sessions, heartbeat, manager, metrics)

@@ -7,6 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from cpvm.common.contract import Outcome
+from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.recording.recorder import RecordingSettings
 from cpvm.proxy.recording.service import Recordings
 from cpvm.proxy.recording.sessions import SessionRecordings
@@ -26,7 +27,7 @@ def recorded(tmp_path, drain, on_failure="end", max_buffer=1 << 20):
         drain=drain,
         run_in_thread=lambda fn, *a: pytest.fail("no retention here"),
     )
-    return SessionRecordings(recordings, clock)
+    return SessionRecordings(recordings, clock, ProxyMetrics())
 
 
 def session_with(glue):
@@ -70,6 +71,9 @@ def test_recorded_session_shows_the_marker_and_records_what_it_relays(tmp_path):
     glue.end_report(session, {"reason": "client_closed"}, reports.append)
     [report] = reports
     assert report["recording"]["complete"] is True
+    counted = glue._metrics.registry.get_sample_value  # type: ignore[union-attr]
+    assert counted("cpvm_recordings_total", {"result": "complete"}) == 1
+    assert counted("cpvm_recorded_bytes_total") == report["recording"]["size"]
     raw = (tmp_path / "s-1.fbs").read_bytes()
     hs = parse_handshake(read_fbs(raw).stream())
     assert hs.rest == b"\x02" and hs.name == "\u25cf REC web-01".encode()

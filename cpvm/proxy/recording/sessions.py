@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from cpvm.common.contract import Outcome
+from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.recording.recorder import RecordingSummary
 from cpvm.proxy.recording.service import Recordings
 
@@ -30,9 +31,10 @@ class SessionRecordings:
 
     _log = Logger()
 
-    def __init__(self, recordings: Recordings, reactor):
+    def __init__(self, recordings: Recordings, reactor, metrics: ProxyMetrics | None = None):
         self.recordings = recordings
         self._reactor = reactor
+        self._metrics = metrics
         self._finishing: set[Deferred] = set()
 
     def attach(self, session: ConsoleSession) -> None:
@@ -85,6 +87,10 @@ class SessionRecordings:
                 error=summary.error,
                 **fields,
             )
+            if self._metrics is not None:
+                result = "complete" if summary.complete else "incomplete"
+                self._metrics.recordings.labels(result=result).inc()
+                self._metrics.recorded_bytes.inc(summary.size)
             queue({**report, "recording": summary.report()})
 
         def failed(failure) -> None:
