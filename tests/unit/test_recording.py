@@ -367,9 +367,10 @@ def test_recordings_service_tracks_active_and_deleted(tmp_path):
         run_in_thread=lambda fn, *a: succeed(fn(*a)),
     )
     svc.startService()
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert not directory.exists()  # made with the first recording
     rec = svc.recorder("live-1", on_failure=pytest.fail)
     rec.start(SERVER_INIT, clock.seconds())
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     rec.server_data(b"x" * 100, clock.seconds())
     assert svc.active == 1
     svc.retention.apply()  # over max_bytes, but being written: kept

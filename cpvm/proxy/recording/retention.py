@@ -83,6 +83,8 @@ def plan_deletions(
 def scan(directory: str) -> list[StoredRecording]:
     """Every recording in ``directory`` (its ``.fbs`` and ``.input.fbs`` files together)."""
     found: dict[str, tuple[float, int, bool]] = {}
+    if not os.path.isdir(directory):  # nothing was ever recorded here
+        return []
     with os.scandir(directory) as entries:
         for entry in entries:
             partial = entry.name.endswith(PART_SUFFIX)

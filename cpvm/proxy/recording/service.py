@@ -8,7 +8,6 @@ when the session ends; stopping the service waits for every file to be fsync-ed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from twisted.application.service import MultiService
@@ -59,11 +58,6 @@ class Recordings(MultiService):
             or on_thread(self._drain, lambda *a: reactor.callFromThread(*a)),
         )
         self.retention.setServiceParent(self)
-
-    def startService(self) -> None:
-        # Before anything is recorded: a directory only cpvm can read.
-        os.makedirs(self.settings.directory, mode=0o700, exist_ok=True)
-        super().startService()
 
     def stopService(self):
         d = (

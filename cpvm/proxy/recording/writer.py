@@ -198,6 +198,9 @@ class RecordingFile:
         # ".part" is a whole recording, which retention (of any worker process) may delete.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
+            # Made with the first recording (0700: only cpvm reads them), so a proxy that
+            # never records has no directory to look after.
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             if os.path.lexists(self.path):
                 raise FileExistsError(errno.EEXIST, "a recording of this session exists")
             self._fd = os.open(self.path + PART_SUFFIX, flags, 0o600)
