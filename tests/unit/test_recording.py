@@ -407,3 +407,23 @@ def test_retention_leaves_other_processes_recordings_alone(tmp_path):
         ("crash", "age"),
         ("old", "space"),
     ]
+
+
+def test_a_pixel_format_change_after_the_start_is_logged_once(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        rec = recorder(tmp_path)
+        rec.start(SERVER_INIT, 0.0)
+        rec.server_data(b"a", 0.1, BROWSER_FORMAT)
+        rec.server_data(b"b", 0.2, bytes(BROWSER_FORMAT))  # the same format, new bytes
+        assert not [e for e in seen if "pixel format" in e.get("log_format", "")]
+        rec.server_data(b"c", 0.3, PIXEL_FORMAT)
+        rec.server_data(b"d", 0.4, BROWSER_FORMAT)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert len([e for e in seen if "pixel format" in e.get("log_format", "")]) == 1
+    finished(rec.finish(1.0))
+    assert parse_handshake(read_fbs(Path(rec.path).read_bytes()).stream()).rest == b"abcd"

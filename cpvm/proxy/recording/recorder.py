@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 
 from cpvm.proxy.recording.fbs import FbsEncoder
 from cpvm.proxy.recording.writer import DrainThread, FileResult, InlineDrain, RecordingFile
@@ -84,6 +85,8 @@ class SessionRecorder:
     more and its summary says ``complete: false``.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         *,
@@ -107,6 +110,8 @@ class SessionRecorder:
         self._input_encoder: FbsEncoder | None = None
         self._handshake_written = False
         self._finished = False
+        self._pixel_format: bytes | None = None  # the browser's, as the handshake says
+        self._format_changed = False
 
     @property
     def started(self) -> bool:
@@ -133,6 +138,8 @@ class SessionRecorder:
             return
         if not self._handshake_written:
             self._write_handshake(pixel_format)
+        elif pixel_format is not self._pixel_format and not self._format_changed:
+            self._pixel_format_changed(pixel_format)
         self._main.write(self._encoder.data(data, now))  # type: ignore[union-attr]
 
     def client_data(self, data: bytes, now: float) -> None:
@@ -181,12 +188,25 @@ class SessionRecorder:
 
     def _write_handshake(self, pixel_format: bytes | None) -> None:
         self._handshake_written = True
+        self._pixel_format = pixel_format
         server_init = self._server_init
         assert server_init is not None and self._encoder is not None and self._main is not None
         if pixel_format is not None and pixel_format != server_init.pixel_format:
             server_init = dataclasses.replace(server_init, pixel_format=pixel_format)
         # Stamped 0: the browser had ServerInit when the relay started.
         self._main.write(self._encoder.start(server_init, self._encoder.origin))
+
+    def _pixel_format_changed(self, pixel_format: bytes | None) -> None:
+        # FBS has no way to say it: players decode what follows in the first format.
+        if pixel_format == self._pixel_format:
+            self._pixel_format = pixel_format  # the same bytes again: nothing changed
+            return
+        self._format_changed = True
+        self._log.warn(
+            "recording of session {session}: the browser changed its pixel format after "
+            "the recording began; players show what follows in the first format",
+            session=self.session_id,
+        )
 
     def _failed(self, reason: str) -> None:
         if self.failure is not None:
