@@ -16,6 +16,7 @@ from pathlib import Path
 from cpvm.common.addresses import parse_networks
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
+from cpvm.manager import resume
 from cpvm.manager.inventory_config import LibvirtSourceConfig, read_inventory
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
@@ -66,6 +67,9 @@ class TokenConfig:
 
     ttl: float
     bind_client_address: bool
+    # Seconds after an unclean end during which the same browser may resume the session
+    # with its used token (cpvm/manager/resume.py); 0: never.
+    reconnect_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,18 @@ def _security(reader: IniReader, data_dir: Path) -> SecurityConfig:
     )
 
 
+def _reconnect_window(reader: IniReader) -> float:
+    window = reader.number("tokens", "reconnect_window", resume.DEFAULT_WINDOW, minimum=0.0)
+    if window and not resume.MIN_WINDOW <= window <= resume.MAX_WINDOW:
+        raise reader.error(
+            "tokens",
+            "reconnect_window",
+            f"must be 0 (off) or from {resume.MIN_WINDOW:g} to {resume.MAX_WINDOW:g} seconds, "
+            f"got {window:g}",
+        )
+    return window
+
+
 def parse_config(reader: IniReader) -> ManagerConfig:
     """Read every setting from ``reader`` and refuse unknown ones."""
     data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
@@ -172,6 +188,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     tokens = TokenConfig(
         ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
         bind_client_address=reader.boolean("tokens", "bind_client_address", False),
+        reconnect_window=_reconnect_window(reader),
     )
     url_domain = reader.optional_string("proxies", "url_domain")
     if url_domain is not None and ("/" in url_domain or ":" in url_domain):

@@ -79,6 +79,9 @@ class Redemption:
     vnc: VncTarget
     idle_timeout: float | None
     max_duration: float | None
+    # How often this session was resumed before (0: a first redemption); cpvm echoes it
+    # in the end report so the manager can tell a late report of an earlier connection.
+    reconnects: int = 0
 
 
 def parse_redemption(body: Any) -> Redemption:
@@ -109,6 +112,9 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
+    reconnects = body.get("reconnects", 0)
+    if isinstance(reconnects, bool) or not isinstance(reconnects, int) or reconnects < 0:
+        raise ValueError("reconnects is not a count")
     return Redemption(
         session_id=session_id,
         vm_id=_string(vm, "id"),
@@ -124,6 +130,7 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
+        reconnects=reconnects,
     )
 
 
@@ -202,22 +209,31 @@ class ManagerClient:
             return Deferred.fromCoroutine(_noop())
         return self.pool.closeCachedConnections()
 
-    def redeem(self, token: str, extra: str | None, client_address: str) -> Deferred:
-        """Redeem ``token``: fires with a ``Redemption`` or fails with ``RedemptionRefused``
-        or ``ManagerUnavailable``."""
-        return ensureDeferred(self._redeem(token, extra, client_address))
+    def redeem(
+        self,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        browser_hash: str | None = None,
+    ) -> Deferred:
+        """Redeem ``token`` for the browser whose console cookie hashes to
+        ``browser_hash`` (cpvm/proxy/browser_cookie.py): fires with a ``Redemption`` or
+        fails with ``RedemptionRefused`` or ``ManagerUnavailable``."""
+        return ensureDeferred(self._redeem(token, extra, client_address, browser_hash))
 
-    async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
-        status, body = await self._post(
-            "/proxy/v1/redeem",
-            {
-                "token": token,
-                "extra": extra,
-                "client_address": client_address,
-                "worker": self._worker,
-                "instance": self._instance,
-            },
-        )
+    async def _redeem(
+        self, token: str, extra: str | None, client_address: str, browser_hash: str | None
+    ) -> Redemption:
+        request = {
+            "token": token,
+            "extra": extra,
+            "client_address": client_address,
+            "worker": self._worker,
+            "instance": self._instance,
+        }
+        if browser_hash is not None:
+            request["browser_hash"] = browser_hash
+        status, body = await self._post("/proxy/v1/redeem", request)
         if status == 200:
             try:
                 return parse_redemption(body)

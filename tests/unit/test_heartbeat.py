@@ -166,6 +166,28 @@ def test_first_beat_at_start_then_at_the_interval():
     assert p.reactor.getDelayedCalls() == []
 
 
+def test_soon_beats_at_once_and_never_overlaps_a_beat_in_flight():
+    p = Proxy()
+    p.stub.answers = [(200, {}), "hang"]
+    p.heartbeat.soon()  # not running: nothing scheduled
+    assert p.reactor.getDelayedCalls() == []
+    p.heartbeat.startService()
+    p.advance(0)
+    assert p.next_beat_in() == 5
+    p.heartbeat.soon()
+    assert p.next_beat_in() == 0
+    p.advance(0)
+    assert len(p.stub.beats) == 2  # the second beat hangs: in flight
+    p.heartbeat.soon()
+    p.heartbeat.soon()
+    p.advance(1)
+    assert len(p.stub.beats) == 2  # no second beat beside the one in flight
+    # It times out; the beat asked for follows in the same instant, not an interval later.
+    p.advance(CONFIG.manager.timeout - 1)
+    assert len(p.stub.beats) == 3 and p.next_beat_in() == 5
+    p.heartbeat.stopService()
+
+
 @pytest.mark.parametrize(
     "asked, interval",
     [
