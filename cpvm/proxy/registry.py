@@ -98,13 +98,16 @@ class ConsoleSessions:
     def refused(self, reason: str) -> None:
         self.metrics.refused.labels(reason=reason).inc()
 
-    def create(self, browser, token: str, extra: str | None, client: str) -> ConsoleSession:
+    def create(
+        self, browser, token: str, extra: str | None, client: str, browser_hash: str | None = None
+    ) -> ConsoleSession:
         session = ConsoleSession(
             reactor=self._reactor,
             browser=browser,
             token=token,
             extra=extra,
             client_address=client,
+            browser_hash=browser_hash,
             redeem=self._redeem,
             connect_upstream=self._connect_upstream,
             limits=self._limits,
@@ -135,13 +138,15 @@ class ConsoleSessions:
 
     # -- redemption and upstream ---------------------------------------------------------
 
-    def _redeem(self, token: str, extra: str | None, client: str) -> Deferred:
+    def _redeem(
+        self, token: str, extra: str | None, client: str, browser_hash: str | None = None
+    ) -> Deferred:
         refusal = self._refuse_locally(token, client)
         if refusal is not None:
             return fail(refusal)
         started = self._reactor.seconds()
         self._pending += 1
-        d = self._manager.redeem(token, extra, client)
+        d = self._manager.redeem(token, extra, client, browser_hash)
 
         def done(result):
             self._pending -= 1

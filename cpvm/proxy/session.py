@@ -102,12 +102,16 @@ class ConsoleSession:
         token: str,
         extra: str | None,
         client_address: str,
-        redeem: Callable[[str, str | None, str], Deferred],
+        redeem: Callable[[str, str | None, str, str | None], Deferred],
         connect_upstream: Callable[["ConsoleSession", Redemption], Deferred],
         limits: SessionLimits,
         hooks: SessionHooks,
+        browser_hash: str | None = None,
     ):
         self._reactor = reactor
+        # SHA-256 of the browser's console cookie (cpvm/proxy/browser_cookie.py), sent with
+        # the redemption: the manager resumes a lost session only for the same browser.
+        self._browser_hash = browser_hash
         self._browser = browser
         self._token = token
         self._extra = extra
@@ -158,7 +162,7 @@ class ConsoleSession:
         self._timer("handshake", self._limits.handshake_timeout, self._handshake_timed_out)
         self._send_browser(self._server_hs.start())
         token, self._token = self._token, ""  # the token is spent from here on
-        d = self._redeem(token, self._extra, self.client_address)
+        d = self._redeem(token, self._extra, self.client_address, self._browser_hash)
         d.addCallbacks(self._redeemed, self._redeem_failed)
         d.addErrback(self._bug)
 

@@ -23,7 +23,7 @@ from cpvm.common.contract import (
     Outcome,
 )
 from cpvm.common.ratelimit import LogThrottle
-from cpvm.proxy import fastwrite
+from cpvm.proxy import browser_cookie, fastwrite
 from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,10 +95,16 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 )
             f.sessions.refused(deny.reason)
             raise
-        self._session = f.sessions.create(self, token, extra, client)
-        if "binary" in request.protocols:
-            return "binary"
-        return None
+        # Which browser this is (cpvm/proxy/browser_cookie.py): its console cookie, or a
+        # new one this answer sets; the manager binds the session to its hash.
+        proof, set_cookie = browser_cookie.browser_proof(
+            request.headers.get("cookie"), f.scheme == "https"
+        )
+        self._session = f.sessions.create(self, token, extra, client, browser_hash=proof)
+        protocol = "binary" if "binary" in request.protocols else None
+        if set_cookie is None:
+            return protocol
+        return protocol, {"Set-Cookie": set_cookie}
 
     def _check_request(self, request, client: str) -> tuple[str, str | None]:
         f = self.factory

@@ -22,7 +22,7 @@ class StandInManager:
     def __init__(self):
         self.calls: list[Deferred] = []
 
-    def redeem(self, token, extra, client):
+    def redeem(self, token, extra, client, browser_hash=None):
         d: Deferred = Deferred()
         self.calls.append(d)
         return d

@@ -81,8 +81,9 @@ def make(redeem_result=None, limits=None):
     redeem_d = Deferred() if redeem_result is None else redeem_result
     calls = {}
 
-    def redeem(token, extra, client):
+    def redeem(token, extra, client, browser_hash):
         calls["redeem"] = (token, extra, client)
+        calls["browser_hash"] = browser_hash
         return redeem_d
 
     def connect(session, redemption):
