@@ -62,6 +62,11 @@ class CuttableRelay:
         self._listening = self._reactor.listenTCP(port, self._factory, interface=HOST)
         self.port: int = self._listening.getHost().port
 
+    def retarget(self, host: str, port: int) -> None:
+        """Relay new connections to ``host:port`` (e.g. a server started after the relay,
+        told the relay's port as its public one)."""
+        self._factory.host, self._factory.port = host, port
+
     @property
     def live(self) -> int:
         """Connections relayed right now."""
