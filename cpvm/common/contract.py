@@ -172,3 +172,6 @@ WEBSOCKET_PATH = "websockify"
 # longest ``token`` query value cpvm passes on; real tokens are shorter (tokens.py).
 MAX_EXTRA_LENGTH = 512
 MAX_TOKEN_LENGTH = 512
+# The most capacity (concurrent consoles) a proxy's heartbeat may claim, and an operator may
+# set as a proxy key's ceiling.
+MAX_CAPACITY = 10**7

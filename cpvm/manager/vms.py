@@ -233,6 +233,29 @@ def remove(tx: Tx, vm_id: str) -> VmChange:
     return VmChange("removed", vm.id, vm.name, vm.owner_name, ())
 
 
+def visible(
+    tx: Tx,
+    caller: store.Account,
+    wanted: str | None,
+    filters: dict[str, Any],
+    offset: int,
+    limit: int,
+) -> tuple[int, list[vm_store.VmListing]] | None:
+    """The page of VMs ``caller`` may list (``wanted``: an account's name or id to narrow to),
+    or None when ``wanted`` is no account the caller may see (the answer never says which)."""
+    if wanted:
+        try:
+            target = store.find_account(tx, wanted)
+        except store.NotFound:
+            return None
+        if not caller.is_admin and target.id != caller.id:
+            return None
+        filters = {**filters, "owner_id": target.id}
+    elif not caller.is_admin:
+        filters = {**filters, "owner_id": caller.id}
+    return vm_store.list_vms(tx, filters, offset, limit)
+
+
 def log_change(change: VmChange, by: str, source: str) -> None:
     """One audit line per change: who, what, which fields (never a password's value)."""
     audit.info(

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm.proxy.manager_client import InstanceConflict, ManagerClient
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import SessionRegistry
 
 
 class Heartbeat(Service):
@@ -21,7 +21,7 @@ class Heartbeat(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions, interval: float):
+    def __init__(self, reactor, manager: ManagerClient, sessions: SessionRegistry, interval: float):
         self._reactor = reactor
         self._manager = manager
         self._sessions = sessions

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,31 +27,14 @@ from twisted.python.failure import Failure
 
 from cpvm import rfb
 from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.proxy import relaytransport
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
+from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
-
-
-class Browser(TypingProtocol):
-    """The browser side as the session sees it (the WebSocket protocol)."""
-
-    transport: Any
-
-    def send(self, data: bytes) -> None: ...
-    def close(self, code: int, reason: str) -> None: ...
-
-
-class Upstream(TypingProtocol):
-    """The VNC side as the session sees it (``VncClientProtocol``)."""
-
-    transport: Any
-
-    def write(self, data: bytes) -> None: ...
-    def send_client_init(self, shared: bool) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -73,20 +54,11 @@ class SessionStats:
     started: float
     bytes_to_client: int = 0
     bytes_to_server: int = 0
-    # How much of the above the byte counters already hold (see ConsoleSessions).
+    # How much of the above the byte counters already hold (see SessionRegistry).
     counted_to_client: int = 0
     counted_to_server: int = 0
     relay_started: float | None = None
     ended: float | None = None
-
-
-class SessionHooks(TypingProtocol):
-    """Where a session reports its life (registry, metrics, audit, manager)."""
-
-    def redeemed(self, session: "ConsoleSession") -> None: ...
-    def redeemed_after_close(self, session: "ConsoleSession") -> None: ...
-    def relay_started(self, session: "ConsoleSession") -> None: ...
-    def ended(self, session: "ConsoleSession", outcome: Outcome, detail: str) -> None: ...
 
 
 class ConsoleSession:
@@ -271,7 +243,9 @@ class ConsoleSession:
         self._last_input = self.stats.relay_started
         if leftover:
             self.upstream_data(leftover)
-        self._start_flow_control()
+        # Flow control: from here on each transport's buffer is the other's brake.
+        assert self._upstream is not None  # ServerInit came through it
+        relaytransport.couple(self._browser.transport, self._upstream.transport)
         if self._idle_limit() > 0:
             self._timer("idle", self._idle_limit(), self._check_idle)
         self._hooks.relay_started(self)
@@ -355,23 +329,6 @@ class ConsoleSession:
 
     # -- flow control, timers ------------------------------------------------------------
 
-    def _start_flow_control(self) -> None:
-        """A slow browser pauses reads from the VNC server, and a slow VNC server pauses
-        reads from the browser: each transport's buffer is the other's brake."""
-        b = self._browser.transport
-        u = self._upstream.transport  # type: ignore[union-attr]
-        if b is None or u is None:
-            return
-        # twisted.web's HTTPChannel registered itself on the browser's transport before
-        # the WebSocket took it over; a transport has one producer, and now it is ours.
-        for transport in (b, u):
-            if _has_producer(transport):
-                transport.unregisterProducer()
-        b.registerProducer(u, True)
-        u.registerProducer(b, True)
-        for transport in (b, u):
-            tune_relay_transport(transport)
-
     def _idle_limit(self) -> float:
         r = self.redemption
         return _smaller(self._limits.idle_timeout, r.idle_timeout if r else None)
@@ -423,33 +380,6 @@ class ConsoleSession:
     def _bug(self, failure: Failure) -> None:
         self._log.failure("console session failed unexpectedly", failure, **self.log_fields())
         self.close(Outcome.ERROR, "internal error")
-
-
-# Bigger reads and a bigger write threshold than Twisted's 64 KiB mean fewer reads, frames
-# and pause/resume cycles per megabyte; memory per session stays bounded by them.
-RELAY_BUFFER = 256 * 1024
-
-
-def _has_producer(transport) -> bool:
-    # TCP transports call it "producer"; the TLS protocol wrapper "_producer".
-    return (
-        getattr(transport, "producer", None) is not None
-        or getattr(transport, "_producer", None) is not None
-    )
-
-
-def tune_relay_transport(transport) -> None:
-    """Latency and throughput settings for a relaying TCP transport (TLS: its carrier)."""
-    tcp = getattr(transport, "transport", None) or transport
-    for t in {id(transport): transport, id(tcp): tcp}.values():
-        if hasattr(t, "bufferSize"):
-            t.bufferSize = RELAY_BUFFER
-    set_nodelay = getattr(tcp, "setTcpNoDelay", None)
-    if set_nodelay is not None:
-        try:
-            set_nodelay(True)  # keystrokes and small updates go out at once
-        except OSError:
-            pass
 
 
 def _smaller(ours: float, theirs: float | None) -> float:

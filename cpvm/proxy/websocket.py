@@ -27,7 +27,7 @@ from cpvm.proxy import browser_cookie, fastwrite
 from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpvm.proxy.registry import ConsoleSessions
+    from cpvm.proxy.registry import SessionRegistry
 
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
@@ -191,7 +191,7 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
     def __init__(
         self,
         *,
-        sessions: "ConsoleSessions",
+        sessions: "SessionRegistry",
         scheme: str,
         allowed_origins: tuple[str, ...],
         trusted_proxies: tuple,
@@ -220,8 +220,8 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
             webStatus=False,
         )
         # Autobahn copies ~30 options from the factory onto every new protocol and
-        # pretty-prints them for a debug line even when debug is off (~85 µs per
-        # connection). A class of this factory's own holds them once, for every session,
+        # pretty-prints them for a debug line even when debug is off, on every connection
+        # (docs/performance.md, set-up). A class of this factory's own holds them once, for every session,
         # and an empty CONFIG_ATTRS leaves Autobahn nothing to copy or print.
         # Callables (perMessageCompressionAccept) stay plain functions, not methods.
         options = {

@@ -14,7 +14,8 @@ caller what to send or do. Bytes may arrive in any chunking, down to one byte at
 Nothing here imports Twisted; the protocols in other modules are thin adapters.
 
 Modules: ``events`` (constants, events, ServerInit), ``machine`` (what both handshakes
-share), ``client`` (towards the VNC server), ``server`` (towards the browser),
+share), ``client`` (towards the VNC server) with ``security`` (which security type it
+takes), ``server`` (towards the browser),
 ``scanner`` (the browser's messages after the handshake), ``vncauth`` (the DES response).
 """
 
@@ -47,6 +48,7 @@ from cpvm.rfb.events import (
     StartTLS,
 )
 from cpvm.rfb.scanner import ClientInputScanner
+from cpvm.rfb.security import SecurityPolicy
 from cpvm.rfb.server import RfbServerHandshake
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "RfbClientHandshake",
     "RfbServerHandshake",
     "SecurityComplete",
+    "SecurityPolicy",
     "Send",
     "ServerInit",
     "ServerInitReceived",

@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from cpvm.manager import signing
+from tests.signing import signed_query
 
 
 def _error(body, command):
@@ -41,16 +42,13 @@ async def test_signature_failures_use_cloudstack_envelope(managers):
         }
     }
     # tampered parameter: signed for one VM id, sent with another
-    expires = signing.format_time(m.clock.seconds() + 60)
-    params = {
-        "command": "listConsoleSessions",
-        "response": "json",
-        "apiKey": alice.api_key,
-        "activeonly": "true",
-        "signatureVersion": "3",
-        "expires": expires,
-    }
-    sig = signing.sign(params, alice.secret)
+    params = signed_query(
+        {"command": "listConsoleSessions", "response": "json", "activeonly": "true"},
+        alice.api_key,
+        alice.secret,
+        expires_at=m.clock.seconds() + 60,
+    )
+    sig, expires = params["signature"], params["expires"]
     status, body = await m.api(
         None,
         "listConsoleSessions",

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 
 from cpvm.manager import vms
-from cpvm.manager.signing import format_time, sign
+from tests.signing import signed_query
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -224,19 +224,20 @@ async def test_vnc_password_never_in_a_query_string(managers):
     assert "POST body" in body["addconsolevirtualmachineresponse"]["errortext"]
     assert json.loads(m.admin("--json", "vm", "list")) == []
     # Signed over the body but sent in the URL too: refused just the same.
-    query = {
-        "command": "addConsoleVirtualMachine",
-        "response": "json",
-        "apiKey": root.api_key,
-        "name": "x",
-        "account": "alice",
-        "vnchost": "192.0.2.1",
-        "vncport": "5900",
-        "vncpassword": "leaky",
-        "signatureVersion": "3",
-        "expires": format_time(m.clock.seconds() + 300),
-    }
-    query["signature"] = sign(query, root.secret)
+    query = signed_query(
+        {
+            "command": "addConsoleVirtualMachine",
+            "response": "json",
+            "name": "x",
+            "account": "alice",
+            "vnchost": "192.0.2.1",
+            "vncport": "5900",
+            "vncpassword": "leaky",
+        },
+        root.api_key,
+        root.secret,
+        expires_at=m.clock.seconds() + 300,
+    )
     from urllib.parse import urlencode
 
     import treq

@@ -1,5 +1,5 @@
 """The heartbeat in memory: a ``Clock``, a real ``ManagerClient`` over ``StubTreq`` (or a
-real Agent over a memory reactor), real ``ConsoleSessions`` whose sessions really end.
+real Agent over a memory reactor), real ``SessionRegistry`` whose sessions really end.
 
 What is checked: the interval the manager asks for is clamped; a manager that is down or
 broken marks it unreachable and beats are retried at the interval; end reports ride on a
@@ -27,7 +27,8 @@ from cpvm.proxy.config import parse_config
 from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import SessionRegistry
+from cpvm.proxy.tap import registry_settings
 
 CONFIG = parse_config(
     IniReader(
@@ -112,7 +113,9 @@ class Proxy:
             CONFIG.manager.timeout,
             http=self.http,
         )
-        self.sessions = ConsoleSessions(self.reactor, CONFIG, self.manager, ProxyMetrics())
+        self.sessions = SessionRegistry(
+            self.reactor, registry_settings(CONFIG), self.manager, ProxyMetrics()
+        )
         self.heartbeat = Heartbeat(
             self.reactor, self.manager, self.sessions, CONFIG.manager.heartbeat_interval
         )
@@ -258,7 +261,7 @@ def test_manager_up_then_down_through_a_real_agent():
     # No stub: ManagerClient's own Agent over the memory reactor, on the wire.
     reactor = MemoryReactorClock()
     manager = ManagerClient(reactor, CONFIG.manager.url, "cpvmk_p1.s3cret", CONFIG.manager.timeout)
-    sessions = ConsoleSessions(reactor, CONFIG, manager, ProxyMetrics())
+    sessions = SessionRegistry(reactor, registry_settings(CONFIG), manager, ProxyMetrics())
     heartbeat = Heartbeat(reactor, manager, sessions, CONFIG.manager.heartbeat_interval)
     heartbeat.startService()
     reactor.advance(0)
