@@ -46,6 +46,9 @@ class BrokerSettings:
     idle_timeout: int | None
     max_duration: int | None
     retention_seconds: float
+    # [tokens] reconnect_window: seconds after an unclean end during which the same
+    # browser may resume its session with the used token (resume.py); 0: never.
+    reconnect_window: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,9 @@ class ConsoleBroker:
             websocket["extra"] = issue.extra
         return Endpoint(
             True,
-            url=console_url(host, port, p.tls, issue.token, issue.extra),
+            url=console_url(
+                host, port, p.tls, issue.token, issue.extra, self.settings.reconnect_window > 0
+            ),
             websocket=websocket,
             session_id=issue.session_id,
         )
@@ -241,6 +246,7 @@ class ConsoleBroker:
             self.settings.proxy_timeout,
             EXPIRED_TOKEN_GRACE,
             self.settings.retention_seconds,
+            self.settings.reconnect_window,
         )
         for record in result.lost:
             log_lost(self._metrics, record, now)

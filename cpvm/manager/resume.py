@@ -17,10 +17,10 @@ token (``token_used``); :attr:`Verdict.why` is for the manager's log only.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass
 
 from cpvm.common.contract import is_unclean_end, looks_like_browser_hash
+from cpvm.manager.decisions import same_address
 
 # noVNC 1.3 retries every reconnect_delay (5 s by default): a window shorter than that
 # would rarely see a retry. The configuration allows 0 (off) or at least this.
@@ -95,12 +95,3 @@ def same_browser(bound: str | None, presented: str | None) -> bool:
         return False
     assert bound is not None and presented is not None
     return hmac.compare_digest(bound.encode("ascii"), presented.encode("ascii"))
-
-
-def same_address(a: str, b: str) -> bool:
-    """Two client addresses name the same host (``::ffff:1.2.3.4`` is not ``1.2.3.4``:
-    cpvm reports what it saw, the same way each time)."""
-    try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return a == b

@@ -1,5 +1,6 @@
-"""The reconnect window's SQL: what a resume decision reads, and the one write that
-makes it stick (``docs/architecture.md`` section 7).
+"""The reconnect window in the redeeming transaction: what a resume decision reads, the
+decision (:mod:`cpvm.manager.resume`), and the one write that makes it stick
+(``docs/architecture.md`` section 7).
 
 Like :mod:`cpvm.manager.store`, every function takes a :class:`cpvm.manager.db.Tx` and
 runs inside the caller's transaction (the redemption's).
@@ -10,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpvm.manager.db import Tx
-from cpvm.manager.resume import Ended
+from cpvm.manager.decisions import check_redemption
+from cpvm.manager.resume import Ended, Verdict, decide
+from cpvm.manager.store import TokenRow
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,82 @@ def resume_session(
     if tx.rowcount != 1:
         return None
     return facts.reconnects + 1
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A session reopened: its new reconnect count and what is left of its time limit."""
+
+    reconnects: int
+    remaining_duration: float | None
+
+
+def try_resume(
+    tx: Tx,
+    session_id: str,
+    *,
+    browser_hash: str | None,
+    client_address: str,
+    worker: int,
+    now: float,
+    window: float,
+    max_duration: float | None,
+) -> Resumed | Verdict:
+    """Decide and, if so, reopen, in the redeeming transaction; the caller has made the
+    checks every redemption makes (proxy, ``extra``, address binding, VM, account)."""
+    facts = resume_facts(tx, session_id)
+    if facts is None:
+        return Verdict(False, "session never redeemed")
+    verdict = decide(
+        facts.ended,
+        browser_hash=browser_hash,
+        client_address=client_address,
+        now=now,
+        window=window,
+        max_duration=max_duration,
+    )
+    if not verdict.resume:
+        return verdict
+    reconnects = resume_session(tx, session_id, facts, client_address, worker, now)
+    if reconnects is None:
+        return Verdict(False, "changed by another redemption or report meanwhile")
+    return Resumed(reconnects, verdict.remaining_duration)
+
+
+def resume_in(
+    tx: Tx,
+    row: TokenRow,
+    *,
+    proxy_id: str,
+    extra_hash: str,
+    browser_hash: str | None,
+    client_address: str,
+    worker: int,
+    now: float,
+    window: float,
+    max_duration: float | None,
+) -> tuple[str | None, Resumed | Verdict | None]:
+    """A used token presented again, in the redeeming transaction: ``(None, Resumed)``
+    when its session reopens, else the error to answer (``token_used``, or what every
+    redemption checks: proxy, ``extra``, bound address, VM, account) and why not."""
+    error = check_redemption(
+        row,
+        proxy_id=proxy_id,
+        extra_hash=extra_hash,
+        client_address=client_address,
+        now=now,
+        resuming=True,
+    )
+    if error is not None:
+        return error, None
+    outcome = try_resume(
+        tx,
+        row.session_id,
+        browser_hash=browser_hash,
+        client_address=client_address,
+        worker=worker,
+        now=now,
+        window=window,
+        max_duration=max_duration,
+    )
+    return (None if isinstance(outcome, Resumed) else "token_used"), outcome

@@ -32,6 +32,8 @@ def log_lost(metrics: ManagerMetrics, record: store.SessionRecord, now: float) -
 
 def log_ended(metrics: ManagerMetrics, record: store.SessionRecord, report: dict[str, Any]) -> None:
     """A session ended as its proxy reported (``report``: a validated end report)."""
+    if record.ended_at is None:
+        return  # a late report of an earlier connection of a resumed session: ignored
     metrics.sessions_ended.labels(report["reason"]).inc()
     audit.info(
         "session {session} ended: {reason}",
@@ -46,4 +48,17 @@ def log_ended(metrics: ManagerMetrics, record: store.SessionRecord, report: dict
         bytes_to_client=report["bytes_to_client"],
         bytes_to_server=report["bytes_to_server"],
         duration=report["duration"],
+    )
+
+
+def log_resumed(reconnects: int, fields: dict[str, Any]) -> None:
+    """A used token reopened its session after an unclean end (cpvm/manager/resume.py);
+    ``fields``: session, proxy, client address, VM, account."""
+    audit.info(
+        "session {session} resumed from {client_address} via proxy {proxy} "
+        "(reconnect {reconnects})",
+        audit=True,
+        event="resumed",
+        reconnects=reconnects,
+        **fields,
     )

@@ -9,6 +9,7 @@ needs of the configuration is a ``RegistrySettings``, built by :mod:`cpvm.proxy.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import __version__, rfb
-from cpvm.common.contract import Outcome, end_reason
+from cpvm.common.contract import Outcome, end_reason, is_unclean_end
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.common.tokens import looks_like_token
 from cpvm.proxy.manager_client import (
@@ -95,6 +96,9 @@ class SessionRegistry:
         # End reports wait here for the next heartbeat, which carries them in one request.
         self._ended: deque[dict] = deque()
         self.accepting = True
+        # After an unclean end the manager must hear of it now, not at the next beat: the
+        # browser may resume it once it has (the wiring sets this to Heartbeat.soon).
+        self.on_unclean_end: Callable[[], None] = lambda: None
 
     # -- creation ------------------------------------------------------------------------
 
@@ -236,6 +240,7 @@ class SessionRegistry:
         audit_log.info(
             "console session acquired: vm {vm} by {client}",
             event="acquired",
+            reconnects=session.redemption.reconnects if session.redemption else 0,
             **session.log_fields(),
         )
 
@@ -249,7 +254,7 @@ class SessionRegistry:
             reason=outcome.report,
         )
         self._report_end(
-            sid,
+            session,
             {
                 "reason": end_reason(outcome),
                 "client_address": session.client_address,
@@ -289,7 +294,9 @@ class SessionRegistry:
             self._audit_end(sid, session, outcome)
 
     def _log_end(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
-        level = self._log.info if outcome.code in (1000, 1001) else self._log.warn
+        # A lost browser is the network's doing, like a close: no warning.
+        usual = outcome.code in (1000, 1001) or outcome is Outcome.CLIENT_LOST
+        level = self._log.info if usual else self._log.warn
         if outcome is not Outcome.RATE_LIMITED:
             level(
                 "console session ended: {reason} ({detail})",
@@ -326,7 +333,7 @@ class SessionRegistry:
             **session.log_fields(),
         )
         self._report_end(
-            sid,
+            session,
             {
                 "reason": end_reason(outcome),
                 "client_address": session.client_address,
@@ -336,14 +343,20 @@ class SessionRegistry:
             },
         )
 
-    def _report_end(self, sid: str, report: dict) -> None:
+    def _report_end(self, session: ConsoleSession, report: dict) -> None:
+        """Queue the end report of a redeemed session (with which of its connections
+        this was: the redemption's reconnect count) for the next heartbeat."""
         if len(self._ended) >= MAX_QUEUED_ENDS:
             dropped = self._ended.popleft()
             self._log.warn(
                 "manager unreachable for long: dropped the end report of session {session}",
                 session=dropped["session_id"],
             )
-        self._ended.append({"session_id": sid, **report})
+        r = session.redemption
+        assert r is not None  # only redeemed sessions are reported
+        self._ended.append({"session_id": r.session_id, **report, "reconnects": r.reconnects})
+        if is_unclean_end(report["reason"]):
+            self.on_unclean_end()
 
     def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:
         """End reports for the next heartbeat (give them back if it fails)."""

@@ -35,6 +35,8 @@ from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
+# WebSocket close codes of a browser that broke the protocol.
+_PROTOCOL_ERRORS = (1002, 1007, 1009)
 
 
 @dataclass(frozen=True)
@@ -163,13 +165,20 @@ class ConsoleSession:
             return
         self._send_browser(self._server_hs.receive(data))
 
-    def browser_closed(self, code: int | None) -> None:
-        """The WebSocket closed (cleanly or not)."""
+    def browser_closed(
+        self, code: int | None, clean: bool = True, local_code: int | None = None
+    ) -> None:
+        """The WebSocket closed: ``clean`` with a closing handshake, else the connection
+        was lost (``local_code``: the close code cpvm's side had sent, if any)."""
         # Autobahn fails the connection with these codes when the browser broke the
         # WebSocket protocol (bad framing, invalid UTF-8, message too big).
-        outcome = (
-            Outcome.CLIENT_PROTOCOL_ERROR if code in (1002, 1007, 1009) else Outcome.CLIENT_CLOSED
-        )
+        if code in _PROTOCOL_ERRORS or local_code in _PROTOCOL_ERRORS:
+            outcome = Outcome.CLIENT_PROTOCOL_ERROR
+        elif not clean:
+            # No closing handshake: nobody meant to end it (docs/architecture.md section 7).
+            outcome = Outcome.CLIENT_LOST
+        else:
+            outcome = Outcome.CLIENT_CLOSED
         self.close(outcome, f"browser closed the WebSocket (code {code})", notify_browser=False)
 
     def browser_text_frame(self) -> None:

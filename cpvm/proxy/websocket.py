@@ -150,7 +150,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):  # noqa: N802
         if self._session is not None:
-            self._session.browser_closed(code)
+            self._session.browser_closed(code, wasClean, self.localCloseCode)
 
     # -- what the session calls ----------------------------------------------------------
 

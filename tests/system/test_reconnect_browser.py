@@ -65,9 +65,7 @@ async def system(tmp_path, xvnc):
         key_file = tmp_path / "proxy.key"
         m.admin("proxy-key", "create", "--name", "cpvm1", "--output", str(key_file))
         m.secrets_seen.append(key_file.read_text().strip())
-        text = cpvm_config(
-            m.base, credential_file=key_file, server={"public_port": relay.port}
-        )
+        text = cpvm_config(m.base, credential_file=key_file, server={"public_port": relay.port})
         cpvm = await threads.deferToThread(start_cpvm, text, workdir=tmp_path)
         relay.retarget(HOST, cpvm.port)
         alice = m.account("alice")

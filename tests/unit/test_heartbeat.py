@@ -313,6 +313,28 @@ def test_failed_beat_gives_its_end_reports_back_in_order():
     assert p.sessions.ended_waiting == 0
 
 
+@pytest.mark.parametrize(
+    "outcome, at_once",
+    [
+        (Outcome.CLIENT_LOST, True),
+        (Outcome.SHUTDOWN, True),
+        (Outcome.CLIENT_CLOSED, False),
+        (Outcome.IDLE_TIMEOUT, False),
+    ],
+)
+def test_an_unclean_end_is_reported_at_once(outcome, at_once):
+    p = Proxy()
+    p.sessions.on_unclean_end = p.heartbeat.soon  # as the wiring does
+    p.heartbeat.startService()
+    p.advance(0)
+    p.end_sessions(1, outcome)
+    assert p.next_beat_in() == (0 if at_once else 5)
+    p.advance(0 if at_once else 5)
+    (report,) = p.stub.beats[1]["ended"]
+    assert report["reason"] == outcome.report and report["reconnects"] == 0
+    p.heartbeat.stopService()
+
+
 def test_end_reports_ride_in_batches():
     p = Proxy()
     p.end_sessions(registry.ENDS_PER_HEARTBEAT + 2)

@@ -117,6 +117,8 @@ class SessionRecord:
     duration: float | None
     terminate_requested_at: float | None
     expires_at: float
+    # How often the session was resumed after an unclean end (cpvm/manager/resume.py).
+    reconnects: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,5 +188,6 @@ def proxy_from_row(row: tuple) -> Proxy:
 SESSION_COLS = (
     "s.id, s.created_at, s.account_id, s.account_name, s.vm_id, s.vm_name, s.proxy_id, p.name, "
     "s.creator_address, s.acquired_at, s.client_address, s.ended_at, s.end_reason, "
-    "s.bytes_to_client, s.bytes_to_server, s.duration, s.terminate_requested_at, s.expires_at"
+    "s.bytes_to_client, s.bytes_to_server, s.duration, s.terminate_requested_at, s.expires_at, "
+    "s.reconnects"
 )
