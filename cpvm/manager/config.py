@@ -16,7 +16,6 @@ from pathlib import Path
 from cpvm.common.addresses import parse_networks
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
-from cpvm.manager import resume
 from cpvm.manager.inventory_config import LibvirtSourceConfig, read_inventory
 
 DEFAULT_CONFIG_PATH = "/etc/cpvm/manager.conf"
@@ -153,14 +152,21 @@ def _security(reader: IniReader, data_dir: Path) -> SecurityConfig:
     )
 
 
+# [tokens] reconnect_window (cpvm/manager/resume.py). noVNC 1.3 retries once,
+# reconnect_delay (5 s by default) after a drop: a shorter window would never see its retry.
+RECONNECT_WINDOW = 30.0
+MIN_RECONNECT_WINDOW = 5.0
+MAX_RECONNECT_WINDOW = 3600.0
+
+
 def _reconnect_window(reader: IniReader) -> float:
-    window = reader.number("tokens", "reconnect_window", resume.DEFAULT_WINDOW, minimum=0.0)
-    if window and not resume.MIN_WINDOW <= window <= resume.MAX_WINDOW:
+    window = reader.number("tokens", "reconnect_window", RECONNECT_WINDOW, minimum=0.0)
+    if window and not MIN_RECONNECT_WINDOW <= window <= MAX_RECONNECT_WINDOW:
         raise reader.error(
             "tokens",
             "reconnect_window",
-            f"must be 0 (off) or from {resume.MIN_WINDOW:g} to {resume.MAX_WINDOW:g} seconds, "
-            f"got {window:g}",
+            f"must be 0 (off) or from {MIN_RECONNECT_WINDOW:g} to {MAX_RECONNECT_WINDOW:g} "
+            f"seconds, got {window:g}",
         )
     return window
 

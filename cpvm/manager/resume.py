@@ -22,12 +22,6 @@ from dataclasses import dataclass
 from cpvm.common.contract import is_unclean_end, looks_like_browser_hash
 from cpvm.manager.decisions import same_address
 
-# noVNC 1.3 retries every reconnect_delay (5 s by default): a window shorter than that
-# would rarely see a retry. The configuration allows 0 (off) or at least this.
-MIN_WINDOW = 5.0
-MAX_WINDOW = 3600.0
-DEFAULT_WINDOW = 30.0
-
 
 @dataclass(frozen=True)
 class Ended:
