@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet.task import Clock
 
 SAME = hashlib.sha256(b"profile A's console cookie").hexdigest()
@@ -75,7 +76,7 @@ async def console(managers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_same_browser_resumes_a_lost_session_which_keeps_its_id(console):
+async def test_the_same_browser_resumes_a_lost_session_which_keeps_its_id(console, log_events):
     c = await console(tokens={"reconnect_window": "30"})
     token, sid = await c.open()
     await c.end(sid, _report("client_lost", 100, 10))
@@ -85,6 +86,15 @@ async def test_the_same_browser_resumes_a_lost_session_which_keeps_its_id(consol
     assert body["session_id"] == sid and body["reconnects"] == 1
     record = await c.record(sid)
     assert record["reconnects"] == 1 and "ended" not in record and "endreason" not in record
+    # Counted as its own outcome, and audited as a resume, not a second acquisition.
+    metrics = await (await treq.get(c.m.base + "/metrics", persistent=False)).text()
+    assert 'cpvm_manager_redemptions_total{outcome="resumed"} 1.0' in metrics
+    events = [e for e in log_events if e.get("log_namespace") == "cpvm.audit"]
+    assert [e["event"] for e in events if e["event"] in ("acquired", "resumed")] == [
+        "acquired",
+        "resumed",
+    ]
+    assert events[-1]["session"] == sid and events[-1]["reconnects"] == 1
     # The second connection's end adds up with the first one's.
     await c.end(sid, _report("client_closed", 50, 5, reconnects=1))
     record = await c.record(sid)
