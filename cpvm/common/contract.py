@@ -47,6 +47,7 @@ class Outcome(Enum):
     ERROR = (1011, "internal error", "error")
     # Refused by cpvm itself, without asking the manager (docs/management-api.md).
     RATE_LIMITED = (4029, "too many failed console attempts from this address", "rate_limited")
+    AT_CAPACITY = (4503, "console proxy at capacity: try again in a moment", "at_capacity")
 
     @property
     def code(self) -> int:

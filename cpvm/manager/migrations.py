@@ -144,6 +144,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         7,
         [
+            # Signed URLs that open a console once (the legacy /client/console?cmd=access):
+            # the hash of each one's signature until its expires, so a replay is refused
+            # by every manager on the database (cpvm/manager/store/replays.py).
+            """CREATE TABLE spent_signatures (
+                signature_hash TEXT PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX spent_signatures_expires ON spent_signatures (expires_at)",
+        ],
+    ),
+    (
+        8,
+        [
             # The reconnect window (cpvm/manager/resume.py): the SHA-256 of the console
             # cookie of the browser that first redeemed the session, how often the session
             # was resumed since, and when last (reconciliation counts from then).

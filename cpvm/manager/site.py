@@ -7,7 +7,7 @@ readiness check): the database is the wiring's business (:func:`cpvm.manager.tap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -22,6 +22,7 @@ from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import ConsoleBroker
 from cpvm.manager.json_http import alive, tcp_peer
+from cpvm.manager.legacy_console import LegacyConsoleResource
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_api import ProxyApiResource
 from cpvm.manager.public_api import CommandHandler, PublicApiResource
@@ -103,16 +104,31 @@ def build_site(
     vm_commands: dict[str, CommandHandler] | None = None,
     create_limiter: KeyedRateLimiter | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
+    spend_signature: Callable[[str, float], Awaitable[bool]] | None = None,
 ) -> ManagerSite:
-    """The resource tree of the manager."""
+    """The resource tree of the manager; ``/client/console`` (the legacy console URL)
+    only with ``spend_signature``, which makes each of its signed URLs work once."""
     root = Resource()
     client = Resource()
+    limiter = create_limiter if create_limiter is not None else KeyedRateLimiter(0, 1, clock)
     client.putChild(
         b"api",
         PublicApiResource(
-            broker, authenticator, clock, trusted_proxies, metrics, create_limiter, vm_commands
+            broker, authenticator, clock, trusted_proxies, metrics, limiter, vm_commands
         ),
     )
+    if spend_signature is not None:
+        client.putChild(
+            b"console",
+            LegacyConsoleResource(
+                authenticator=authenticator,
+                broker=broker,
+                spend=spend_signature,
+                limiter=limiter,
+                trusted_proxies=trusted_proxies,
+                metrics=metrics,
+            ),
+        )
     root.putChild(b"client", client)
     root.putChild(b"proxy", ProxyApiResource(broker.proxies, metrics))
     root.putChild(b"healthz", HealthResource())

@@ -17,7 +17,7 @@ from cpvm.common.inifile import ConfigError
 from cpvm.common.ratelimit import KeyedRateLimiter
 from cpvm.common.tls import server_endpoint
 from cpvm.manager import db as dbmodule
-from cpvm.manager import vm_api
+from cpvm.manager import store, vm_api
 from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import DEFAULT_CONFIG_PATH, IPNetwork, ManagerConfig, load_config
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
@@ -206,6 +206,9 @@ def manager_site(
         vm_commands=vm_api.commands(database, box, clock),
         create_limiter=create_limiter,
         limits=limits,
+        spend_signature=lambda signature, expires: database.run(
+            store.spend_signature, signature, expires
+        ),
     )
 
 

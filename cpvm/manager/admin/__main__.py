@@ -4,4 +4,6 @@ import sys
 
 from cpvm.manager.admin import main
 
-sys.exit(main())
+# Guarded: importing the package's modules (as the packaging test does) must not run it.
+if __name__ == "__main__":
+    sys.exit(main())

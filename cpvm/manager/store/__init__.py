@@ -7,7 +7,7 @@ exactly the same SQL. Rows come back as small frozen dataclasses
 
 Callers use this package as one namespace (``store.heartbeat(tx, …)``); the SQL lives in
 one module per subject: accounts and API keys, VMs, proxies, instance bindings, sessions
-and tokens, housekeeping.
+and tokens, spent signatures (replays), housekeeping.
 """
 
 from cpvm.manager.store.accounts import (
@@ -53,6 +53,7 @@ from cpvm.manager.store.records import (
     TokenRow,
     Vm,
 )
+from cpvm.manager.store.replays import forget_expired_signatures, spend_signature
 from cpvm.manager.store.sessions import (
     end_session,
     get_session,
@@ -87,6 +88,7 @@ __all__ = [
     "create_proxy",
     "end_session",
     "find_account",
+    "forget_expired_signatures",
     "get_session",
     "get_vm",
     "heartbeat",
@@ -111,6 +113,7 @@ __all__ = [
     "revoke_proxy",
     "set_account_disabled",
     "set_proxy_policy",
+    "spend_signature",
     "token_row",
     "update_vm",
 ]

@@ -1,11 +1,13 @@
 """Housekeeping of console sessions: ending those whose proxy process is gone (a
 heartbeat that no longer lists them, a proxy gone silent), expiring unredeemed tokens,
-purging old token hashes and deleting records past retention."""
+purging old token hashes, deleting records past retention and spent signatures past
+their expiry."""
 
 from __future__ import annotations
 
 from cpvm.manager.db import Tx
 from cpvm.manager.store.records import CleanupResult, SessionRecord
+from cpvm.manager.store.replays import forget_expired_signatures
 from cpvm.manager.store.sessions import get_session
 
 
@@ -91,6 +93,7 @@ def cleanup(
         (now - retention,),
     )
     deleted = tx.rowcount
+    forget_expired_signatures(tx, now)
     return CleanupResult(lost, expired, purged + expired, deleted)
 
 
