@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpvm.common.addresses import parse_networks
+from cpvm.common.contract import VIEWER_POLICIES, ViewerPolicy
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
 from cpvm.manager.inventory_config import LibvirtSourceConfig, read_inventory
@@ -88,6 +89,8 @@ class SessionConfig:
     max_duration: int | None
     retention_days: float
     cleanup_interval: float
+    # Who may hold a VM's console at once, for VMs without their own policy.
+    viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,14 @@ def _reconnect_window(reader: IniReader) -> float:
     return window
 
 
+def _tokens(reader: IniReader) -> TokenConfig:
+    return TokenConfig(
+        ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
+        bind_client_address=reader.boolean("tokens", "bind_client_address", False),
+        reconnect_window=_reconnect_window(reader),
+    )
+
+
 def parse_config(reader: IniReader) -> ManagerConfig:
     """Read every setting from ``reader`` and refuse unknown ones."""
     data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
@@ -191,11 +202,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     )
     database = _database(reader, data_dir)
     security = _security(reader, data_dir)
-    tokens = TokenConfig(
-        ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
-        bind_client_address=reader.boolean("tokens", "bind_client_address", False),
-        reconnect_window=_reconnect_window(reader),
-    )
+    tokens = _tokens(reader)
     url_domain = reader.optional_string("proxies", "url_domain")
     if url_domain is not None and ("/" in url_domain or ":" in url_domain):
         raise reader.error("proxies", "url_domain", "expected a host name or *.domain pattern")
@@ -209,6 +216,9 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         max_duration=_optional_int(reader, "sessions", "max_duration", 1),
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
+        viewer_policy=ViewerPolicy(
+            reader.choice("sessions", "viewer_policy", "shared", VIEWER_POLICIES)
+        ),
     )
     metrics = read_metrics(reader)
     log = read_log(reader)

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cpvm.common.contract import WEBSOCKET_PATH
+from cpvm.common.contract import WEBSOCKET_PATH, ViewerPolicy
 from cpvm.common.tokens import new_token
 from cpvm.manager import store
 from cpvm.manager.db import Database
@@ -49,6 +49,8 @@ class BrokerSettings:
     # [tokens] reconnect_window: seconds after an unclean end during which the same
     # browser may resume its session with the used token (resume.py); 0: never.
     reconnect_window: float = 0.0
+    # For VMs without a viewer policy of their own.
+    viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Endpoint:
     success: bool
     details: str | None = None
     url: str | None = None
-    websocket: dict[str, str] | None = None
+    websocket: dict[str, Any] | None = None
     session_id: str | None = None
 
 
@@ -74,6 +76,7 @@ class _Issue:
     token: str
     session_id: str
     now: float
+    view_only: bool = False
 
 
 class ConsoleBroker:
@@ -100,9 +103,15 @@ class ConsoleBroker:
     # Public API -----------------------------------------------------------------------
 
     async def create_endpoint(
-        self, account: store.Account, vm_id: str, extra: str | None, creator_address: str
+        self,
+        account: store.Account,
+        vm_id: str,
+        extra: str | None,
+        creator_address: str,
+        view_only: bool = False,
     ) -> Endpoint:
-        """Pick a proxy, record a pending session with a fresh token, build the URL."""
+        """Pick a proxy, record a pending session with a fresh token, build the URL;
+        ``view_only``: a console that only watches (cpvm drops its input)."""
         issue = _Issue(
             account,
             vm_id,
@@ -112,6 +121,7 @@ class ConsoleBroker:
             new_token(),
             str(uuid.uuid4()),
             self._clock.seconds(),
+            view_only,
         )
         result = await self._db.run(self._create_in, issue)
         if isinstance(result, Endpoint):
@@ -136,6 +146,7 @@ class ConsoleBroker:
             proxy=proxy.name,
             client_address=creator_address,
             ttl=self.settings.token_ttl,
+            view_only=view_only,
         )
         return endpoint
 
@@ -171,6 +182,7 @@ class ConsoleBroker:
                 "proxy_id": chosen.proxy.id,
                 "creator_address": issue.creator_address,
                 "bound_address": issue.creator_address if settings.bind_client_address else None,
+                "view_only": issue.view_only,
             },
         )
         return self._endpoint(issue, chosen.proxy), chosen.proxy, vm
@@ -179,13 +191,26 @@ class ConsoleBroker:
         """The answer for a console on proxy ``p``: its URL and WebSocket details."""
         host = console_host(p.public_host or "", p.address, self.settings.url_domain)
         port = int(p.public_port or (8443 if p.tls else 8080))
-        websocket = {"host": host, "port": str(port), "path": WEBSOCKET_PATH, "token": issue.token}
+        websocket: dict[str, Any] = {
+            "host": host,
+            "port": str(port),
+            "path": WEBSOCKET_PATH,
+            "token": issue.token,
+        }
         if issue.extra is not None:
             websocket["extra"] = issue.extra
+        if issue.view_only:
+            websocket["viewonly"] = True  # a cpvm extension
         return Endpoint(
             True,
             url=console_url(
-                host, port, p.tls, issue.token, issue.extra, self.settings.reconnect_window > 0
+                host,
+                port,
+                p.tls,
+                issue.token,
+                issue.extra,
+                issue.view_only,
+                reconnect=self.settings.reconnect_window > 0,
             ),
             websocket=websocket,
             session_id=issue.session_id,

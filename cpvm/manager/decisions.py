@@ -40,9 +40,16 @@ def console_host(public_host: str, address: str | None, url_domain: str | None) 
 
 
 def console_url(
-    host: str, port: int, tls: bool, token: str, extra: str | None, reconnect: bool = False
+    host: str,
+    port: int,
+    tls: bool,
+    token: str,
+    extra: str | None,
+    view_only: bool = False,
+    reconnect: bool = False,
 ) -> str:
     """The stock-noVNC URL that opens ``ws[s]://host:port/websockify?token=…``;
+    ``view_only`` adds noVNC's own ``view_only=1`` (cpvm enforces it regardless);
     ``reconnect``: noVNC retries by itself after a lost connection (the reconnect window
     is on, docs/architecture.md section 7)."""
     path = f"{WEBSOCKET_PATH}?token={quote(token, safe='')}"
@@ -54,7 +61,7 @@ def console_url(
         f"{scheme}://{host_in_url}:{port}{NOVNC_PATH}?autoconnect=true"
         f"&reconnect={'true' if reconnect else 'false'}"
         f"&host={quote(host, safe='')}&port={port}&encrypt={1 if tls else 0}"
-        f"&path={quote(path, safe='')}&show_dot=true"
+        f"&path={quote(path, safe='')}&show_dot=true{'&view_only=1' if view_only else ''}"
     )
 
 

@@ -157,6 +157,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         8,
         [
+            # Viewer policy per VM (cpvm/manager/viewers.py): shared, exclusive or
+            # takeover; NULL follows the manager's [sessions] viewer_policy.
+            "ALTER TABLE vms ADD COLUMN viewer_policy TEXT",
+            # A view-only console (createConsoleEndpoint viewonly=true): cpvm drops its
+            # input, and it never counts against an exclusive or takeover policy.
+            "ALTER TABLE console_sessions ADD COLUMN view_only INTEGER NOT NULL DEFAULT 0",
+            # Why an end was requested ('terminated' by a person, 'taken_over' by a newer
+            # console): the heartbeat tells the proxy, which closes with that code.
+            "ALTER TABLE console_sessions ADD COLUMN end_request_reason TEXT",
+        ],
+    ),
+    (
+        9,
+        [
             # The reconnect window (cpvm/manager/resume.py): the SHA-256 of the console
             # cookie of the browser that first redeemed the session, how often the session
             # was resumed since, and when last (reconciliation counts from then).

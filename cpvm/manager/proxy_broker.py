@@ -18,9 +18,9 @@ from cpvm.common.contract import (
     REDEMPTION_ERROR_STATUS,
     is_unclean_end,
 )
-from cpvm.manager import instances, proxy_logs, resume_store, store
+from cpvm.manager import instances, proxy_logs, store, viewers
 from cpvm.manager.db import Database
-from cpvm.manager.decisions import check_redemption, parse_proxy_key
+from cpvm.manager.decisions import parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_admission import (
     ProxyForbidden,
@@ -28,8 +28,9 @@ from cpvm.manager.proxy_admission import (
     admit_proxy,
     check_instance,
 )
+from cpvm.manager.redemption_tx import Redeemed, redeem_in
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.session_audit import audit, log_ended, log_lost, log_resumed
+from cpvm.manager.session_audit import log_acquired, log_ended, log_lost
 
 if TYPE_CHECKING:
     from cpvm.manager.consoles import BrokerSettings
@@ -140,10 +141,11 @@ class ProxyBroker:
         proxy_id = key[0]
         now = self._clock.seconds()
         extra_hash = self._box.keyed_hash(extra) if extra else ""
-        # Not waiting for the disk saves a sync per console set-up; a power cut can forget
-        # the redemption, so the next start voids pending tokens (recover_sqlite).
-        error, row, resume = await self._db.run(
-            self._redeem_in,
+        # Not waiting for the disk saves a sync per console set-up; a power cut can forget the
+        # redemption, so the next start voids pending tokens (recover_sqlite).
+        error, result, why = await self._db.run(
+            redeem_in,
+            self.settings,
             key,
             sha256_hex(token),
             extra_hash,
@@ -156,9 +158,10 @@ class ProxyBroker:
         )
         if error == "instance_conflict":
             self._metrics.redemptions.labels(error).inc()
-            proxy_logs.instance_refused(self._metrics, proxy_id, "redeem", row)
+            proxy_logs.instance_refused(self._metrics, proxy_id, "redeem", result)
             return Redemption(error)
-        resumed = resume if isinstance(resume, resume_store.Resumed) else None
+        row = result.row if error is None else result
+        resumed = result.resumed if error is None else None
         outcome = error or ("resumed" if resumed else "ok")
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - now))
@@ -170,79 +173,22 @@ class ProxyBroker:
             account=row.account_name if row else None,
         )
         if error is not None:
-            why = f" (not resumed: {resume.why})" if resume is not None else ""
+            why = f" (not resumed: {why.why})" if why is not None else ""
             self._log.info(
                 "redemption refused: {outcome}{why}", outcome=outcome, why=why, **log_fields
             )
             return Redemption(error)
-        if resumed is not None:
-            log_resumed(resumed.reconnects, log_fields)
-        else:
-            audit.info(
-                "session {session} acquired from {client_address} via proxy {proxy}",
-                audit=True,
-                event="acquired",
-                waited=now - (row.expires_at - self.settings.token_ttl),
-                **log_fields,
-            )
-        return Redemption(None, self._redemption_body(row, resumed))
-
-    def _redeem_in(
-        self,
-        tx: Any,
-        key: tuple[str, str],
-        token_hash: str,
-        extra_hash: str,
-        client_address: str,
-        caller: tuple[int, str | None],
-        instance: str | None,
-        peer: str | None,
-        now: float,
-    ) -> tuple[str | None, Any, Any]:
-        """The redemption's transaction: ``(error or None, token row or instance event,
-        the resume's outcome or None)``; ``caller``: the proxy's worker process and the
-        browser's cookie hash."""
-        proxy_id = key[0]
-        worker, browser_hash = caller
-        admit_proxy(tx, key, peer)
-        # Before the token is looked at: a refused instance consumes nothing.
-        refusal = check_instance(
-            tx, proxy_id, instance, peer, now, self.settings.proxy_timeout, heartbeat=False
+        waited = now - (row.expires_at - self.settings.token_ttl)
+        log_acquired(
+            row, result.taken_over, waited, log_fields, resumed.reconnects if resumed else 0
         )
-        if refusal is not None and refusal.refused:
-            return "instance_conflict", refusal, None
-        row = store.token_row(tx, token_hash)
-        error = check_redemption(
-            row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address, now=now
-        )
-        if error == "token_used" and self.settings.reconnect_window > 0:
-            assert row is not None
-            error, resume = resume_store.resume_in(
-                tx,
-                row,
-                proxy_id=proxy_id,
-                extra_hash=extra_hash,
-                browser_hash=browser_hash,
-                client_address=client_address,
-                worker=worker,
-                now=now,
-                window=self.settings.reconnect_window,
-                max_duration=self.settings.max_duration,
-            )
-            return error, row, resume
-        if error is not None:
-            return error, row, None
-        assert row is not None
-        # Validated in this transaction; the conditional UPDATE decides who wins.
-        if not store.mark_acquired(tx, row.session_id, client_address, now, worker, browser_hash):
-            return "token_used", row, None
-        return None, row, None
+        return Redemption(None, self._redemption_body(result))
 
-    def _redemption_body(
-        self, row: store.TokenRow, resumed: resume_store.Resumed | None = None
-    ) -> dict[str, Any]:
-        """What the proxy needs to open the console (it holds the VNC password); for a
-        resume, what is left of the session's time limit and its reconnect count."""
+    def _redemption_body(self, redeemed: Redeemed) -> dict[str, Any]:
+        """What the proxy needs to open the console (it holds the VNC password), how the
+        viewer policy decided, and for a resume what is left of the session's time limit
+        and its reconnect count."""
+        row, resumed = redeemed.row, redeemed.resumed
         assert row.vm is not None
         vm = row.vm
         max_duration: float | None = self.settings.max_duration
@@ -262,6 +208,9 @@ class ProxyBroker:
             },
             "limits": {"idle_timeout": self.settings.idle_timeout, "max_duration": max_duration},
             "account": row.account_name,
+            "view_only": row.view_only,
+            "viewer_policy": redeemed.decision.policy.value,
+            "taken_over": redeemed.taken_over,
             "reconnects": resumed.reconnects if resumed is not None else 0,
         }
 
@@ -291,7 +240,7 @@ class ProxyBroker:
         if isinstance(result, instances.InstanceEvent):
             proxy_logs.instance_refused(self._metrics, proxy_id, "heartbeat", result)
             return result
-        terminate, records, lost, ceiling, takeover = result
+        terminate, taken_over, records, lost, ceiling, takeover = result
         self._clamps.note(proxy_id, beat["capacity"], ceiling)
         if takeover is not None:
             proxy_logs.takeover(proxy_id, takeover)
@@ -300,13 +249,19 @@ class ProxyBroker:
                 log_ended(self._metrics, record, report)
         for record in lost:
             log_lost(self._metrics, record, now)
-        return {"heartbeat_interval": self.settings.heartbeat_interval, "terminate": terminate}
+        return {
+            "heartbeat_interval": self.settings.heartbeat_interval,
+            "terminate": terminate,
+            # Those of terminate a newer console took over (close code 4023, not 4022).
+            "taken_over": taken_over,
+        }
 
     def _heartbeat_in(
         self, tx: Any, key: tuple[str, str], beat: dict[str, Any], peer: str | None, now: float
     ) -> Any:
         """The heartbeat's transaction: the refusing InstanceEvent, or
-        ``(terminate, ended records, lost records, capacity ceiling, takeover or None)``."""
+        ``(terminate, taken over, ended records, lost records, capacity ceiling, instance
+        takeover or None)``."""
         proxy_id = key[0]
         grace = self.settings.proxy_timeout
         admitted = admit_proxy(tx, key, peer)
@@ -333,7 +288,8 @@ class ProxyBroker:
         # Never more than the administrator's ceiling, whatever the key's holder claims.
         granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
         terminate = store.heartbeat(tx, proxy_id, granted, now)
-        return terminate, records, lost, admitted.max_capacity, event
+        taken_over = viewers.taken_over_among(tx, terminate)
+        return terminate, taken_over, records, lost, admitted.max_capacity, event
 
     # End reports ----------------------------------------------------------------------
 

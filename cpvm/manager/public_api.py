@@ -72,6 +72,7 @@ def _session_json(r: SessionRecord) -> dict[str, Any]:
             if r.terminate_requested_at is not None
             else None
         ),
+        "viewonly": True if r.view_only else None,  # a cpvm extension
     }
     # CloudStack leaves out what is null.
     return {k: v for k, v in fields.items() if v is not None}
@@ -236,8 +237,9 @@ class PublicApiResource(Resource):
         extra = p.get("token") or None  # an empty extra is no extra
         if extra is not None and len(extra) > MAX_EXTRA_LENGTH:
             raise ApiError(431, f"Invalid parameter token: at most {MAX_EXTRA_LENGTH} characters")
+        view_only = _bool_param("viewonly", p.get("viewonly"))
         endpoint: Endpoint = await self._broker.create_endpoint(
-            account, vm_id, extra, self._creator_address(request)
+            account, vm_id, extra, self._creator_address(request), view_only
         )
         body: dict[str, Any] = {"success": endpoint.success, "result": endpoint.success}
         if endpoint.success:

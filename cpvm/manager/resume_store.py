@@ -86,39 +86,7 @@ class Resumed:
     remaining_duration: float | None
 
 
-def try_resume(
-    tx: Tx,
-    session_id: str,
-    *,
-    browser_hash: str | None,
-    client_address: str,
-    worker: int,
-    now: float,
-    window: float,
-    max_duration: float | None,
-) -> Resumed | Verdict:
-    """Decide and, if so, reopen, in the redeeming transaction; the caller has made the
-    checks every redemption makes (proxy, ``extra``, address binding, VM, account)."""
-    facts = resume_facts(tx, session_id)
-    if facts is None:
-        return Verdict(False, "session never redeemed")
-    verdict = decide(
-        facts.ended,
-        browser_hash=browser_hash,
-        client_address=client_address,
-        now=now,
-        window=window,
-        max_duration=max_duration,
-    )
-    if not verdict.resume:
-        return verdict
-    reconnects = resume_session(tx, session_id, facts, client_address, worker, now)
-    if reconnects is None:
-        return Verdict(False, "changed by another redemption or report meanwhile")
-    return Resumed(reconnects, verdict.remaining_duration)
-
-
-def resume_in(
+def resume_verdict(
     tx: Tx,
     row: TokenRow,
     *,
@@ -126,14 +94,14 @@ def resume_in(
     extra_hash: str,
     browser_hash: str | None,
     client_address: str,
-    worker: int,
     now: float,
     window: float,
     max_duration: float | None,
-) -> tuple[str | None, Resumed | Verdict | None]:
-    """A used token presented again, in the redeeming transaction: ``(None, Resumed)``
-    when its session reopens, else the error to answer (``token_used``, or what every
-    redemption checks: proxy, ``extra``, bound address, VM, account) and why not."""
+) -> tuple[str | None, ResumeFacts | None, Verdict | None]:
+    """A used token presented again: ``(None, facts, verdict)`` when its session may
+    reopen (:func:`reopen` makes it so), else ``(error, None, verdict or None)``: what
+    every redemption checks (proxy, ``extra``, bound address, VM, account), or
+    ``token_used`` with why not. Reads only."""
     error = check_redemption(
         row,
         proxy_id=proxy_id,
@@ -143,15 +111,35 @@ def resume_in(
         resuming=True,
     )
     if error is not None:
-        return error, None
-    outcome = try_resume(
-        tx,
-        row.session_id,
+        return error, None, None
+    facts = resume_facts(tx, row.session_id)
+    if facts is None:
+        return "token_used", None, Verdict(False, "session never redeemed")
+    verdict = decide(
+        facts.ended,
         browser_hash=browser_hash,
         client_address=client_address,
-        worker=worker,
         now=now,
         window=window,
         max_duration=max_duration,
     )
-    return (None if isinstance(outcome, Resumed) else "token_used"), outcome
+    if not verdict.resume:
+        return "token_used", None, verdict
+    return None, facts, verdict
+
+
+def reopen(
+    tx: Tx,
+    session_id: str,
+    facts: ResumeFacts,
+    verdict: Verdict,
+    client_address: str,
+    worker: int,
+    now: float,
+) -> Resumed | Verdict:
+    """Make a "resume" verdict stick: the session reopened, or why another transaction
+    got there first."""
+    reconnects = resume_session(tx, session_id, facts, client_address, worker, now)
+    if reconnects is None:
+        return Verdict(False, "changed by another redemption or report meanwhile")
+    return Resumed(reconnects, verdict.remaining_duration)

@@ -1,5 +1,6 @@
-"""The audit lines and counters of a session's end, shared by the proxy side (end reports,
-reconciliation) and the cleanup (sessions of silent proxies)."""
+"""The audit lines and counters of a session's redemption and end, shared by the proxy
+side (redemptions, end reports, reconciliation) and the cleanup (sessions of silent
+proxies)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,44 @@ from cpvm.manager import store
 from cpvm.manager.metrics import ManagerMetrics
 
 audit = Logger(namespace="cpvm.audit")
+
+
+def log_acquired(
+    row: store.TokenRow,
+    taken_over: list[str],
+    waited: float,
+    fields: dict[str, Any],
+    reconnects: int = 0,
+) -> None:
+    """A token was redeemed (``reconnects`` > 0: it resumed its session after an unclean
+    end, cpvm/manager/resume.py); under viewer policy ``takeover`` it ended ``taken_over``."""
+    if reconnects:
+        audit.info(
+            "session {session} resumed from {client_address} via proxy {proxy} "
+            "(reconnect {reconnects})",
+            audit=True,
+            event="resumed",
+            reconnects=reconnects,
+            view_only=row.view_only,
+            **fields,
+        )
+    else:
+        audit.info(
+            "session {session} acquired from {client_address} via proxy {proxy}",
+            audit=True,
+            event="acquired",
+            waited=waited,
+            view_only=row.view_only,
+            **fields,
+        )
+    for old in taken_over:
+        audit.info(
+            "session {old} taken over by session {session}",
+            audit=True,
+            event="taken_over",
+            old=old,
+            **fields,
+        )
 
 
 def log_lost(metrics: ManagerMetrics, record: store.SessionRecord, now: float) -> None:
@@ -48,17 +87,4 @@ def log_ended(metrics: ManagerMetrics, record: store.SessionRecord, report: dict
         bytes_to_client=report["bytes_to_client"],
         bytes_to_server=report["bytes_to_server"],
         duration=report["duration"],
-    )
-
-
-def log_resumed(reconnects: int, fields: dict[str, Any]) -> None:
-    """A used token reopened its session after an unclean end (cpvm/manager/resume.py);
-    ``fields``: session, proxy, client address, VM, account."""
-    audit.info(
-        "session {session} resumed from {client_address} via proxy {proxy} "
-        "(reconnect {reconnects})",
-        audit=True,
-        event="resumed",
-        reconnects=reconnects,
-        **fields,
     )

@@ -41,6 +41,7 @@ _FIELD_PARAMS = {
     "vnccacertificate": "vnc_ca_pem",
     "vncservername": "vnc_server_name",
     "state": "state",
+    "viewerpolicy": "viewer_policy",  # shared | exclusive | takeover | default
 }
 # Given empty on update: remove the value.
 _CLEARABLE = ("vncpassword", "vnccacertificate", "vncservername")
@@ -69,6 +70,9 @@ def _vm_json(v: vm_store.VmListing, admin: bool) -> dict[str, Any]:
     }
     if admin:
         fields["source"] = v.source  # a cpvm extension: manual, api or libvirt:NAME
+        fields["viewerpolicy"] = (
+            v.viewer_policy or "default"
+        )  # cpvm: see updateConsoleVirtualMachine
     return {k: v for k, v in fields.items() if v is not None}  # CloudStack omits nulls
 
 

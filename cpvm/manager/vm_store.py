@@ -35,6 +35,8 @@ VM_COLUMNS: tuple[tuple[str, frozenset[str]], ...] = (
     ("vnc_server_name", frozenset({"edit", "discovery", "compare"})),
     ("hostname", frozenset({"discovery", "compare"})),
     ("hypervisor", frozenset({"discovery"})),
+    # Set by hand even on a discovered VM (libvirt knows no such thing; discovery leaves it).
+    ("viewer_policy", frozenset({"edit"})),
 )
 
 
@@ -60,6 +62,7 @@ class VmListing:
     hostname: str | None
     hypervisor: str | None
     created_at: float
+    viewer_policy: str | None = None  # None: the manager's default
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class OwnedVm:
 
 
 _LIST_COLS = (
-    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at"
+    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at, "
+    "v.viewer_policy"
 )
 
 
@@ -134,7 +138,7 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
     tx.execute(
         "INSERT INTO vms (id, name, owner_id, state, vnc_host, vnc_port, vnc_password_enc, "
         "vnc_tls, vnc_ca_pem, vnc_server_name, created_at, updated_at, source, hostname, "
-        "hypervisor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "hypervisor, viewer_policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             vm["id"],
             vm["name"],
@@ -151,6 +155,7 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
             source,
             vm.get("hostname"),
             vm.get("hypervisor"),
+            vm.get("viewer_policy"),
         ),
     )
 

@@ -8,8 +8,6 @@ needs of the configuration is a ``RegistrySettings``, built by :mod:`cpvm.proxy.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
@@ -17,9 +15,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import __version__, rfb
-from cpvm.common.contract import Outcome, end_reason, is_unclean_end
+from cpvm.common.contract import Outcome, end_reason
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.common.tokens import looks_like_token
+from cpvm.proxy.end_reports import ENDS_PER_HEARTBEAT, EndReports
 from cpvm.proxy.manager_client import (
     ManagerClient,
     ManagerUnavailable,
@@ -31,11 +30,6 @@ from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
 audit_log = Logger(namespace="cpvm.audit")
-
-# Up to this many end reports ride on one heartbeat; the queue is bounded for a manager
-# that stays away (the oldest are dropped, with a warning).
-ENDS_PER_HEARTBEAT = 500
-MAX_QUEUED_ENDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -94,11 +88,8 @@ class SessionRegistry:
         )
         self._quiet = LogThrottle(reactor)
         # End reports wait here for the next heartbeat, which carries them in one request.
-        self._ended: deque[dict] = deque()
+        self.ends = EndReports()
         self.accepting = True
-        # After an unclean end the manager must hear of it now, not at the next beat: the
-        # browser may resume it once it has (the wiring sets this to Heartbeat.soon).
-        self.on_unclean_end: Callable[[], None] = lambda: None
 
     # -- creation ------------------------------------------------------------------------
 
@@ -126,8 +117,8 @@ class SessionRegistry:
             token=token,
             extra=extra,
             client_address=client,
-            browser_hash=browser_hash,
-            redeem=self._redeem,
+            # The browser's cookie hash goes with the redemption only (browser_cookie.py).
+            redeem=lambda token, extra, client: self._redeem(token, extra, client, browser_hash),
             connect_upstream=self._connect_upstream,
             limits=self._settings.limits,
             hooks=self,
@@ -240,9 +231,13 @@ class SessionRegistry:
         audit_log.info(
             "console session acquired: vm {vm} by {client}",
             event="acquired",
-            reconnects=session.redemption.reconnects if session.redemption else 0,
+            reconnects=_reconnects(session),
             **session.log_fields(),
         )
+        taken = session.redemption.taken_over if session.redemption else ()
+        if taken:
+            # Before this console reaches the VNC server: the old one hears why it ends.
+            self.terminate(taken, Outcome.TAKEN_OVER, f"taken over by session {sid}")
 
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
@@ -253,8 +248,9 @@ class SessionRegistry:
             session=sid,
             reason=outcome.report,
         )
-        self._report_end(
-            session,
+        self.ends.add(
+            sid,
+            _reconnects(session),
             {
                 "reason": end_reason(outcome),
                 "client_address": session.client_address,
@@ -294,9 +290,8 @@ class SessionRegistry:
             self._audit_end(sid, session, outcome)
 
     def _log_end(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
-        # A lost browser is the network's doing, like a close: no warning.
-        usual = outcome.code in (1000, 1001) or outcome is Outcome.CLIENT_LOST
-        level = self._log.info if usual else self._log.warn
+        # 1006: the browser's connection was lost, the network's doing, like a close.
+        level = self._log.info if outcome.code in (1000, 1001, 1006) else self._log.warn
         if outcome is not Outcome.RATE_LIMITED:
             level(
                 "console session ended: {reason} ({detail})",
@@ -332,8 +327,9 @@ class SessionRegistry:
             duration=duration,
             **session.log_fields(),
         )
-        self._report_end(
-            session,
+        self.ends.add(
+            sid,
+            _reconnects(session),
             {
                 "reason": end_reason(outcome),
                 "client_address": session.client_address,
@@ -343,41 +339,32 @@ class SessionRegistry:
             },
         )
 
-    def _report_end(self, session: ConsoleSession, report: dict) -> None:
-        """Queue the end report of a redeemed session (with which of its connections
-        this was: the redemption's reconnect count) for the next heartbeat."""
-        if len(self._ended) >= MAX_QUEUED_ENDS:
-            dropped = self._ended.popleft()
-            self._log.warn(
-                "manager unreachable for long: dropped the end report of session {session}",
-                session=dropped["session_id"],
-            )
-        r = session.redemption
-        assert r is not None  # only redeemed sessions are reported
-        self._ended.append({"session_id": r.session_id, **report, "reconnects": r.reconnects})
-        if is_unclean_end(report["reason"]):
-            self.on_unclean_end()
-
     def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:
         """End reports for the next heartbeat (give them back if it fails)."""
-        return [self._ended.popleft() for _ in range(min(limit, len(self._ended)))]
+        return self.ends.take(limit)
 
     def give_back_ended(self, reports: list[dict]) -> None:
-        self._ended.extendleft(reversed(reports))
+        self.ends.give_back(reports)
 
     @property
     def ended_waiting(self) -> int:
-        return len(self._ended)
+        return len(self.ends)
 
     # -- control from outside ------------------------------------------------------------
 
-    def terminate(self, session_ids) -> int:
-        """End sessions an administrator terminated; returns how many were here."""
+    def terminate(
+        self,
+        session_ids,
+        outcome: Outcome = Outcome.TERMINATED,
+        detail: str = "terminated through the API",
+    ) -> int:
+        """End sessions an administrator terminated (or, with ``Outcome.TAKEN_OVER``, a
+        newer console replaced); returns how many were here."""
         n = 0
         for sid in session_ids:
             session = self._by_id.get(sid) if isinstance(sid, str) else None
-            if session is not None:
-                session.terminate(Outcome.TERMINATED, "terminated through the API")
+            if session is not None and not session.closed:
+                session.terminate(outcome, detail)
                 n += 1
         return n
 
@@ -398,3 +385,8 @@ class SessionRegistry:
         self.accepting = False
         for session in list(self._all):
             session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
+
+
+def _reconnects(session: ConsoleSession) -> int:
+    """Which connection of its session this one is (0: the first; the redemption says)."""
+    return session.redemption.reconnects if session.redemption else 0

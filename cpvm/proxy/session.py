@@ -35,8 +35,6 @@ from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
-# WebSocket close codes of a browser that broke the protocol.
-_PROTOCOL_ERRORS = (1002, 1007, 1009)
 
 
 @dataclass(frozen=True)
@@ -76,16 +74,12 @@ class ConsoleSession:
         token: str,
         extra: str | None,
         client_address: str,
-        redeem: Callable[[str, str | None, str, str | None], Deferred],
+        redeem: Callable[[str, str | None, str], Deferred],
         connect_upstream: Callable[["ConsoleSession", Redemption], Deferred],
         limits: SessionLimits,
         hooks: SessionHooks,
-        browser_hash: str | None = None,
     ):
         self._reactor = reactor
-        # SHA-256 of the browser's console cookie (cpvm/proxy/browser_cookie.py), sent with
-        # the redemption: the manager resumes a lost session only for the same browser.
-        self._browser_hash = browser_hash
         self._browser = browser
         self._token = token
         self._extra = extra
@@ -106,6 +100,7 @@ class ConsoleSession:
         self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
+        self._viewer: rfb.ViewOnlyFilter | None = None  # a view-only console's, once redeemed
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -136,7 +131,7 @@ class ConsoleSession:
         self._timer("handshake", self._limits.handshake_timeout, self._handshake_timed_out)
         self._send_browser(self._server_hs.start())
         token, self._token = self._token, ""  # the token is spent from here on
-        d = self._redeem(token, self._extra, self.client_address, self._browser_hash)
+        d = self._redeem(token, self._extra, self.client_address)
         d.addCallbacks(self._redeemed, self._redeem_failed)
         d.addErrback(self._bug)
 
@@ -147,10 +142,9 @@ class ConsoleSession:
         if self._relaying:
             if self._scanner.desynchronised:
                 self._last_input = self._reactor.seconds()
-            elif self._scanner.feed(data):
+            elif self._scanner.feed(data):  # a watcher's keys too: the person is there
                 self._last_input = self._reactor.seconds()
-            self.stats.bytes_to_server += len(data)
-            self._upstream.write(data)  # type: ignore[union-attr]
+            self._write_upstream(data)
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
         # machine, VNC socket): bound it, whoever the sender is.
@@ -165,20 +159,12 @@ class ConsoleSession:
             return
         self._send_browser(self._server_hs.receive(data))
 
-    def browser_closed(
-        self, code: int | None, clean: bool = True, local_code: int | None = None
-    ) -> None:
-        """The WebSocket closed: ``clean`` with a closing handshake, else the connection
-        was lost (``local_code``: the close code cpvm's side had sent, if any)."""
-        # Autobahn fails the connection with these codes when the browser broke the
-        # WebSocket protocol (bad framing, invalid UTF-8, message too big).
-        if code in _PROTOCOL_ERRORS or local_code in _PROTOCOL_ERRORS:
+    def browser_closed(self, code: int | None, clean: bool = True, sent: int | None = None) -> None:
+        """The WebSocket closed, ``clean``ly or lost (``sent``: cpvm's own close code, if any)."""
+        if {code, sent} & {1002, 1007, 1009}:  # Autobahn failed it: the browser broke the protocol
             outcome = Outcome.CLIENT_PROTOCOL_ERROR
-        elif not clean:
-            # No closing handshake: nobody meant to end it (docs/architecture.md section 7).
-            outcome = Outcome.CLIENT_LOST
         else:
-            outcome = Outcome.CLIENT_CLOSED
+            outcome = Outcome.CLIENT_CLOSED if clean else Outcome.CLIENT_LOST
         self.close(outcome, f"browser closed the WebSocket (code {code})", notify_browser=False)
 
     def browser_text_frame(self) -> None:
@@ -198,6 +184,7 @@ class ConsoleSession:
             self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
+        self._viewer = rfb.ViewOnlyFilter() if redemption.view_only else None
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
         self._timer(
@@ -297,7 +284,8 @@ class ConsoleSession:
             elif isinstance(event, rfb.ClientInitReceived):
                 self._browser_ready = True
                 assert self._upstream is not None
-                shared = event.shared and self._limits.shared
+                assert self.redemption is not None
+                shared = self.redemption.vnc_shared_flag(event.shared and self._limits.shared)
                 self._upstream.send_client_init(shared)
                 if event.leftover:
                     self._queue_for_upstream(event.leftover)
@@ -313,8 +301,19 @@ class ConsoleSession:
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
         # order, so these bytes can go now.
-        self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
+        self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        """To the VNC server; a view-only console's through its filter (fail closed)."""
+        if self._viewer is not None:
+            data = self._viewer.feed(data)
+            if self._viewer.failed:
+                self._upstream.write(data)  # type: ignore[union-attr]
+                kind = self._viewer.unknown_type
+                self.close(Outcome.VIEW_ONLY_UNCHECKABLE, f"browser message type {kind} unsizable")
+                return
+        self.stats.bytes_to_server += len(data)
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:

@@ -18,6 +18,8 @@ TARGETS: dict[str, str] = {
     "rfb_server": "tests.fuzz.rfb_targets:rfb_server",
     # browser -> cpvm after the handshake: the idle timer's cpvm.rfb.ClientInputScanner
     "rfb_input": "tests.fuzz.rfb_targets:rfb_input",
+    # browser -> cpvm on a view-only console: cpvm.rfb.ViewOnlyFilter
+    "rfb_viewonly": "tests.fuzz.rfb_targets:rfb_viewonly",
     # hostile VNC server -> cpvm: the client-side handshake (cpvm.rfb.RfbClientHandshake)
     "rfb_client": "tests.fuzz.rfb_targets:rfb_client",
     # public API query strings: parameters (cpvm.manager.public_api) and signatures (.signing)

@@ -210,11 +210,13 @@ VNC_COLUMNS = {
 
 
 def test_one_table_says_who_writes_each_vm_column(tx_runner):
-    # By hand: the VM's description, never what discovery reports about its host.
-    assert set(vm_store.EDITABLE) == {"name", "owner_id", "state"} | VNC_COLUMNS
-    # Discovery writes those and the host's name and hypervisor; it compares all but the
-    # hypervisor, and reads back exactly what it compares.
-    assert set(vm_store.DISCOVERED) == set(vm_store.EDITABLE) | {"hostname", "hypervisor"}
+    # By hand: the VM's description and its viewer policy, never what discovery reports
+    # about its host.
+    assert set(vm_store.EDITABLE) == {"name", "owner_id", "state", "viewer_policy"} | VNC_COLUMNS
+    # Discovery writes the description and the host's name and hypervisor, never the
+    # viewer policy; it compares all but the hypervisor, and reads back what it compares.
+    described = set(vm_store.EDITABLE) - {"viewer_policy"}
+    assert set(vm_store.DISCOVERED) == described | {"hostname", "hypervisor"}
     assert set(vm_store.COMPARED) == set(vm_store.DISCOVERED) - {"hypervisor"}
     assert tuple(f.name for f in fields(vm_store.OwnedVm)) == ("id", *vm_store.COMPARED)
     # The store's update refuses the columns it may not write, before any SQL.
@@ -226,7 +228,8 @@ def test_one_table_says_who_writes_each_vm_column(tx_runner):
     for column in ("hostname", "hypervisor", "source"):
         with pytest.raises(ValueError, match=column):
             tx_runner(store.update_vm, U1, {column: "x"}, now)
-    with pytest.raises(ValueError, match="source"):
-        tx_runner(vm_store.update_owned, U1, vm_store.MANUAL, {"source": "x"}, now)
+    for column in ("source", "viewer_policy"):
+        with pytest.raises(ValueError, match=column):
+            tx_runner(vm_store.update_owned, U1, vm_store.MANUAL, {column: "x"}, now)
     tx_runner(vm_store.update_owned, U1, vm_store.MANUAL, {"hypervisor": "KVM"}, now)
     assert tx_runner(vm_store.owned_vms, vm_store.MANUAL)[U1].name == "v"

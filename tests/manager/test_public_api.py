@@ -259,7 +259,7 @@ async def test_list_and_end_console_sessions(managers):
     status, body = await m.api(alice, "endConsoleSession", id=sid)
     assert status == 200 and body == {"endconsolesessionresponse": {"success": True}}
     beat = await m.heartbeat(key, active=[sid])
-    assert beat == {"heartbeat_interval": 5, "terminate": [sid]}
+    assert beat == {"heartbeat_interval": 5, "terminate": [sid], "taken_over": []}
     status, _ = await m.proxy(
         key,
         f"sessions/{sid}/end",

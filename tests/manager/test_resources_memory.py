@@ -221,6 +221,7 @@ def test_endpoint_redemption_and_end_through_both_apis(m, log_events):
     assert m.proxy(key, "v1/heartbeat", json.dumps(BEAT)).json() == {
         "heartbeat_interval": 5,
         "terminate": [],
+        "taken_over": [],
     }
     answer = m.api(alice, command="createConsoleEndpoint", virtualmachineid=vm)
     endpoint = envelope(answer, "createConsoleEndpoint")["consoleendpoint"]

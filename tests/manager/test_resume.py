@@ -62,12 +62,12 @@ class Console:
 
 @pytest_twisted.async_yield_fixture
 async def console(managers):
-    async def start(**sections):
+    async def start(vm_options=None, **sections):
         clock = Clock()
         clock.advance(START)
         m = await managers(sections=sections, clock=clock)
         alice = m.account("alice")
-        vm = m.vm("alice")
+        vm = m.vm("alice", **(vm_options or {}))
         key = m.proxy_key("p1")
         await m.heartbeat(key)
         return Console(m, clock, alice, vm, key)
@@ -250,3 +250,18 @@ async def test_cleanup_forgets_the_token_once_the_window_has_passed(console):
     status, body = await c.redeem(token)
     assert (status, body["error"]) == (404, "invalid_token")
     assert (await c.record(sid))["endreason"] == "client_lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resume_keeps_to_the_vms_exclusive_viewer_policy(console):
+    c = await console(vm_options={"viewer_policy": "exclusive"})
+    token, sid = await c.open()
+    await c.end(sid, _report("client_lost"))
+    # Meanwhile someone else opened the VM's console: the resume is refused, not spent.
+    other_token, other_sid = await c.open(OTHER)
+    status, body = await c.redeem(token)
+    assert (status, body["error"]) == (409, "console_in_use")
+    await c.end(other_sid, _report("client_closed"))
+    status, body = await c.redeem(token)
+    assert status == 200 and body["session_id"] == sid and body["reconnects"] == 1
+    assert body["viewer_policy"] == "exclusive"

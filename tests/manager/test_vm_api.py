@@ -42,7 +42,7 @@ async def test_list_shows_a_user_only_their_vms_in_cloudstack_names(managers):
     # Never where the VNC server is nor its password; no cpvm internals for users.
     text = json.dumps(body)
     assert "10.0.0.5" not in text and "5901" not in text and "vncsecret" not in text
-    assert "source" not in web
+    assert "source" not in web and "viewerpolicy" not in web
     # Bob cannot see Alice's VM, by id, by name or by naming her account.
     status, body = await m.api(bob, "listVirtualMachines", id=a1)
     assert (status, _vms(body)["count"]) == (200, 0)
@@ -55,6 +55,17 @@ async def test_list_shows_a_user_only_their_vms_in_cloudstack_names(managers):
     assert _vms(body)["count"] == 3
     status, body = await m.api(root, "listVirtualMachines", account="bob")
     assert [(v["id"], v["source"]) for v in _vms(body)["virtualmachine"]] == [(b1, "manual")]
+    # ... and the viewer policy, set through the API like any other field.
+    status, _ = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=b1, viewerpolicy="takeover"
+    )
+    assert status == 200
+    status, body = await m.api(root, "listVirtualMachines", id=b1)
+    assert _vms(body)["virtualmachine"][0]["viewerpolicy"] == "takeover"
+    status, body = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=b1, viewerpolicy="first"
+    )
+    assert status == 431 and "viewerpolicy" in json.dumps(body)
 
 
 @pytest_twisted.ensureDeferred

@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from cpvm.common.contract import Outcome
 from cpvm.common.inifile import IniReader
-from cpvm.proxy import registry
+from cpvm.proxy import end_reports, registry
 from cpvm.proxy.config import parse_config
 from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
@@ -324,7 +324,7 @@ def test_failed_beat_gives_its_end_reports_back_in_order():
 )
 def test_an_unclean_end_is_reported_at_once(outcome, at_once):
     p = Proxy()
-    p.sessions.on_unclean_end = p.heartbeat.soon  # as the wiring does
+    p.sessions.ends.on_unclean = p.heartbeat.soon  # as the wiring does
     p.heartbeat.startService()
     p.advance(0)
     p.end_sessions(1, outcome)
@@ -348,7 +348,7 @@ def test_end_reports_ride_in_batches():
 
 def test_queue_of_end_reports_is_bounded(monkeypatch, log_events):
     # A manager away for long: the oldest reports are dropped, with a line each.
-    monkeypatch.setattr(registry, "MAX_QUEUED_ENDS", 3)
+    monkeypatch.setattr(end_reports, "MAX_QUEUED_ENDS", 3)
     p = Proxy()
     p.stub.answers = [(503, {}), (200, {})]
     p.end_sessions(2)
@@ -392,3 +392,16 @@ def test_terminate_answer_ends_the_named_sessions_here():
     assert p.stub.beats[0]["active_sessions"] == ["s-1"]
     assert session.outcome is Outcome.TERMINATED
     assert p.sessions.ended_waiting == 1
+
+
+def test_taken_over_sessions_close_with_their_own_code():
+    p = Proxy()
+    session = p.sessions.create(Browser(), "t" * 43, None, "192.0.2.7")
+    session.start()
+    p.http.flush()
+    # In both lists, as the manager sends them (an older cpvm reads only "terminate").
+    sid = session.session_id
+    p.stub.answers = [(200, {"terminate": [sid], "taken_over": [sid, "s-elsewhere"]})]
+    p.heartbeat.startService()
+    p.advance(0)
+    assert session.outcome is Outcome.TAKEN_OVER

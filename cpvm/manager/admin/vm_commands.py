@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from cpvm.common.contract import VNC_TLS_MODES
+from cpvm.common.contract import VIEWER_POLICIES, VNC_TLS_MODES
 from cpvm.manager import store, vm_store, vms
 from cpvm.manager.admin.context import AdminContext, AdminError, Commands, table
 
@@ -56,6 +56,7 @@ def _vm_fields(a: argparse.Namespace) -> dict[str, Any]:
         ("vnc_port", "vnc_port"),
         ("vnc_tls", "tls"),
         ("state", "state"),
+        ("viewer_policy", "viewer_policy"),
     ):
         if getattr(a, option) is not None:
             raw[field] = getattr(a, option)
@@ -120,12 +121,24 @@ def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
             v.vnc_tls,
             v.vnc_server_name,
             sources.get(v.id),
+            v.viewer_policy or vms.POLICY_DEFAULT,
         )
         for v in ctx.run(store.list_vms)
     ]
     table(
         ctx,
-        ("id", "name", "owner", "state", "vnc", "password", "tls", "server_name", "source"),
+        (
+            "id",
+            "name",
+            "owner",
+            "state",
+            "vnc",
+            "password",
+            "tls",
+            "server_name",
+            "source",
+            "viewer_policy",
+        ),
         rows,
         a.json,
     )
@@ -146,6 +159,13 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
     p.add_argument("--ca-file", help="PEM CA certificate to verify the VNC server (x509)")
     p.add_argument("--server-name", help="name expected in the VNC server certificate")
     p.add_argument("--state", choices=vms.STATES)
+    p.add_argument(
+        "--viewer-policy",
+        choices=(*VIEWER_POLICIES, vms.POLICY_DEFAULT),
+        help="who may hold the console at once: shared (any number), exclusive (one full "
+        "console, view-only ones may join), takeover (a new full console ends the old); "
+        "default: the manager's [sessions] viewer_policy",
+    )
 
 
 def add_commands(top: Commands) -> None:

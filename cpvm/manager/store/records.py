@@ -55,6 +55,8 @@ class Vm:
     vnc_tls: str
     vnc_ca_pem: str | None
     vnc_server_name: str | None
+    #: shared, exclusive or takeover; None follows the manager's default.
+    viewer_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class SessionRecord:
     duration: float | None
     terminate_requested_at: float | None
     expires_at: float
+    view_only: bool = False
     # How often the session was resumed after an unclean end (cpvm/manager/resume.py).
     reconnects: int = 0
 
@@ -139,6 +142,8 @@ class TokenRow:
     # the VM: read in the redeeming transaction, so a change made after the token was
     # issued counts.
     account_ok: bool = True
+    # A view-only console (createConsoleEndpoint viewonly=true).
+    view_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,8 +167,9 @@ def account_from_row(row: tuple) -> Account:
 # A VM joined with its owner (``vms v JOIN accounts a``): the fields of Vm, in order.
 VM_COLS = (
     "v.id, v.name, v.owner_id, a.name, v.state, v.vnc_host, v.vnc_port, v.vnc_password_enc, "
-    "v.vnc_tls, v.vnc_ca_pem, v.vnc_server_name"
+    "v.vnc_tls, v.vnc_ca_pem, v.vnc_server_name, v.viewer_policy"
 )
+VM_FIELDS = VM_COLS.count(",") + 1
 
 
 def vm_from_row(row: tuple) -> Vm:
@@ -189,5 +195,5 @@ SESSION_COLS = (
     "s.id, s.created_at, s.account_id, s.account_name, s.vm_id, s.vm_name, s.proxy_id, p.name, "
     "s.creator_address, s.acquired_at, s.client_address, s.ended_at, s.end_reason, "
     "s.bytes_to_client, s.bytes_to_server, s.duration, s.terminate_requested_at, s.expires_at, "
-    "s.reconnects"
+    "s.view_only, s.reconnects"
 )

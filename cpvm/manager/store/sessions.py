@@ -6,15 +6,22 @@ from __future__ import annotations
 from typing import Any, cast
 
 from cpvm.manager.db import Tx
-from cpvm.manager.store.records import SESSION_COLS, VM_COLS, SessionRecord, TokenRow, vm_from_row
+from cpvm.manager.store.records import (
+    SESSION_COLS,
+    VM_COLS,
+    VM_FIELDS,
+    SessionRecord,
+    TokenRow,
+    vm_from_row,
+)
 
 
 def insert_session(tx: Tx, s: dict[str, Any]) -> None:
     """A new session for an issued token (only the token's hash is stored)."""
     tx.execute(
         "INSERT INTO console_sessions (id, token_hash, extra_hash, expires_at, created_at, "
-        "account_id, account_name, vm_id, vm_name, proxy_id, creator_address, bound_address) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "account_id, account_name, vm_id, vm_name, proxy_id, creator_address, bound_address, "
+        "view_only) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             s["id"],
             s["token_hash"],
@@ -28,6 +35,7 @@ def insert_session(tx: Tx, s: dict[str, Any]) -> None:
             s["proxy_id"],
             s["creator_address"],
             s["bound_address"],
+            1 if s.get("view_only") else 0,
         ),
     )
 
@@ -40,7 +48,8 @@ _TOKEN_COLS = (
 _TokenCols = tuple[str, str, float, float | None, float | None, str | None, str | None, str, str]
 _TOKEN_SQL = (
     # One statement for the token and its VM (the VM may have been removed since: LEFT JOIN).
-    f"SELECT {_TOKEN_COLS}, {VM_COLS}, sa.id, sa.disabled, sa.role FROM console_sessions s "
+    f"SELECT {_TOKEN_COLS}, {VM_COLS}, sa.id, sa.disabled, sa.role, s.view_only "
+    "FROM console_sessions s "
     "LEFT JOIN vms v ON v.id = s.vm_id LEFT JOIN accounts a ON a.id = v.owner_id "
     "LEFT JOIN accounts sa ON sa.id = s.account_id "
     "WHERE s.token_hash = ?"
@@ -52,14 +61,17 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
     row = tx.execute(_TOKEN_SQL, (token_hash,)).fetchone()
     if row is None:
         return None
-    vm = vm_from_row(row[9:20]) if row[9] is not None and row[12] is not None else None
-    account_id, disabled, role = row[20:23]
+    end = 9 + VM_FIELDS
+    vm = vm_from_row(row[9:end]) if row[9] is not None and row[12] is not None else None
+    account_id, disabled, role, view_only = row[end : end + 4]
     account_ok = (
         account_id is not None
         and not disabled
         and (role == "admin" or (vm is not None and vm.owner_id == account_id))
     )
-    return TokenRow(*cast(_TokenCols, row[:9]), vm=vm, account_ok=account_ok)
+    return TokenRow(
+        *cast(_TokenCols, row[:9]), vm=vm, account_ok=account_ok, view_only=bool(view_only)
+    )
 
 
 def mark_acquired(
