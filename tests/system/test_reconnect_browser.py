@@ -1,7 +1,7 @@
 """The reconnect window end to end: noVNC in Chromium, a TCP relay that cuts the
 connection under it, a real cpvm process, the real manager, Xvnc.
 
-The manager runs in the test's reactor (tests/manager/harness.py) with a 12 s window;
+The manager runs in the test's reactor (tests/manager/harness.py) with a 15 s window;
 cpvm is its own process and tells the manager the relay's port as its public one, so the
 console URL the manager answers leads Chromium through the relay. Playwright's sync API
 runs in one worker thread; it reaches the manager and the relay through the reactor.
@@ -26,7 +26,7 @@ from tests.relay import CuttableRelay
 
 pytestmark = pytest.mark.browser
 
-WINDOW = 12.0
+WINDOW = 15.0
 CONNECTED = "() => document.documentElement.classList.contains('noVNC_connected')"
 NOT_CONNECTED = "() => !document.documentElement.classList.contains('noVNC_connected')"
 # The refusal noVNC shows; it stays in the status element once shown (noVNC does not retry
@@ -34,6 +34,11 @@ NOT_CONNECTED = "() => !document.documentElement.classList.contains('noVNC_conne
 REFUSED = (
     "() => { const t = document.querySelector('#noVNC_status').textContent;"
     " return t.startsWith('New connection has been rejected') ? t : false; }"
+)
+# What the page shows: noVNC's state classes and its status line.
+STATUS = (
+    "() => [document.documentElement.className,"
+    " document.querySelector('#noVNC_status').textContent]"
 )
 # What a person does in noVNC's settings panel: the automatic reconnect and its delay.
 SET_RECONNECT = """([on, delay]) => {
@@ -48,7 +53,7 @@ SET_RECONNECT = """([on, delay]) => {
 
 @pytest_twisted.async_yield_fixture
 async def system(tmp_path, xvnc):
-    """The manager (window 12 s), an account with the Xvnc desktop as its VM, the relay,
+    """The manager (window 15 s), an account with the Xvnc desktop as its VM, the relay,
     and cpvm behind it."""
     m = await start_manager(
         tmp_path / "manager",
@@ -129,54 +134,64 @@ def _lost(record: dict) -> bool:
 
 
 def cut_resume_refuse(url: str, remote: Remote) -> dict:
-    """The whole story in one browser process; returns what each step saw."""
+    """The whole story in one browser process; returns what each step saw. A failing step
+    is named, with what the first browser's page and the session record said then."""
     from playwright.sync_api import sync_playwright
 
     seen: dict = {}
     with sync_playwright() as p:
         browser = launch_chromium(p)
+        a = None
         try:
             a = browser.new_context().new_page()
-            a.goto(url)
-            a.wait_for_function(CONNECTED, timeout=30_000)
-            first = remote.session()
-            seen["first"] = first
-            # 1. The connection is cut under the browser: noVNC reconnects by itself
-            #    (reconnect=true in the manager's URL, 5 s later) and the session resumes.
-            assert remote.cut() >= 1
-            a.wait_for_function(NOT_CONNECTED, timeout=10_000)
-            seen["resumed"] = remote.wait_for(
-                lambda r: r.get("reconnects") == 1 and "ended" not in r, "no resume"
-            )
-            a.wait_for_function(CONNECTED, timeout=30_000)
-            # 2. Cut again, with automatic reconnect off: another profile with the very
-            #    same URL, within the window, is refused.
-            a.evaluate(SET_RECONNECT, [False, 5000])
-            remote.cut()
-            seen["lost"] = remote.wait_for(_lost, "the unclean end never reached the manager")
-            other = browser.new_context()
-            b = other.new_page()
-            b.goto(url)
-            seen["other_profile"] = b.wait_for_function(REFUSED, timeout=30_000).json_value()
-            other.close()
-            seen["after_other"] = remote.session()
-            # 3. The first browser, still within the window (a person clicks Connect).
-            a.click("#noVNC_connect_button")
-            a.wait_for_function(CONNECTED, timeout=30_000)
-            seen["resumed_again"] = remote.session()
-            # 4. Cut once more; this time noVNC retries only after the window has passed.
-            a.evaluate(SET_RECONNECT, [True, int((WINDOW + 3) * 1000)])
-            remote.cut()
-            seen["lost_again"] = remote.wait_for(_lost, "the second unclean end")
-            lost_at = time.monotonic()
-            seen["too_late"] = a.wait_for_function(
-                REFUSED, timeout=int((WINDOW + 30) * 1000)
-            ).json_value()
-            seen["waited"] = time.monotonic() - lost_at
-            seen["final"] = remote.session()
+            _story(a, browser, url, remote, seen)
+        except Exception as e:
+            status = a.evaluate(STATUS) if a is not None else None
+            raise AssertionError(
+                f"after {sorted(seen)}: {e!r}; page: {status}; session: {remote.session()}"
+            ) from e
         finally:
             browser.close()
     return seen
+
+
+def _story(a, browser, url: str, remote: Remote, seen: dict) -> None:
+    """The steps, each recording what it saw in ``seen``."""
+    a.goto(url)
+    a.wait_for_function(CONNECTED, timeout=30_000)
+    first = remote.session()
+    seen["first"] = first
+    # 1. The connection is cut under the browser: noVNC reconnects by itself
+    #    (reconnect=true in the manager's URL, 5 s later) and the session resumes.
+    assert remote.cut() >= 1
+    a.wait_for_function(NOT_CONNECTED, timeout=10_000)
+    seen["resumed"] = remote.wait_for(
+        lambda r: r.get("reconnects") == 1 and "ended" not in r, "no resume"
+    )
+    a.wait_for_function(CONNECTED, timeout=30_000)
+    # 2. Cut again, with automatic reconnect off: another profile with the very
+    #    same URL, within the window, is refused.
+    a.evaluate(SET_RECONNECT, [False, 5000])
+    remote.cut()
+    seen["lost"] = remote.wait_for(_lost, "the unclean end never reached the manager")
+    other = browser.new_context()
+    b = other.new_page()
+    b.goto(url)
+    seen["other_profile"] = b.wait_for_function(REFUSED, timeout=30_000).json_value()
+    other.close()
+    seen["after_other"] = remote.session()
+    # 3. The first browser, still within the window (a person clicks Connect).
+    a.click("#noVNC_connect_button")
+    a.wait_for_function(CONNECTED, timeout=30_000)
+    seen["resumed_again"] = remote.session()
+    # 4. Cut once more; this time noVNC retries only after the window has passed.
+    a.evaluate(SET_RECONNECT, [True, int((WINDOW + 3) * 1000)])
+    cut_at = time.monotonic()
+    remote.cut()
+    seen["lost_again"] = remote.wait_for(_lost, "the second unclean end")
+    seen["too_late"] = a.wait_for_function(REFUSED, timeout=int((WINDOW + 30) * 1000)).json_value()
+    seen["waited"] = time.monotonic() - cut_at
+    seen["final"] = remote.session()
 
 
 @pytest_twisted.ensureDeferred
