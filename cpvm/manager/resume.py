@@ -9,8 +9,8 @@ the first redemption, and the new redemption must present the same hash. An inte
 URL does not carry it. With ``bind_client_address`` the address must match too.
 
 :func:`decide` only decides, on values read in the redeeming transaction; the caller makes
-the decision stick with one conditional UPDATE (``store.resume_session``), so two managers
-on one database cannot both resume the same end. A refusal is answered as today's reused
+the decision stick with one conditional UPDATE (``resume_store.resume_session``), so two
+managers on one database cannot both resume the same end. A refusal is answered as a reused
 token (``token_used``); :attr:`Verdict.why` is for the manager's log only.
 """
 
