@@ -168,6 +168,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE console_sessions ADD COLUMN end_request_reason TEXT",
         ],
     ),
+    (
+        9,
+        [
+            # The reconnect window (cpvm/manager/resume.py): the SHA-256 of the console
+            # cookie of the browser that first redeemed the session, how often the session
+            # was resumed since, and when last (reconciliation counts from then).
+            "ALTER TABLE console_sessions ADD COLUMN browser_hash TEXT",
+            "ALTER TABLE console_sessions ADD COLUMN reconnects INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE console_sessions ADD COLUMN resumed_at DOUBLE PRECISION",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

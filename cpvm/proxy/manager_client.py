@@ -91,6 +91,9 @@ class Redemption:
     viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
     #: Sessions this one took over (policy "takeover"): end them with close code 4023.
     taken_over: tuple[str, ...] = ()
+    #: How often this session was resumed before (0: a first redemption); cpvm echoes it
+    #: in the end report so the manager can tell a late report of an earlier connection.
+    reconnects: int = 0
 
     def vnc_shared_flag(self, requested: bool) -> bool:
         """The ClientInit shared flag towards the VNC server (see the contract's rule)."""
@@ -152,10 +155,18 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
+        reconnects=_count(body, "reconnects"),
         view_only=view_only,
         viewer_policy=policy,
         taken_over=tuple(taken_over),
     )
+
+
+def _count(obj: dict, key: str) -> int:
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} is not a count")
+    return value
 
 
 def _string(obj: dict, key: str) -> str:
@@ -233,22 +244,31 @@ class ManagerClient:
             return Deferred.fromCoroutine(_noop())
         return self.pool.closeCachedConnections()
 
-    def redeem(self, token: str, extra: str | None, client_address: str) -> Deferred:
-        """Redeem ``token``: fires with a ``Redemption`` or fails with ``RedemptionRefused``
-        or ``ManagerUnavailable``."""
-        return ensureDeferred(self._redeem(token, extra, client_address))
+    def redeem(
+        self,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        browser_hash: str | None = None,
+    ) -> Deferred:
+        """Redeem ``token`` for the browser whose console cookie hashes to
+        ``browser_hash`` (cpvm/proxy/browser_cookie.py): fires with a ``Redemption`` or
+        fails with ``RedemptionRefused`` or ``ManagerUnavailable``."""
+        return ensureDeferred(self._redeem(token, extra, client_address, browser_hash))
 
-    async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
-        status, body = await self._post(
-            "/proxy/v1/redeem",
-            {
-                "token": token,
-                "extra": extra,
-                "client_address": client_address,
-                "worker": self._worker,
-                "instance": self._instance,
-            },
-        )
+    async def _redeem(
+        self, token: str, extra: str | None, client_address: str, browser_hash: str | None
+    ) -> Redemption:
+        request = {
+            "token": token,
+            "extra": extra,
+            "client_address": client_address,
+            "worker": self._worker,
+            "instance": self._instance,
+        }
+        if browser_hash is not None:
+            request["browser_hash"] = browser_hash
+        status, body = await self._post("/proxy/v1/redeem", request)
         if status == 200:
             try:
                 return parse_redemption(body)
