@@ -10,6 +10,7 @@ through them. The token's own shape is in :mod:`cpvm.common.tokens`.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 
@@ -18,6 +19,10 @@ class Outcome(Enum):
 
     SERVER_CLOSED = (1000, "session ended (VNC server closed)", "server_closed")
     CLIENT_CLOSED = (1000, "session ended (browser closed)", "client_closed")
+    # The browser's connection went away without a WebSocket closing handshake (a network
+    # blip, a dead peer found by the auto-ping): nothing is sent, the code is never on the
+    # wire (1006 is reserved for exactly this).
+    CLIENT_LOST = (1006, "connection to the browser lost", "client_lost")
     SHUTDOWN = (1001, "cpvm is shutting down", "shutdown")
     TEXT_FRAME = (1003, "text frames are not accepted (binary RFB only)", "client_protocol_error")
     INVALID_TOKEN = (4001, "invalid token", "invalid_token")
@@ -80,6 +85,7 @@ class Outcome(Enum):
 SESSION_END_OUTCOMES = (
     Outcome.SERVER_CLOSED,
     Outcome.CLIENT_CLOSED,
+    Outcome.CLIENT_LOST,
     Outcome.SHUTDOWN,
     Outcome.TEXT_FRAME,
     Outcome.VNC_UNREACHABLE,
@@ -101,6 +107,34 @@ END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
 def end_reason(outcome: Outcome) -> str:
     """The reason a proxy reports for a redeemed session that ended with ``outcome``."""
     return outcome.report if outcome in SESSION_END_OUTCOMES else Outcome.ERROR.report
+
+
+# The manager's own end reason for a session whose proxy process went away without
+# reporting it (it crashed, or stopped heartbeating).
+PROXY_LOST = "proxy_lost"
+
+# Unclean ends: the session stopped without anyone meaning it to (the browser's connection
+# was lost, the proxy restarted or crashed). Only these may be resumed within
+# ``[tokens] reconnect_window`` (docs/security.md). Every other end is clean and final: the
+# person closed the console, the VNC server closed it, a limit (idle, duration) or an
+# administrator ended it, or set-up failed.
+UNCLEAN_END_REASONS = frozenset({Outcome.CLIENT_LOST.report, Outcome.SHUTDOWN.report, PROXY_LOST})
+
+
+def is_unclean_end(reason: str | None) -> bool:
+    """Whether a session that ended with ``reason`` may be resumed by the same browser."""
+    return reason in UNCLEAN_END_REASONS
+
+
+# What cpvm sends with a redemption to prove which browser it serves: the SHA-256 (64
+# lowercase hex digits) of the browser's console cookie (cpvm/proxy/browser_cookie.py). The
+# manager binds the first redemption to it and stores only the hash.
+BROWSER_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def looks_like_browser_hash(value: object) -> bool:
+    """Whether ``value`` has the shape of a browser cookie hash."""
+    return isinstance(value, str) and BROWSER_HASH.fullmatch(value) is not None
 
 
 # The manager's redemption errors (docs/management-api.md): HTTP status, the message the

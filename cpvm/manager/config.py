@@ -67,6 +67,9 @@ class TokenConfig:
 
     ttl: float
     bind_client_address: bool
+    # Seconds after an unclean end during which the same browser may resume the session
+    # with its used token (cpvm/manager/resume.py); 0: never.
+    reconnect_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,33 @@ def _recording(reader: IniReader) -> RecordingPolicyConfig:
     )
 
 
+# [tokens] reconnect_window (cpvm/manager/resume.py). noVNC 1.3 retries once,
+# reconnect_delay (5 s by default) after a drop: a shorter window would never see its retry.
+RECONNECT_WINDOW = 30.0
+MIN_RECONNECT_WINDOW = 5.0
+MAX_RECONNECT_WINDOW = 3600.0
+
+
+def _reconnect_window(reader: IniReader) -> float:
+    window = reader.number("tokens", "reconnect_window", RECONNECT_WINDOW, minimum=0.0)
+    if window and not MIN_RECONNECT_WINDOW <= window <= MAX_RECONNECT_WINDOW:
+        raise reader.error(
+            "tokens",
+            "reconnect_window",
+            f"must be 0 (off) or from {MIN_RECONNECT_WINDOW:g} to {MAX_RECONNECT_WINDOW:g} "
+            f"seconds, got {window:g}",
+        )
+    return window
+
+
+def _tokens(reader: IniReader) -> TokenConfig:
+    return TokenConfig(
+        ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
+        bind_client_address=reader.boolean("tokens", "bind_client_address", False),
+        reconnect_window=_reconnect_window(reader),
+    )
+
+
 def parse_config(reader: IniReader) -> ManagerConfig:
     """Read every setting from ``reader`` and refuse unknown ones."""
     data_dir = reader.path("server", "data_dir", DEFAULT_DATA_DIR)
@@ -193,10 +223,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
     )
     database = _database(reader, data_dir)
     security = _security(reader, data_dir)
-    tokens = TokenConfig(
-        ttl=reader.number("tokens", "ttl", 60.0, minimum=5.0, maximum=3600.0),
-        bind_client_address=reader.boolean("tokens", "bind_client_address", False),
-    )
+    tokens = _tokens(reader)
     url_domain = reader.optional_string("proxies", "url_domain")
     if url_domain is not None and ("/" in url_domain or ":" in url_domain):
         raise reader.error("proxies", "url_domain", "expected a host name or *.domain pattern")

@@ -46,6 +46,9 @@ class BrokerSettings:
     idle_timeout: int | None
     max_duration: int | None
     retention_seconds: float
+    # [tokens] reconnect_window: seconds after an unclean end during which the same
+    # browser may resume its session with the used token (resume.py); 0: never.
+    reconnect_window: float = 0.0
     # For VMs without a viewer policy of their own.
     viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
     # [recording] default: whether a session is recorded when neither its VM nor its
@@ -203,7 +206,15 @@ class ConsoleBroker:
             websocket["viewonly"] = True  # a cpvm extension
         return Endpoint(
             True,
-            url=console_url(host, port, p.tls, issue.token, issue.extra, issue.view_only),
+            url=console_url(
+                host,
+                port,
+                p.tls,
+                issue.token,
+                issue.extra,
+                issue.view_only,
+                reconnect=self.settings.reconnect_window > 0,
+            ),
             websocket=websocket,
             session_id=issue.session_id,
         )
@@ -263,6 +274,7 @@ class ConsoleBroker:
             self.settings.proxy_timeout,
             EXPIRED_TOKEN_GRACE,
             self.settings.retention_seconds,
+            self.settings.reconnect_window,
         )
         for record in result.lost:
             log_lost(self._metrics, record, now)

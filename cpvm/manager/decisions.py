@@ -40,17 +40,26 @@ def console_host(public_host: str, address: str | None, url_domain: str | None) 
 
 
 def console_url(
-    host: str, port: int, tls: bool, token: str, extra: str | None, view_only: bool = False
+    host: str,
+    port: int,
+    tls: bool,
+    token: str,
+    extra: str | None,
+    view_only: bool = False,
+    reconnect: bool = False,
 ) -> str:
     """The stock-noVNC URL that opens ``ws[s]://host:port/websockify?token=…``;
-    ``view_only`` adds noVNC's own ``view_only=1`` (cpvm enforces it regardless)."""
+    ``view_only`` adds noVNC's own ``view_only=1`` (cpvm enforces it regardless);
+    ``reconnect``: noVNC retries by itself after a lost connection (the reconnect window
+    is on, docs/architecture.md section 7)."""
     path = f"{WEBSOCKET_PATH}?token={quote(token, safe='')}"
     if extra is not None:
         path += f"&extra={quote(extra, safe='')}"
     scheme = "https" if tls else "http"
     host_in_url = f"[{host}]" if ":" in host else host
     return (
-        f"{scheme}://{host_in_url}:{port}{NOVNC_PATH}?autoconnect=true&reconnect=false"
+        f"{scheme}://{host_in_url}:{port}{NOVNC_PATH}?autoconnect=true"
+        f"&reconnect={'true' if reconnect else 'false'}"
         f"&host={quote(host, safe='')}&port={port}&encrypt={1 if tls else 0}"
         f"&path={quote(path, safe='')}&show_dot=true{'&view_only=1' if view_only else ''}"
     )
@@ -77,19 +86,25 @@ def check_redemption(
     extra_hash: str,
     client_address: str,
     now: float,
+    resuming: bool = False,
 ) -> str | None:
-    """The contract's checks in order; returns the error code or None. Never writes."""
+    """The contract's checks in order; returns the error code or None. Never writes.
+
+    ``resuming``: the token was redeemed before and may reopen its session (resume.py):
+    being used, or past its TTL, is no error then; everything else is checked the same.
+    """
     if row is None:
         return "invalid_token"
     if row.proxy_id != proxy_id:
         return "wrong_proxy"
-    if row.acquired_at is not None:
-        return "token_used"
-    if row.ended_at is not None or now > row.expires_at:
-        return "expired_token"
+    if not resuming:
+        if row.acquired_at is not None:
+            return "token_used"
+        if row.ended_at is not None or now > row.expires_at:
+            return "expired_token"
     if not hmac.compare_digest((row.extra_hash or "").encode("ascii"), extra_hash.encode("ascii")):
         return "extra_mismatch"
-    if row.bound_address is not None and not _same_address(row.bound_address, client_address):
+    if row.bound_address is not None and not same_address(row.bound_address, client_address):
         return "address_mismatch"
     if row.vm is None or row.vm.state != "Running":
         return "vm_unavailable"
@@ -113,7 +128,9 @@ def parse_proxy_key(key: str) -> tuple[str, str] | None:
     return proxy_id, sha256_hex(secret)
 
 
-def _same_address(a: str, b: str) -> bool:
+def same_address(a: str, b: str) -> bool:
+    """Two client addresses name the same host (``::ffff:1.2.3.4`` is not ``1.2.3.4``:
+    cpvm reports what it saw, the same way each time)."""
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:

@@ -171,6 +171,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         9,
         [
+            # The reconnect window (cpvm/manager/resume.py): the SHA-256 of the console
+            # cookie of the browser that first redeemed the session, how often the session
+            # was resumed since, and when last (reconciliation counts from then).
+            "ALTER TABLE console_sessions ADD COLUMN browser_hash TEXT",
+            "ALTER TABLE console_sessions ADD COLUMN reconnects INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE console_sessions ADD COLUMN resumed_at DOUBLE PRECISION",
+        ],
+    ),
+    (
+        10,
+        [
             # Session recording (docs/recording.md). The policy per VM and per account:
             # 'always', 'never' or NULL (the [recording] default decides).
             "ALTER TABLE vms ADD COLUMN record_policy TEXT",

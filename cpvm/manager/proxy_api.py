@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from cpvm.common.contract import END_REASONS, MAX_CAPACITY
+from cpvm.common.contract import END_REASONS, MAX_CAPACITY, looks_like_browser_hash
 from cpvm.manager import instances
 from cpvm.manager.json_http import send_json, tcp_peer
 from cpvm.manager.metrics import ManagerMetrics
@@ -32,6 +32,7 @@ from cpvm.manager.recording_api import (
 MAX_ENDED_PER_BEAT = 1000
 MAX_DURATION = 10**9  # seconds (31 years) in an end report
 MAX_WORKER = 1023
+MAX_RECONNECTS = 10**9  # resumes of one session, as an end report may name them
 MAX_BODY = 1024 * 1024
 
 # What a handler returns: the coroutine that does the work and gives (status, answer).
@@ -189,7 +190,12 @@ class ProxyApiResource(Resource):
         address = _string(body, "client_address", maximum=100)
         assert token is not None and address is not None
         worker = _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0
-        return self._redeem_call(key, token, extra, address, worker, _instance(body), peer)
+        browser_hash = body.get("browser_hash")
+        if browser_hash is not None and not looks_like_browser_hash(browser_hash):
+            raise _bad("browser_hash must be 64 lowercase hex digits (a SHA-256) or null")
+        return self._redeem_call(
+            key, token, extra, address, worker, _instance(body), peer, browser_hash
+        )
 
     async def _redeem_call(
         self,
@@ -200,9 +206,10 @@ class ProxyApiResource(Resource):
         worker: int,
         instance: str | None,
         peer: str | None,
+        browser_hash: str | None = None,
     ) -> tuple[int, Any]:
         result = await self._broker.redeem_with_key(
-            key, token, extra, address, worker, instance, peer
+            key, token, extra, address, worker, instance, peer, browser_hash
         )
         if result.error is None:
             return 200, result.body
@@ -302,7 +309,7 @@ def _end_report(body: Any) -> dict:
         or not 0 <= duration <= MAX_DURATION
     ):
         raise _bad(f"duration must be a number of seconds from 0 to {MAX_DURATION}")
-    return {
+    report = {
         "reason": reason,
         "client_address": _string(body, "client_address", optional=True, maximum=100),
         "bytes_to_client": _int(body, "bytes_to_client"),
@@ -310,6 +317,10 @@ def _end_report(body: Any) -> dict:
         "duration": float(duration),
         "recording": _recording_summary(body),
     }
+    if body.get("reconnects") is not None:
+        # Which connection of a resumed session ended (absent: an older cpvm, the current).
+        report["reconnects"] = _int(body, "reconnects", 0, MAX_RECONNECTS)
+    return report
 
 
 def _recording_summary(body: dict) -> dict | None:

@@ -13,10 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.logger import Logger
 
-from cpvm.common.contract import REDEMPTION_ERROR_MESSAGE, REDEMPTION_ERROR_STATUS
-from cpvm.manager import instances, store, viewers
+from cpvm.common.contract import (
+    REDEMPTION_ERROR_MESSAGE,
+    REDEMPTION_ERROR_STATUS,
+    is_unclean_end,
+)
+from cpvm.manager import instances, proxy_logs, store, viewers
 from cpvm.manager.db import Database
-from cpvm.manager.decisions import check_redemption, parse_proxy_key
+from cpvm.manager.decisions import parse_proxy_key
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_admission import (
     ProxyForbidden,
@@ -24,6 +28,7 @@ from cpvm.manager.proxy_admission import (
     admit_proxy,
     check_instance,
 )
+from cpvm.manager.redemption_tx import Redeemed, redeem_in
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
 from cpvm.manager.session_audit import log_acquired, log_ended, log_lost
 from cpvm.manager.store import recordings as recording_store
@@ -65,9 +70,7 @@ class ProxyBroker:
         self._clock = clock
         self.settings = settings
         self._metrics = metrics
-        # Proxy id -> the claimed capacity last logged as clamped (one line per change,
-        # not one per heartbeat).
-        self._clamped: dict[str, int] = {}
+        self._clamps = proxy_logs.ClampLog()
 
     async def _with_key(
         self, key: str, peer: str | None, work: Callable[[tuple[str, str]], Awaitable[T]]
@@ -113,11 +116,15 @@ class ProxyBroker:
         worker: int = 0,
         instance: str | None = None,
         peer: str | None = None,
+        browser_hash: str | None = None,
     ) -> Redemption:
-        """One atomic check-and-mark of a token for the proxy holding ``key``."""
+        """One atomic check-and-mark of a token for the proxy holding ``key``, for the
+        browser whose console cookie hashes to ``browser_hash`` (it may resume later)."""
 
         def redeem(parsed: tuple[str, str]) -> Awaitable[Redemption]:
-            return self._redeem(parsed, token, extra, client_address, worker, instance, peer)
+            return self._redeem(
+                parsed, token, extra, client_address, worker, instance, peer, browser_hash
+            )
 
         return await self._with_key(key, peer, redeem)
 
@@ -130,19 +137,21 @@ class ProxyBroker:
         worker: int,
         instance: str | None,
         peer: str | None,
+        browser_hash: str | None,
     ) -> Redemption:
         proxy_id = key[0]
         now = self._clock.seconds()
         extra_hash = self._box.keyed_hash(extra) if extra else ""
         # Not waiting for the disk saves a sync per console set-up; a power cut can forget the
         # redemption, so the next start voids pending tokens (recover_sqlite).
-        error, row = await self._db.run(
-            self._redeem_in,
+        error, result, why = await self._db.run(
+            redeem_in,
+            self.settings,
             key,
             sha256_hex(token),
             extra_hash,
             client_address,
-            worker,
+            (worker, browser_hash),
             instance,
             peer,
             now,
@@ -150,10 +159,11 @@ class ProxyBroker:
         )
         if error == "instance_conflict":
             self._metrics.redemptions.labels(error).inc()
-            self._instance_refused(proxy_id, "redeem", row)
+            proxy_logs.instance_refused(self._metrics, proxy_id, "redeem", result)
             return Redemption(error)
-        row, decision, taken_over, recorded = row if error is None else (row, None, [], False)
-        outcome = error or "ok"
+        row = result.row if error is None else result
+        resumed = result.resumed if error is None else None
+        outcome = error or ("resumed" if resumed else "ok")
         self._metrics.redemptions.labels(outcome).inc()
         self._metrics.redemption_seconds.observe(max(0.0, self._clock.seconds() - now))
         log_fields = dict(
@@ -162,71 +172,30 @@ class ProxyBroker:
             session=row.session_id if row else None,
             vm=row.vm_id if row else None,
             account=row.account_name if row else None,
-            recorded=recorded,
+            recorded=error is None and result.recorded,
         )
         if error is not None:
-            self._log.info("redemption refused: {outcome}", outcome=outcome, **log_fields)
+            why = f" (not resumed: {why.why})" if why is not None else ""
+            self._log.info(
+                "redemption refused: {outcome}{why}", outcome=outcome, why=why, **log_fields
+            )
             return Redemption(error)
-        assert decision is not None
-        log_acquired(row, taken_over, now - (row.expires_at - self.settings.token_ttl), log_fields)
-        body = self._redemption_body(row, recorded)
-        body.update(
-            view_only=row.view_only, viewer_policy=decision.policy.value, taken_over=taken_over
+        waited = now - (row.expires_at - self.settings.token_ttl)
+        log_acquired(
+            row, result.taken_over, waited, log_fields, resumed.reconnects if resumed else 0
         )
-        return Redemption(None, body)
+        return Redemption(None, self._redemption_body(result))
 
-    def _redeem_in(
-        self,
-        tx: Any,
-        key: tuple[str, str],
-        token_hash: str,
-        extra_hash: str,
-        client_address: str,
-        worker: int,
-        instance: str | None,
-        peer: str | None,
-        now: float,
-    ) -> tuple[str | None, Any]:
-        """The redemption's transaction: ``(error, token row or instance event)``, or
-        ``(None, (token row, viewer decision, sessions taken over, recorded))``."""
-        proxy_id = key[0]
-        admit_proxy(tx, key, peer)
-        # Before the token is looked at: a refused instance consumes nothing.
-        refusal = check_instance(
-            tx, proxy_id, instance, peer, now, self.settings.proxy_timeout, heartbeat=False
-        )
-        if refusal is not None and refusal.refused:
-            return "instance_conflict", refusal
-        row = store.token_row(tx, token_hash)
-        error = check_redemption(
-            row, proxy_id=proxy_id, extra_hash=extra_hash, client_address=client_address, now=now
-        )
-        if error is not None:
-            return error, row
-        assert row is not None and row.vm is not None
-        # The VM's viewer policy, atomic with the single use (viewers.py locks the VM's
-        # row on PostgreSQL when the policy is not shared); a refusal spends nothing.
-        decision = viewers.check(
-            tx,
-            row.vm_id,
-            row.session_id,
-            row.view_only,
-            row.vm.viewer_policy,
-            self.settings.viewer_policy,
-        )
-        if decision.error is not None:
-            return decision.error, row
-        # Validated in this transaction; the conditional UPDATE decides who wins.
-        if not store.mark_acquired(tx, row.session_id, client_address, now, worker):
-            return "token_used", row
-        taken_over = viewers.take_over(tx, decision, row.vm_id, row.session_id, now)
-        recorded = recording_store.decide(tx, row.session_id, self.settings.record_default)
-        return None, (row, decision, taken_over, recorded)
-
-    def _redemption_body(self, row: store.TokenRow, recorded: bool) -> dict[str, Any]:
-        """What the proxy needs to open the console (it holds the VNC password)."""
+    def _redemption_body(self, redeemed: Redeemed) -> dict[str, Any]:
+        """What the proxy needs to open the console (it holds the VNC password), how the
+        viewer policy decided, and for a resume what is left of the session's time limit
+        and its reconnect count."""
+        row, resumed = redeemed.row, redeemed.resumed
         assert row.vm is not None
         vm = row.vm
+        max_duration: float | None = self.settings.max_duration
+        if resumed is not None and resumed.remaining_duration is not None:
+            max_duration = resumed.remaining_duration
         password = self._box.decrypt(vm.vnc_password_enc) if vm.vnc_password_enc else None
         return {
             "session_id": row.session_id,
@@ -239,12 +208,13 @@ class ProxyBroker:
                 "ca_pem": vm.vnc_ca_pem,
                 "server_name": vm.vnc_server_name,
             },
-            "limits": {
-                "idle_timeout": self.settings.idle_timeout,
-                "max_duration": self.settings.max_duration,
-            },
+            "limits": {"idle_timeout": self.settings.idle_timeout, "max_duration": max_duration},
             "account": row.account_name,
-            **({"recording": True} if recorded else {}),  # absent: not (older managers)
+            "view_only": row.view_only,
+            "viewer_policy": redeemed.decision.policy.value,
+            "taken_over": redeemed.taken_over,
+            "reconnects": resumed.reconnects if resumed is not None else 0,
+            **({"recording": True} if redeemed.recorded else {}),  # absent: not recorded
         }
 
     # Heartbeat ------------------------------------------------------------------------
@@ -271,12 +241,12 @@ class ProxyBroker:
             self._heartbeat_in, key, beat, peer, now, durable=bool(beat.get("ended"))
         )
         if isinstance(result, instances.InstanceEvent):
-            self._instance_refused(proxy_id, "heartbeat", result)
+            proxy_logs.instance_refused(self._metrics, proxy_id, "heartbeat", result)
             return result
         terminate, taken_over, records, lost, ceiling, takeover = result
-        self._note_clamp(proxy_id, beat["capacity"], ceiling)
+        self._clamps.note(proxy_id, beat["capacity"], ceiling)
         if takeover is not None:
-            self._log_takeover(proxy_id, takeover)
+            proxy_logs.takeover(proxy_id, takeover)
         for record, report in records:
             if record is not None:
                 log_ended(self._metrics, record, report)
@@ -306,12 +276,18 @@ class ProxyBroker:
         if event is not None and event.refused:
             return event
         # End reports first, so a session ended in this beat is not asked to terminate.
-        records = recording_store.end_reports(tx, proxy_id, beat, now)
+        records = [
+            (recording_store.end_session(tx, sid, proxy_id, report, now, self._keeps), report)
+            for sid, report in beat.get("ended") or []
+        ]
+        recording_store.mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
         active = beat.get("active_sessions")
+        window_on = self.settings.reconnect_window > 0
+        worker = beat.get("worker", 0)
         lost = (
             []
             if active is None
-            else store.reconcile(tx, proxy_id, beat.get("worker", 0), active, now - grace, now)
+            else store.reconcile(tx, proxy_id, worker, active, now - grace, now, window_on)
         )
         # Never more than the administrator's ceiling, whatever the key's holder claims.
         granted = {**beat, "capacity": admitted.clamp(beat["capacity"])}
@@ -337,8 +313,8 @@ class ProxyBroker:
 
         return await self._with_key(key, peer, report_end)
 
-    @staticmethod
     def _report_end_in(
+        self,
         tx: Any,
         key: tuple[str, str],
         session_id: str,
@@ -347,54 +323,9 @@ class ProxyBroker:
         now: float,
     ) -> store.SessionRecord | None:
         admit_proxy(tx, key, peer)
-        return recording_store.end_session(tx, session_id, key[0], report, now)
+        return recording_store.end_session(tx, session_id, key[0], report, now, self._keeps)
 
-    # Logging --------------------------------------------------------------------------
-
-    def _note_clamp(self, proxy_id: str, claimed: int, ceiling: int | None) -> None:
-        """Log, once per change, that a heartbeat claimed more than the key's ceiling."""
-        if ceiling is None or claimed <= ceiling:
-            self._clamped.pop(proxy_id, None)
-            return
-        if self._clamped.get(proxy_id) != claimed:
-            self._clamped[proxy_id] = claimed
-            self._log.warn(
-                "proxy {proxy} claims capacity {claimed}, above its key's ceiling: counted "
-                "as {ceiling}",
-                proxy=proxy_id,
-                claimed=claimed,
-                ceiling=ceiling,
-            )
-
-    def _log_takeover(self, proxy_id: str, event: instances.InstanceEvent) -> None:
-        old = event.binding
-        self._log.warn(
-            "proxy {proxy}: cpvm instance {instance} at {client_address} took the key "
-            "over from instance {bound} at {bound_address}, silent for {age:.1f} s",
-            proxy=proxy_id,
-            instance=event.caller,
-            client_address=event.address,
-            bound=old.instance_id,
-            bound_address=old.address,
-            age=event.now - (old.seen_at or event.now),
-        )
-
-    def _instance_refused(
-        self, proxy_id: str, endpoint: str, refusal: instances.InstanceEvent
-    ) -> None:
-        self._metrics.instance_conflicts.labels(endpoint).inc()
-        if not refusal.worth_logging:
-            return
-        bound = refusal.binding
-        self._log.error(
-            "proxy {proxy}: refused {endpoint} from cpvm instance {instance} at "
-            "{client_address}: the key is in use by instance {bound} at {bound_address}, "
-            "last heard {age:.1f} s ago (one proxy key per running cpvm)",
-            proxy=proxy_id,
-            endpoint=endpoint,
-            instance=refusal.caller or "(none sent)",
-            client_address=refusal.address,
-            bound=bound.instance_id,
-            bound_address=bound.address,
-            age=refusal.now - (bound.seen_at or refusal.now),
-        )
+    def _keeps(self, report: dict[str, Any]) -> bool:
+        """Whether a session ending with ``report`` keeps its token's hash: an unclean
+        end with the reconnect window on (the same browser may come back with it)."""
+        return self.settings.reconnect_window > 0 and is_unclean_end(report["reason"])

@@ -65,6 +65,8 @@ def _session_json(r: SessionRecord) -> dict[str, Any]:
         "bytestoclient": r.bytes_to_client,
         "bytestoserver": r.bytes_to_server,
         "duration": r.duration,
+        # How often a redeemed session was resumed (docs/architecture.md section 7).
+        "reconnects": r.reconnects if r.acquired_at is not None else None,
         "terminaterequested": (
             signing.format_time(r.terminate_requested_at)
             if r.terminate_requested_at is not None

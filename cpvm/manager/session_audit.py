@@ -15,17 +15,33 @@ audit = Logger(namespace="cpvm.audit")
 
 
 def log_acquired(
-    row: store.TokenRow, taken_over: list[str], waited: float, fields: dict[str, Any]
+    row: store.TokenRow,
+    taken_over: list[str],
+    waited: float,
+    fields: dict[str, Any],
+    reconnects: int = 0,
 ) -> None:
-    """A token was redeemed; under viewer policy ``takeover`` it ended ``taken_over``."""
-    audit.info(
-        "session {session} acquired from {client_address} via proxy {proxy}",
-        audit=True,
-        event="acquired",
-        waited=waited,
-        view_only=row.view_only,
-        **fields,
-    )
+    """A token was redeemed (``reconnects`` > 0: it resumed its session after an unclean
+    end, cpvm/manager/resume.py); under viewer policy ``takeover`` it ended ``taken_over``."""
+    if reconnects:
+        audit.info(
+            "session {session} resumed from {client_address} via proxy {proxy} "
+            "(reconnect {reconnects})",
+            audit=True,
+            event="resumed",
+            reconnects=reconnects,
+            view_only=row.view_only,
+            **fields,
+        )
+    else:
+        audit.info(
+            "session {session} acquired from {client_address} via proxy {proxy}",
+            audit=True,
+            event="acquired",
+            waited=waited,
+            view_only=row.view_only,
+            **fields,
+        )
     for old in taken_over:
         audit.info(
             "session {old} taken over by session {session}",
@@ -55,6 +71,8 @@ def log_lost(metrics: ManagerMetrics, record: store.SessionRecord, now: float) -
 
 def log_ended(metrics: ManagerMetrics, record: store.SessionRecord, report: dict[str, Any]) -> None:
     """A session ended as its proxy reported (``report``: a validated end report)."""
+    if record.ended_at is None:
+        return  # a late report of an earlier connection of a resumed session: ignored
     metrics.sessions_ended.labels(report["reason"]).inc()
     audit.info(
         "session {session} ended: {reason}",

@@ -182,6 +182,7 @@ def broker_settings(config: ManagerConfig) -> BrokerSettings:
         idle_timeout=config.sessions.idle_timeout,
         max_duration=config.sessions.max_duration,
         retention_seconds=config.sessions.retention_days * 86400.0,
+        reconnect_window=config.tokens.reconnect_window,
         viewer_policy=config.sessions.viewer_policy,
         record_default=config.recording.default,
     )

@@ -31,6 +31,8 @@ class Heartbeat(Service):
         # The manager refuses us: our proxy key is bound to another live cpvm instance.
         self.conflict = False
         self._next = None
+        # soon() was called while a beat was in flight: the next one goes at once.
+        self._again = False
 
     def startService(self):  # noqa: N802
         super().startService()
@@ -56,6 +58,20 @@ class Heartbeat(Service):
         d.addCallbacks(self._answered, self._failed, errbackArgs=(ended, deleted))
         d.addBoth(self._schedule)
         return d
+
+    def soon(self) -> None:
+        """Beat now rather than at the interval: an end report is waiting that the
+        manager needs at once (an unclean end, which the same browser may resume only
+        once the manager has recorded it). Beats still never overlap: with one in flight,
+        the next follows as soon as it answers."""
+        if not self.running:
+            return
+        if self._next is None:  # a beat is in flight
+            self._again = True
+            return
+        if self._next.active() and self._next.getTime() > self._reactor.seconds():
+            self._next.cancel()
+            self._next = self._reactor.callLater(0, self.beat)
 
     def flush(self, grace: float) -> Deferred:
         """At shutdown: one last beat carrying the remaining end reports, within ``grace``
@@ -118,4 +134,6 @@ class Heartbeat(Service):
 
     def _schedule(self, _) -> None:
         if self.running:
-            self._next = self._reactor.callLater(self.interval, self.beat)
+            delay = 0.0 if self._again else self.interval
+            self._again = False
+            self._next = self._reactor.callLater(delay, self.beat)

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, cast
 
-import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import (
@@ -21,13 +20,10 @@ from twisted.internet.defer import (
     Deferred,
     TimeoutError,
     ensureDeferred,
-    succeed,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from cpvm.common.contract import (
     REDEMPTION_ERRORS,
@@ -36,6 +32,7 @@ from cpvm.common.contract import (
     ViewerPolicy,
     vnc_shared_flag,
 )
+from cpvm.proxy.http_bodies import BytesBody, TooBig, read_limited
 from cpvm.proxy.recording.tickets import redeem_playback
 
 MAX_ANSWER = 256 * 1024
@@ -92,6 +89,9 @@ class Redemption:
     viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
     #: Sessions this one took over (policy "takeover"): end them with close code 4023.
     taken_over: tuple[str, ...] = ()
+    #: How often this session was resumed before (0: a first redemption); cpvm echoes it
+    #: in the end report so the manager can tell a late report of an earlier connection.
+    reconnects: int = 0
     #: The manager's policy says this session is recorded (docs/recording.md).
     recording: bool = False
 
@@ -128,9 +128,6 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
-    view_only = body.get("view_only", False)
-    if not isinstance(view_only, bool):
-        raise ValueError("view_only is not a boolean")
     try:
         policy = ViewerPolicy(body.get("viewer_policy") or "shared")
     except ValueError:
@@ -155,11 +152,19 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
-        view_only=view_only,
+        reconnects=_count(body, "reconnects"),
+        view_only=_flag(body, "view_only"),
         viewer_policy=policy,
         taken_over=tuple(taken_over),
         recording=_flag(body, "recording"),
     )
+
+
+def _count(obj: dict, key: str) -> int:
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} is not a count")
+    return value
 
 
 def _flag(obj: dict, key: str) -> bool:
@@ -244,22 +249,31 @@ class ManagerClient:
             return Deferred.fromCoroutine(_noop())
         return self.pool.closeCachedConnections()
 
-    def redeem(self, token: str, extra: str | None, client_address: str) -> Deferred:
-        """Redeem ``token``: fires with a ``Redemption`` or fails with ``RedemptionRefused``
-        or ``ManagerUnavailable``."""
-        return ensureDeferred(self._redeem(token, extra, client_address))
+    def redeem(
+        self,
+        token: str,
+        extra: str | None,
+        client_address: str,
+        browser_hash: str | None = None,
+    ) -> Deferred:
+        """Redeem ``token`` for the browser whose console cookie hashes to
+        ``browser_hash`` (cpvm/proxy/browser_cookie.py): fires with a ``Redemption`` or
+        fails with ``RedemptionRefused`` or ``ManagerUnavailable``."""
+        return ensureDeferred(self._redeem(token, extra, client_address, browser_hash))
 
-    async def _redeem(self, token: str, extra: str | None, client_address: str) -> Redemption:
-        status, body = await self._post(
-            "/proxy/v1/redeem",
-            {
-                "token": token,
-                "extra": extra,
-                "client_address": client_address,
-                "worker": self._worker,
-                "instance": self._instance,
-            },
-        )
+    async def _redeem(
+        self, token: str, extra: str | None, client_address: str, browser_hash: str | None
+    ) -> Redemption:
+        request = {
+            "token": token,
+            "extra": extra,
+            "client_address": client_address,
+            "worker": self._worker,
+            "instance": self._instance,
+        }
+        if browser_hash is not None:
+            request["browser_hash"] = browser_hash
+        status, body = await self._post("/proxy/v1/redeem", request)
         if status == 200:
             try:
                 return parse_redemption(body)
@@ -318,10 +332,10 @@ class ManagerClient:
                 allow_redirects=False,
                 unbuffered=True,
             )
-            raw = await _read_limited(response, MAX_ANSWER)
+            raw = await read_limited(response, MAX_ANSWER)
         except CancelledError:
             raise
-        except _TooBig:
+        except TooBig:
             raise ManagerUnavailable(f"answer larger than {MAX_ANSWER} bytes") from None
         except Exception as e:  # refused, reset, DNS, TLS verification …
             raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
@@ -339,53 +353,6 @@ class ManagerClient:
         if url is None:
             url = self._urls[path] = EncodedURL.from_text(self._base + path)
         return url
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """A request body already in memory, written at once.
-
-    treq's default wraps bytes in a ``FileBodyProducer``, which writes them from a
-    ``Cooperator`` task on a later reactor turn: a turn and a timer per call for a
-    body of a few hundred bytes.
-    """
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred:  # noqa: N802
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        pass
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        pass
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
-
-
-class _TooBig(Exception):
-    pass
-
-
-def _read_limited(response: Any, limit: int) -> Deferred:
-    """Collect a response body, failing as soon as it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = [0]
-
-    def collect(data: bytes) -> None:
-        size[0] += len(data)
-        if size[0] > limit:
-            raise _TooBig()
-        chunks.append(data)
-
-    d = treq.collect(response, collect)
-    d.addCallback(lambda _: b"".join(chunks))
-    return d
 
 
 async def _noop() -> None:

@@ -8,7 +8,6 @@ needs of the configuration is a ``RegistrySettings``, built by :mod:`cpvm.proxy.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
@@ -19,6 +18,7 @@ from cpvm import __version__, rfb
 from cpvm.common.contract import Outcome, end_reason
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.common.tokens import looks_like_token
+from cpvm.proxy.end_reports import ENDS_PER_HEARTBEAT, EndReports
 from cpvm.proxy.manager_client import (
     ManagerClient,
     ManagerUnavailable,
@@ -31,11 +31,6 @@ from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
 audit_log = Logger(namespace="cpvm.audit")
-
-# Up to this many end reports ride on one heartbeat; the queue is bounded for a manager
-# that stays away (the oldest are dropped, with a warning).
-ENDS_PER_HEARTBEAT = 500
-MAX_QUEUED_ENDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,7 @@ class SessionRegistry:
         )
         self._quiet = LogThrottle(reactor)
         # End reports wait here for the next heartbeat, which carries them in one request.
-        self._ended: deque[dict] = deque()
+        self.ends = EndReports()
         self.accepting = True
 
     # -- creation ------------------------------------------------------------------------
@@ -120,14 +115,17 @@ class SessionRegistry:
     def refused(self, reason: str) -> None:
         self.metrics.refused.labels(reason=reason).inc()
 
-    def create(self, browser, token: str, extra: str | None, client: str) -> ConsoleSession:
+    def create(
+        self, browser, token: str, extra: str | None, client: str, browser_hash: str | None = None
+    ) -> ConsoleSession:
         session = ConsoleSession(
             reactor=self._reactor,
             browser=browser,
             token=token,
             extra=extra,
             client_address=client,
-            redeem=self._redeem,
+            # The browser's cookie hash goes with the redemption only (browser_cookie.py).
+            redeem=lambda token, extra, client: self._redeem(token, extra, client, browser_hash),
             connect_upstream=self._connect_upstream,
             limits=self._settings.limits,
             hooks=self,
@@ -157,13 +155,15 @@ class SessionRegistry:
 
     # -- redemption and upstream ---------------------------------------------------------
 
-    def _redeem(self, token: str, extra: str | None, client: str) -> Deferred:
+    def _redeem(
+        self, token: str, extra: str | None, client: str, browser_hash: str | None = None
+    ) -> Deferred:
         refusal = self._refuse_locally(token, client)
         if refusal is not None:
             return fail(refusal)
         started = self._reactor.seconds()
         self._pending += 1
-        d = self._manager.redeem(token, extra, client)
+        d = self._manager.redeem(token, extra, client, browser_hash)
 
         def done(result):
             self._pending -= 1
@@ -239,6 +239,7 @@ class SessionRegistry:
         audit_log.info(
             "console session acquired: vm {vm} by {client}",
             event="acquired",
+            reconnects=_reconnects(session),
             recorded=session.recorder is not None,
             **session.log_fields(),
         )
@@ -256,8 +257,9 @@ class SessionRegistry:
             session=sid,
             reason=outcome.report,
         )
-        self._report_end(
+        self.ends.add(
             sid,
+            _reconnects(session),
             {
                 "reason": end_reason(outcome),
                 "client_address": session.client_address,
@@ -297,7 +299,8 @@ class SessionRegistry:
             self._audit_end(sid, session, outcome)
 
     def _log_end(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
-        level = self._log.info if outcome.code in (1000, 1001) else self._log.warn
+        # 1006: the browser's connection was lost, the network's doing, like a close.
+        level = self._log.info if outcome.code in (1000, 1001, 1006) else self._log.warn
         if outcome is not Outcome.RATE_LIMITED:
             level(
                 "console session ended: {reason} ({detail})",
@@ -340,28 +343,19 @@ class SessionRegistry:
             "bytes_to_server": stats.bytes_to_server,
             "duration": round(duration, 3),
         }
-        # A recorded session's report waits for its file's summary.
-        self.recordings.end_report(session, report, lambda r: self._report_end(sid, r))
-
-    def _report_end(self, sid: str, report: dict) -> None:
-        if len(self._ended) >= MAX_QUEUED_ENDS:
-            dropped = self._ended.popleft()
-            self._log.warn(
-                "manager unreachable for long: dropped the end report of session {session}",
-                session=dropped["session_id"],
-            )
-        self._ended.append({"session_id": sid, **report})
+        n = _reconnects(session)  # a recorded session's report waits for its file's summary
+        self.recordings.end_report(session, report, lambda r: self.ends.add(sid, n, r))
 
     def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:
         """End reports for the next heartbeat (give them back if it fails)."""
-        return [self._ended.popleft() for _ in range(min(limit, len(self._ended)))]
+        return self.ends.take(limit)
 
     def give_back_ended(self, reports: list[dict]) -> None:
-        self._ended.extendleft(reversed(reports))
+        self.ends.give_back(reports)
 
     @property
     def ended_waiting(self) -> int:
-        return len(self._ended)
+        return len(self.ends)
 
     # -- control from outside ------------------------------------------------------------
 
@@ -398,3 +392,8 @@ class SessionRegistry:
         self.accepting = False
         for session in list(self._all):
             session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
+
+
+def _reconnects(session: ConsoleSession) -> int:
+    """Which connection of its session this one is (0: the first; the redemption says)."""
+    return session.redemption.reconnects if session.redemption else 0

@@ -136,13 +136,12 @@ class ConsoleSession:
             return
         self._send_browser(self._server_hs.receive(data))
 
-    def browser_closed(self, code: int | None) -> None:
-        """The WebSocket closed (cleanly or not)."""
-        # Autobahn fails the connection with these codes when the browser broke the
-        # WebSocket protocol (bad framing, invalid UTF-8, message too big).
-        outcome = (
-            Outcome.CLIENT_PROTOCOL_ERROR if code in (1002, 1007, 1009) else Outcome.CLIENT_CLOSED
-        )
+    def browser_closed(self, code: int | None, clean: bool = True, sent: int | None = None) -> None:
+        """The WebSocket closed, ``clean``ly or lost (``sent``: cpvm's own close code, if any)."""
+        if {code, sent} & {1002, 1007, 1009}:  # Autobahn failed it: the browser broke the protocol
+            outcome = Outcome.CLIENT_PROTOCOL_ERROR
+        else:
+            outcome = Outcome.CLIENT_CLOSED if clean else Outcome.CLIENT_LOST
         self.close(outcome, f"browser closed the WebSocket (code {code})", notify_browser=False)
 
     def browser_text_frame(self) -> None:

@@ -181,6 +181,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         recordings=SessionRecordings(recordings, reactor, metrics),
     )
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
+    sessions.ends.on_unclean = heartbeat.soon  # a resumable end reaches the manager at once
     site = _site(config, reactor, sessions, heartbeat, manager, metrics)
     endpoint, tls = _listening_endpoint(config, reactor, worker)
     top = ProxyService(config, sessions, manager, heartbeat, tls, metrics)

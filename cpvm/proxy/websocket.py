@@ -25,7 +25,7 @@ from cpvm.common.contract import (
     Outcome,
 )
 from cpvm.common.ratelimit import LogThrottle
-from cpvm.proxy import fastwrite
+from cpvm.proxy import browser_cookie, fastwrite
 from cpvm.proxy.refusal import (
     MAX_TOLD_AT_ONCE,
     TELL_GRACE,
@@ -121,11 +121,18 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
                 raise
             f.told_refusals += 1
             self._told = ToldRefusal(deny.tell)
+            set_cookie = None  # nothing is redeemed: no browser to recognise
         else:
-            self._session = f.sessions.create(self, token, extra, client)
-        if "binary" in request.protocols:
-            return "binary"
-        return None
+            # Which browser this is (cpvm/proxy/browser_cookie.py): its console cookie, or
+            # a new one this answer sets; the manager binds the session to its hash.
+            proof, set_cookie = browser_cookie.browser_proof(
+                request.headers.get("cookie"), f.scheme == "https"
+            )
+            self._session = f.sessions.create(self, token, extra, client, browser_hash=proof)
+        protocol = "binary" if "binary" in request.protocols else None
+        if set_cookie is None:
+            return protocol
+        return protocol, {"Set-Cookie": set_cookie}
 
     def _check_request(self, request, client: str) -> tuple[str, str | None]:
         f = self.factory
@@ -205,7 +212,7 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):  # noqa: N802
         if self._session is not None:
-            self._session.browser_closed(code)
+            self._session.browser_closed(code, wasClean, self.localCloseCode)
         elif self._told is not None:
             if self._told_timer is not None and self._told_timer.active():
                 self._told_timer.cancel()

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.web.http import parse_qs
 
+from cpvm.common import contract
 from cpvm.manager import proxy_api, public_api, signing
 
 SECRET = "fuzz-secret-ÄÖ"
@@ -112,6 +113,7 @@ def _check_end_report(report: dict[str, Any]) -> None:
     for key in ("bytes_to_client", "bytes_to_server"):
         assert 0 <= report[key] <= 2**62
     assert report["client_address"] is None or 1 <= len(report["client_address"]) <= 100
+    assert 0 <= report.get("reconnects", 0) <= 10**9
 
 
 def proxy_bodies(data: bytes) -> None:
@@ -125,7 +127,8 @@ def proxy_bodies(data: bytes) -> None:
         assert e.status == 400 and e.code == "bad_request" and e.message, vars(e)
         return
     if endpoint == "redeem":
-        _, token, extra, address, worker, instance, peer = args
+        _, token, extra, address, worker, instance, peer, browser_hash = args
+        assert browser_hash is None or contract.looks_like_browser_hash(browser_hash)
         assert instance is None or 1 <= len(instance) <= 64
         assert peer == "127.0.0.1"
         assert 1 <= len(token) <= 512 and 1 <= len(address) <= 100

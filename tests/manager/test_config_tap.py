@@ -26,6 +26,7 @@ def test_defaults():
     assert c.database.path == "/var/lib/cpvm-manager/manager.db"
     assert str(c.security.secret_key_file) == "/var/lib/cpvm-manager/secret.key"
     assert c.tokens.ttl == 60 and c.tokens.bind_client_address is False
+    assert c.tokens.reconnect_window == 30
     assert c.proxies.proxy_timeout == 20 and c.proxies.heartbeat_interval == 5
     assert c.sessions.retention_days == 30 and c.sessions.idle_timeout is None
 
@@ -69,6 +70,10 @@ def test_values_and_errors():
     for text, where in [
         ("[tokens]\nttl = soon\n", "[tokens] ttl"),
         ("[tokens]\ntll = 5\n", "[tokens] tll"),
+        ("[tokens]\nreconnect_window = 2\n", "[tokens] reconnect_window"),
+        ("[tokens]\nreconnect_window = 3601\n", "[tokens] reconnect_window"),
+        ("[tokens]\nreconnect_window = -1\n", "[tokens] reconnect_window"),
+        ("[tokens]\nreconnect_window = nan\n", "[tokens] reconnect_window"),
         ("[database]\nurl = mysql://x\n", "[database] url"),
         ("[server]\ntrusted_proxies = 10.0.0.0/33\n", "[server] trusted_proxies"),
         ("[proxies]\nproxy_timeout = 3\n", "[proxies] proxy_timeout"),
@@ -82,6 +87,12 @@ def test_values_and_errors():
         with pytest.raises(ConfigError) as e:
             parse_config(IniReader("m.conf", text=text))
         assert str(e.value).startswith(f"m.conf: {where}: "), str(e.value)
+
+
+def test_reconnect_window_off_or_in_range():
+    for text, window in [("0", 0.0), ("5", 5.0), ("12.5", 12.5), ("3600", 3600.0)]:
+        c = parse_config(IniReader("m.conf", text=f"[tokens]\nreconnect_window = {text}\n"))
+        assert c.tokens.reconnect_window == window
 
 
 def test_missing_explicit_file_fails(tmp_path):

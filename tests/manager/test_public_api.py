@@ -141,7 +141,8 @@ async def test_create_console_endpoint_shape_ws(managers):
         "/resource/noVNC/vnc.html",
     )
     q = parse_qs(url.query)
-    assert q["autoconnect"] == ["true"] and q["reconnect"] == ["false"]
+    # The reconnect window is on by default: noVNC retries a lost connection by itself.
+    assert q["autoconnect"] == ["true"] and q["reconnect"] == ["true"]
     assert q["host"] == ["cpvm.example.com"] and q["port"] == ["8080"]
     assert q["encrypt"] == ["0"] and q["show_dot"] == ["true"]
     path = q["path"][0]

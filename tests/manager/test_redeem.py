@@ -38,6 +38,7 @@ async def test_redeem_success_then_replay_refused(managers):
         "view_only": False,
         "viewer_policy": "shared",
         "taken_over": [],
+        "reconnects": 0,
     }
     status, body = await m.redeem(key, token, None, "203.0.113.7")
     assert (status, body["error"]) == (409, "token_used")

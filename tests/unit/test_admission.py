@@ -22,10 +22,12 @@ from cpvm.proxy.tap import registry_settings
 class StandInManager:
     def __init__(self):
         self.calls: list[Deferred] = []
+        self.browser_hashes: list[str | None] = []
 
-    def redeem(self, token, extra, client):
+    def redeem(self, token, extra, client, browser_hash=None):
         d: Deferred = Deferred()
         self.calls.append(d)
+        self.browser_hashes.append(browser_hash)
         return d
 
 
@@ -74,6 +76,23 @@ def test_malformed_tokens_never_reach_the_manager():
     d = sessions._redeem("not-a-token", None, "192.0.2.1")
     assert outcome_of(d) is Outcome.INVALID_TOKEN
     assert manager.calls == []
+
+
+class _Browser:
+    transport = None
+
+    def send(self, data):
+        pass
+
+    def close(self, code, reason):
+        pass
+
+
+def test_the_browser_hash_goes_with_the_redemption():
+    sessions, manager, _ = sessions_with("")
+    sessions.create(_Browser(), new_token(), None, "192.0.2.1", browser_hash="ab" * 32).start()
+    sessions.create(_Browser(), new_token(), None, "192.0.2.1").start()
+    assert manager.browser_hashes == ["ab" * 32, None]
 
 
 def test_pending_redemptions_have_their_own_cap():

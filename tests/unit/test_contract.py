@@ -66,3 +66,21 @@ def test_vnc_tls_modes_are_one_list():
     from cpvm.manager.admin import vm_commands
 
     assert vm_commands.VNC_TLS_MODES is contract.VNC_TLS_MODES
+
+
+def test_the_resumable_ends_are_end_reasons_both_daemons_know():
+    # cpvm reports client_lost and shutdown; proxy_lost is the manager's own finding.
+    assert contract.UNCLEAN_END_REASONS - END_REASONS == {contract.PROXY_LOST}
+    assert all(
+        proxy_api._end_report({"reason": r, "bytes_to_client": 0, "bytes_to_server": 0})["reason"]
+        == r
+        for r in contract.UNCLEAN_END_REASONS - {contract.PROXY_LOST}
+    )
+
+
+def test_the_browser_hash_cpvm_sends_is_the_shape_the_manager_accepts():
+    from cpvm.proxy import browser_cookie
+
+    proof, _ = browser_cookie.browser_proof(None, tls=True)
+    assert contract.looks_like_browser_hash(proof)
+    assert not contract.looks_like_browser_hash(proof.upper())

@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from cpvm.common.contract import Outcome
 from cpvm.common.inifile import IniReader
-from cpvm.proxy import registry
+from cpvm.proxy import end_reports, registry
 from cpvm.proxy.config import parse_config
 from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
@@ -169,6 +169,28 @@ def test_first_beat_at_start_then_at_the_interval():
     assert p.reactor.getDelayedCalls() == []
 
 
+def test_soon_beats_at_once_and_never_overlaps_a_beat_in_flight():
+    p = Proxy()
+    p.stub.answers = [(200, {}), "hang"]
+    p.heartbeat.soon()  # not running: nothing scheduled
+    assert p.reactor.getDelayedCalls() == []
+    p.heartbeat.startService()
+    p.advance(0)
+    assert p.next_beat_in() == 5
+    p.heartbeat.soon()
+    assert p.next_beat_in() == 0
+    p.advance(0)
+    assert len(p.stub.beats) == 2  # the second beat hangs: in flight
+    p.heartbeat.soon()
+    p.heartbeat.soon()
+    p.advance(1)
+    assert len(p.stub.beats) == 2  # no second beat beside the one in flight
+    # It times out; the beat asked for follows in the same instant, not an interval later.
+    p.advance(CONFIG.manager.timeout - 1)
+    assert len(p.stub.beats) == 3 and p.next_beat_in() == 5
+    p.heartbeat.stopService()
+
+
 @pytest.mark.parametrize(
     "asked, interval",
     [
@@ -291,6 +313,28 @@ def test_failed_beat_gives_its_end_reports_back_in_order():
     assert p.sessions.ended_waiting == 0
 
 
+@pytest.mark.parametrize(
+    "outcome, at_once",
+    [
+        (Outcome.CLIENT_LOST, True),
+        (Outcome.SHUTDOWN, True),
+        (Outcome.CLIENT_CLOSED, False),
+        (Outcome.IDLE_TIMEOUT, False),
+    ],
+)
+def test_an_unclean_end_is_reported_at_once(outcome, at_once):
+    p = Proxy()
+    p.sessions.ends.on_unclean = p.heartbeat.soon  # as the wiring does
+    p.heartbeat.startService()
+    p.advance(0)
+    p.end_sessions(1, outcome)
+    assert p.next_beat_in() == (0 if at_once else 5)
+    p.advance(0 if at_once else 5)
+    (report,) = p.stub.beats[1]["ended"]
+    assert report["reason"] == outcome.report and report["reconnects"] == 0
+    p.heartbeat.stopService()
+
+
 def test_end_reports_ride_in_batches():
     p = Proxy()
     p.end_sessions(registry.ENDS_PER_HEARTBEAT + 2)
@@ -304,7 +348,7 @@ def test_end_reports_ride_in_batches():
 
 def test_queue_of_end_reports_is_bounded(monkeypatch, log_events):
     # A manager away for long: the oldest reports are dropped, with a line each.
-    monkeypatch.setattr(registry, "MAX_QUEUED_ENDS", 3)
+    monkeypatch.setattr(end_reports, "MAX_QUEUED_ENDS", 3)
     p = Proxy()
     p.stub.answers = [(503, {}), (200, {})]
     p.end_sessions(2)

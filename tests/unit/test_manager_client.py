@@ -84,6 +84,15 @@ async def test_redeem_success_sends_credential_and_parses_target():
     assert r.vnc.port == 5901 and r.vnc.password == b"pw"
     assert r.idle_timeout == 60 and r.max_duration is None
     assert "pw" not in repr(r.vnc)
+    assert r.reconnects == 0  # a first redemption: the manager's answer has no count
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeem_carries_the_browser_hash_and_reads_the_reconnect_count():
+    res = Answer(200, {**GOOD, "reconnects": 2})
+    r = await client(res).redeem("tok", None, "203.0.113.7", "ab" * 32)
+    assert res.requests[0][2]["browser_hash"] == "ab" * 32
+    assert r.reconnects == 2
 
 
 @pytest.mark.parametrize(
@@ -162,6 +171,9 @@ def test_parse_redemption_rejects_bad_types():
         {"session_id": 1},
         {**GOOD, "vnc": {**GOOD["vnc"], "password": 5}},
         {**GOOD, "limits": {"idle_timeout": -1}},
+        {**GOOD, "reconnects": -1},
+        {**GOOD, "reconnects": True},
+        {**GOOD, "reconnects": "1"},
         {**GOOD, "view_only": "yes"},
         {**GOOD, "viewer_policy": "first-come"},
         {**GOOD, "taken_over": "s-1"},

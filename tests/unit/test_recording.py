@@ -427,3 +427,32 @@ def test_a_pixel_format_change_after_the_start_is_logged_once(tmp_path):
     assert len([e for e in seen if "pixel format" in e.get("log_format", "")]) == 1
     finished(rec.finish(1.0))
     assert parse_handshake(read_fbs(Path(rec.path).read_bytes()).stream()).rest == b"abcd"
+
+
+def test_a_resumed_sessions_connections_are_files_of_one_recording(tmp_path):
+    from cpvm.proxy.recording.recorder import latest_part
+    from cpvm.proxy.recording.retention import delete
+
+    sid = "5f1c0d2e-0000-4000-8000-000000000001"
+    first = recorder(tmp_path)
+    first.start(SERVER_INIT, 0.0)
+    finished(first.finish(1.0))
+    again = SessionRecorder(
+        settings=RecordingSettings(str(tmp_path)),
+        session_id=sid,
+        part=2,
+        drain=InlineDrain(),
+        call_from_thread=direct,
+        on_failure=pytest.fail,
+    )
+    again.start(SERVER_INIT, 5.0)
+    finished(again.finish(6.0))
+    assert Path(again.path).name == f"{sid}-r2.fbs"
+    # Playback serves the last connection's file; retention counts and deletes them as one.
+    assert latest_part(str(tmp_path), sid) == again.path
+    [stored] = scan(str(tmp_path))
+    assert stored.session_id == sid and stored.size == 2 * Path(first.path).stat().st_size
+    (tmp_path / "other-r1.fbs").write_bytes(b"x")
+    delete(str(tmp_path), sid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-r1.fbs"]
+    assert latest_part(str(tmp_path), sid).endswith(f"{sid}.fbs")  # none left: the plain name

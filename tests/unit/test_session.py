@@ -295,6 +295,25 @@ def test_protocol_violations_reported_by_autobahn():
     assert hooks.events == [Outcome.CLIENT_PROTOCOL_ERROR]
 
 
+@pytest.mark.parametrize(
+    "code, clean, local_code, outcome",
+    [
+        (1000, True, None, Outcome.CLIENT_CLOSED),  # noVNC's disconnect, a closed tab
+        (1001, True, None, Outcome.CLIENT_CLOSED),
+        (None, True, None, Outcome.CLIENT_CLOSED),  # a close frame without a code
+        (1006, False, None, Outcome.CLIENT_LOST),  # no closing handshake: a lost network
+        (1006, False, 1002, Outcome.CLIENT_PROTOCOL_ERROR),  # Autobahn failed it, unanswered
+        (1009, True, None, Outcome.CLIENT_PROTOCOL_ERROR),
+    ],
+)
+def test_how_the_browser_left_decides_the_end_reason(code, clean, local_code, outcome):
+    session, clock, browser, upstream, hooks, calls, redeem_d = make()
+    to_relay(session, browser, upstream, redeem_d)
+    session.browser_closed(code, clean, local_code)
+    assert hooks.events[-1] == outcome
+    assert browser.closed is None  # nothing is sent to a browser that left
+
+
 def test_manager_idle_limit_applies_when_ours_is_off():
     r = Redemption(**{**REDEMPTION.__dict__, "idle_timeout": 30.0})
     session, clock, browser, upstream, hooks, calls, _ = make(

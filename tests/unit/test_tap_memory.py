@@ -73,6 +73,8 @@ def test_plain_config_listens_on_tcp_and_schedules_the_heartbeat(tmp_path):
     reactor.advance(0)
     assert [(h, p) for h, p, *_ in reactor.tcpClients] == [("127.0.0.1", 18250)]
     assert svc.heartbeat.interval == 7
+    # An unclean end reaches the manager with the next reactor turn, not the interval.
+    assert svc.sessions.ends.on_unclean == svc.heartbeat.soon
     stopped = []
     svc.stopService().addBoth(stopped.append)
     assert stopped == [None]

@@ -8,6 +8,7 @@ caller's transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,9 +221,13 @@ def proxy_address(tx: Tx, proxy_id: str) -> tuple[str, int, bool, str | None] | 
     return (row[0], int(row[1]), bool(row[2]), row[3])
 
 
-def decide(tx: Tx, session_id: str, default: str) -> bool:
+def decide(tx: Tx, session_id: str, default: str, resumed: bool = False) -> bool:
     """At redemption: whether the session is recorded, by the policy as it is now; the
-    record remembers it (the proxy is told in the answer)."""
+    record remembers it (the proxy is told in the answer). A resumed session keeps what
+    its first redemption decided."""
+    if resumed:
+        record = get_recording(tx, session_id)
+        return record is not None and record.recorded
     recorded = recording_policy.is_recorded(*session_policies(tx, session_id), default)
     if recorded:
         mark_recorded(tx, session_id)
@@ -230,23 +235,18 @@ def decide(tx: Tx, session_id: str, default: str) -> bool:
 
 
 def end_session(
-    tx: Tx, session_id: str, proxy_id: str, report: dict[str, Any], now: float
+    tx: Tx,
+    session_id: str,
+    proxy_id: str,
+    report: dict[str, Any],
+    now: float,
+    keeps_token: Callable[[dict[str, Any]], bool],
 ) -> SessionRecord | None:
-    """``store.end_session``, and the recording's summary when the report carries one."""
-    record = _end_session(tx, session_id, proxy_id, report, now)
-    if record is not None and report.get("recording") is not None:
-        store_summary(tx, session_id, proxy_id, report["recording"])
+    """``store.end_session``, and the recording's summary when the report carries one and
+    is of the session's current connection (a resumed session's last file)."""
+    record = _end_session(tx, session_id, proxy_id, report, now, keeps_token(report))
+    summary = report.get("recording")
+    if record is not None and summary is not None:
+        if report.get("reconnects", record.reconnects) == record.reconnects:
+            store_summary(tx, session_id, proxy_id, summary)
     return record
-
-
-def end_reports(
-    tx: Tx, proxy_id: str, beat: dict[str, Any], now: float
-) -> list[tuple[SessionRecord | None, dict[str, Any]]]:
-    """A heartbeat's end reports (with their recordings' summaries) and its recordings
-    deleted: ``[(record or None, report), ...]``."""
-    records = [
-        (end_session(tx, sid, proxy_id, report, now), report)
-        for sid, report in beat.get("ended") or []
-    ]
-    mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
-    return records

@@ -120,6 +120,8 @@ class SessionRecord:
     terminate_requested_at: float | None
     expires_at: float
     view_only: bool = False
+    # How often the session was resumed after an unclean end (cpvm/manager/resume.py).
+    reconnects: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,5 +195,5 @@ SESSION_COLS = (
     "s.id, s.created_at, s.account_id, s.account_name, s.vm_id, s.vm_name, s.proxy_id, p.name, "
     "s.creator_address, s.acquired_at, s.client_address, s.ended_at, s.end_reason, "
     "s.bytes_to_client, s.bytes_to_server, s.duration, s.terminate_requested_at, s.expires_at, "
-    "s.view_only"
+    "s.view_only, s.reconnects"
 )

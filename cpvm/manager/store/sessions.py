@@ -75,13 +75,19 @@ def token_row(tx: Tx, token_hash: str) -> TokenRow | None:
 
 
 def mark_acquired(
-    tx: Tx, session_id: str, client_address: str, now: float, worker: int = 0
+    tx: Tx,
+    session_id: str,
+    client_address: str,
+    now: float,
+    worker: int = 0,
+    browser_hash: str | None = None,
 ) -> bool:
-    """The single conditional write that makes redemption one-time; True if we won."""
+    """The single conditional write that makes redemption one-time; True if we won. It
+    binds the session to the browser that redeemed it (``browser_hash``, for resuming)."""
     tx.execute(
-        "UPDATE console_sessions SET acquired_at = ?, client_address = ?, worker = ? "
-        "WHERE id = ? AND acquired_at IS NULL AND ended_at IS NULL",
-        (now, client_address, worker, session_id),
+        "UPDATE console_sessions SET acquired_at = ?, client_address = ?, worker = ?, "
+        "browser_hash = ? WHERE id = ? AND acquired_at IS NULL AND ended_at IS NULL",
+        (now, client_address, worker, browser_hash, session_id),
     )
     return tx.rowcount == 1
 
@@ -97,22 +103,34 @@ def get_session(tx: Tx, session_id: str) -> SessionRecord | None:
 
 
 def end_session(
-    tx: Tx, session_id: str, proxy_id: str, report: dict[str, Any], now: float
+    tx: Tx,
+    session_id: str,
+    proxy_id: str,
+    report: dict[str, Any],
+    now: float,
+    keep_token: bool = False,
 ) -> SessionRecord | None:
     """Record a proxy's end report. None when the session was not redeemed via this proxy.
 
     A repeated report is accepted; it only overwrites an end the manager guessed itself
-    (``proxy_lost``), never one the proxy already reported.
+    (``proxy_lost``), never one the proxy already reported. A report of an earlier
+    connection of a resumed session (its ``reconnects`` is not the session's) changes
+    nothing. Bytes and duration add up over a session's connections. ``keep_token``: an
+    unclean end with the reconnect window on; the token's hash stays for a resume.
     """
     record = get_session(tx, session_id)
     if record is None or record.proxy_id != proxy_id or record.acquired_at is None:
         return None
+    if report.get("reconnects", record.reconnects) != record.reconnects:
+        return record
     if record.ended_at is not None and record.end_reason != "proxy_lost":
         return record
+    forget = "" if keep_token else ", token_hash = NULL, extra_hash = NULL"
     tx.execute(
         "UPDATE console_sessions SET ended_at = ?, end_reason = ?, client_address = "
-        "COALESCE(?, client_address), bytes_to_client = ?, bytes_to_server = ?, duration = ?, "
-        "token_hash = NULL, extra_hash = NULL WHERE id = ?",
+        "COALESCE(?, client_address), bytes_to_client = COALESCE(bytes_to_client, 0) + ?, "
+        "bytes_to_server = COALESCE(bytes_to_server, 0) + ?, "
+        f"duration = COALESCE(duration, 0) + ?{forget} WHERE id = ?",
         (
             now,
             report["reason"],

@@ -24,7 +24,7 @@ from twisted.web import resource, static
 from twisted.web.server import NOT_DONE_YET
 
 from cpvm.common.contract import MAX_TOKEN_LENGTH
-from cpvm.proxy.recording.recorder import recording_path
+from cpvm.proxy.recording.recorder import latest_part
 
 STATIC = Path(__file__).resolve().parent / "static"
 PLAYER_PATH = "recording"
@@ -108,7 +108,7 @@ class RecordingDownload(resource.Resource):
         if _gone(request):
             return
         try:
-            f = open(recording_path(self._directory, session_id), "rb")  # noqa: SIM115
+            f = open(latest_part(self._directory, session_id), "rb")  # noqa: SIM115
         except (FileNotFoundError, ValueError):
             request.write(_plain(request, 410, "this recording is no longer kept"))
             request.finish()

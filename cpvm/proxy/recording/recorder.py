@@ -30,6 +30,9 @@ from cpvm.rfb import ServerInit
 
 RECORDING_SUFFIX = ".fbs"
 INPUT_SUFFIX = ".input.fbs"
+# A resumed session (the reconnect window) records each connection after the first to
+# <id>-r<N>.fbs, N its reconnect count.
+PART_MARK = "-r"
 # Session ids are the manager's UUIDs; anything else must not become a path.
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 # What may wait for the disk per file before the recording counts as failed.
@@ -38,11 +41,37 @@ DEFAULT_MAX_BUFFER = 8 * 1024 * 1024
 OnFailure = Literal["end", "continue"]
 
 
-def recording_path(directory: str, session_id: str, suffix: str = RECORDING_SUFFIX) -> str:
-    """The file of a session's recording; ``ValueError`` for an id unfit for a file name."""
+def recording_path(
+    directory: str, session_id: str, suffix: str = RECORDING_SUFFIX, part: int = 0
+) -> str:
+    """The file of a session's recording (``part`` N > 0: its N-th resumed connection,
+    ``<id>-rN``); ``ValueError`` for an id unfit for a file name."""
     if not _SESSION_ID.match(session_id):
         raise ValueError(f"session id {session_id!r} cannot name a recording file")
-    return os.path.join(directory, session_id + suffix)
+    stem = f"{session_id}{PART_MARK}{part}" if part else session_id
+    return os.path.join(directory, stem + suffix)
+
+
+def latest_part(directory: str, session_id: str) -> str:
+    """The file of a session's last connection: what its last end report summarised."""
+    recording_path(directory, session_id)  # the id's check
+    prefix = session_id + PART_MARK
+    parts = [
+        int(name[len(prefix) : -len(RECORDING_SUFFIX)])
+        for name in _names(directory)
+        if name.startswith(prefix)
+        and name.endswith(RECORDING_SUFFIX)
+        and not name.endswith(INPUT_SUFFIX)
+        and name[len(prefix) : -len(RECORDING_SUFFIX)].isdigit()
+    ]
+    return recording_path(directory, session_id, part=max(parts, default=0))
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -92,12 +121,14 @@ class SessionRecorder:
         *,
         settings: RecordingSettings,
         session_id: str,
+        part: int = 0,
         drain: DrainThread | InlineDrain,
         call_from_thread: Callable[..., None],
         on_failure: Callable[[str], None],
     ):
         self.session_id = session_id
-        self.path = recording_path(settings.directory, session_id)
+        self.part = part
+        self.path = recording_path(settings.directory, session_id, part=part)
         self._settings = settings
         self._drain = drain
         self._call_from_thread = call_from_thread
@@ -126,7 +157,9 @@ class SessionRecorder:
         self._encoder = FbsEncoder(now)
         self._main = self._open(self.path)
         if self._settings.record_input:
-            input_path = recording_path(self._settings.directory, self.session_id, INPUT_SUFFIX)
+            input_path = recording_path(
+                self._settings.directory, self.session_id, INPUT_SUFFIX, self.part
+            )
             self._input = self._open(input_path)
             self._input_encoder = FbsEncoder(now)
             self._input.write(self._input_encoder.header_only())

@@ -12,6 +12,7 @@ can say the recording is gone.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from cpvm.proxy.recording.recorder import INPUT_SUFFIX, RECORDING_SUFFIX
+from cpvm.proxy.recording.recorder import INPUT_SUFFIX, PART_MARK, RECORDING_SUFFIX
 from cpvm.proxy.recording.writer import PART_SUFFIX
 
 DAY = 86400.0
@@ -99,20 +100,30 @@ def scan(directory: str) -> list[StoredRecording]:
 
 
 def delete(directory: str, session_id: str) -> None:
-    """Remove a session's recording files (those already gone are fine)."""
-    for suffix in (INPUT_SUFFIX, RECORDING_SUFFIX):
-        for name in (session_id + suffix, session_id + suffix + PART_SUFFIX):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
+    """Remove a session's recording files, every connection's (those already gone are
+    fine)."""
+    names = [
+        name
+        for name in os.listdir(directory)
+        if (name.startswith(session_id + ".") or name.startswith(session_id + PART_MARK))
+        and _session_of(name.removesuffix(PART_SUFFIX)) == session_id
+    ]
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
 
 
 def _session_of(name: str) -> str | None:
     for suffix in (INPUT_SUFFIX, RECORDING_SUFFIX):
         if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
+            # A resumed session's later connections count with the session.
+            return _PART.sub("", name[: -len(suffix)])
     return None
+
+
+_PART = re.compile(re.escape(PART_MARK) + r"[0-9]+\Z")
 
 
 class RetentionService(Service):

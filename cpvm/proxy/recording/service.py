@@ -91,11 +91,15 @@ class Recordings(MultiService):
         """Recordings being written now."""
         return len(self._active)
 
-    def recorder(self, session_id: str, on_failure: Callable[[str], None]) -> SessionRecorder:
-        """A recorder for a session the manager says to record."""
+    def recorder(
+        self, session_id: str, on_failure: Callable[[str], None], part: int = 0
+    ) -> SessionRecorder:
+        """A recorder for a session the manager says to record (``part``: its reconnect
+        count, for a resumed session)."""
         rec = SessionRecorder(
             settings=self.settings,
             session_id=session_id,
+            part=part,
             drain=self._drain,
             call_from_thread=self._reactor.callFromThread,
             on_failure=on_failure,

@@ -43,7 +43,7 @@ class SessionRecordings:
         if r is None or not r.recording:
             return
         session.recorder = self.recordings.recorder(
-            r.session_id, on_failure=lambda reason: self._failed(session, reason)
+            r.session_id, lambda reason: self._failed(session, reason), part=r.reconnects
         )
 
     def _failed(self, session: ConsoleSession, reason: str) -> None:
