@@ -334,3 +334,36 @@ async def test_record_typing_in_chromium_and_play_it_back(cpvm_factory, manager,
     raw = (directory / f"{issued.session_id}.fbs").read_bytes()
     assert report["recording"]["sha256"] == hashlib.sha256(raw).hexdigest()
     assert report["recording"]["complete"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resumed_session_records_its_next_connection_beside_the_first(
+    cpvm_factory, manager, echo_vnc, tmp_path
+):
+    directory = tmp_path / "recordings"
+    cpvm = cpvm_factory(recording={"directory": directory})
+    vnc = {"host": "127.0.0.1", "port": echo_vnc}
+    token, first = manager.issue(vnc, recording=True)
+    client = await open_console(ws_url(cpvm, token))
+    await client.rfb_handshake()
+    client.send(key_events(3))
+    await client.read(24)
+    client.transport.abortConnection()  # an unclean end: the browser may come back
+    await until(lambda: end_report(manager, first.session_id), "the first end report")
+    # The manager resumes the same session: its redemption says reconnects = 1.
+    token, again = manager.issue(vnc, recording=True, console={"reconnects": 1})
+    again.session_id = first.session_id
+    client = await open_console(ws_url(cpvm, token))
+    await client.rfb_handshake()
+    client.send(key_events(5))
+    assert await client.read(40)
+    client.sendClose(1000)
+    await client.wait_closed()
+    sid = first.session_id
+    await until(lambda: len([s for s, _ in manager.ends if s == sid]) == 2, "both end reports")
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == [f"{sid}-r1.fbs", f"{sid}.fbs"]
+    last = [r for s, r in manager.ends if s == sid][-1]
+    raw = (directory / f"{sid}-r1.fbs").read_bytes()
+    assert last["recording"]["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert last["recording"]["complete"] is True
