@@ -176,7 +176,7 @@ def idle_consoles(
                 port,
                 paths,
                 lambda: (guest_memory(vm, ssh_key), vm.http("/readyz")[0], server.stats()),
-                timeout=600,
+                timeout=180,
             )
         finally:
             vm.stop()
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir / "drive.iso", key, port, ssh_public_key=workdir / "id_ed25519.pub"
         )
         accels = (["kvm"] if kvm_usable() else []) + ([] if args.no_tcg else ["tcg"])
-        for accel in accels:
+        for accel in accels if args.boots else []:
             timeout = 60 if accel == "kvm" else 600
             boots = [
                 boot_once(image, drive, port, manager.port, accel, timeout)

@@ -115,5 +115,6 @@ async def _hold(
 
 def guest_memory(vm: Any, ssh_key: Path) -> dict[str, float]:
     """The booted appliance's memory figures now (``vm`` an :class:`~tests.appliance.vm.
-    Appliance` with SSH on the drive)."""
-    return parse_memory(vm.ssh(ssh_key, MEMORY_COMMAND))
+    Appliance` with SSH on the drive). Patient: under TCG, with a thousand consoles open,
+    sshd takes tens of seconds to answer."""
+    return parse_memory(vm.ssh(ssh_key, MEMORY_COMMAND, timeout=240, connect_timeout=180))

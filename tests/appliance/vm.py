@@ -262,7 +262,7 @@ class Appliance:
             time.sleep(0.2)
         assert self.process.exited(), f"QEMU still running after {timeout} s"
 
-    def ssh(self, key: Path, command: str, timeout: float = 30) -> str:
+    def ssh(self, key: Path, command: str, timeout: float = 30, connect_timeout: int = 10) -> str:
         """Run ``command`` as root over SSH (port 22 forwarded; the drive gave the key)."""
         result = subprocess.run(
             [
@@ -280,7 +280,7 @@ class Appliance:
                 "-o",
                 "LogLevel=ERROR",
                 "-o",
-                "ConnectTimeout=10",
+                f"ConnectTimeout={connect_timeout}",
                 "root@127.0.0.1",
                 command,
             ],
