@@ -422,17 +422,18 @@ class Cpvm(Proxy):
                 c.close()
 
     def _mint_one(self, mode: str, conn: http.client.HTTPConnection | None = None) -> str | None:
-        from cpvm.manager.signing import format_time, sign
+        from tests.signing import DEFAULT_TTL, signed_query
 
-        query = {
-            "command": "createConsoleEndpoint",
-            "virtualmachineid": self.vms[mode],
-            "response": "json",
-            "apiKey": self.api_key,
-            "signatureVersion": "3",
-            "expires": format_time(time.time() + 300),
-        }
-        query["signature"] = sign(query, self.secret)
+        query = signed_query(
+            {
+                "command": "createConsoleEndpoint",
+                "virtualmachineid": self.vms[mode],
+                "response": "json",
+            },
+            self.api_key,
+            self.secret,
+            expires_at=time.time() + DEFAULT_TTL,
+        )
         status, body = self._http(
             self.manager_port, "/client/api?" + urllib.parse.urlencode(query), conn
         )

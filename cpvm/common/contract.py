@@ -35,13 +35,29 @@ class Outcome(Enum):
     VNC_PROTOCOL_ERROR = (4013, "VNC protocol error", "vnc_protocol_error")
     VNC_HANDSHAKE_TIMEOUT = (4014, "VNC handshake timed out", "vnc_handshake_timeout")
     CLIENT_PROTOCOL_ERROR = (4015, "browser RFB protocol error", "client_protocol_error")
+    # Viewer policy "exclusive": a second full console while one is live (view-only may join).
+    CONSOLE_IN_USE = (
+        4016,
+        "console in use by another person (view-only may join)",
+        "console_in_use",
+    )
+    # A view-only console's browser sent a message cpvm cannot size: nothing after it can
+    # be checked, so the console ends rather than pass bytes it cannot judge.
+    VIEW_ONLY_UNCHECKABLE = (
+        4017,
+        "view-only console: the browser sent a message cpvm cannot check",
+        "view_only_uncheckable",
+    )
     IDLE_TIMEOUT = (4020, "idle timeout (no input from the browser)", "idle_timeout")
     MAX_DURATION = (4021, "session time limit reached", "max_duration")
     TERMINATED = (4022, "session terminated by administrator", "terminated")
+    # Viewer policy "takeover": a newer full console for the same VM ended this one.
+    TAKEN_OVER = (4023, "another console for this VM took over", "taken_over")
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
     # Refused by cpvm itself, without asking the manager (docs/management-api.md).
     RATE_LIMITED = (4029, "too many failed console attempts from this address", "rate_limited")
+    AT_CAPACITY = (4503, "console proxy at capacity: try again in a moment", "at_capacity")
 
     @property
     def code(self) -> int:
@@ -68,9 +84,11 @@ SESSION_END_OUTCOMES = (
     Outcome.VNC_PROTOCOL_ERROR,
     Outcome.VNC_HANDSHAKE_TIMEOUT,
     Outcome.CLIENT_PROTOCOL_ERROR,
+    Outcome.VIEW_ONLY_UNCHECKABLE,
     Outcome.IDLE_TIMEOUT,
     Outcome.MAX_DURATION,
     Outcome.TERMINATED,
+    Outcome.TAKEN_OVER,
     Outcome.ERROR,
 )
 END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
@@ -93,6 +111,7 @@ REDEMPTION_ERROR_STATUS: dict[str, int] = {
     "vm_unavailable": 409,
     "account_unavailable": 403,
     "instance_conflict": 409,
+    "console_in_use": 409,
 }
 REDEMPTION_ERROR_MESSAGE: dict[str, str] = {
     "invalid_token": "no such token",
@@ -108,6 +127,10 @@ REDEMPTION_ERROR_MESSAGE: dict[str, str] = {
         "key (cpvm-manager-admin proxy list shows both); another instance may take over once "
         "the running one has been silent for proxy_timeout"
     ),
+    "console_in_use": (
+        "the VM's viewer policy is exclusive and another full console is live; a view-only "
+        "console may join"
+    ),
 }
 REDEMPTION_ERRORS: dict[str, Outcome] = {
     "invalid_token": Outcome.INVALID_TOKEN,
@@ -119,6 +142,7 @@ REDEMPTION_ERRORS: dict[str, Outcome] = {
     "vm_unavailable": Outcome.VM_UNAVAILABLE,
     "instance_conflict": Outcome.INSTANCE_CONFLICT,
     "account_unavailable": Outcome.ACCOUNT_UNAVAILABLE,
+    "console_in_use": Outcome.CONSOLE_IN_USE,
     "bad_request": Outcome.BAD_REQUEST,
 }
 
@@ -138,3 +162,40 @@ WEBSOCKET_PATH = "websockify"
 # longest ``token`` query value cpvm passes on; real tokens are shorter (tokens.py).
 MAX_EXTRA_LENGTH = 512
 MAX_TOKEN_LENGTH = 512
+# The most capacity (concurrent consoles) a proxy's heartbeat may claim, and an operator may
+# set as a proxy key's ceiling.
+MAX_CAPACITY = 10**7
+
+
+class ViewerPolicy(Enum):
+    """Who may hold a VM's console at once; set per VM, decided by the manager at redemption.
+
+    ``shared``: any number of consoles (the default). ``exclusive``: one full console at a
+    time; a second is refused (``console_in_use``) while view-only ones may join.
+    ``takeover``: a new full console ends the live full one (close code 4023); view-only
+    ones stay. View-only consoles never count against a policy.
+    """
+
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+    TAKEOVER = "takeover"
+
+
+VIEWER_POLICIES = tuple(p.value for p in ViewerPolicy)
+
+
+def vnc_shared_flag(policy: ViewerPolicy, view_only: bool, requested: bool) -> bool:
+    """The shared flag cpvm sends in its ClientInit to the VNC server.
+
+    ``requested`` is what the browser asked for combined with cpvm's ``[session] shared``.
+    Under ``shared`` that request stands (today's behaviour: an unshared client makes the
+    VNC server drop the others). A view-only console never drops anyone. Under
+    ``exclusive`` and ``takeover`` cpvm itself decides who holds the console, so the VNC
+    server must keep every connection cpvm makes: an unshared one would drop the
+    view-only watchers the policy admits (QEMU also refuses shared clients while an
+    exclusive one is connected), and under ``takeover`` it would cut the old console off
+    before cpvm could tell it why (its close code).
+    """
+    if view_only or policy is not ViewerPolicy.SHARED:
+        return True
+    return requested

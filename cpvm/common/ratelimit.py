@@ -2,6 +2,13 @@
 
 Nothing here does I/O or reads the wall clock: every object takes a ``clock`` with a
 ``seconds()`` method (the reactor in production, ``twisted.internet.task.Clock`` in tests).
+
+- ``TokenBuckets``: cpvm's failed-redemption budget per client address (spend, give back).
+- ``KeyedRateLimiter``: the manager's ``createConsoleEndpoint`` limit per API key (take,
+  or the wait until the next call would be admitted).
+- ``LogThrottle``: one log line per interval for a flood of one kind of event.
+
+Both bucket tables hold at most ``burst`` tokens per key, refilled at ``rate`` per second.
 """
 
 from __future__ import annotations
@@ -15,7 +22,37 @@ class SecondsClock(Protocol):
     def seconds(self) -> float: ...
 
 
-class TokenBuckets:
+# KeyedRateLimiter keeps buckets per authenticated API key, so their number is bounded by the
+# keys in the database; past this many, full buckets (which carry no state) are dropped.
+_PRUNE_ABOVE = 1024
+
+
+class _BucketTable:
+    """A token bucket per key: ``burst`` tokens, refilled at ``rate`` per second."""
+
+    def __init__(self, clock: SecondsClock, burst: float, rate: float):
+        self._clock = clock
+        self.burst = float(burst)
+        self.rate = float(rate)
+        # key -> (tokens at the time of the last update, that time)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _level(self, key: str, now: float) -> float:
+        entry = self._buckets.get(key)
+        if entry is None:
+            return self.burst
+        tokens, then = entry
+        # A clock that steps back must not drain the bucket.
+        return min(self.burst, tokens + max(0.0, now - then) * self.rate)
+
+    def _full_keys(self, now: float) -> list[str]:
+        return [k for k in self._buckets if self._level(k, now) >= self.burst]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class TokenBuckets(_BucketTable):
     """One token bucket per key (a client address): ``burst`` tokens, refilled at ``rate``
     per second. ``take`` spends one token when there is one; ``give_back`` returns it.
 
@@ -27,19 +64,8 @@ class TokenBuckets:
     def __init__(self, clock: SecondsClock, *, burst: float, rate: float, max_keys: int = 100_000):
         if burst < 1 or rate <= 0:
             raise ValueError("burst must be at least 1 and rate positive")
-        self._clock = clock
-        self.burst = float(burst)
-        self.rate = float(rate)
+        super().__init__(clock, burst, rate)
         self._max_keys = max_keys
-        # key -> (tokens at the time of the last update, that time)
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def _level(self, key: str, now: float) -> float:
-        entry = self._buckets.get(key)
-        if entry is None:
-            return self.burst
-        tokens, then = entry
-        return min(self.burst, tokens + max(0.0, now - then) * self.rate)
 
     def available(self, key: str) -> float:
         """How many tokens ``key`` has now (for tests and metrics)."""
@@ -70,14 +96,44 @@ class TokenBuckets:
         self._buckets[key] = (tokens, now)
 
     def _prune(self, now: float) -> None:
-        full = [k for k in self._buckets if self._level(k, now) >= self.burst]
-        for k in full:
+        for k in self._full_keys(now):
             del self._buckets[k]
         while len(self._buckets) >= self._max_keys:
             del self._buckets[next(iter(self._buckets))]
 
-    def __len__(self) -> int:
-        return len(self._buckets)
+
+class KeyedRateLimiter(_BucketTable):
+    """``take(key)`` returns 0.0 when a call for ``key`` is admitted, else the seconds until
+    the next one would be. A limiter with ``rate == 0`` admits everything."""
+
+    def __init__(self, rate: float, burst: int, clock: SecondsClock):
+        super().__init__(clock, burst, rate)
+        self._prune_above = _PRUNE_ABOVE
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``rate`` is 0 (no limit)."""
+        return self.rate > 0
+
+    def take(self, key: str) -> float:
+        """Take one token for ``key``; 0.0 if it was there, else the wait for one."""
+        if not self.enabled:
+            return 0.0
+        now = self._clock.seconds()
+        tokens = self._level(key, now)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self._prune_above:
+                self._prune(now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        for key in self._full_keys(now):
+            del self._buckets[key]
+        # Amortised: with many busy keys, the next sweep waits until their number doubles.
+        self._prune_above = max(_PRUNE_ABOVE, 2 * len(self._buckets))
 
 
 class LogThrottle:

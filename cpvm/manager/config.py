@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpvm.common.addresses import parse_networks
+from cpvm.common.contract import VIEWER_POLICIES, ViewerPolicy
 from cpvm.common.inifile import ConfigError, IniReader
 from cpvm.common.sections import LogConfig, MetricsConfig, read_log, read_metrics
 from cpvm.manager.inventory_config import LibvirtSourceConfig, read_inventory
@@ -85,6 +86,8 @@ class SessionConfig:
     max_duration: int | None
     retention_days: float
     cleanup_interval: float
+    # Who may hold a VM's console at once, for VMs without their own policy.
+    viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,9 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         max_duration=_optional_int(reader, "sessions", "max_duration", 1),
         retention_days=reader.number("sessions", "retention_days", 30.0, minimum=0.0),
         cleanup_interval=reader.number("sessions", "cleanup_interval", 30.0, minimum=0.1),
+        viewer_policy=ViewerPolicy(
+            reader.choice("sessions", "viewer_policy", "shared", VIEWER_POLICIES)
+        ),
     )
     metrics = read_metrics(reader)
     log = read_log(reader)

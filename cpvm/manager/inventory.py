@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -239,7 +239,7 @@ class LibvirtWatcher:
             self._again = True
             return None
         self._syncing = True
-        d = self._sync()
+        d = ensureDeferred(self._sync())
         d.addErrback(
             lambda f: self._log.failure(
                 "inventory {source}: sync failed", f, source=self.cfg.source
@@ -255,22 +255,21 @@ class LibvirtWatcher:
             self._again = False
             self.sync()
 
-    @inlineCallbacks
-    def _sync(self):
+    async def _sync(self) -> None:
         now = self._clock.seconds()
         if self._worker.busy:
             # The last call still hangs in libvirt: the host stays down, nothing queues.
-            yield self._unreachable("the previous call has not returned")
+            await self._unreachable("the previous call has not returned")
             return
         try:
-            hostname, domains = yield self._worker.call(self._conn.snapshot).addTimeout(
+            hostname, domains = await self._worker.call(self._conn.snapshot).addTimeout(
                 self.cfg.timeout, self._clock
             )
         except Exception as e:
-            yield self._unreachable(_reason(e))
+            await self._unreachable(_reason(e))
             return
         try:
-            result = yield self._db.run(
+            result = await self._db.run(
                 inventory_sync.sync_source, self.cfg, self._box, hostname, domains, now
             )
         except inventory_sync.OwnerMissing:
@@ -289,9 +288,8 @@ class LibvirtWatcher:
             )
         self._report(result)
 
-    @inlineCallbacks
-    def _unreachable(self, reason: str):
-        changed = yield self._db.run(
+    async def _unreachable(self, reason: str) -> None:
+        changed = await self._db.run(
             inventory_sync.mark_unknown, self.cfg.source, self._clock.seconds()
         )
         if not self._down or changed:

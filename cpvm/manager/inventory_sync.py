@@ -94,20 +94,6 @@ def _same(box: SecretBox, encrypted: str | None, password: str) -> bool:
         return False
 
 
-_COMPARED = (
-    "name",
-    "owner_id",
-    "state",
-    "vnc_host",
-    "vnc_port",
-    "vnc_password_enc",
-    "vnc_tls",
-    "vnc_ca_pem",
-    "vnc_server_name",
-    "hostname",
-)
-
-
 def sync_source(
     tx: Tx,
     cfg: LibvirtSourceConfig,
@@ -139,7 +125,7 @@ def sync_source(
             vm_store.insert_vm(tx, row, cfg.source, now)
             result.added.append(d.uuid)
             continue
-        changed = {k: row[k] for k in _COMPARED if getattr(old, k) != row[k]}
+        changed = {k: row[k] for k in vm_store.COMPARED if getattr(old, k) != row[k]}
         if changed:
             vm_store.update_owned(tx, d.uuid, cfg.source, changed, now)
             result.updated.append((d.uuid, tuple(sorted(changed))))

@@ -1,8 +1,7 @@
 """CloudStack API request signatures (HMAC-SHA1, signature versions 1–3).
 
-The string to sign: every parameter except ``signature``, values URL-encoded like Java's
-``URLEncoder`` with ``+`` written ``%20`` (Python: ``quote(value, safe="*")``), sorted by
-key, joined as ``key=value`` with ``&``, then the whole string lower-cased. Names are not
+The string to sign and the client's side are :mod:`cpvm.common.signatures` (the probe signs
+with it too); here is what only the manager does: verify and apply the expiry. Names are not
 encoded (as in CloudStack): :mod:`cpvm.manager.params` refuses every name that could make
 the string ambiguous before a signature is checked.
 
@@ -16,28 +15,21 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from urllib.parse import quote
+from datetime import datetime
 
+from cpvm.common.signatures import format_time, sign, string_to_sign
 
-def string_to_sign(params: Mapping[str, str], java_tilde: bool = False) -> str:
-    """The canonical, lower-cased query CloudStack signs."""
-    parts = []
-    for key in sorted((k for k in params if k.lower() != "signature"), key=str.lower):
-        value = quote(params[key], safe="*")
-        if java_tilde:
-            # Java's URLEncoder encodes "~"; Python's quote never does.
-            value = value.replace("~", "%7E")
-        parts.append(f"{key}={value}")
-    return "&".join(parts).lower()
-
-
-def sign(params: Mapping[str, str], secret: str) -> str:
-    """The base64 HMAC-SHA1 signature of ``params`` (as a client computes it)."""
-    digest = hmac.new(
-        secret.encode("utf-8"), string_to_sign(params).encode("utf-8"), hashlib.sha1
-    ).digest()
-    return base64.b64encode(digest).decode("ascii")
+__all__ = [
+    "EXPIRY_REQUIRED",
+    "ExpiryPolicy",
+    "SignatureTimeError",
+    "check_expiry",
+    "format_time",
+    "parse_expires",
+    "sign",
+    "string_to_sign",
+    "verify",
+]
 
 
 def verify(params: Mapping[str, str], secret: str, signature: str) -> bool:
@@ -63,11 +55,6 @@ def parse_expires(value: str) -> float:
         except ValueError:
             continue
     raise ValueError(f"expires is not an ISO-8601 date with a time zone: {value!r}")
-
-
-def format_time(seconds: float) -> str:
-    """CloudStack's date format: ``2026-11-27T10:00:00+0000``."""
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
 
 
 @dataclass(frozen=True)

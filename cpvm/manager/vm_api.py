@@ -2,7 +2,7 @@
 commands for orchestrators (``addConsoleVirtualMachine``, ``updateConsoleVirtualMachine``,
 ``removeConsoleVirtualMachine``).
 
-:func:`commands` gives the handlers for :class:`cpvm.manager.web.PublicApiResource`'s
+:func:`commands` gives the handlers for :class:`cpvm.manager.public_api.PublicApiResource`'s
 command table. Each handler is called as ``handler(request, account, params, name)`` with
 the authenticated account and the lower-cased parameters, and returns ``(status, body)``
 or raises ``ApiError``. The rules of the admin commands are those of the CLI
@@ -17,9 +17,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 from twisted.web import server
 
-from cpvm.manager import signing, store, vm_store, vms
+from cpvm.manager import signing, vm_store, vms
+from cpvm.manager.api_errors import ApiError
 from cpvm.manager.db import Database
 from cpvm.manager.secrets_box import SecretBox
+from cpvm.manager.store import Account
 
 DEFAULT_PAGE_SIZE = 500  # CloudStack's default.page.size
 MAX_PAGE_SIZE = 500
@@ -39,6 +41,7 @@ _FIELD_PARAMS = {
     "vnccacertificate": "vnc_ca_pem",
     "vncservername": "vnc_server_name",
     "state": "state",
+    "viewerpolicy": "viewer_policy",  # shared | exclusive | takeover | default
 }
 # Given empty on update: remove the value.
 _CLEARABLE = ("vncpassword", "vnccacertificate", "vncservername")
@@ -50,8 +53,6 @@ def run_read(db: Database, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _error(code: int, text: str) -> Exception:
-    from cpvm.manager.web import ApiError  # web imports this module at construction
-
     return ApiError(code, text)
 
 
@@ -69,6 +70,9 @@ def _vm_json(v: vm_store.VmListing, admin: bool) -> dict[str, Any]:
     }
     if admin:
         fields["source"] = v.source  # a cpvm extension: manual, api or libvirt:NAME
+        fields["viewerpolicy"] = (
+            v.viewer_policy or "default"
+        )  # cpvm: see updateConsoleVirtualMachine
     return {k: v for k, v in fields.items() if v is not None}  # CloudStack omits nulls
 
 
@@ -112,7 +116,7 @@ class VmCommands:
         }
 
     async def list_virtual_machines(
-        self, request: server.Request, account: store.Account, p: dict[str, str], name: str
+        self, request: server.Request, account: Account, p: dict[str, str], name: str
     ):
         filters: dict[str, Any] = {
             "keyword": p.get("keyword") or None,
@@ -126,20 +130,7 @@ class VmCommands:
         offset, limit = _page(p)
         wanted = p.get("account") or p.get("accountid")
 
-        def txn(tx):
-            if wanted:
-                try:
-                    target = store.find_account(tx, wanted)
-                except store.NotFound:
-                    return None
-                if not account.is_admin and target.id != account.id:
-                    return None
-                filters["owner_id"] = target.id
-            elif not account.is_admin:
-                filters["owner_id"] = account.id
-            return vm_store.list_vms(tx, filters, offset, limit)
-
-        result = await run_read(self._db, txn)
+        result = await run_read(self._db, vms.visible, account, wanted, filters, offset, limit)
         if result is None:
             # Never says whether another account exists.
             raise _error(431, "Invalid parameter account: no such account")
@@ -153,7 +144,7 @@ class VmCommands:
 
     # Admin commands ---------------------------------------------------------------------
 
-    def _admin_only(self, account: store.Account, command: str) -> None:
+    def _admin_only(self, account: Account, command: str) -> None:
         if not account.is_admin:
             raise _error(432, NOT_AVAILABLE.format(command=command, account=account.name))
 

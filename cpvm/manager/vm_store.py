@@ -18,6 +18,37 @@ API = "api"  # addConsoleVirtualMachine
 LIBVIRT_PREFIX = "libvirt:"  # [inventory.libvirt.NAME] -> "libvirt:NAME"
 
 
+# The columns of ``vms`` that describe a VM (not its id, source or times), once, with who
+# may write each: "edit" by hand (cpvm-manager-admin, the admin API: store.update_vm),
+# "discovery" a libvirt source for its own VMs (update_owned), and "compare" what a sync
+# reads back to decide whether a domain changed (inventory_sync; the hypervisor is the
+# same constant for every domain, so it is written but never compared).
+VM_COLUMNS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("name", frozenset({"edit", "discovery", "compare"})),
+    ("owner_id", frozenset({"edit", "discovery", "compare"})),
+    ("state", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_host", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_port", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_password_enc", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_tls", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_ca_pem", frozenset({"edit", "discovery", "compare"})),
+    ("vnc_server_name", frozenset({"edit", "discovery", "compare"})),
+    ("hostname", frozenset({"discovery", "compare"})),
+    ("hypervisor", frozenset({"discovery"})),
+    # Set by hand even on a discovered VM (libvirt knows no such thing; discovery leaves it).
+    ("viewer_policy", frozenset({"edit"})),
+)
+
+
+def _columns(writer: str) -> tuple[str, ...]:
+    return tuple(name for name, writers in VM_COLUMNS if writer in writers)
+
+
+EDITABLE = _columns("edit")
+DISCOVERED = _columns("discovery")
+COMPARED = _columns("compare")
+
+
 @dataclass(frozen=True)
 class VmListing:
     """A VM as ``listVirtualMachines`` and the inventory see it: never a VNC secret."""
@@ -31,11 +62,13 @@ class VmListing:
     hostname: str | None
     hypervisor: str | None
     created_at: float
+    viewer_policy: str | None = None  # None: the manager's default
 
 
 @dataclass(frozen=True)
 class OwnedVm:
-    """What discovery compares with a domain, for one VM of its own source."""
+    """What discovery compares with a domain, for one VM of its own source: the id and
+    the ``COMPARED`` columns, in that order."""
 
     id: str
     name: str
@@ -51,7 +84,8 @@ class OwnedVm:
 
 
 _LIST_COLS = (
-    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at"
+    "v.id, v.name, v.owner_id, a.name, v.state, v.source, v.hostname, v.hypervisor, v.created_at, "
+    "v.viewer_policy"
 )
 
 
@@ -104,7 +138,7 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
     tx.execute(
         "INSERT INTO vms (id, name, owner_id, state, vnc_host, vnc_port, vnc_password_enc, "
         "vnc_tls, vnc_ca_pem, vnc_server_name, created_at, updated_at, source, hostname, "
-        "hypervisor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "hypervisor, viewer_policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             vm["id"],
             vm["name"],
@@ -121,6 +155,7 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
             source,
             vm.get("hostname"),
             vm.get("hypervisor"),
+            vm.get("viewer_policy"),
         ),
     )
 
@@ -128,9 +163,7 @@ def insert_vm(tx: Tx, vm: dict[str, Any], source: str, now: float) -> None:
 def owned_vms(tx: Tx, source: str) -> dict[str, OwnedVm]:
     """Every VM of ``source``, by id."""
     rows = tx.execute(
-        "SELECT id, name, owner_id, state, vnc_host, vnc_port, vnc_password_enc, vnc_tls, "
-        "vnc_ca_pem, vnc_server_name, hostname FROM vms WHERE source = ?",
-        (source,),
+        f"SELECT id, {', '.join(COMPARED)} FROM vms WHERE source = ?", (source,)
     ).fetchall()
     return {r[0]: OwnedVm(*r) for r in rows}
 
@@ -150,26 +183,9 @@ def sources(tx: Tx) -> dict[str, str]:
     return {r[0]: r[1] for r in tx.execute("SELECT id, source FROM vms").fetchall()}
 
 
-_OWNED_UPDATABLE = frozenset(
-    {
-        "name",
-        "owner_id",
-        "state",
-        "vnc_host",
-        "vnc_port",
-        "vnc_password_enc",
-        "vnc_tls",
-        "vnc_ca_pem",
-        "vnc_server_name",
-        "hostname",
-        "hypervisor",
-    }
-)
-
-
 def update_owned(tx: Tx, vm_id: str, source: str, changes: dict[str, Any], now: float) -> None:
     """Change a VM of ``source`` (never one of another source)."""
-    unknown = set(changes) - _OWNED_UPDATABLE
+    unknown = set(changes) - set(DISCOVERED)
     if unknown:
         raise ValueError(f"cannot update {sorted(unknown)}")
     sets = "".join(f"{k} = ?, " for k in changes)

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cpvm.common.contract import VNC_TLS_MODES
+from cpvm.common.contract import VIEWER_POLICIES, VNC_TLS_MODES
 from cpvm.manager import store, vm_store
 from cpvm.manager.db import Tx
 from cpvm.manager.proxy_policy import public_host_problem
@@ -41,7 +41,10 @@ PARAMETERS = {
     "vnc_ca_pem": ("vnccacertificate", "--ca-file"),
     "vnc_server_name": ("vncservername", "--server-name"),
     "state": ("state", "--state"),
+    "viewer_policy": ("viewerpolicy", "--viewer-policy"),
 }
+# --viewer-policy default: back to the manager's [sessions] viewer_policy.
+POLICY_DEFAULT = "default"
 REQUIRED = ("name", "owner", "vnc_host", "vnc_port")
 
 
@@ -113,7 +116,7 @@ def parse_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if field not in PARAMETERS:
             raise VmError(f"unknown field {field}")
         if value is None:
-            if field not in ("vnc_password", "vnc_ca_pem", "vnc_server_name"):
+            if field not in ("vnc_password", "vnc_ca_pem", "vnc_server_name", "viewer_policy"):
                 raise VmError(f"{PARAMETERS[field][0]} cannot be removed")
             out[field] = None
         elif field == "id":
@@ -130,6 +133,9 @@ def parse_fields(raw: dict[str, Any]) -> dict[str, Any]:
             out[field] = _choice(field, value, TLS_MODES)
         elif field == "state":
             out[field] = _choice(field, value, STATES)
+        elif field == "viewer_policy":
+            choice = _choice(field, value, (*VIEWER_POLICIES, POLICY_DEFAULT))
+            out[field] = None if choice == POLICY_DEFAULT else choice
         elif field == "vnc_ca_pem":
             out[field] = _ca(value)
         else:
@@ -168,6 +174,7 @@ def add(tx: Tx, box: SecretBox, fields: dict[str, Any], source: str, now: float)
             "vnc_tls": tls,
             "vnc_ca_pem": fields.get("vnc_ca_pem"),
             "vnc_server_name": fields.get("vnc_server_name"),
+            "viewer_policy": fields.get("viewer_policy"),
         },
         source,
         now,
@@ -188,12 +195,12 @@ def _owner(tx: Tx, name_or_id: str) -> store.Account:
         raise VmError(f"no account {name_or_id!r}") from None
 
 
-def _editable(tx: Tx, vm_id: str) -> store.Vm:
+def _editable(tx: Tx, vm_id: str, discovered_ok: bool = False) -> store.Vm:
     source = vm_store.vm_source(tx, vm_id)
     vm = store.get_vm(tx, vm_id)
     if source is None or vm is None:
         raise VmError(f"no VM {vm_id}")
-    if source.startswith(vm_store.LIBVIRT_PREFIX):
+    if source.startswith(vm_store.LIBVIRT_PREFIX) and not discovered_ok:
         # Discovery would undo the change at its next sync: change it where it lives.
         raise VmError(
             f"VM {vm_id} is discovered from [inventory.libvirt."
@@ -208,7 +215,8 @@ def update(tx: Tx, box: SecretBox, vm_id: str, fields: dict[str, Any], now: floa
         raise VmError("id cannot be changed")
     if not fields:
         raise VmError("nothing to change")
-    vm = _editable(tx, vm_id)
+    # Discovery never writes the viewer policy, so it may be set on a discovered VM too.
+    vm = _editable(tx, vm_id, discovered_ok=set(fields) == {"viewer_policy"})
     changes: dict[str, Any] = {}
     owner_name = vm.owner_name
     for field, value in fields.items():
@@ -231,6 +239,29 @@ def remove(tx: Tx, vm_id: str) -> VmChange:
     vm = _editable(tx, vm_id)
     store.remove_vm(tx, vm.id)
     return VmChange("removed", vm.id, vm.name, vm.owner_name, ())
+
+
+def visible(
+    tx: Tx,
+    caller: store.Account,
+    wanted: str | None,
+    filters: dict[str, Any],
+    offset: int,
+    limit: int,
+) -> tuple[int, list[vm_store.VmListing]] | None:
+    """The page of VMs ``caller`` may list (``wanted``: an account's name or id to narrow to),
+    or None when ``wanted`` is no account the caller may see (the answer never says which)."""
+    if wanted:
+        try:
+            target = store.find_account(tx, wanted)
+        except store.NotFound:
+            return None
+        if not caller.is_admin and target.id != caller.id:
+            return None
+        filters = {**filters, "owner_id": target.id}
+    elif not caller.is_admin:
+        filters = {**filters, "owner_id": caller.id}
+    return vm_store.list_vms(tx, filters, offset, limit)
 
 
 def log_change(change: VmChange, by: str, source: str) -> None:

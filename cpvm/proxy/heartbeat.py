@@ -8,8 +8,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cpvm.common.contract import Outcome
 from cpvm.proxy.manager_client import InstanceConflict, ManagerClient
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import SessionRegistry
 
 
 class Heartbeat(Service):
@@ -21,7 +22,7 @@ class Heartbeat(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, manager: ManagerClient, sessions: ConsoleSessions, interval: float):
+    def __init__(self, reactor, manager: ManagerClient, sessions: SessionRegistry, interval: float):
         self._reactor = reactor
         self._manager = manager
         self._sessions = sessions
@@ -74,6 +75,13 @@ class Heartbeat(Service):
         interval = answer.get("heartbeat_interval")
         if isinstance(interval, (int, float)) and not isinstance(interval, bool):
             self.interval = min(max(float(interval), 0.5), 300.0)
+        # Taken over first: they are in "terminate" too (for older proxies), and each
+        # should close with its own code, 4023.
+        taken = answer.get("taken_over") or []
+        if isinstance(taken, list) and taken:
+            n = self._sessions.terminate(taken, Outcome.TAKEN_OVER, "taken over (heartbeat)")
+            if n:
+                self._log.info("{count} session(s) here were taken over", count=n)
         terminate = answer.get("terminate") or []
         if isinstance(terminate, list) and terminate:
             n = self._sessions.terminate(terminate)

@@ -29,7 +29,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from cpvm.common.contract import REDEMPTION_ERRORS, VNC_TLS_MODES, Outcome
+from cpvm.common.contract import (
+    REDEMPTION_ERRORS,
+    VNC_TLS_MODES,
+    Outcome,
+    ViewerPolicy,
+    vnc_shared_flag,
+)
 
 MAX_ANSWER = 256 * 1024
 
@@ -79,6 +85,16 @@ class Redemption:
     vnc: VncTarget
     idle_timeout: float | None
     max_duration: float | None
+    #: The browser may only watch: cpvm drops its input (cpvm.rfb.ViewOnlyFilter).
+    view_only: bool = False
+    #: The VM's viewer policy, which decides the VNC shared flag.
+    viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
+    #: Sessions this one took over (policy "takeover"): end them with close code 4023.
+    taken_over: tuple[str, ...] = ()
+
+    def vnc_shared_flag(self, requested: bool) -> bool:
+        """The ClientInit shared flag towards the VNC server (see the contract's rule)."""
+        return vnc_shared_flag(self.viewer_policy, self.view_only, requested)
 
 
 def parse_redemption(body: Any) -> Redemption:
@@ -109,6 +125,18 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
+    view_only = body.get("view_only", False)
+    if not isinstance(view_only, bool):
+        raise ValueError("view_only is not a boolean")
+    try:
+        policy = ViewerPolicy(body.get("viewer_policy") or "shared")
+    except ValueError:
+        raise ValueError("viewer_policy is not a known policy") from None
+    taken_over = body.get("taken_over") or []
+    if not isinstance(taken_over, list) or not all(
+        isinstance(s, str) and 0 < len(s) <= 1024 for s in taken_over
+    ):
+        raise ValueError("taken_over is not a list of session ids")
     return Redemption(
         session_id=session_id,
         vm_id=_string(vm, "id"),
@@ -124,6 +152,9 @@ def parse_redemption(body: Any) -> Redemption:
         ),
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
+        view_only=view_only,
+        viewer_policy=policy,
+        taken_over=tuple(taken_over),
     )
 
 

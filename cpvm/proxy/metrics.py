@@ -49,7 +49,7 @@ def process_gone(path: str, pid: int) -> None:
 
 class ProxyMetrics:
     """Everything cpvm counts. Relayed bytes are added per session when it ends and, for
-    live sessions, when a heartbeat or a scrape asks (``ConsoleSessions.count_relayed``),
+    live sessions, when a heartbeat or a scrape asks (``SessionRegistry.count_relayed``),
     so the relay's hot path does no metric work at all."""
 
     def __init__(

@@ -1,21 +1,17 @@
 """The live console sessions of one cpvm process, and what happens around each one.
 
-``ConsoleSessions`` creates sessions, enforces capacity, connects them upstream, keeps
+``SessionRegistry`` creates sessions, enforces capacity, connects them upstream, keeps
 the metrics and the audit stream, queues end reports for the heartbeat
-(:mod:`cpvm.proxy.heartbeat`), and ends sessions an administrator terminated.
+(:mod:`cpvm.proxy.heartbeat`), and ends sessions an administrator terminated. What it
+needs of the configuration is a ``RegistrySettings``, built by :mod:`cpvm.proxy.tap`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,7 +19,6 @@ from cpvm import __version__, rfb
 from cpvm.common.contract import Outcome, end_reason
 from cpvm.common.ratelimit import LogThrottle, TokenBuckets
 from cpvm.common.tokens import looks_like_token
-from cpvm.proxy.config import CpvmConfig
 from cpvm.proxy.manager_client import (
     ManagerClient,
     ManagerUnavailable,
@@ -32,7 +27,7 @@ from cpvm.proxy.manager_client import (
 )
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.session import ConsoleSession, SessionLimits
-from cpvm.proxy.upstream import VncClientFactory, tls_creator
+from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
 audit_log = Logger(namespace="cpvm.audit")
 
@@ -42,14 +37,45 @@ ENDS_PER_HEARTBEAT = 500
 MAX_QUEUED_ENDS = 100_000
 
 
-class ConsoleSessions:
+@dataclass(frozen=True)
+class RegistrySettings:
+    """What the session registry needs of cpvm's configuration, and nothing more."""
+
+    #: Each session's timeouts and sharing.
+    limits: SessionLimits
+    #: Live and pending sessions of this process, at most.
+    max_sessions: int
+    #: Redemptions waiting for the manager, at most.
+    max_pending: int
+    #: Failed redemptions per client address: a burst, then a rate per second.
+    failed_redemption_burst: int
+    failed_redemption_rate: float
+    #: Seconds to wait for the VNC server's TCP connection.
+    connect_timeout: float
+    #: VeNCrypt TLSNone/TLSVnc allowed when the manager asks for ``tls = anonymous``.
+    allow_anonymous_tls: bool
+    #: The CA (PEM) a VNC server's certificate is checked against when the manager names none.
+    default_ca_pem: bytes | None
+    #: What the heartbeat advertises: where browsers reach this proxy...
+    public_host: str
+    public_port: int
+    tls: bool
+    public_address: str | None
+    #: ... and the capacity of the whole proxy (every worker process reports all of it;
+    #: the manager counts sessions from its own records).
+    capacity: int
+
+
+class SessionRegistry:
     """Registry and life-support of every console session in this process."""
 
     _log = Logger()
 
-    def __init__(self, reactor, config: CpvmConfig, manager: ManagerClient, metrics: ProxyMetrics):
+    def __init__(
+        self, reactor, settings: RegistrySettings, manager: ManagerClient, metrics: ProxyMetrics
+    ):
         self._reactor = reactor
-        self._config = config
+        self._settings = settings
         self._manager = manager
         self.metrics = metrics
         self._all: set[ConsoleSession] = set()
@@ -58,38 +84,27 @@ class ConsoleSessions:
         # it has not answered yet; a session being refused counts for neither.
         self._live: set[ConsoleSession] = set()
         self._pending = 0
-        s = config.session
         # Failed redemptions per client address: every attempt spends a token, a good
         # one gives it back, an empty bucket is refused here (4029).
         self._attempts = TokenBuckets(
-            reactor, burst=s.failed_redemption_burst, rate=s.failed_redemption_rate
+            reactor,
+            burst=settings.failed_redemption_burst,
+            rate=settings.failed_redemption_rate,
         )
         self._quiet = LogThrottle(reactor)
-        self._default_ca: bytes | None = (
-            config.vnc.ca_file.read_bytes() if config.vnc.ca_file else None
-        )
         # End reports wait here for the next heartbeat, which carries them in one request.
         self._ended: deque[dict] = deque()
         self.accepting = True
-        self._limits = SessionLimits(
-            handshake_timeout=config.vnc.handshake_timeout + config.manager.timeout,
-            idle_timeout=s.idle_timeout,
-            max_duration=s.max_duration,
-            shared=s.shared,
-        )
 
     # -- creation ------------------------------------------------------------------------
 
     def at_capacity(self) -> bool:
         """No room for one more session: stopping, or ``max_sessions`` live or pending."""
-        return (
-            not self.accepting
-            or len(self._live) + self._pending >= self._config.session.max_sessions
-        )
+        return not self.accepting or len(self._live) + self._pending >= self._settings.max_sessions
 
     def too_many_pending(self) -> bool:
         """``max_pending`` redemptions already wait for the manager."""
-        return self._pending >= self._config.session.max_pending
+        return self._pending >= self._settings.max_pending
 
     @property
     def pending(self) -> int:
@@ -107,7 +122,7 @@ class ConsoleSessions:
             client_address=client,
             redeem=self._redeem,
             connect_upstream=self._connect_upstream,
-            limits=self._limits,
+            limits=self._settings.limits,
             hooks=self,
         )
         self._all.add(session)
@@ -188,22 +203,23 @@ class ConsoleSessions:
         return None
 
     def _connect_upstream(self, session: ConsoleSession, r: Redemption) -> Deferred:
-        vnc = self._config.vnc
+        settings = self._settings
         target = r.vnc
-        allow_anon = target.tls == "anonymous" and vnc.allow_anonymous_tls
+        allow_anon = target.tls == "anonymous" and settings.allow_anonymous_tls
         handshake = rfb.RfbClientHandshake(
             target.password,
             allow_anonymous_tls=allow_anon,
             allow_none=target.tls == "none",
             require_tls=target.tls != "none",
-            allow_x509=bool(target.ca_pem or self._default_ca),
+            allow_x509=bool(target.ca_pem or settings.default_ca_pem),
         )
         factory = VncClientFactory(
-            session, handshake, lambda anonymous: tls_creator(target, self._default_ca, anonymous)
+            session,
+            handshake,
+            lambda anonymous: tls_creator(target, settings.default_ca_pem, anonymous),
         )
-        return _endpoint(self._reactor, target.host, target.port, vnc.connect_timeout).connect(
-            factory
-        )
+        endpoint = vnc_endpoint(self._reactor, target.host, target.port, settings.connect_timeout)
+        return endpoint.connect(factory)
 
     # -- hooks called by sessions --------------------------------------------------------
 
@@ -217,6 +233,10 @@ class ConsoleSessions:
             event="acquired",
             **session.log_fields(),
         )
+        taken = session.redemption.taken_over if session.redemption else ()
+        if taken:
+            # Before this console reaches the VNC server: the old one hears why it ends.
+            self.terminate(taken, Outcome.TAKEN_OVER, f"taken over by session {sid}")
 
     def redeemed_after_close(self, session: ConsoleSession) -> None:
         outcome = session.outcome or Outcome.ERROR
@@ -263,50 +283,57 @@ class ConsoleSessions:
             Outcome.VNC_HANDSHAKE_TIMEOUT,
         ):
             self.metrics.upstream_failures.labels(kind=outcome.report).inc()
-        duration = (stats.ended or stats.started) - stats.started
-        fields = session.log_fields()
+        self._log_end(session, outcome, detail)
+        if sid:
+            self._audit_end(sid, session, outcome)
+
+    def _log_end(self, session: ConsoleSession, outcome: Outcome, detail: str) -> None:
         level = self._log.info if outcome.code in (1000, 1001) else self._log.warn
-        if outcome is Outcome.RATE_LIMITED:
-            # A flood's refusals: one line per interval, with how many it stands for.
-            count = self._quiet.event(outcome.report)
-            if count is not None:
-                level(
-                    "console sessions refused: {reason} ({count} since the last line), "
-                    "last from {client}",
-                    reason=outcome.report,
-                    count=count,
-                    code=outcome.code,
-                    client=session.client_address,
-                )
-        else:
+        if outcome is not Outcome.RATE_LIMITED:
             level(
                 "console session ended: {reason} ({detail})",
                 reason=outcome.report,
                 detail=detail,
                 code=outcome.code,
-                **fields,
+                **session.log_fields(),
             )
-        if sid:
-            audit_log.info(
-                "console session ended: vm {vm} reason {reason}, {bytes_to_client} bytes "
-                "to client, {bytes_to_server} to server, {duration:.1f} s",
-                event="ended",
+            return
+        # A flood's refusals: one line per interval, with how many it stands for.
+        count = self._quiet.event(outcome.report)
+        if count is not None:
+            level(
+                "console sessions refused: {reason} ({count} since the last line), "
+                "last from {client}",
                 reason=outcome.report,
-                bytes_to_client=stats.bytes_to_client,
-                bytes_to_server=stats.bytes_to_server,
-                duration=duration,
-                **fields,
+                count=count,
+                code=outcome.code,
+                client=session.client_address,
             )
-            self._report_end(
-                sid,
-                {
-                    "reason": end_reason(outcome),
-                    "client_address": session.client_address,
-                    "bytes_to_client": stats.bytes_to_client,
-                    "bytes_to_server": stats.bytes_to_server,
-                    "duration": round(duration, 3),
-                },
-            )
+
+    def _audit_end(self, sid: str, session: ConsoleSession, outcome: Outcome) -> None:
+        """The audit record of a session the manager knows of, and its end report."""
+        stats = session.stats
+        duration = (stats.ended or stats.started) - stats.started
+        audit_log.info(
+            "console session ended: vm {vm} reason {reason}, {bytes_to_client} bytes "
+            "to client, {bytes_to_server} to server, {duration:.1f} s",
+            event="ended",
+            reason=outcome.report,
+            bytes_to_client=stats.bytes_to_client,
+            bytes_to_server=stats.bytes_to_server,
+            duration=duration,
+            **session.log_fields(),
+        )
+        self._report_end(
+            sid,
+            {
+                "reason": end_reason(outcome),
+                "client_address": session.client_address,
+                "bytes_to_client": stats.bytes_to_client,
+                "bytes_to_server": stats.bytes_to_server,
+                "duration": round(duration, 3),
+            },
+        )
 
     def _report_end(self, sid: str, report: dict) -> None:
         if len(self._ended) >= MAX_QUEUED_ENDS:
@@ -330,26 +357,30 @@ class ConsoleSessions:
 
     # -- control from outside ------------------------------------------------------------
 
-    def terminate(self, session_ids) -> int:
-        """End sessions an administrator terminated; returns how many were here."""
+    def terminate(
+        self,
+        session_ids,
+        outcome: Outcome = Outcome.TERMINATED,
+        detail: str = "terminated through the API",
+    ) -> int:
+        """End sessions an administrator terminated (or, with ``Outcome.TAKEN_OVER``, a
+        newer console replaced); returns how many were here."""
         n = 0
         for sid in session_ids:
             session = self._by_id.get(sid) if isinstance(sid, str) else None
-            if session is not None:
-                session.terminate(Outcome.TERMINATED, "terminated through the API")
+            if session is not None and not session.closed:
+                session.terminate(outcome, detail)
                 n += 1
         return n
 
     def heartbeat_payload(self) -> dict:
-        server = self._config.server
+        settings = self._settings
         return {
-            "public_host": server.public_host,
-            "public_port": server.public_port,
-            "tls": server.tls,
-            "address": server.public_address or None,
-            # Every worker process reports the capacity of the whole proxy (its sessions
-            # are counted by the manager from its own records).
-            "capacity": self._config.session.max_sessions * self._config.server.workers,
+            "public_host": settings.public_host,
+            "public_port": settings.public_port,
+            "tls": settings.tls,
+            "address": settings.public_address,
+            "capacity": settings.capacity,
             "active_sessions": sorted(self._by_id),
             "version": __version__,
         }
@@ -359,14 +390,3 @@ class ConsoleSessions:
         self.accepting = False
         for session in list(self._all):
             session.terminate(Outcome.SHUTDOWN, "cpvm is stopping")
-
-
-def _endpoint(reactor, host: str, port: int, timeout: float):
-    """An address connects directly; only a name goes through the resolver (a thread)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)

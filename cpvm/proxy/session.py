@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,31 +27,14 @@ from twisted.python.failure import Failure
 
 from cpvm import rfb
 from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.proxy import relaytransport
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
+from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
-
-
-class Browser(TypingProtocol):
-    """The browser side as the session sees it (the WebSocket protocol)."""
-
-    transport: Any
-
-    def send(self, data: bytes) -> None: ...
-    def close(self, code: int, reason: str) -> None: ...
-
-
-class Upstream(TypingProtocol):
-    """The VNC side as the session sees it (``VncClientProtocol``)."""
-
-    transport: Any
-
-    def write(self, data: bytes) -> None: ...
-    def send_client_init(self, shared: bool) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -73,20 +54,11 @@ class SessionStats:
     started: float
     bytes_to_client: int = 0
     bytes_to_server: int = 0
-    # How much of the above the byte counters already hold (see ConsoleSessions).
+    # How much of the above the byte counters already hold (see SessionRegistry).
     counted_to_client: int = 0
     counted_to_server: int = 0
     relay_started: float | None = None
     ended: float | None = None
-
-
-class SessionHooks(TypingProtocol):
-    """Where a session reports its life (registry, metrics, audit, manager)."""
-
-    def redeemed(self, session: "ConsoleSession") -> None: ...
-    def redeemed_after_close(self, session: "ConsoleSession") -> None: ...
-    def relay_started(self, session: "ConsoleSession") -> None: ...
-    def ended(self, session: "ConsoleSession", outcome: Outcome, detail: str) -> None: ...
 
 
 class ConsoleSession:
@@ -128,6 +100,7 @@ class ConsoleSession:
         self._security_offered = False
         self._relaying = False
         self._scanner = rfb.ClientInputScanner()
+        self._viewer: rfb.ViewOnlyFilter | None = None  # a view-only console's, once redeemed
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -169,10 +142,9 @@ class ConsoleSession:
         if self._relaying:
             if self._scanner.desynchronised:
                 self._last_input = self._reactor.seconds()
-            elif self._scanner.feed(data):
+            elif self._scanner.feed(data):  # a watcher's keys too: the person is there
                 self._last_input = self._reactor.seconds()
-            self.stats.bytes_to_server += len(data)
-            self._upstream.write(data)  # type: ignore[union-attr]
+            self._write_upstream(data)
             return
         # Everything the browser sends before the relay is buffered somewhere (handshake
         # machine, VNC socket): bound it, whoever the sender is.
@@ -213,6 +185,7 @@ class ConsoleSession:
             self._hooks.redeemed_after_close(self)
             return
         self.redemption = redemption
+        self._viewer = rfb.ViewOnlyFilter() if redemption.view_only else None
         self._hooks.redeemed(self)
         limit = _smaller(self._limits.max_duration, redemption.max_duration)
         self._timer(
@@ -267,7 +240,9 @@ class ConsoleSession:
         self._last_input = self.stats.relay_started
         if leftover:
             self.upstream_data(leftover)
-        self._start_flow_control()
+        # Flow control: from here on each transport's buffer is the other's brake.
+        assert self._upstream is not None  # ServerInit came through it
+        relaytransport.couple(self._browser.transport, self._upstream.transport)
         if self._idle_limit() > 0:
             self._timer("idle", self._idle_limit(), self._check_idle)
         self._hooks.relay_started(self)
@@ -310,7 +285,8 @@ class ConsoleSession:
             elif isinstance(event, rfb.ClientInitReceived):
                 self._browser_ready = True
                 assert self._upstream is not None
-                shared = event.shared and self._limits.shared
+                assert self.redemption is not None
+                shared = self.redemption.vnc_shared_flag(event.shared and self._limits.shared)
                 self._upstream.send_client_init(shared)
                 if event.leftover:
                     self._queue_for_upstream(event.leftover)
@@ -326,8 +302,19 @@ class ConsoleSession:
     def _queue_for_upstream(self, data: bytes) -> None:
         # The VNC server reads client messages only after its ServerInit; TCP keeps the
         # order, so these bytes can go now.
-        self.stats.bytes_to_server += len(data)
         self._scanner.feed(data)
+        self._write_upstream(data)
+
+    def _write_upstream(self, data: bytes) -> None:
+        """To the VNC server; a view-only console's through its filter (fail closed)."""
+        if self._viewer is not None:
+            data = self._viewer.feed(data)
+            if self._viewer.failed:
+                self._upstream.write(data)  # type: ignore[union-attr]
+                kind = self._viewer.unknown_type
+                self.close(Outcome.VIEW_ONLY_UNCHECKABLE, f"browser message type {kind} unsizable")
+                return
+        self.stats.bytes_to_server += len(data)
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:
@@ -350,23 +337,6 @@ class ConsoleSession:
             self._upstream.close()
 
     # -- flow control, timers ------------------------------------------------------------
-
-    def _start_flow_control(self) -> None:
-        """A slow browser pauses reads from the VNC server, and a slow VNC server pauses
-        reads from the browser: each transport's buffer is the other's brake."""
-        b = self._browser.transport
-        u = self._upstream.transport  # type: ignore[union-attr]
-        if b is None or u is None:
-            return
-        # twisted.web's HTTPChannel registered itself on the browser's transport before
-        # the WebSocket took it over; a transport has one producer, and now it is ours.
-        for transport in (b, u):
-            if _has_producer(transport):
-                transport.unregisterProducer()
-        b.registerProducer(u, True)
-        u.registerProducer(b, True)
-        for transport in (b, u):
-            tune_relay_transport(transport)
 
     def _idle_limit(self) -> float:
         r = self.redemption
@@ -419,33 +389,6 @@ class ConsoleSession:
     def _bug(self, failure: Failure) -> None:
         self._log.failure("console session failed unexpectedly", failure, **self.log_fields())
         self.close(Outcome.ERROR, "internal error")
-
-
-# Bigger reads and a bigger write threshold than Twisted's 64 KiB mean fewer reads, frames
-# and pause/resume cycles per megabyte; memory per session stays bounded by them.
-RELAY_BUFFER = 256 * 1024
-
-
-def _has_producer(transport) -> bool:
-    # TCP transports call it "producer"; the TLS protocol wrapper "_producer".
-    return (
-        getattr(transport, "producer", None) is not None
-        or getattr(transport, "_producer", None) is not None
-    )
-
-
-def tune_relay_transport(transport) -> None:
-    """Latency and throughput settings for a relaying TCP transport (TLS: its carrier)."""
-    tcp = getattr(transport, "transport", None) or transport
-    for t in {id(transport): transport, id(tcp): tcp}.values():
-        if hasattr(t, "bufferSize"):
-            t.bufferSize = RELAY_BUFFER
-    set_nodelay = getattr(tcp, "setTcpNoDelay", None)
-    if set_nodelay is not None:
-        try:
-            set_nodelay(True)  # keystrokes and small updates go out at once
-        except OSError:
-            pass
 
 
 def _smaller(ours: float, theirs: float | None) -> float:

@@ -24,7 +24,8 @@ from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.instance import instance_id_for
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import RegistrySettings, SessionRegistry
+from cpvm.proxy.session import SessionLimits
 from cpvm.proxy.web import ConsoleSite, build_root
 from cpvm.proxy.websocket import ConsoleWebSocketFactory
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
@@ -68,7 +69,7 @@ class ProxyService(service.MultiService):
     def __init__(
         self,
         config: CpvmConfig,
-        sessions: ConsoleSessions,
+        sessions: SessionRegistry,
         manager: ManagerClient,
         heartbeat: Heartbeat,
         tls: ReloadableServerTLS | None,
@@ -168,7 +169,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         worker=worker or 0,
         instance=instance_id,
     )
-    sessions = ConsoleSessions(reactor, config, manager, metrics)
+    sessions = SessionRegistry(reactor, registry_settings(config), manager, metrics)
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
     site = _site(config, reactor, sessions, heartbeat, manager, metrics)
     endpoint, tls = _listening_endpoint(config, reactor, worker)
@@ -235,10 +236,36 @@ def _instance_id(config: CpvmConfig, worker: int | None) -> str:
         ) from None
 
 
+def registry_settings(config: CpvmConfig) -> RegistrySettings:
+    """What the session registry needs of ``config`` (reads the default VNC CA file)."""
+    server, session, vnc = config.server, config.session, config.vnc
+    return RegistrySettings(
+        limits=SessionLimits(
+            # A session's set-up includes its token redemption.
+            handshake_timeout=vnc.handshake_timeout + config.manager.timeout,
+            idle_timeout=session.idle_timeout,
+            max_duration=session.max_duration,
+            shared=session.shared,
+        ),
+        max_sessions=session.max_sessions,
+        max_pending=session.max_pending,
+        failed_redemption_burst=session.failed_redemption_burst,
+        failed_redemption_rate=session.failed_redemption_rate,
+        connect_timeout=vnc.connect_timeout,
+        allow_anonymous_tls=vnc.allow_anonymous_tls,
+        default_ca_pem=vnc.ca_file.read_bytes() if vnc.ca_file else None,
+        public_host=server.public_host,
+        public_port=server.public_port,
+        tls=server.tls,
+        public_address=server.public_address or None,
+        capacity=session.max_sessions * server.workers,
+    )
+
+
 def _site(
     config: CpvmConfig,
     reactor,
-    sessions: ConsoleSessions,
+    sessions: SessionRegistry,
     heartbeat: Heartbeat,
     manager: ManagerClient,
     metrics: ProxyMetrics,
@@ -255,19 +282,6 @@ def _site(
         server_name="cpvm",
         reactor=reactor,
     )
-
-    def readiness():
-        if not sessions.accepting:
-            return False, "shutting down"
-        if heartbeat.conflict:
-            return False, (
-                f"proxy key {manager.key_id} is in use by another running cpvm "
-                "instance (instance_conflict)"
-            )
-        if not heartbeat.manager_reachable:
-            return False, "manager not reachable"
-        return True, f"{len(sessions)} session(s)"
-
     page = (
         MetricsPage(
             metrics.exposition_registry(), config.metrics.allow, before=sessions.count_relayed
@@ -276,7 +290,10 @@ def _site(
         else None
     )
     root = build_root(
-        novnc_dir=server.novnc_dir, websocket_factory=ws_factory, readiness=readiness, metrics=page
+        novnc_dir=server.novnc_dir,
+        websocket_factory=ws_factory,
+        readiness=_readiness(sessions, heartbeat, manager),
+        metrics=page,
     )
     # cpvm takes no request bodies; an HTTP connection that has not sent its whole request
     # (or WebSocket upgrade) within the handshake timeout of its accept is dropped, and
@@ -295,6 +312,24 @@ def _site(
         timeout=config.session.websocket_handshake_timeout,
         security_headers=SecurityHeaders(tls=server.tls, frame_ancestors=server.frame_ancestors),
     )
+
+
+def _readiness(sessions: SessionRegistry, heartbeat: Heartbeat, manager: ManagerClient):
+    """``/ready``'s answer: (ready, why) from the registry and the heartbeat."""
+
+    def readiness() -> tuple[bool, str]:
+        if not sessions.accepting:
+            return False, "shutting down"
+        if heartbeat.conflict:
+            return False, (
+                f"proxy key {manager.key_id} is in use by another running cpvm "
+                "instance (instance_conflict)"
+            )
+        if not heartbeat.manager_reachable:
+            return False, "manager not reachable"
+        return True, f"{len(sessions)} session(s)"
+
+    return readiness
 
 
 def _listening_endpoint(

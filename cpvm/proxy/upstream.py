@@ -6,11 +6,17 @@ state machine, then hands every later byte to its session unchanged.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Protocol as TypingProtocol
 from typing import cast
 
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     ITCPTransport,
@@ -176,3 +182,15 @@ class VncClientFactory(ClientFactory):
 
     def buildProtocol(self, addr):  # noqa: N802
         return VncClientProtocol(self._listener, self._handshake, self._tls_factory)
+
+
+def vnc_endpoint(reactor, host: str, port: int, timeout: float):
+    """The endpoint of a VNC server: an address connects directly; only a name goes
+    through the resolver (a thread)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)

@@ -1,8 +1,10 @@
 """The browser's WebSocket: an Autobahn protocol as a thin shell around ``ConsoleSession``.
 
 Everything that can be refused without the manager is refused in ``onConnect``, before
-the upgrade completes and before any token is redeemed: wrong path, disallowed origin,
-missing or repeated token, a proxy at capacity.
+any token is redeemed: wrong path, disallowed origin, missing or repeated token, a proxy
+at capacity. A missing token and a full proxy are told to the person after the upgrade
+(:mod:`cpvm.proxy.refusal`); the rest are an HTTP status, and a refused Origin is logged
+with the setting that would allow it.
 """
 
 from __future__ import annotations
@@ -24,14 +26,31 @@ from cpvm.common.contract import (
 )
 from cpvm.common.ratelimit import LogThrottle
 from cpvm.proxy import fastwrite
+from cpvm.proxy.refusal import (
+    MAX_TOLD_AT_ONCE,
+    TELL_GRACE,
+    ToldRefusal,
+    origin_refusal_detail,
+)
 from cpvm.proxy.wsframes import FrameReader
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpvm.proxy.registry import ConsoleSessions
+    from cpvm.proxy.registry import SessionRegistry
 
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
 _SMALL_HEADERS = [bytes((0x82, n)) for n in range(126)]
+
+
+class Refused(ConnectionDeny):
+    """A refusal in ``onConnect``: ``reason`` is the metric label and the HTTP status text;
+    ``detail`` is for the log; ``tell`` is the outcome to tell the person after the upgrade
+    instead of answering the HTTP status (None: the status it is)."""
+
+    def __init__(self, code: int, reason: str, detail: str = "", tell: Outcome | None = None):
+        super().__init__(code, reason)
+        self.detail = detail or reason
+        self.tell = tell
 
 
 class ConsoleWebSocketProtocol(WebSocketServerProtocol):
@@ -48,6 +67,9 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         # unfragmented; everything else (control frames, fragments, oversize, closing)
         # goes to Autobahn. None: Autobahn has bytes or a frame of its own in hand.
         self._frames: FrameReader | None = None
+        # A refusal told to the person after the upgrade (no session then).
+        self._told: ToldRefusal | None = None
+        self._told_timer = None
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         frames = self._frames
@@ -84,18 +106,23 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         )
         try:
             token, extra = self._check_request(request, client)
-        except ConnectionDeny as deny:
+        except Refused as deny:
             count = f.refusal_log.event(deny.reason)  # a flood: one line per interval
             if count is not None:
                 self._log.info(
-                    "refused WebSocket from {client}: {reason} ({count} since the last line)",
+                    "refused WebSocket from {client}: {detail} ({count} since the last line)",
                     client=client,
                     reason=deny.reason,
+                    detail=deny.detail,
                     count=count,
                 )
             f.sessions.refused(deny.reason)
-            raise
-        self._session = f.sessions.create(self, token, extra, client)
+            if deny.tell is None or f.told_refusals >= MAX_TOLD_AT_ONCE:
+                raise
+            f.told_refusals += 1
+            self._told = ToldRefusal(deny.tell)
+        else:
+            self._session = f.sessions.create(self, token, extra, client)
         if "binary" in request.protocols:
             return "binary"
         return None
@@ -103,20 +130,37 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def _check_request(self, request, client: str) -> tuple[str, str | None]:
         f = self.factory
         if request.path != "/" + WEBSOCKET_PATH:
-            raise ConnectionDeny(404, "unknown WebSocket path")
+            raise Refused(404, "unknown WebSocket path")
         origin = request.headers.get("origin")
-        if not origin_allowed(origin, request.headers.get("host"), f.scheme, f.allowed_origins):
-            raise ConnectionDeny(403, "origin not allowed")
+        host = request.headers.get("host")
+        if not origin_allowed(origin, host, f.scheme, f.allowed_origins):
+            detail = origin_refusal_detail(origin or "", host, f.scheme, f.allowed_origins)
+            raise Refused(403, "origin not allowed", detail)
         tokens = request.params.get("token", [])
         extras = request.params.get("extra", [])
         if len(tokens) != 1 or not tokens[0] or len(tokens[0]) > MAX_TOKEN_LENGTH:
-            raise ConnectionDeny(400, "exactly one token query parameter is required")
+            # Often a console URL whose noVNC path lost its encoding: tell the person.
+            raise Refused(
+                400, "exactly one token query parameter is required", tell=Outcome.BAD_REQUEST
+            )
         if len(extras) > 1 or (extras and len(extras[0]) > MAX_EXTRA_LENGTH):
-            raise ConnectionDeny(400, "at most one extra query parameter is allowed")
+            raise Refused(400, "at most one extra query parameter is allowed")
         if f.sessions.at_capacity():
-            raise ConnectionDeny(503, "console proxy at capacity")
+            if not f.sessions.accepting:
+                raise Refused(503, "console proxy at capacity", "shutting down")
+            raise Refused(
+                503,
+                "console proxy at capacity",
+                "console proxy at capacity ([session] max_sessions)",
+                tell=Outcome.AT_CAPACITY,
+            )
         if f.sessions.too_many_pending():
-            raise ConnectionDeny(503, "too many consoles being opened")
+            # The defence against floods of upgrades: nothing held open, not even to tell.
+            raise Refused(
+                503,
+                "too many consoles being opened",
+                "too many consoles being opened ([session] max_pending)",
+            )
         return tokens[0], (extras[0] if extras else None)
 
     def onOpen(self):  # noqa: N802
@@ -124,6 +168,10 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
         # spent, but a memory dump should not hold it either.
         self.http_request_data = self.http_request_uri = self.http_request_path = None
         self.http_request_params = {}
+        if self._told is not None:
+            self.send(self._told.start())
+            self._told_timer = self.factory.reactor.callLater(TELL_GRACE, self._tell_done)
+            return
         try:
             self._session.start()
         except Exception:
@@ -134,6 +182,19 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def _binary(self, payload: bytes) -> None:
         if self._session is not None:
             self._session.browser_data(payload)
+        elif self._told is not None:
+            reply, finished = self._told.receive(payload)
+            if reply:
+                self.send(reply)
+            if finished:
+                self._tell_done()
+
+    def _tell_done(self) -> None:
+        assert self._told is not None
+        if self._told_timer is not None and self._told_timer.active():
+            self._told_timer.cancel()
+        self._told_timer = None
+        self.close(self._told.outcome.code, self._told.outcome.text)
 
     def onMessage(self, payload, isBinary):  # noqa: N802
         if not isBinary:
@@ -145,6 +206,11 @@ class ConsoleWebSocketProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean, code, reason):  # noqa: N802
         if self._session is not None:
             self._session.browser_closed(code)
+        elif self._told is not None:
+            if self._told_timer is not None and self._told_timer.active():
+                self._told_timer.cancel()
+            self.factory.told_refusals -= 1
+            self._told = None
 
     # -- what the session calls ----------------------------------------------------------
 
@@ -185,7 +251,7 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
     def __init__(
         self,
         *,
-        sessions: "ConsoleSessions",
+        sessions: "SessionRegistry",
         scheme: str,
         allowed_origins: tuple[str, ...],
         trusted_proxies: tuple,
@@ -197,6 +263,8 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
         super().__init__(server=server_name, reactor=reactor)
         self.sessions = sessions
         self.refusal_log = LogThrottle(self.reactor)
+        #: Refusals being told after the upgrade (``cpvm.proxy.refusal``), bounded.
+        self.told_refusals = 0
         self.scheme = scheme
         self.allowed_origins = allowed_origins
         self.trusted_proxies = trusted_proxies
@@ -214,8 +282,8 @@ class ConsoleWebSocketFactory(WebSocketServerFactory):
             webStatus=False,
         )
         # Autobahn copies ~30 options from the factory onto every new protocol and
-        # pretty-prints them for a debug line even when debug is off (~85 µs per
-        # connection). A class of this factory's own holds them once, for every session,
+        # pretty-prints them for a debug line even when debug is off, on every connection
+        # (docs/performance.md, set-up). A class of this factory's own holds them once, for every session,
         # and an empty CONFIG_ATTRS leaves Autobahn nothing to copy or print.
         # Callables (perMessageCompressionAccept) stay plain functions, not methods.
         options = {

@@ -8,14 +8,18 @@ stay inside cpvm, and then relays the message streams unchanged:
 - :class:`RfbServerHandshake` talks to the browser as a server offering security type None.
 - :class:`ClientInputScanner` watches the browser's messages after the handshake to tell user
   input (keys, pointer, clipboard) from automatic traffic, for idle timeouts.
+- :class:`ViewOnlyFilter` passes a view-only console's screen traffic and drops its input.
+  Both frame the browser's stream with one sizing table (``messages``).
 
 The machines do no I/O: they are fed the bytes that arrived and return events telling the
 caller what to send or do. Bytes may arrive in any chunking, down to one byte at a time.
 Nothing here imports Twisted; the protocols in other modules are thin adapters.
 
 Modules: ``events`` (constants, events, ServerInit), ``machine`` (what both handshakes
-share), ``client`` (towards the VNC server), ``server`` (towards the browser),
-``scanner`` (the browser's messages after the handshake), ``vncauth`` (the DES response).
+share), ``client`` (towards the VNC server) with ``security`` (which security type it
+takes), ``server`` (towards the browser), ``messages`` (how long each browser message is,
+what it does), ``scanner`` (input events for the idle timer), ``viewonly`` (the view-only
+filter), ``vncauth`` (the DES response).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ from cpvm.rfb.events import (
     StartTLS,
 )
 from cpvm.rfb.scanner import ClientInputScanner
+from cpvm.rfb.security import SecurityPolicy
 from cpvm.rfb.server import RfbServerHandshake
+from cpvm.rfb.viewonly import ViewOnlyFilter
 
 __all__ = [
     "ClientInitReceived",
@@ -62,6 +68,7 @@ __all__ = [
     "RfbClientHandshake",
     "RfbServerHandshake",
     "SecurityComplete",
+    "SecurityPolicy",
     "Send",
     "ServerInit",
     "ServerInitReceived",
@@ -74,4 +81,5 @@ __all__ = [
     "VENCRYPT_TLS_VNC",
     "VENCRYPT_X509_NONE",
     "VENCRYPT_X509_VNC",
+    "ViewOnlyFilter",
 ]

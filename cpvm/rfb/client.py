@@ -1,4 +1,8 @@
-"""The RFB client handshake: cpvm to the VNC server (security, VNC auth, VeNCrypt)."""
+"""The RFB client handshake: cpvm to the VNC server (security, VNC auth, VeNCrypt).
+
+Which security type to take is :class:`cpvm.rfb.security.SecurityPolicy`'s choice; this
+module is the state machine that reads and writes the bytes around it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import struct
 
 from cpvm.rfb.events import (
     _NEEDS_PASSWORD,
-    _PREFERENCE,
     _SERVER_INIT_HEADER,
     _U32,
     _VENCRYPT_ANONYMOUS_SUBTYPES,
@@ -14,10 +17,7 @@ from cpvm.rfb.events import (
     MAX_NAME_LENGTH,
     SEC_INVALID,
     SEC_NONE,
-    SEC_VENCRYPT,
     SEC_VNC_AUTH,
-    VENCRYPT_X509_NONE,
-    VENCRYPT_X509_VNC,
     Event,
     FailureKind,
     SecurityComplete,
@@ -27,6 +27,7 @@ from cpvm.rfb.events import (
     StartTLS,
 )
 from cpvm.rfb.machine import _format_reason, _Machine, _security_name
+from cpvm.rfb.security import SecurityPolicy
 from cpvm.rfb.vncauth import CHALLENGE_LENGTH, vnc_auth_response
 
 
@@ -54,15 +55,18 @@ class RfbClientHandshake(_Machine):
         allow_x509: bool = True,
     ) -> None:
         super().__init__()
-        # Without a CA to verify the server's certificate, X509 subtypes cannot succeed:
-        # prefer whatever else the server offers.
-        self._allow_x509 = allow_x509
         self._password = password
-        self._allow_anonymous_tls = allow_anonymous_tls
-        self._allow_none = allow_none
-        # The manager may demand VeNCrypt TLS for a VM: then plain VncAuth/None are refused
-        # even when offered, so a downgrade by a man in the middle fails loudly.
-        self._require_tls = require_tls
+        # Without a CA to verify the server's certificate, X509 subtypes cannot succeed:
+        # prefer whatever else the server offers. The manager may demand VeNCrypt TLS for a
+        # VM: then plain VncAuth/None are refused even when offered, so a downgrade by a man
+        # in the middle fails loudly.
+        self._policy = SecurityPolicy(
+            has_password=password is not None,
+            allow_anonymous_tls=allow_anonymous_tls,
+            allow_none=allow_none,
+            require_tls=require_tls,
+            allow_x509=allow_x509,
+        )
         self._step = self._step_version
         #: Minor version agreed with the server (3, 7 or 8) once the versions are exchanged.
         self.minor_version: int | None = None
@@ -145,13 +149,13 @@ class RfbClientHandshake(_Machine):
         if sec_type == SEC_INVALID:
             self._step = self._step_connection_refused
             return True
-        if self._require_tls:
+        if self._policy.require_tls:
             return self._fail(
                 events,
                 "unsupported-security",
                 f"server (RFB 3.3) imposes security type {sec_type} but TLS is required",
             )
-        if sec_type == SEC_NONE and self._allow_none:
+        if sec_type == SEC_NONE and self._policy.allow_none:
             self.security_type = SEC_NONE
             # No SecurityResult after None before 3.8.
             return self._security_complete(events)
@@ -159,7 +163,9 @@ class RfbClientHandshake(_Machine):
             self.security_type = SEC_VNC_AUTH
             self._step = self._step_vnc_auth_challenge
             return True
-        return self._no_acceptable_type(events, [sec_type], "server (RFB 3.3) requires")
+        return self._fail(
+            events, *self._policy.top_level_refusal([sec_type], "server (RFB 3.3) requires")
+        )
 
     def _step_connection_refused(self, events: list[Event]) -> bool:
         reason = self._take_reason(events)
@@ -180,9 +186,11 @@ class RfbClientHandshake(_Machine):
         if len(self._buf) < 1 + count:
             return False
         offered = list(self._take(1 + count)[1:])
-        choice = self._choose_top_level(offered)
+        choice = self._policy.choose_top_level(offered)
         if choice is None:
-            return self._no_acceptable_type(events, offered, "server offered security types")
+            return self._fail(
+                events, *self._policy.top_level_refusal(offered, "server offered security types")
+            )
         events.append(Send(bytes([choice])))
         self.security_type = choice
         if choice == SEC_NONE:
@@ -195,44 +203,6 @@ class RfbClientHandshake(_Machine):
         else:
             self._step = self._step_vencrypt_version
         return True
-
-    def _choose_top_level(self, offered: list[int]) -> int | None:
-        if SEC_VENCRYPT in offered:
-            # The subtypes are only listed after committing to VeNCrypt; take it when it is
-            # on offer, as servers offering it expect to be reached that way.
-            return SEC_VENCRYPT
-        if self._require_tls:
-            return None
-        if SEC_VNC_AUTH in offered and self._password is not None:
-            return SEC_VNC_AUTH
-        if SEC_NONE in offered and self._allow_none:
-            return SEC_NONE
-        return None
-
-    def _rejection_reasons(self, offered: list[int]) -> list[str]:
-        reasons = []
-        if self._require_tls:
-            reasons.append("TLS is required and VeNCrypt (19) is not offered")
-        unsupported = sorted({t for t in offered if t not in _PREFERENCE})
-        if SEC_VNC_AUTH in offered and self._password is None:
-            reasons.append(f"type {SEC_VNC_AUTH} (VNC Authentication) needs a VNC password")
-        if SEC_NONE in offered and not self._allow_none:
-            reasons.append(f"type {SEC_NONE} (None) is refused by allow_none=False")
-        if unsupported:
-            names = ", ".join(f"{t} ({_security_name(t)})" for t in unsupported)
-            reasons.append(f"unsupported: {names}")
-        return reasons
-
-    def _no_acceptable_type(self, events: list[Event], offered: list[int], what: str) -> bool:
-        reasons = self._rejection_reasons(offered)
-        kind: FailureKind = "unsupported-security"
-        if reasons and all("needs a VNC password" in r for r in reasons):
-            kind = "auth"  # the server is fine; cpvm lacks the password it demands
-        if len(offered) == 1 and what.endswith("requires"):
-            message = f"{what} security type {offered[0]} but it is not allowed: "
-        else:
-            message = f"{what} {offered} but none is allowed: "
-        return self._fail(events, kind, message + "; ".join(reasons))
 
     def _step_vnc_auth_challenge(self, events: list[Event]) -> bool:
         if len(self._buf) < CHALLENGE_LENGTH:
@@ -296,9 +266,9 @@ class RfbClientHandshake(_Machine):
             return False
         raw = self._take(1 + 4 * count)
         offered = [value for (value,) in struct.iter_unpack(">I", raw[1:])]
-        choice = self._choose_vencrypt_subtype(offered)
+        choice = self._policy.choose_subtype(offered)
         if choice is None:
-            return self._no_acceptable_subtype(events, offered)
+            return self._fail(events, *self._policy.subtype_refusal(offered))
         events.append(Send(_U32.pack(choice)))
         self._vencrypt_subtype = choice
         self.security_type = choice
@@ -311,53 +281,6 @@ class RfbClientHandshake(_Machine):
             # VeNCrypt always sends a SecurityResult, even for its None subtype.
             self._step = self._step_security_result
         return True
-
-    def _subtype_allowed(self, subtype: int) -> bool:
-        if subtype in (VENCRYPT_X509_NONE, VENCRYPT_X509_VNC) and not self._allow_x509:
-            return False
-        if self._require_tls and subtype not in _VENCRYPT_TLS_SUBTYPES:
-            return False
-        if subtype in _NEEDS_PASSWORD and self._password is None:
-            return False
-        if subtype in _VENCRYPT_ANONYMOUS_SUBTYPES and not self._allow_anonymous_tls:
-            return False
-        if subtype == SEC_NONE and not self._allow_none:
-            return False
-        return subtype in _PREFERENCE
-
-    def _choose_vencrypt_subtype(self, offered: list[int]) -> int | None:
-        for candidate in _PREFERENCE:
-            if candidate in offered and self._subtype_allowed(candidate):
-                return candidate
-        return None
-
-    def _no_acceptable_subtype(self, events: list[Event], offered: list[int]) -> bool:
-        reasons = []
-        if self._require_tls and not any(
-            t in _VENCRYPT_TLS_SUBTYPES and self._subtype_allowed(t) for t in offered
-        ):
-            reasons.append("TLS is required and no acceptable VeNCrypt TLS subtype is offered")
-        anonymous = sorted({t for t in offered if t in _VENCRYPT_ANONYMOUS_SUBTYPES})
-        need_password = sorted({t for t in offered if t in _NEEDS_PASSWORD})
-        if anonymous and not self._allow_anonymous_tls:
-            reasons.append(f"VeNCrypt subtypes {anonymous} need allow_anonymous_tls")
-        if need_password and self._password is None:
-            reasons.append(f"VeNCrypt subtypes {need_password} need a VNC password")
-        if SEC_NONE in offered and not self._allow_none:
-            reasons.append(f"VeNCrypt subtype {SEC_NONE} (None) is refused by allow_none=False")
-        unsupported = sorted({t for t in offered if t not in _PREFERENCE})
-        if unsupported:
-            names = ", ".join(f"{t} ({_security_name(t)})" for t in unsupported)
-            reasons.append(f"unsupported VeNCrypt subtypes: {names}")
-        kind: FailureKind = "unsupported-security"
-        if reasons and all("need a VNC password" in r for r in reasons):
-            kind = "auth"
-        return self._fail(
-            events,
-            kind,
-            f"server offered security types [{SEC_VENCRYPT}] but none is allowed: "
-            + "; ".join(reasons),
-        )
 
     def _step_vencrypt_subtype_ack(self, events: list[Event]) -> bool:
         if not self._buf:

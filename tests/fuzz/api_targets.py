@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.web.http import parse_qs
 
-from cpvm.manager import signing, web
+from cpvm.manager import proxy_api, public_api, signing
 
 SECRET = "fuzz-secret-ÄÖ"
 
@@ -25,14 +25,14 @@ SECRET = "fuzz-secret-ÄÖ"
 
 def api_params(query: bytes) -> dict[str, str]:
     """The parameters of a public API request with this query string, as the manager reads
-    them (twisted.web's parsing, then PublicApiResource._params). Raises web.ApiError."""
+    them (twisted.web's parsing, then PublicApiResource._params). Raises ApiError."""
     request = SimpleNamespace(args=parse_qs(query, 1), method=b"GET", uri=b"/client/api")
-    return web.PublicApiResource._params(None, request)  # type: ignore[arg-type]
+    return public_api.PublicApiResource._params(None, request)  # type: ignore[arg-type]
 
 
-def _proxy_resource() -> web.ProxyApiResource:
+def _proxy_resource() -> proxy_api.ProxyApiResource:
     """A ProxyApiResource whose work coroutines return what validation handed them."""
-    resource = web.ProxyApiResource(None, None)  # type: ignore[arg-type]
+    resource = proxy_api.ProxyApiResource(None, None)  # type: ignore[arg-type]
 
     async def captured(*args):
         return args
@@ -46,9 +46,9 @@ def _proxy_resource() -> web.ProxyApiResource:
 def proxy_body(endpoint: str, raw: bytes, session_id: str = "") -> tuple:
     """Parse and validate a proxy API body as the manager does before any database work.
 
-    Returns the arguments the endpoint's work coroutine gets. Raises web.ProxyApiError.
+    Returns the arguments the endpoint's work coroutine gets. Raises proxy_api.ProxyApiError.
     """
-    body = web._json_body(SimpleNamespace(content=io.BytesIO(raw)))  # type: ignore[arg-type]
+    body = proxy_api._json_body(SimpleNamespace(content=io.BytesIO(raw)))  # type: ignore[arg-type]
     resource = _proxy_resource()
     if endpoint == "redeem":
         call = resource._redeem("key", body, "127.0.0.1")
@@ -70,7 +70,7 @@ def api_signature(data: bytes) -> None:
     """Any query string: a clear 431 or parameters whose signature round-trips."""
     try:
         params = api_params(data)
-    except web.ApiError as e:
+    except public_api.ApiError as e:
         assert e.code == 431, e.code
         return
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in params.items())
@@ -96,10 +96,10 @@ def api_signature(data: bytes) -> None:
             except ValueError:
                 continue
             assert math.isfinite(deadline)
-        for check in (web._bool_param, web._uuid_param):
+        for check in (public_api._bool_param, public_api._uuid_param):
             try:
                 check(key, value)
-            except web.ApiError as e:
+            except public_api.ApiError as e:
                 assert e.code == 431
 
 
@@ -107,7 +107,7 @@ _ENDPOINTS = ("redeem", "heartbeat", "end")
 
 
 def _check_end_report(report: dict[str, Any]) -> None:
-    assert report["reason"] in web.END_REASONS
+    assert report["reason"] in proxy_api.END_REASONS
     assert math.isfinite(report["duration"]) and report["duration"] >= 0, report["duration"]
     for key in ("bytes_to_client", "bytes_to_server"):
         assert 0 <= report[key] <= 2**62
@@ -121,7 +121,7 @@ def proxy_bodies(data: bytes) -> None:
     endpoint = _ENDPOINTS[data[0] % 3]
     try:
         args = proxy_body(endpoint, data[1:], str(uuid.UUID(int=data[0])))
-    except web.ProxyApiError as e:
+    except proxy_api.ProxyApiError as e:
         assert e.status == 400 and e.code == "bad_request" and e.message, vars(e)
         return
     if endpoint == "redeem":
@@ -130,13 +130,13 @@ def proxy_bodies(data: bytes) -> None:
         assert peer == "127.0.0.1"
         assert 1 <= len(token) <= 512 and 1 <= len(address) <= 100
         assert extra is None or (isinstance(extra, str) and extra)
-        assert 0 <= worker <= web.MAX_WORKER
+        assert 0 <= worker <= proxy_api.MAX_WORKER
     elif endpoint == "heartbeat":
         _, beat, peer = args
         assert peer == "127.0.0.1" and beat["peer"] == peer
         assert 1 <= beat["public_port"] <= 65535 and 0 <= beat["capacity"] <= 10**7
-        assert isinstance(beat["tls"], bool) and 0 <= beat["worker"] <= web.MAX_WORKER
-        assert len(beat["ended"]) <= web.MAX_ENDED_PER_BEAT
+        assert isinstance(beat["tls"], bool) and 0 <= beat["worker"] <= proxy_api.MAX_WORKER
+        assert len(beat["ended"]) <= proxy_api.MAX_ENDED_PER_BEAT
         for session_id, report in beat["ended"]:
             assert str(uuid.UUID(session_id)) == session_id
             _check_end_report(report)

@@ -1,4 +1,4 @@
-"""Fuzz targets for cpvm/rfb.py: both handshakes and the browser input scanner.
+"""Fuzz targets for cpvm.rfb: both handshakes, the browser input scanner, the view-only filter.
 
 Each target takes the raw fuzz input; its first byte chooses options and how the rest is
 chunked, the rest is what the peer sends. A target raises AssertionError when an invariant
@@ -86,65 +86,88 @@ def rfb_server(data: bytes) -> None:
 # -- browser input after the handshake -------------------------------------------------
 
 
-def reference_scan(stream: bytes) -> tuple[int, int | None]:
-    """Input events in ``stream`` and the type that desynchronised it, decoded whole.
+def reference_messages(stream: bytes) -> tuple[list[tuple[int, int, bool, bool]], int | None]:
+    """The client messages in ``stream`` decoded whole, and the type that stopped decoding.
 
     An independent reading of the RFB client messages (RFC 6143 section 7.5 and the
-    community extensions the scanner knows), counting an input message once its header is
-    complete, as :class:`cpvm.rfb.ClientInputScanner` does.
+    community extensions cpvm knows): each message as ``(start, end, user input, viewer
+    may send it)``; ``end`` may pass the stream's end for a message cut short. Input is
+    counted once a message's header is complete, as cpvm.rfb's framer does.
     """
-    fixed = {0: 20, 3: 10, 4: 8, 5: 6, 150: 10, 250: 4}
+    fixed = {0: 20, 3: 10, 4: 8, 150: 10, 250: 4}
     audio = {0: 4, 1: 4, 2: 10}
-    pos, inputs, n = 0, 0, len(stream)
+    view = {0, 2, 3, 150, 248}
+    pos, n, out = 0, len(stream), []
+    extended_pointer = False
     while pos < n:
         kind = stream[pos]
         have = n - pos
+        user, may_view = kind in (4, 5), kind in view
         if kind in fixed:
-            inputs += kind in (4, 5)
-            pos += fixed[kind]
+            size = fixed[kind]
+        elif kind == 5:
+            if extended_pointer and have < 2:
+                break
+            size = 7 if extended_pointer and stream[pos + 1] & 0x80 else 6
         elif kind == 2:
             if have < 4:
                 break
-            pos += 4 + 4 * int.from_bytes(stream[pos + 2 : pos + 4], "big")
+            count = int.from_bytes(stream[pos + 2 : pos + 4], "big")
+            size = 4 + 4 * count
+            encodings = stream[pos + 4 : pos + size]
+            whole = len(encodings) - len(encodings) % 4
+            if b"\xff\xff\xfe\xc4" in [encodings[i : i + 4] for i in range(0, whole, 4)]:
+                extended_pointer = True
         elif kind == 6:
             if have < 8:
                 break
             length = int.from_bytes(stream[pos + 4 : pos + 8], "big", signed=True)
             if length >= 0:
-                inputs += 1
-                pos += 8 + length
+                user, size = True, 8 + length
             else:
                 if have < 9:
                     break
-                inputs += 0 if stream[pos + 8] & 1 else 1
-                pos += 8 + (-length)
+                user, size = not stream[pos + 8] & 1, 8 - length
         elif kind == 248:
             if have < 9:
                 break
-            pos += 9 + stream[pos + 8]
+            size = 9 + stream[pos + 8]
         elif kind == 251:
             if have < 8:
                 break
-            pos += 8 + 16 * stream[pos + 6]
+            size = 8 + 16 * stream[pos + 6]
+        elif kind == 253:
+            if have < 4:
+                break
+            order = "big" if stream[pos + 1] & 0x80 else "little"
+            user = stream[pos + 1] & 0x7F == 0
+            size = 4 + int.from_bytes(stream[pos + 2 : pos + 4], order)
         elif kind == 255:
             if have < 2:
                 break
             sub = stream[pos + 1]
             if sub == 0:
-                inputs += 1
-                pos += 12
+                user, size = True, 12
             elif sub == 1:
                 if have < 4:
                     break
                 total = audio.get(int.from_bytes(stream[pos + 2 : pos + 4], "big"))
                 if total is None:
-                    return inputs, kind
-                pos += total
+                    return out, kind
+                may_view, size = True, total
             else:
-                return inputs, kind
+                return out, kind
         else:
-            return inputs, kind
-    return inputs, None
+            return out, kind
+        out.append((pos, pos + size, user, may_view))
+        pos += size
+    return out, None
+
+
+def reference_scan(stream: bytes) -> tuple[int, int | None]:
+    """Input events in ``stream`` and the type that desynchronised it, decoded whole."""
+    messages, unknown = reference_messages(stream)
+    return sum(user for _, _, user, _ in messages), unknown
 
 
 def rfb_input(data: bytes) -> None:
@@ -161,6 +184,23 @@ def rfb_input(data: bytes) -> None:
     # memoryview and bytearray chunks (what the relay hands it) count the same.
     again = rfb.ClientInputScanner()
     assert again.feed(memoryview(bytearray(stream))) == inputs
+
+
+def rfb_viewonly(data: bytes) -> None:
+    """The view-only filter passes exactly the reference's screen messages, in any chunking,
+    and a server reading its output finds only screen messages."""
+    if not data:
+        return
+    stream = data[1:]
+    viewer = rfb.ViewOnlyFilter()
+    passed = b"".join(viewer.feed(piece) for piece in chunks(stream, data[0]))
+    messages, unknown = reference_messages(stream)
+    expected = b"".join(stream[a:b] for a, b, _, may_view in messages if may_view)
+    assert passed == expected, (passed, expected)
+    assert viewer.failed == (unknown is not None)
+    # The VNC server frames what it gets as the reference does: only screen messages.
+    seen, stopped = reference_messages(passed)
+    assert stopped is None and all(may_view for _, _, _, may_view in seen), seen
 
 
 # -- cpvm -> VNC server handshake (hostile server) ------------------------------------

@@ -18,11 +18,13 @@ TARGETS: dict[str, str] = {
     "rfb_server": "tests.fuzz.rfb_targets:rfb_server",
     # browser -> cpvm after the handshake: the idle timer's cpvm.rfb.ClientInputScanner
     "rfb_input": "tests.fuzz.rfb_targets:rfb_input",
+    # browser -> cpvm on a view-only console: cpvm.rfb.ViewOnlyFilter
+    "rfb_viewonly": "tests.fuzz.rfb_targets:rfb_viewonly",
     # hostile VNC server -> cpvm: the client-side handshake (cpvm.rfb.RfbClientHandshake)
     "rfb_client": "tests.fuzz.rfb_targets:rfb_client",
-    # public API query strings: parameters (cpvm.manager.web) and signatures (.signing)
+    # public API query strings: parameters (cpvm.manager.public_api) and signatures (.signing)
     "api_signature": "tests.fuzz.api_targets:api_signature",
-    # proxy API JSON bodies: redeem, heartbeat, end report (cpvm.manager.web)
+    # proxy API JSON bodies: redeem, heartbeat, end report (cpvm.manager.proxy_api)
     "proxy_bodies": "tests.fuzz.api_targets:proxy_bodies",
     # browser -> cpvm WebSocket frames: the fast path (cpvm.proxy.wsframes.FrameReader)
     "ws_frames": "tests.fuzz.ws_targets:ws_frames",

@@ -24,6 +24,8 @@ class Issued:
     extra: str | None = None
     limits: dict = field(default_factory=dict)
     used: bool = False
+    # view_only, viewer_policy, taken_over: as the manager puts them in the redemption.
+    console: dict = field(default_factory=dict)
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -40,6 +42,7 @@ class ContractManager(resource.Resource):
         self.heartbeats: list[dict] = []
         self.ends: list[tuple[str, dict]] = []
         self.terminate: list[str] = []
+        self.taken_over: list[str] = []
         self.delay = 0.0
         self.override: tuple[int, bytes] | None = None
         self.down = False  # drop every request's connection, like a dead manager
@@ -52,9 +55,12 @@ class ContractManager(resource.Resource):
         extra: str | None = None,
         vm_name: str = "test-vm",
         limits: dict | None = None,
+        console: dict | None = None,
     ) -> tuple[str, Issued]:
         token = secrets.token_urlsafe(32)
-        issued = Issued(vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {})
+        issued = Issued(
+            vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {}, console=console or {}
+        )
         self.tokens[token] = issued
         return token, issued
 
@@ -82,8 +88,17 @@ class ContractManager(resource.Resource):
             for report in body.get("ended", []):
                 report = dict(report)
                 self.ends.append((report.pop("session_id"), report))
-            answer = (200, {"heartbeat_interval": 1, "terminate": self.terminate})
-            self.terminate = []
+            answer = (
+                200,
+                {
+                    "heartbeat_interval": 1,
+                    # Like the manager: a taken-over session is in both lists, so a proxy
+                    # that predates takeover still ends it.
+                    "terminate": self.terminate + self.taken_over,
+                    "taken_over": self.taken_over,
+                },
+            )
+            self.terminate, self.taken_over = [], []
         elif path.startswith("/proxy/v1/sessions/") and path.endswith("/end"):
             self.ends.append((path.split("/")[4], body))
             answer = (204, None)
@@ -118,6 +133,7 @@ class ContractManager(resource.Resource):
             "vnc": {"tls": "none", "ca_pem": None, "server_name": None, **issued.vnc},
             "limits": issued.limits,
             "account": "tester",
+            **issued.console,
         }
 
     @staticmethod

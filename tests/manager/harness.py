@@ -15,8 +15,8 @@ from twisted.internet import reactor
 
 from cpvm.manager import admin
 from cpvm.manager.config import load_config
-from cpvm.manager.signing import format_time, sign
 from cpvm.manager.tap import ManagerService, build_manager
+from tests.signing import DEFAULT_TTL, signed_query
 
 
 def write_config(directory: Path, sections: dict[str, dict[str, Any]]) -> Path:
@@ -144,12 +144,11 @@ class Manager:
         """
         query = {"command": command, "response": "json", **params}
         if creds is not None:
-            query.setdefault("apiKey", creds.api_key)
-            if "signature" not in query:
-                if "signatureVersion" not in query and "expires" not in query:
-                    query["signatureVersion"] = "3"
-                    query["expires"] = format_time(self.clock.seconds() + 300)
-                query["signature"] = sign(query, creds.secret)
+            given = "signature" in query
+            query = signed_query(
+                query, creds.api_key, creds.secret, expires_at=self.clock.seconds() + DEFAULT_TTL
+            )
+            if not given:
                 self.secrets_seen.append(query["signature"])
         hdrs = {k: [v] for k, v in (headers or {}).items()}
         url = f"{self.base}/client/api"

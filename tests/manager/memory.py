@@ -1,6 +1,6 @@
 """The manager's resource tree in memory: a real SQLite database (migrated, in the test's
 directory) run synchronously instead of in adbapi's threads, a ``Clock``, and
-``tests.stubhttp.MemoryHttp`` in front of ``build_site``. No reactor, no socket, no thread.
+``tests.stubhttp.MemoryHttp`` in front of ``manager_site``. No reactor, no socket, no thread.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from cpvm.manager.config import DatabaseConfig
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
-from cpvm.manager.signing import format_time, sign
-from cpvm.manager.web import build_site
+from cpvm.manager.tap import manager_site
+from tests.signing import DEFAULT_TTL, signed_query
 from tests.stubhttp import Answer, MemoryHttp
 
 NOW = 1_800_000_000.0
@@ -137,13 +137,10 @@ class MemoryManager:
         """A public API call, signed by ``caller`` unless ``signature`` is given."""
         query = {"response": "json", **params}
         if caller is not None:
-            query.setdefault("apiKey", caller.api_key)
-            if "signature" not in query:
-                # Signature version 3 with an expiry, as [security] signature_expiry requires.
-                if "signatureVersion" not in query and "expires" not in query:
-                    query["signatureVersion"] = "3"
-                    query["expires"] = format_time(self.clock.seconds() + 300)
-                query["signature"] = sign(query, caller.secret)
+            # Signature version 3 with an expiry, as [security] signature_expiry requires.
+            query = signed_query(
+                query, caller.api_key, caller.secret, expires_at=self.clock.seconds() + DEFAULT_TTL
+            )
         return self.http.get("http://manager.test/client/api?" + urlencode(query))
 
     def proxy(
@@ -173,14 +170,5 @@ def memory_manager(directory: Path) -> MemoryManager:
     box = SecretBox.from_file(directory / "secret.key")
     metrics = ManagerMetrics()
     broker = ConsoleBroker(database, box, clock, SETTINGS, metrics)  # type: ignore[arg-type]
-    site = build_site(
-        broker,
-        database,
-        box,
-        clock,
-        (),
-        metrics,  # type: ignore[arg-type]
-        None,
-        clock,
-    )
+    site = manager_site(broker, database, box, clock, clock, metrics)  # type: ignore[arg-type]
     return MemoryManager(database, box, clock, MemoryHttp(site.resource))

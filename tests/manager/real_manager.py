@@ -17,9 +17,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from cpvm.manager import admin
-from cpvm.manager.signing import format_time, sign
 from tests.daemons import Daemon
 from tests.manager.harness import Credentials
+from tests.signing import signed_query
 
 
 def _config_text(directory: Path, sections: dict[str, dict[str, Any]]) -> str:
@@ -122,12 +122,9 @@ class ManagerDaemon:
         self, creds: Credentials, command: str, *, ttl: float | None = 300, **params: str
     ) -> dict[str, str]:
         """Signed parameters; ``ttl=None`` signs as a v1 client (no expiry)."""
-        query = {"command": command, "response": "json", "apiKey": creds.api_key, **params}
-        if ttl is not None:
-            query["signatureVersion"] = "3"
-            query["expires"] = format_time(time.time() + ttl)
-        query["signature"] = sign(query, creds.secret)
-        return query
+        query = {"command": command, "response": "json", **params}
+        expires_at = None if ttl is None else time.time() + ttl
+        return signed_query(query, creds.api_key, creds.secret, expires_at=expires_at)
 
     def api(self, creds: Credentials, command: str, **params: str):
         status, body, _ = self.query(self.signed(creds, command, **params))

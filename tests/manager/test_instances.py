@@ -191,7 +191,7 @@ def test_every_redemption_error_reaches_the_browser_with_its_code():
     """The contract both sides share: each error the manager can answer a redemption with
     is one cpvm maps to a close code (instance_conflict to 4008)."""
     from cpvm.common.contract import REDEMPTION_ERRORS, Outcome
-    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
+    from cpvm.manager.proxy_broker import REDEEM_MESSAGE, REDEEM_STATUS
 
     errors = {e for e in REDEEM_STATUS if e is not None}
     assert errors <= set(REDEMPTION_ERRORS) and errors == set(REDEEM_MESSAGE)

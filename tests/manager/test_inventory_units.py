@@ -4,6 +4,7 @@ transaction on a real SQLite database."""
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 
 import pytest
 
@@ -196,3 +197,39 @@ def test_a_sync_is_idempotent_and_only_touches_its_own(tx_runner, tmp_path):
 def test_lock_keys_are_stable_and_signed_64_bit():
     assert lock_key("libvirt:a") == lock_key("libvirt:a") != lock_key("libvirt:b")
     assert -(2**63) <= lock_key("libvirt:a") < 2**63
+
+
+VNC_COLUMNS = {
+    "vnc_host",
+    "vnc_port",
+    "vnc_password_enc",
+    "vnc_tls",
+    "vnc_ca_pem",
+    "vnc_server_name",
+}
+
+
+def test_one_table_says_who_writes_each_vm_column(tx_runner):
+    # By hand: the VM's description and its viewer policy, never what discovery reports
+    # about its host.
+    assert set(vm_store.EDITABLE) == {"name", "owner_id", "state", "viewer_policy"} | VNC_COLUMNS
+    # Discovery writes the description and the host's name and hypervisor, never the
+    # viewer policy; it compares all but the hypervisor, and reads back what it compares.
+    described = set(vm_store.EDITABLE) - {"viewer_policy"}
+    assert set(vm_store.DISCOVERED) == described | {"hostname", "hypervisor"}
+    assert set(vm_store.COMPARED) == set(vm_store.DISCOVERED) - {"hypervisor"}
+    assert tuple(f.name for f in fields(vm_store.OwnedVm)) == ("id", *vm_store.COMPARED)
+    # The store's update refuses the columns it may not write, before any SQL.
+    now = time.time()
+    alice = tx_runner(store.create_account, "a-id", "alice", "user", now)
+    vm = {"id": U1, "name": "v", "owner_id": alice.id, "state": "Stopped"}
+    vm |= {"vnc_host": "h", "vnc_port": 1, "vnc_tls": "none"}
+    tx_runner(store.add_vm, vm, now)
+    for column in ("hostname", "hypervisor", "source"):
+        with pytest.raises(ValueError, match=column):
+            tx_runner(store.update_vm, U1, {column: "x"}, now)
+    for column in ("source", "viewer_policy"):
+        with pytest.raises(ValueError, match=column):
+            tx_runner(vm_store.update_owned, U1, vm_store.MANUAL, {column: "x"}, now)
+    tx_runner(vm_store.update_owned, U1, vm_store.MANUAL, {"hypervisor": "KVM"}, now)
+    assert tx_runner(vm_store.owned_vms, vm_store.MANUAL)[U1].name == "v"

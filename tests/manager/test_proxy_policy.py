@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpvm.manager.consoles import console_url
+from cpvm.manager.decisions import console_url
 from cpvm.manager.proxy_policy import (
     ProxyPolicy,
     format_networks,

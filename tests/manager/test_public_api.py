@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from cpvm.manager import signing
+from tests.signing import signed_query
 
 
 def _error(body, command):
@@ -41,16 +42,13 @@ async def test_signature_failures_use_cloudstack_envelope(managers):
         }
     }
     # tampered parameter: signed for one VM id, sent with another
-    expires = signing.format_time(m.clock.seconds() + 60)
-    params = {
-        "command": "listConsoleSessions",
-        "response": "json",
-        "apiKey": alice.api_key,
-        "activeonly": "true",
-        "signatureVersion": "3",
-        "expires": expires,
-    }
-    sig = signing.sign(params, alice.secret)
+    params = signed_query(
+        {"command": "listConsoleSessions", "response": "json", "activeonly": "true"},
+        alice.api_key,
+        alice.secret,
+        expires_at=m.clock.seconds() + 60,
+    )
+    sig, expires = params["signature"], params["expires"]
     status, body = await m.api(
         None,
         "listConsoleSessions",
@@ -260,7 +258,7 @@ async def test_list_and_end_console_sessions(managers):
     status, body = await m.api(alice, "endConsoleSession", id=sid)
     assert status == 200 and body == {"endconsolesessionresponse": {"success": True}}
     beat = await m.heartbeat(key, active=[sid])
-    assert beat == {"heartbeat_interval": 5, "terminate": [sid]}
+    assert beat == {"heartbeat_interval": 5, "terminate": [sid], "taken_over": []}
     status, _ = await m.proxy(
         key,
         f"sessions/{sid}/end",

@@ -35,6 +35,9 @@ async def test_redeem_success_then_replay_refused(managers):
         },
         "limits": {"idle_timeout": 600, "max_duration": None},
         "account": "alice",
+        "view_only": False,
+        "viewer_policy": "shared",
+        "taken_over": [],
     }
     status, body = await m.redeem(key, token, None, "203.0.113.7")
     assert (status, body["error"]) == (409, "token_used")

@@ -54,7 +54,7 @@ async def test_vm_moved_to_another_owner_is_refused(managers):
 def test_every_redemption_error_is_known_to_cpvm():
     """The contract both ways: each error the manager can answer maps to a close code."""
     from cpvm.common.contract import REDEMPTION_ERRORS, Outcome
-    from cpvm.manager.consoles import REDEEM_MESSAGE, REDEEM_STATUS
+    from cpvm.manager.proxy_broker import REDEEM_MESSAGE, REDEEM_STATUS
 
     assert set(REDEEM_MESSAGE) == set(REDEEM_STATUS) - {None}
     for error in REDEEM_MESSAGE:

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from cpvm.manager import store
-from cpvm.manager.signing import format_time, sign
-from cpvm.manager.web import BAD_CREDENTIALS
+from cpvm.manager.api_errors import BAD_CREDENTIALS
 from tests.manager.memory import MemoryManager, memory_manager
+from tests.signing import signed_query
 
 BEAT = {
     "public_host": "cpvm.example.com",
@@ -65,17 +65,14 @@ def test_bad_signatures_get_the_cloudstack_401(m, change):
     if change == "secret":
         answer = m.api(type(alice)(alice.account_id, alice.api_key, "not-the-secret"), **params)
     elif change == "parameter":
-        signed = {
-            "response": "json",
-            "apiKey": alice.api_key,
-            "activeonly": "true",
-            "signatureVersion": "3",
-            "expires": format_time(m.clock.seconds() + 300),
-            **params,
-        }
-        answer = m.api(
-            None, **{**signed, "activeonly": "false", "signature": sign(signed, alice.secret)}
+        # Signed for activeonly=true, sent with false.
+        signed = signed_query(
+            {"response": "json", "activeonly": "true", **params},
+            alice.api_key,
+            alice.secret,
+            expires_at=m.clock.seconds() + 300,
         )
+        answer = m.api(None, **{**signed, "activeonly": "false"})
     elif change == "no-signature":
         answer = m.api(None, apiKey=alice.api_key, **params)
     elif change == "no-key":
@@ -224,6 +221,7 @@ def test_endpoint_redemption_and_end_through_both_apis(m, log_events):
     assert m.proxy(key, "v1/heartbeat", json.dumps(BEAT)).json() == {
         "heartbeat_interval": 5,
         "terminate": [],
+        "taken_over": [],
     }
     answer = m.api(alice, command="createConsoleEndpoint", virtualmachineid=vm)
     endpoint = envelope(answer, "createConsoleEndpoint")["consoleendpoint"]

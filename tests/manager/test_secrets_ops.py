@@ -11,6 +11,7 @@ import treq
 from twisted.logger import formatEvent
 
 from cpvm.manager import admin
+from cpvm.manager.admin import account_commands
 
 
 def _all_log_text(events):
@@ -74,7 +75,7 @@ async def test_no_plaintext_secret_in_sqlite_or_logs(managers, log_events):
 def test_generated_keys_never_start_with_a_dash(monkeypatch):
     # A key starting with "-" reads as an option on the admin command line.
     drawn = iter(["-looks-like-an-option", "_fine-key"])
-    monkeypatch.setattr(admin.secrets, "token_urlsafe", lambda n: next(drawn))
+    monkeypatch.setattr(account_commands.secrets, "token_urlsafe", lambda n: next(drawn))
     assert admin.command_line_safe_key() == "_fine-key"
 
 

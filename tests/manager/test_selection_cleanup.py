@@ -1,35 +1,10 @@
-"""Proxy selection by load, liveness and stickiness; heartbeats; the cleanup timer."""
+"""Proxy selection by load, liveness and stickiness through the APIs; heartbeats; the cleanup
+timer. (The selection rule itself: tests/manager/test_decisions.py.)"""
 
 from __future__ import annotations
 
 import pytest_twisted
 from twisted.internet.task import Clock
-
-from cpvm.manager import store
-from cpvm.manager.consoles import choose_proxy, console_host
-
-
-def _load(pid, active, capacity, pending=0, vm_sessions=0):
-    p = store.Proxy(pid, pid, 0, None, "h", 8080, False, None, capacity, active, None, 0)
-    return store.ProxyLoad(p, pending, vm_sessions)
-
-
-def test_choose_proxy_rules():
-    a, b, c = _load("a", 5, 10), _load("b", 2, 10), _load("c", 10, 40)
-    assert choose_proxy([a, b, c]).proxy.id == "b"  # 0.2 < 0.25 < 0.5
-    assert choose_proxy([a, _load("full", 10, 10)]).proxy.id == "a"
-    assert choose_proxy([_load("full", 10, 10), _load("zero", 0, 0)]) is None
-    assert choose_proxy([a, b, _load("s", 8, 10, vm_sessions=1)]).proxy.id == "s"
-    assert choose_proxy([a, b, _load("s", 9, 10, pending=1, vm_sessions=1)]).proxy.id == "b"
-    assert choose_proxy([]) is None
-
-
-def test_console_host_patterns():
-    assert console_host("cpvm.example", "1.2.3.4", None) == "cpvm.example"
-    assert console_host("cpvm.example", "1.2.3.4", "*.c.example.com") == "1-2-3-4.c.example.com"
-    assert console_host("cpvm.example", "2001:db8::1", "*.c.io") == "2001-db8--1.c.io"
-    assert console_host("cpvm.example", None, "*.c.io") == "cpvm.example"
-    assert console_host("cpvm.example", "1.2.3.4", "console.example.org") == "console.example.org"
 
 
 @pytest_twisted.ensureDeferred

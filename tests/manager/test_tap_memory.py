@@ -17,7 +17,9 @@ from cpvm.common.inifile import ConfigError
 from cpvm.common.metrics import MetricsPage
 from cpvm.manager import tap
 from cpvm.manager.config import load_config
-from cpvm.manager.web import HealthResource, ProxyApiResource, PublicApiResource, ReadyResource
+from cpvm.manager.proxy_api import ProxyApiResource
+from cpvm.manager.public_api import PublicApiResource
+from cpvm.manager.site import HealthResource, ReadyResource
 
 
 def conf(tmp_path: Path, text: str) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 
 from cpvm.manager import vms
-from cpvm.manager.signing import format_time, sign
+from tests.signing import signed_query
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -42,7 +42,7 @@ async def test_list_shows_a_user_only_their_vms_in_cloudstack_names(managers):
     # Never where the VNC server is nor its password; no cpvm internals for users.
     text = json.dumps(body)
     assert "10.0.0.5" not in text and "5901" not in text and "vncsecret" not in text
-    assert "source" not in web
+    assert "source" not in web and "viewerpolicy" not in web
     # Bob cannot see Alice's VM, by id, by name or by naming her account.
     status, body = await m.api(bob, "listVirtualMachines", id=a1)
     assert (status, _vms(body)["count"]) == (200, 0)
@@ -55,6 +55,17 @@ async def test_list_shows_a_user_only_their_vms_in_cloudstack_names(managers):
     assert _vms(body)["count"] == 3
     status, body = await m.api(root, "listVirtualMachines", account="bob")
     assert [(v["id"], v["source"]) for v in _vms(body)["virtualmachine"]] == [(b1, "manual")]
+    # ... and the viewer policy, set through the API like any other field.
+    status, _ = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=b1, viewerpolicy="takeover"
+    )
+    assert status == 200
+    status, body = await m.api(root, "listVirtualMachines", id=b1)
+    assert _vms(body)["virtualmachine"][0]["viewerpolicy"] == "takeover"
+    status, body = await m.api(
+        root, "updateConsoleVirtualMachine", method="POST", id=b1, viewerpolicy="first"
+    )
+    assert status == 431 and "viewerpolicy" in json.dumps(body)
 
 
 @pytest_twisted.ensureDeferred
@@ -224,19 +235,20 @@ async def test_vnc_password_never_in_a_query_string(managers):
     assert "POST body" in body["addconsolevirtualmachineresponse"]["errortext"]
     assert json.loads(m.admin("--json", "vm", "list")) == []
     # Signed over the body but sent in the URL too: refused just the same.
-    query = {
-        "command": "addConsoleVirtualMachine",
-        "response": "json",
-        "apiKey": root.api_key,
-        "name": "x",
-        "account": "alice",
-        "vnchost": "192.0.2.1",
-        "vncport": "5900",
-        "vncpassword": "leaky",
-        "signatureVersion": "3",
-        "expires": format_time(m.clock.seconds() + 300),
-    }
-    query["signature"] = sign(query, root.secret)
+    query = signed_query(
+        {
+            "command": "addConsoleVirtualMachine",
+            "response": "json",
+            "name": "x",
+            "account": "alice",
+            "vnchost": "192.0.2.1",
+            "vncport": "5900",
+            "vncpassword": "leaky",
+        },
+        root.api_key,
+        root.secret,
+        expires_at=m.clock.seconds() + 300,
+    )
     from urllib.parse import urlencode
 
     import treq

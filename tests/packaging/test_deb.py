@@ -126,6 +126,8 @@ def test_contents(deb: Path) -> None:
         "/lib/systemd/system/cpvm-manager.service",
         f"{PLUGINS}/cpvm_plugin.py",
         "/usr/bin/cpvm-manager-admin",
+        "/usr/bin/cpvm-probe",
+        "/usr/share/man/man1/cpvm-probe.1.gz",
         "/usr/share/doc/cpvm/copyright",
         "/usr/share/doc/cpvm/changelog.gz",
         "/usr/share/doc/cpvm/operations.md",
@@ -427,6 +429,8 @@ def test_purge_leaves_nothing(installed: Path) -> None:
             f"{PLUGINS}/cpvm_plugin.py",
             "/usr/share/doc/cpvm",
             "/usr/share/man/man1/cpvm-manager-admin.1.gz",
+            "/usr/bin/cpvm-probe",
+            "/usr/share/man/man1/cpvm-probe.1.gz",
         )
         if os.path.lexists(p)
     ]

@@ -41,7 +41,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from cpvm.manager.signing import sign
 from tests import peers
 from tests.packaging.installed import (
     UNIT_DIR,
@@ -54,6 +53,7 @@ from tests.packaging.installed import (
     unit_settings,
 )
 from tests.packaging.package import run
+from tests.signing import DEFAULT_TTL, signed_query
 from tests.wsclient import RfbRefused, RfbWebSocketClient, open_console
 
 pytestmark = pytest.mark.packaging
@@ -119,15 +119,16 @@ class ConsoleStack:
 
     def create_console_endpoint(self) -> dict:
         """A signed createConsoleEndpoint call, as any CloudStack API client makes it."""
-        params = {
-            "command": "createConsoleEndpoint",
-            "virtualmachineid": self.vm_id,
-            "response": "json",
-            "apiKey": self.api_key,
-            "signatureVersion": "3",
-            "expires": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(time.time() + 300)),
-        }
-        params["signature"] = sign(params, self.secret_key)
+        params = signed_query(
+            {
+                "command": "createConsoleEndpoint",
+                "virtualmachineid": self.vm_id,
+                "response": "json",
+            },
+            self.api_key,
+            self.secret_key,
+            expires_at=time.time() + DEFAULT_TTL,
+        )
         self.signatures.append(params["signature"])
         url = f"http://127.0.0.1:{self.manager_port}/client/api?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=10) as response:

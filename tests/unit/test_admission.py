@@ -1,4 +1,4 @@
-"""Admission in ConsoleSessions: pending cap, token shape, failed-redemption rate limit.
+"""Admission in SessionRegistry: pending cap, token shape, failed-redemption rate limit.
 
 The manager is a stand-in returning Deferreds the test fires; the clock is a ``Clock``.
 """
@@ -15,7 +15,8 @@ from cpvm.common.tokens import TOKEN_LENGTH, looks_like_token, new_token
 from cpvm.proxy.config import parse_config
 from cpvm.proxy.manager_client import ManagerUnavailable, RedemptionRefused
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import SessionRegistry
+from cpvm.proxy.tap import registry_settings
 
 
 class StandInManager:
@@ -32,7 +33,11 @@ def sessions_with(settings: str):
     clock = Clock()
     config = parse_config(IniReader("test.conf", f"[server]\npublic_host = x\n{settings}"))
     manager = StandInManager()
-    return ConsoleSessions(clock, config, manager, ProxyMetrics()), manager, clock
+    return (
+        SessionRegistry(clock, registry_settings(config), manager, ProxyMetrics()),
+        manager,
+        clock,
+    )
 
 
 def outcome_of(d: Deferred):

@@ -9,8 +9,7 @@ import pytest
 
 from cpvm.common import addresses, contract
 from cpvm.common.contract import END_REASONS, REDEMPTION_ERRORS, Outcome, end_reason
-from cpvm.manager import consoles
-from cpvm.manager import web as manager_web
+from cpvm.manager import decisions, proxy_api, proxy_broker, public_api
 from cpvm.proxy import manager_client, websocket
 
 
@@ -23,7 +22,7 @@ def test_every_end_reason_the_proxy_can_report_is_accepted_by_the_manager(outcom
         "bytes_to_server": 2,
         "duration": 3.5,
     }
-    accepted = manager_web._end_report(report)
+    accepted = proxy_api._end_report(report)
     assert accepted["reason"] == end_reason(outcome)
 
 
@@ -35,8 +34,8 @@ def test_outcomes_that_cannot_end_a_redeemed_session_are_reported_as_error():
 
 
 def test_every_redemption_error_has_a_status_a_message_and_a_close_code():
-    manager_errors = {e for e in consoles.REDEEM_STATUS if e is not None}
-    assert manager_errors == set(consoles.REDEEM_MESSAGE)
+    manager_errors = {e for e in proxy_broker.REDEEM_STATUS if e is not None}
+    assert manager_errors == set(proxy_broker.REDEEM_MESSAGE)
     # Each error the manager can answer reaches the browser with its own close code.
     assert manager_errors <= set(REDEMPTION_ERRORS)
     codes = [REDEMPTION_ERRORS[e].code for e in manager_errors]
@@ -46,7 +45,7 @@ def test_every_redemption_error_has_a_status_a_message_and_a_close_code():
 def test_one_client_address_rule_for_both_daemons():
     # Both daemons call the very same function ...
     assert websocket.client_address is addresses.client_address
-    assert manager_web.client_address is addresses.client_address
+    assert public_api.client_address is addresses.client_address
     # ... which the review's example once split: one daemon said 10.1.1.1, the other 10.2.2.2.
     trusted = (ipaddress.ip_network("10.0.0.0/8"),)
     assert addresses.client_address("10.1.1.1", "<script>, 10.2.2.2", trusted) == "10.2.2.2"
@@ -57,13 +56,13 @@ def test_one_client_address_rule_for_both_daemons():
 
 
 def test_the_console_url_names_the_path_the_proxy_serves():
-    url = consoles.console_url("cpvm.example", 8443, True, "T" * 43, None)
+    url = decisions.console_url("cpvm.example", 8443, True, "T" * 43, None)
     assert f"path={contract.WEBSOCKET_PATH}%3Ftoken%3D" in url
     assert contract.WEBSOCKET_PATH == "websockify"
 
 
 def test_vnc_tls_modes_are_one_list():
     assert manager_client.VNC_TLS_MODES is contract.VNC_TLS_MODES
-    from cpvm.manager import admin
+    from cpvm.manager.admin import vm_commands
 
-    assert admin.VNC_TLS_MODES is contract.VNC_TLS_MODES
+    assert vm_commands.VNC_TLS_MODES is contract.VNC_TLS_MODES

@@ -1,5 +1,5 @@
 """The heartbeat in memory: a ``Clock``, a real ``ManagerClient`` over ``StubTreq`` (or a
-real Agent over a memory reactor), real ``ConsoleSessions`` whose sessions really end.
+real Agent over a memory reactor), real ``SessionRegistry`` whose sessions really end.
 
 What is checked: the interval the manager asks for is clamped; a manager that is down or
 broken marks it unreachable and beats are retried at the interval; end reports ride on a
@@ -27,7 +27,8 @@ from cpvm.proxy.config import parse_config
 from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
-from cpvm.proxy.registry import ConsoleSessions
+from cpvm.proxy.registry import SessionRegistry
+from cpvm.proxy.tap import registry_settings
 
 CONFIG = parse_config(
     IniReader(
@@ -112,7 +113,9 @@ class Proxy:
             CONFIG.manager.timeout,
             http=self.http,
         )
-        self.sessions = ConsoleSessions(self.reactor, CONFIG, self.manager, ProxyMetrics())
+        self.sessions = SessionRegistry(
+            self.reactor, registry_settings(CONFIG), self.manager, ProxyMetrics()
+        )
         self.heartbeat = Heartbeat(
             self.reactor, self.manager, self.sessions, CONFIG.manager.heartbeat_interval
         )
@@ -236,7 +239,7 @@ def test_manager_up_then_down_through_a_real_agent():
     # No stub: ManagerClient's own Agent over the memory reactor, on the wire.
     reactor = MemoryReactorClock()
     manager = ManagerClient(reactor, CONFIG.manager.url, "cpvmk_p1.s3cret", CONFIG.manager.timeout)
-    sessions = ConsoleSessions(reactor, CONFIG, manager, ProxyMetrics())
+    sessions = SessionRegistry(reactor, registry_settings(CONFIG), manager, ProxyMetrics())
     heartbeat = Heartbeat(reactor, manager, sessions, CONFIG.manager.heartbeat_interval)
     heartbeat.startService()
     reactor.advance(0)
@@ -345,3 +348,16 @@ def test_terminate_answer_ends_the_named_sessions_here():
     assert p.stub.beats[0]["active_sessions"] == ["s-1"]
     assert session.outcome is Outcome.TERMINATED
     assert p.sessions.ended_waiting == 1
+
+
+def test_taken_over_sessions_close_with_their_own_code():
+    p = Proxy()
+    session = p.sessions.create(Browser(), "t" * 43, None, "192.0.2.7")
+    session.start()
+    p.http.flush()
+    # In both lists, as the manager sends them (an older cpvm reads only "terminate").
+    sid = session.session_id
+    p.stub.answers = [(200, {"terminate": [sid], "taken_over": [sid, "s-elsewhere"]})]
+    p.heartbeat.startService()
+    p.advance(0)
+    assert session.outcome is Outcome.TAKEN_OVER

@@ -12,7 +12,7 @@ from cpvm.proxy.metrics import ProxyMetrics
 
 
 class Sessions:
-    """What Heartbeat uses of ConsoleSessions."""
+    """What Heartbeat uses of SessionRegistry."""
 
     def __init__(self):
         self.metrics = ProxyMetrics()

@@ -1,5 +1,6 @@
-"""The package's four parts import one way: proxy and manager never import each other;
-common and rfb import neither (nor each other's private parts)."""
+"""The package's parts import one way: proxy and manager never import each other;
+common and rfb import neither (nor each other's private parts); the probe, a client of
+both daemons, imports only what they share (common, rfb)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cpvm"
 
 # part -> parts it must never import
 FORBIDDEN = {
-    "proxy": {"manager"},
-    "manager": {"proxy"},
-    "common": {"proxy", "manager", "rfb"},
-    "rfb": {"proxy", "manager", "common"},
+    "proxy": {"manager", "probe"},
+    "manager": {"proxy", "probe"},
+    "common": {"proxy", "manager", "rfb", "probe"},
+    "rfb": {"proxy", "manager", "common", "probe"},
+    "probe": {"proxy", "manager"},
 }
 
 
@@ -52,7 +54,7 @@ def test_nothing_but_the_parts_at_the_top() -> None:
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert modules == ["__init__.py"]
     parts = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
-    assert parts == ["common", "manager", "proxy", "rfb"]
+    assert parts == ["common", "manager", "probe", "proxy", "rfb"]
 
 
 def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:

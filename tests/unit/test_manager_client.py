@@ -8,7 +8,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from cpvm.common.contract import Outcome
+from cpvm.common.contract import Outcome, ViewerPolicy
 from cpvm.proxy.manager_client import (
     InstanceConflict,
     ManagerClient,
@@ -162,9 +162,31 @@ def test_parse_redemption_rejects_bad_types():
         {"session_id": 1},
         {**GOOD, "vnc": {**GOOD["vnc"], "password": 5}},
         {**GOOD, "limits": {"idle_timeout": -1}},
+        {**GOOD, "view_only": "yes"},
+        {**GOOD, "viewer_policy": "first-come"},
+        {**GOOD, "taken_over": "s-1"},
+        {**GOOD, "taken_over": [7]},
     ):
         with pytest.raises(ValueError):
             parse_redemption(bad)
+
+
+def test_parse_redemption_view_only_and_viewer_policy():
+    # A manager that predates them: a full console under the shared policy.
+    plain = parse_redemption(GOOD)
+    assert (plain.view_only, plain.viewer_policy, plain.taken_over) == (
+        False,
+        ViewerPolicy.SHARED,
+        (),
+    )
+    r = parse_redemption(
+        {**GOOD, "view_only": True, "viewer_policy": "takeover", "taken_over": ["s-1", "s-2"]}
+    )
+    assert (r.view_only, r.viewer_policy, r.taken_over) == (
+        True,
+        ViewerPolicy.TAKEOVER,
+        ("s-1", "s-2"),
+    )
 
 
 @pytest_twisted.ensureDeferred

@@ -1025,7 +1025,7 @@ def test_scanner_big_cut_text_is_skipped_without_buffering():
     chunk = b"x" * 65536
     for _ in range(size // len(chunk)):
         assert scanner.feed(chunk) == 0
-    assert scanner._header is None  # nothing kept from the payload
+    assert not scanner._framer._header  # nothing kept from the payload
     assert scanner.feed(FB_UPDATE_REQUEST + KEY_EVENT) == 1
     assert not scanner.desynchronised
 
@@ -1076,7 +1076,7 @@ def test_scanner_counts_any_stream_in_any_chunks(names, data):
     total = sum(scanner.feed(chunk) for chunk in _random_splitter(data)(stream))
     assert total == expected
     assert not scanner.desynchronised
-    assert scanner._skip == 0 and scanner._header is None  # exactly at a message boundary
+    assert scanner.at_boundary  # exactly at a message boundary
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from cpvm.common.contract import Outcome
+from cpvm.common.contract import Outcome, ViewerPolicy
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused, VncTarget
 from cpvm.proxy.session import MAX_PRE_RELAY_BUFFER, REFUSAL_GRACE, ConsoleSession, SessionLimits
 from cpvm.rfb import ServerInit
@@ -308,3 +308,71 @@ def test_manager_idle_limit_applies_when_ours_is_off():
     session.upstream_server_init(SERVER_INIT, b"")
     clock.advance(31)
     assert browser.closed[0] == 4020
+
+
+# -- view-only consoles and the viewer policy ---------------------------------------------
+
+VIEW_ONLY = Redemption(**{**REDEMPTION.__dict__, "view_only": True})
+FBUR = b"\x03\x01" + struct.pack("!HHHH", 0, 0, 800, 600)
+KEY = b"\x04\x01\x00\x00\x00\x00\x00\x61"
+
+
+def _open(redemption, client_init=b"\x01", leftover=b""):
+    session, clock, browser, upstream, hooks, calls, _ = make(redeem_result=succeed(redemption))
+    session.start()
+    session.browser_data(b"RFB 003.008\n")
+    session.upstream_security_complete()
+    session.browser_data(b"\x01")
+    session.browser_data(client_init + leftover)  # ClientInit and what came with it
+    return session, clock, browser, upstream, hooks
+
+
+def test_view_only_filters_before_and_after_server_init():
+    # Bytes behind the ClientInit reach the server before ServerInit: filtered too.
+    session, clock, browser, upstream, hooks = _open(VIEW_ONLY, leftover=KEY + FBUR)
+    assert upstream.written == FBUR
+    session.upstream_server_init(SERVER_INIT, b"")
+    session.browser_data(KEY + FBUR + KEY[:3])
+    session.browser_data(KEY[3:] + FBUR)
+    assert upstream.written == FBUR * 3
+    assert session.stats.bytes_to_server == len(FBUR) * 3  # what the server got
+    # A watcher's keys keep the session from idling out all the same.
+    for _ in range(5):
+        clock.advance(50)
+        session.browser_data(KEY)
+    assert browser.closed is None
+
+
+def test_view_only_fails_closed_on_an_unsizable_message():
+    session, clock, browser, upstream, hooks = _open(VIEW_ONLY)
+    session.upstream_server_init(SERVER_INIT, b"")
+    session.browser_data(FBUR + b"\x07\x00\x00\x00" + FBUR)
+    assert upstream.written == FBUR and upstream.closed
+    assert browser.closed == (
+        4017,
+        "view-only console: the browser sent a message cpvm cannot check",
+    )
+    assert hooks.events[-1] is Outcome.VIEW_ONLY_UNCHECKABLE
+
+
+def test_a_full_console_is_not_filtered():
+    session, clock, browser, upstream, hooks = _open(REDEMPTION)
+    session.upstream_server_init(SERVER_INIT, b"")
+    session.browser_data(KEY + b"\x07anything")
+    assert upstream.written == KEY + b"\x07anything"
+
+
+@pytest.mark.parametrize(
+    "view_only, policy, browser_flag, sent",
+    [
+        (False, ViewerPolicy.SHARED, b"\x01", True),
+        (False, ViewerPolicy.SHARED, b"\x00", False),  # the browser's wish, as before
+        (True, ViewerPolicy.SHARED, b"\x00", True),  # a watcher never drops anyone
+        (False, ViewerPolicy.EXCLUSIVE, b"\x00", True),
+        (False, ViewerPolicy.TAKEOVER, b"\x00", True),
+    ],
+)
+def test_the_vnc_shared_flag_follows_the_viewer_policy(view_only, policy, browser_flag, sent):
+    r = Redemption(**{**REDEMPTION.__dict__, "view_only": view_only, "viewer_policy": policy})
+    _, _, _, upstream, _ = _open(r, client_init=browser_flag)
+    assert upstream.client_init is sent
