@@ -108,21 +108,18 @@ def boot_once(
 def mint_paths(manager_port: int, creds: dict, vm_id: str, n: int) -> list[str]:
     """``n`` console tokens from signed createConsoleEndpoint calls (four connections at
     a time), as the WebSocket paths a browser would open."""
-    from cpvm.manager.signing import format_time, sign
+    from tests.signing import DEFAULT_TTL, signed_query
 
     def mint(count: int) -> list[str]:
         conn = http.client.HTTPConnection("127.0.0.1", manager_port, timeout=30)
         out = []
         for _ in range(count):
-            query = {
-                "command": "createConsoleEndpoint",
-                "virtualmachineid": vm_id,
-                "response": "json",
-                "apiKey": creds["apikey"],
-                "signatureVersion": "3",
-                "expires": format_time(time.time() + 300),
-            }
-            query["signature"] = sign(query, creds["secretkey"])
+            query = signed_query(
+                {"command": "createConsoleEndpoint", "virtualmachineid": vm_id, "response": "json"},
+                creds["apikey"],
+                creds["secretkey"],
+                expires_at=time.time() + DEFAULT_TTL,
+            )
             conn.request("GET", "/client/api?" + urllib.parse.urlencode(query))
             body = json.loads(conn.getresponse().read())
             answer = body["createconsoleendpointresponse"]["consoleendpoint"]
