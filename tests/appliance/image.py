@@ -6,6 +6,11 @@ any change to those files builds a new one. The cache lives in ``CPVM_APPLIANCE_
 (default ``/var/cache/cpvm-tests/appliance``); only the newest few images are kept.
 ``CPVM_APPLIANCE_IMAGE=PATH`` uses that image instead (no build, no hash: for working on
 the tests themselves).
+
+``cached_image("second")`` is another build of the same inputs (a second build of the
+same commit, into its own directory), cached the same way under the key and the salt: the
+tests boot it with the first image's config drive and compare the two
+(``compare.py``). ``CPVM_APPLIANCE_SECOND_IMAGE=PATH`` gives it instead.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from tests.peers import REPO_ROOT
 
 CACHE = Path(os.environ.get("CPVM_APPLIANCE_CACHE", "/var/cache/cpvm-tests/appliance"))
-KEEP = 3
+KEEP = 4  # two checkouts' first and second builds
 # What the image is made of: the package's sources and the appliance's files. Docs count
 # too (operations.md is in the .deb).
 INPUTS = (
@@ -62,12 +67,13 @@ def input_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_image() -> Path:
-    """The image for this checkout: from the cache, or built now (under a lock)."""
-    given = os.environ.get("CPVM_APPLIANCE_IMAGE")
+def cached_image(salt: str = "") -> Path:
+    """The image for this checkout: from the cache, or built now (under a lock). A
+    ``salt`` names another build of the same inputs, cached apart from the first."""
+    given = os.environ.get("CPVM_APPLIANCE_SECOND_IMAGE" if salt else "CPVM_APPLIANCE_IMAGE")
     if given:
         return Path(given)
-    key = input_hash()
+    key = input_hash() + (f"-{salt}" if salt else "")
     directory = CACHE / key
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:

@@ -18,17 +18,27 @@ import os
 import re
 import struct
 import subprocess
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import defer, reactor, threads
 
+from bench.run import RfbServer
 from tests import peers
+from tests.appliance.compare import compare_images
+from tests.appliance.consoles import guest_memory, hold_idle_consoles
 from tests.appliance.image import cached_image
-from tests.appliance.vm import CONSOLE_PORT, MANAGER_ADDRESS, VNC_ADDRESS, Appliance, make_drive
+from tests.appliance.vm import (
+    CONSOLE_PORT,
+    IDLE_VNC_ADDRESS,
+    VNC_ADDRESS,
+    Appliance,
+    forwarded_drive,
+)
 from tests.manager.harness import Manager, start_manager
 from tests.wsclient import RfbRefused, RfbWebSocketClient, open_console
 
@@ -36,6 +46,8 @@ pytestmark = pytest.mark.appliance
 
 ACCOUNT = "appliance"
 VM_NAME = "appliance-vm"
+IDLE_VM_NAME = "appliance-idle"
+IDLE_CONSOLES = 50
 BOOT_TIMEOUT = 240.0  # TCG on a loaded machine; KVM boots in seconds
 PROBED = (22, 53, 80, 443, 5355, 8000, 8080, 8250, 8443, 9090)
 
@@ -44,48 +56,41 @@ PROBED = (22, 53, 80, 443, 5355, 8000, 8080, 8250, 8443, 9090)
 class Stack:
     manager: Manager
     qemu: peers.QemuVnc
+    idle_server: RfbServer
     vm_id: str
+    idle_vm_id: str
     creds: object
     proxy_key: str
     key_file: Path
     ssh_key: Path
     image: Path
+    second_image: Path | BaseException
     workdir: Path
 
     def drive(self, name: str, *extra: str, ssh: bool = True, console_port: int) -> Path:
-        args = [
-            "--proxy-key",
-            str(self.key_file),
+        return forwarded_drive(
+            self.workdir / f"{name}.iso",
+            self.key_file,
+            console_port,
             "--hostname",
             "cpvm-test-1",
-            "--set",
-            f"manager.url=http://{MANAGER_ADDRESS[0]}:{MANAGER_ADDRESS[1]}",
-            # The test manager is on the host's loopback behind QEMU's guestfwd, plain HTTP;
-            # cpvm refuses that off loopback unless told (a real appliance uses https).
-            "--set",
-            "manager.allow_plaintext=true",
-            "--set",
-            "manager.heartbeat_interval=1",
-            "--set",
-            "server.public_host=127.0.0.1",
-            "--set",
-            f"server.public_port={console_port}",
             "--set",
             "server.grace_period=5",
             "--machine-id",
             "5eed" * 8,
             *extra,
-        ]
-        if ssh:
-            args += ["--ssh-authorized-keys", f"{self.ssh_key}.pub"]
-        return make_drive(self.workdir / f"{name}.iso", *args)
+            ssh_public_key=self.ssh_key.with_suffix(".pub") if ssh else None,
+        )
 
-    def boot(self, drive: Path | None, console_port: int | None = None, **kw) -> Appliance:
+    def boot(
+        self, drive: Path | None, console_port: int | None = None, image: Path | None = None, **kw
+    ) -> Appliance:
         return Appliance(
-            self.image,
+            image or self.image,
             drive,
             manager_port=self.manager.port,
             vnc_port=self.qemu.port,
+            idle_vnc_port=self.idle_server.ports["idle"],
             console_port=console_port,
             probe_ports=PROBED,
             **kw,
@@ -99,11 +104,33 @@ def image() -> Path:
     return cached_image()
 
 
+@pytest.fixture(scope="module")
+def second_image(image: Path) -> Path | BaseException:
+    """The second build of this commit, made before anything boots (the build and the
+    guests would share the cores); a failed build fails only the test that boots it."""
+    try:
+        return cached_image("second")
+    except (AssertionError, OSError, subprocess.SubprocessError) as e:
+        return e
+
+
 @pytest_twisted.async_yield_fixture(scope="module")
-async def stack(image: Path, tmp_path_factory: pytest.TempPathFactory):
+async def stack(
+    image: Path,
+    second_image: Path | BaseException,
+    demo_guest: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+):
     workdir = tmp_path_factory.mktemp("appliance")
-    manager = await start_manager(workdir / "manager", {"proxies": {"heartbeat_interval": 1}})
-    qemu = peers.start_qemu(peers.QEMU_TEST_PASSWORD)
+    manager = await start_manager(
+        workdir / "manager",
+        # No rate limit on createConsoleEndpoint: the idle-console test asks for dozens.
+        {"proxies": {"heartbeat_interval": 1}, "security": {"create_rate": 0}},
+    )
+    qemu = peers.start_qemu(
+        peers.QEMU_TEST_PASSWORD, guest=demo_guest, serial_log=workdir / "guest-serial.log"
+    )
+    idle_server = RfbServer(workdir)
     try:
         creds = manager.account(ACCOUNT)
         proxy_key = manager.proxy_key("appliance-1")
@@ -126,12 +153,40 @@ async def stack(image: Path, tmp_path_factory: pytest.TempPathFactory):
             "Running",
             stdin=peers.QEMU_TEST_PASSWORD + "\n",
         ).strip()
+        idle_vm_id = manager.admin(
+            "vm",
+            "add",
+            "--name",
+            IDLE_VM_NAME,
+            "--owner",
+            ACCOUNT,
+            "--vnc-host",
+            IDLE_VNC_ADDRESS[0],
+            "--vnc-port",
+            str(IDLE_VNC_ADDRESS[1]),
+            "--state",
+            "Running",
+        ).strip()
         ssh_key = workdir / "id_ed25519"
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh_key)], check=True
         )
-        yield Stack(manager, qemu, vm_id, creds, proxy_key, key_file, ssh_key, image, workdir)
+        yield Stack(
+            manager,
+            qemu,
+            idle_server,
+            vm_id,
+            idle_vm_id,
+            creds,
+            proxy_key,
+            key_file,
+            ssh_key,
+            image,
+            second_image,
+            workdir,
+        )
     finally:
+        idle_server.stop()
         qemu.stop()
         await manager.stop()
 
@@ -191,6 +246,71 @@ async def test_console_through_the_appliance(stack: Stack, booted: Appliance):
     proxies = json.loads(stack.manager.admin("--json", "proxy", "list"))
     assert [p["status"] for p in proxies] == ["up"], proxies
     assert "cpvm-appliance: configured: host cpvm-test-1" in booted.serial
+
+
+# Waits are functions, never expression strings: Playwright polls a string with eval, which
+# cpvm's Content-Security-Policy forbids.
+CONNECTED = (
+    "() => !!document.querySelector('#noVNC_status') && "
+    "document.querySelector('#noVNC_status').textContent.startsWith('Connected')"
+)
+# Typed into the demo guest's shell; "serial" copies its words to the guest's ttyS0. Capitals
+# prove that Shift reaches the VM.
+TYPED = "serial Typed Through The Appliance 42"
+
+
+def type_as_a_keyboard(page, text: str) -> None:
+    """Type ``text`` key by key as a person does: a capital is Shift down, the key, Shift
+    up (Playwright's ``keyboard.type`` sends the capital's key alone, and QEMU, which
+    works from key codes, then types the small letter)."""
+    for char in text:
+        if char.isupper():
+            page.keyboard.down("Shift")
+            page.keyboard.press(char)
+            page.keyboard.up("Shift")
+        else:
+            page.keyboard.press("Space" if char == " " else char)
+        time.sleep(0.03)
+    page.keyboard.press("Enter")
+
+
+def type_in_novnc(url: str, text: str, screenshot: Path) -> str:
+    """noVNC (served by the appliance) in headless Chromium: connect, click the screen,
+    type ``text``; returns noVNC's status line once connected."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = peers.launch_chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_function(CONNECTED, timeout=60_000)
+            status = page.inner_text("#noVNC_status")
+            page.locator("#noVNC_container canvas").click()
+            time.sleep(0.5)
+            type_as_a_keyboard(page, text)
+            time.sleep(1.0)
+            page.screenshot(path=str(screenshot))
+            return status
+        finally:
+            browser.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_novnc_in_chromium_types_into_the_vm(stack: Stack, booted: Appliance):
+    """The page the manager's answer points at (the appliance's noVNC), in Chromium,
+    through the appliance to the password-protected QEMU: what is typed reaches the VM's
+    shell, capitals included."""
+    await threads.deferToThread(stack.qemu.wait_for_serial, peers.GUEST_READY_MARKER, 180)
+    answer = await stack.manager.endpoint(stack.creds, stack.vm_id)  # type: ignore[arg-type]
+    assert answer["success"], answer
+    assert answer["url"].startswith(f"http://127.0.0.1:{booted.console_port}/"), answer["url"]
+    shot = stack.workdir / "novnc.png"
+    status = await threads.deferToThread(type_in_novnc, answer["url"], TYPED, shot)
+    assert status.startswith("Connected") and VM_NAME in status, status
+    words = TYPED.split(" ", 1)[1]
+    await threads.deferToThread(stack.qemu.wait_for_serial, words, 30)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_serial_console_has_the_boot_log(booted: Appliance):
@@ -263,6 +383,49 @@ def test_only_cpvm_listens(stack: Stack, booted: Appliance):
 def test_time_synchronisation_is_configured(stack: Stack, booted: Appliance):
     active = booted.ssh(stack.ssh_key, "systemctl is-active systemd-timesyncd.service").strip()
     assert active == "active"
+
+
+def ws_path(answer: dict) -> str:
+    ws = answer["websocket"]
+    return f"/{ws['path']}?" + urllib.parse.urlencode({"token": ws["token"]})
+
+
+async def serve_one(stack: Stack, vm: Appliance) -> bool:
+    client, _url = await use_console(stack, vm)
+    client.sendClose(1000)
+    await client.wait_closed()
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_consoles_in_256_mib(stack: Stack, booted: Appliance):
+    """IDLE_CONSOLES idle consoles (to bench.rfbserver's idle port) held open through the
+    appliance in 256 MiB: all stay open, nothing is killed for memory, and meanwhile the
+    appliance is ready and serves one more console (to the real QEMU). The figures are
+    printed (``-rP``); bench.appliance measures 1,000."""
+    assert booted.memory_mb == 256
+    paths = []
+    for _ in range(IDLE_CONSOLES):
+        answer = await stack.manager.endpoint(stack.creds, stack.idle_vm_id)  # type: ignore[arg-type]
+        assert answer["success"], answer
+        paths.append(ws_path(answer))
+    before = await threads.deferToThread(guest_memory, booted, stack.ssh_key)
+
+    def while_open() -> tuple[dict, int, bool, dict]:
+        memory = guest_memory(booted, stack.ssh_key)
+        ready = booted.http("/readyz")[0]
+        served = threads.blockingCallFromThread(
+            reactor, lambda: defer.ensureDeferred(serve_one(stack, booted))
+        )
+        return memory, ready, served, stack.idle_server.stats()
+
+    held = await threads.deferToThread(hold_idle_consoles, booted.console_port, paths, while_open)
+    assert held.opened == IDLE_CONSOLES and held.alive == IDLE_CONSOLES, held
+    memory, ready, served, vnc = held.measured
+    print(f"appliance figures: {IDLE_CONSOLES} idle consoles: before {before}, open {memory}")
+    assert vnc["active"] >= IDLE_CONSOLES, vnc
+    assert ready == 200 and served
+    assert memory["mem_total_mib"] <= 256 and memory["oom_kills"] == 0, memory
 
 
 @pytest_twisted.ensureDeferred
@@ -341,6 +504,51 @@ async def test_upgrade_is_a_new_root_disk_with_the_same_drive(stack: Stack, boot
         client, _url = await use_console(stack, vm)
         client.sendClose(1000)
         await client.wait_closed()
+    finally:
+        vm.stop()
+
+
+# The project's own files in the image: two builds of one commit must agree on them.
+PROJECT_PATHS = (
+    "/usr/lib/python3/dist-packages/cpvm",  # the package and its dist-info
+    "/usr/lib/python3/dist-packages/twisted/plugins/cpvm",
+    "/usr/lib/systemd/system/cpvm",
+    "/usr/bin/cpvm",
+    "/usr/lib/cpvm-appliance",
+    "/usr/share/doc/cpvm",
+    "/etc/cpvm",
+    "/etc/systemd/system",
+    "/etc/nftables.conf",
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_image_of_the_same_commit(stack: Stack, booted: Appliance):
+    """A second build of this commit (cached apart): its files compared with the first's
+    (the project's must match; every difference is printed, ``-rP``), then booted on a
+    fresh disk with the first drive: the same proxy to the manager, registered, serving."""
+    if isinstance(stack.second_image, BaseException):
+        raise stack.second_image
+    comparison = await threads.deferToThread(compare_images, stack.image, stack.second_image)
+    print("appliance figures: second image:", json.dumps(comparison.summary()))
+    differing = comparison.only_in_first + comparison.only_in_second + comparison.content_differs
+    assert [p for p in differing if p.startswith(PROJECT_PATHS)] == [], comparison.summary()
+    proxies_before = json.loads(stack.manager.admin("--json", "proxy", "list"))
+    port = booted.console_port  # the drive announces it
+    booted.stop()
+    vm = stack.boot(stack.workdir / "good.iso", console_port=port, image=stack.second_image)
+    try:
+        await threads.deferToThread(vm.wait_ready, BOOT_TIMEOUT)
+        machine_id = await threads.deferToThread(vm.ssh, stack.ssh_key, "cat /etc/machine-id")
+        assert machine_id.strip() == "5eed" * 8
+        client, _url = await use_console(stack, vm)
+        client.sendClose(1000)
+        await client.wait_closed()
+        proxies = json.loads(stack.manager.admin("--json", "proxy", "list"))
+        assert [(p["id"], p["name"]) for p in proxies] == [
+            (p["id"], p["name"]) for p in proxies_before
+        ], (proxies_before, proxies)
+        assert [p["status"] for p in proxies] == ["up"], proxies
     finally:
         vm.stop()
 

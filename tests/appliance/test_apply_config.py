@@ -77,7 +77,7 @@ def test_merged_config_sets_each_value_under_its_section_once():
         ("[session]\nmax_sessions = lots\n", r"\[session\] max_sessions: expected an integer"),
         ("[server]\ntsl = true\n", r"\[server\] tsl"),
         ("[nonsense]\nx = 1\n", r"nonsense"),
-        ("[server]\ntls = true\n", r"certificate"),
+        ("[server]\ntls = true\ncertificate = /nonexistent/cert.pem\n", r"certificate"),
     ],
 )
 def test_cpvm_settings_are_checked_by_cpvms_own_parser(fragment, message):

@@ -1,9 +1,10 @@
 """The appliance booted under QEMU with user-mode networking only.
 
 The guest reaches nothing but what the test forwards: ``restrict=on`` cuts it off from the
-host and the outside; ``guestfwd`` connects 10.0.2.100:8250 (the manager) and 10.0.2.101:5901
-(the VNC server) to services on the host's loopback, one ``socat`` per connection; ``hostfwd``
-puts guest ports on 127.0.0.1 (the console port, and any others a test wants to probe).
+host and the outside; ``guestfwd`` connects 10.0.2.100:8250 (the manager), 10.0.2.101:5901
+(the VNC server) and optionally 10.0.2.102:5902 (an idle RFB server) to services on the
+host's loopback, one ``socat`` per connection; ``hostfwd`` puts guest ports on 127.0.0.1
+(the console port, and any others a test wants to probe).
 The root disk is a qcow2 overlay of the cached image, so every boot starts from the image
 as shipped (or from a previous boot's overlay, for reboots).
 """
@@ -19,10 +20,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.peers import Supervised, free_port, make_workdir
+from tests.peers import REPO_ROOT, Supervised, free_port, make_workdir
 
 MANAGER_ADDRESS = ("10.0.2.100", 8250)
 VNC_ADDRESS = ("10.0.2.101", 5901)
+IDLE_VNC_ADDRESS = ("10.0.2.102", 5902)  # bench.rfbserver's idle port, when given
+HOST_LOOPBACK = "10.0.2.2"  # slirp's address of the host's 127.0.0.1 (host_loopback=True)
 CONSOLE_PORT = 8080
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
@@ -54,8 +57,6 @@ def kvm_usable() -> bool:
 
 def make_drive(path: Path, *args: str) -> Path:
     """packaging/make-config-drive PATH ARGS... (the documented command)."""
-    from tests.peers import REPO_ROOT
-
     subprocess.run(
         [str(REPO_ROOT / "packaging" / "make-config-drive"), str(path), *args],
         check=True,
@@ -63,6 +64,39 @@ def make_drive(path: Path, *args: str) -> Path:
         timeout=60,
     )
     return path
+
+
+def forwarded_drive(
+    path: Path,
+    proxy_key: Path,
+    console_port: int,
+    *extra: str,
+    ssh_public_key: Path | None = None,
+) -> Path:
+    """A config drive for a test or bench boot: the manager on the host (``MANAGER_ADDRESS``
+    through guestfwd, plain HTTP), one-second heartbeats, and the console announced as
+    127.0.0.1:``console_port`` (the hostfwd). ``extra``: more make-config-drive arguments;
+    ``ssh_public_key`` enables sshd with that key."""
+    args = [
+        "--proxy-key",
+        str(proxy_key),
+        "--set",
+        f"manager.url=http://{MANAGER_ADDRESS[0]}:{MANAGER_ADDRESS[1]}",
+        # The test manager is on the host's loopback behind QEMU's guestfwd, plain HTTP;
+        # cpvm refuses that off loopback unless told (a real appliance uses https).
+        "--set",
+        "manager.allow_plaintext=true",
+        "--set",
+        "manager.heartbeat_interval=1",
+        "--set",
+        "server.public_host=127.0.0.1",
+        "--set",
+        f"server.public_port={console_port}",
+        *extra,
+    ]
+    if ssh_public_key is not None:
+        args += ["--ssh-authorized-keys", str(ssh_public_key)]
+    return make_drive(path, *args)
 
 
 class Appliance:
@@ -81,8 +115,11 @@ class Appliance:
         memory_mb: int = 256,
         accel: str | None = None,
         uefi: bool = False,
+        idle_vnc_port: int | None = None,
+        host_loopback: bool = False,
     ) -> None:
         self.workdir = make_workdir("appliance")
+        self.memory_mb = memory_mb
         self.disk = disk or self.workdir / "root.qcow2"
         if disk is None:
             subprocess.run(
@@ -105,9 +142,15 @@ class Appliance:
         self.console_port = console_port or free_port()
         self.forwards = {CONSOLE_PORT: self.console_port}
         self.forwards.update({p: free_port() for p in probe_ports if p != CONSOLE_PORT})
-        nic = ["user", "model=virtio-net-pci", "restrict=on"]
+        # host_loopback: slirp's NAT instead of restrict=on, so the guest reaches the host's
+        # 127.0.0.1 at HOST_LOOPBACK (bench.appliance's 1,000 consoles: one socat process
+        # per guestfwd connection would be a thousand processes).
+        nic = ["user", "model=virtio-net-pci", f"restrict={'off' if host_loopback else 'on'}"]
         nic += [f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self.forwards.items()]
-        for (addr, port), target in ((MANAGER_ADDRESS, manager_port), (VNC_ADDRESS, vnc_port)):
+        services = [(MANAGER_ADDRESS, manager_port), (VNC_ADDRESS, vnc_port)]
+        if idle_vnc_port is not None:
+            services.append((IDLE_VNC_ADDRESS, idle_vnc_port))
+        for (addr, port), target in services:
             nic.append(f"guestfwd=tcp:{addr}:{port}-cmd:socat - TCP:127.0.0.1:{target}")
         self.accel = accel or ("kvm" if kvm_usable() else "tcg")
         argv = [
@@ -219,7 +262,7 @@ class Appliance:
             time.sleep(0.2)
         assert self.process.exited(), f"QEMU still running after {timeout} s"
 
-    def ssh(self, key: Path, command: str, timeout: float = 30) -> str:
+    def ssh(self, key: Path, command: str, timeout: float = 30, connect_timeout: int = 10) -> str:
         """Run ``command`` as root over SSH (port 22 forwarded; the drive gave the key)."""
         result = subprocess.run(
             [
@@ -237,7 +280,7 @@ class Appliance:
                 "-o",
                 "LogLevel=ERROR",
                 "-o",
-                "ConnectTimeout=10",
+                f"ConnectTimeout={connect_timeout}",
                 "root@127.0.0.1",
                 command,
             ],
