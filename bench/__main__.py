@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-workers-compare", action="store_true", help="skip the cpvm workers = 2 run"
     )
+    parser.add_argument(
+        "--no-recording-compare",
+        action="store_true",
+        help="skip the cpvm run with every session recorded (cpvm-rec)",
+    )
     parser.add_argument("--seconds", type=float, help="streaming time per throughput case")
     parser.add_argument("--idle-sizes", help="comma-separated idle session counts")
     parser.add_argument(
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         profile.scenarios = args.scenarios.split(",")
     if args.no_workers_compare or "cpvm" not in profile.proxies:
         profile.workers_compare = []
+    if args.no_recording_compare or "cpvm" not in profile.proxies:
+        profile.recording_compare = []
         profile.idle_large.pop("cpvm-w2", None)
     if args.baseline:
         os.environ["CPVM_BENCH_BASELINE"] = str(Path(args.baseline).resolve())

@@ -229,11 +229,17 @@ class Cpvm(Proxy):
         workdir: Path,
         workers: int = 1,
         repo: Path | None = None,
+        recording: bool = False,
     ):
         super().__init__(server_ports, workdir)
         self.workers = workers
         if workers != 1:
             self.name = f"cpvm-w{workers}"
+        # Every session recorded (docs/recording.md): the same run measures what it costs.
+        self.recording = recording
+        if recording:
+            self.name = "cpvm-rec"
+        self.recordings: Path | None = None
         # Another checkout of cpvm (an older commit) measured in the same run: it knows
         # none of the settings added since, so it gets only the ones it understands.
         self.repo = repo or REPO
@@ -272,6 +278,7 @@ class Cpvm(Proxy):
             # The bench mints a token per session as fast as it can: no rate limit.
             + ("" if self.baseline else "[security]\ncreate_rate = 0\n")
             + "[proxies]\nheartbeat_interval = 1\nproxy_timeout = 20\n"
+            + ("[recording]\ndefault = always\n" if self.recording else "")
         )
         env = dict(os.environ, PYTHONPATH=str(self.repo))
         self._admin("account", "create", "bench", "--admin")
@@ -334,6 +341,7 @@ class Cpvm(Proxy):
             # succeeds: hundreds at once from one address would be refused (4029).
             + ("" if self.baseline else "max_pending = 20000\nfailed_redemption_burst = 100000\n")
             + "[log]\nlevel = warn\n"
+            + self._recording_section(d)
         )
         # Started like the systemd unit (twistd, not ``python -m twisted``): extra workers
         # re-run this twistd command line with ``--worker i`` (cpvm/proxy/workers.py), and
@@ -381,6 +389,29 @@ class Cpvm(Proxy):
             manager.proc,
             manager.log,
         )
+
+    def _recording_section(self, d: Path) -> str:
+        if not self.recording:
+            return ""
+        self.recordings = d / "recordings"
+        # The page cache takes the stream; a larger queue rides out writeback stalls, and
+        # "continue" keeps a stalled disk from ending the measured sessions (the run
+        # reports whether every recording was complete).
+        return (
+            f"[recording]\ndirectory = {self.recordings}\non_failure = continue\n"
+            "retention_days = 0\nmax_buffer = 268435456\n"
+        )
+
+    def recordings_summary(self) -> dict:
+        """Bytes recorded and how many recordings failed (from cpvm's log)."""
+        files = list(self.recordings.glob("*.fbs")) if self.recordings else []
+        log = self.processes[1].log if len(self.processes) > 1 else None
+        text = log.read_text(errors="replace") if log is not None else ""
+        return {
+            "rec_files": len(files),
+            "rec_MB": sum(f.stat().st_size for f in files) / 1e6,
+            "rec_failed": text.count("recording failed"),
+        }
 
     def _logger(self) -> str:
         # Before the four-part layout the observer lived in cpvm/logs.py.
@@ -483,6 +514,8 @@ def make_proxy(name: str, server_ports: dict[str, int], workdir: Path) -> Proxy:
     if name == "cpvm-base":
         # python3 -m bench --baseline DIR: DIR is a checkout of the cpvm to compare with.
         return Cpvm(server_ports, workdir, repo=Path(os.environ["CPVM_BENCH_BASELINE"]))
+    if name == "cpvm-rec":
+        return Cpvm(server_ports, workdir, recording=True)
     if name.startswith("cpvm-w"):
         return Cpvm(server_ports, workdir, workers=int(name[len("cpvm-w") :]))
     raise ValueError(f"unknown proxy {name!r}")

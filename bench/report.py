@@ -12,6 +12,7 @@ ROWS = [
     ("  cores busy: server", "tp1_cpu_server", "{:.2f}"),
     ("  cores busy: client", "tp1_cpu_client", "{:.2f}"),
     ("  bytes counted ÷ bytes the server sent", "tp1_counted_per_sent", "{:.3f}"),
+    ("  recorded (MB) / recordings failed (cpvm-rec)", ("rec_MB", "rec_failed"), "{:.0f}"),
     ("Throughput, {multi} sessions (MB/s)", "tpN_MBps", "{:.0f}"),
     ("  proxy CPU per GB relayed (s)", "tpN_proxy_cpu_s_per_GB", "{:.2f}"),
     (
@@ -224,6 +225,7 @@ def targets(run: dict) -> list[tuple[str, str, str]]:
             f"{g:.1f} MiB, key {'delivered' if k else 'lost'}" if both(g, k) else "",
         )
     )
+    out.append(_recording_target(c, res.get("cpvm-rec", {}), verdict))
     a, b = w2.get("tpN_MBps"), c.get("tpN_MBps")
     procs = w2.get("tpN_proxy_processes")
     ceiling = c.get("tpN_cpu_ceiling_MBps")
@@ -240,6 +242,25 @@ def targets(run: dict) -> list[tuple[str, str, str]]:
         )
     )
     return out
+
+
+def _recording_target(c: dict, rec: dict, verdict) -> tuple[str, str, str]:
+    """Recording every session: proxy CPU per MB ≤ 1.2× cpvm's in the same run."""
+    a, b = rec.get("tp1_proxy_cpu_s_per_GB"), c.get("tp1_proxy_cpu_s_per_GB")
+    if a is None or b is None:
+        return ("recording: ≤ 20 % more proxy CPU per MB (1 session)", "n/a", "")
+    complete = rec.get("rec_failed", 0) == 0
+    evidence = (
+        f"{_ratio(a, b)} cpvm's CPU per GB ({a:.2f} s vs {b:.2f} s); "
+        f"{rec.get('tp1_MBps', float('nan')):.0f} vs {c.get('tp1_MBps', float('nan')):.0f} MB/s; "
+        f"{rec.get('rec_MB', 0):.0f} MB in {rec.get('rec_files', 0)} files, "
+        + ("every recording complete" if complete else f"{rec['rec_failed']} recording(s) failed")
+    )
+    return (
+        "recording: ≤ 20 % more proxy CPU per MB (1 session)",
+        verdict(a <= 1.2 * b and complete),
+        evidence,
+    )
 
 
 def targets_markdown(run: dict) -> str:
@@ -279,6 +300,7 @@ def chart(run: dict, path, multi: int) -> None:
         "websockify": "#dd8452",
         "cpvm": "#55a868",
         "cpvm-w2": "#8fd19e",
+        "cpvm-rec": "#f4a261",
     }
     for ax, (title, key) in zip(axes.flat, panels, strict=False):
         xs = [n for n in names if isinstance(res[n].get(key), (int, float))]

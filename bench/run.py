@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,8 @@ class Profile:
     slow_seconds: float
     slow_rate: int = 100_000
     workers_compare: list[str] = field(default_factory=lambda: ["cpvm-w2"])
+    # cpvm with every session recorded: throughput and CPU per MB next to cpvm's own.
+    recording_compare: list[str] = field(default_factory=lambda: ["cpvm-rec"])
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
 
 
@@ -377,6 +380,18 @@ class Runner:
 
     # -- the run -------------------------------------------------------------------------------
 
+    def _compare_steps(self, names: list[str]) -> dict[str, list[str]]:
+        """The proxies run only for a comparison with cpvm, and their steps."""
+        out: dict[str, list[str]] = {}
+        for name in self.p.workers_compare:
+            if "multi" in self.p.scenarios and name not in names:
+                out[name] = ["multi"]
+        for name in self.p.recording_compare:
+            steps = [s for s in ("throughput", "multi") if s in self.p.scenarios]
+            if steps and name not in names:
+                out[name] = steps
+        return out
+
     def run(self) -> dict:
         raise_fd_limit()
         started = time.time()
@@ -384,9 +399,8 @@ class Runner:
         server_cpu0 = accounting.cpu_seconds([self.server.pid])
         try:
             names = list(self.p.proxies)
-            for name in names + [
-                x for x in self.p.workers_compare if "multi" in self.p.scenarios and x not in names
-            ]:
+            compare = self._compare_steps(names)
+            for name in names + list(compare):
                 r = self.results.setdefault(name, {})
                 compare_only = name not in names
                 t0 = time.time()
@@ -394,7 +408,7 @@ class Runner:
                 proxy = self._proxy(name)
                 try:
                     steps = (
-                        ["multi"]
+                        compare[name]
                         if compare_only
                         else [
                             s
@@ -412,6 +426,9 @@ class Runner:
                         r["manager_cpu_s"] = accounting.cpu_seconds(proxy.manager_pids())
                 finally:
                     proxy.stop()
+                    if isinstance(proxy, Cpvm) and proxy.recordings is not None:
+                        r.update(proxy.recordings_summary())
+                        shutil.rmtree(proxy.recordings, ignore_errors=True)
                 if "idle" in self.p.scenarios and name != "direct":
                     sizes = [] if compare_only else list(self.p.idle_sizes)
                     sizes += self.p.idle_large.get(name, [])

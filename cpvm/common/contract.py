@@ -58,6 +58,9 @@ class Outcome(Enum):
     TERMINATED = (4022, "session terminated by administrator", "terminated")
     # Viewer policy "takeover": a newer full console for the same VM ended this one.
     TAKEN_OVER = (4023, "another console for this VM took over", "taken_over")
+    # The session had to be recorded and its recording could not be written (disk full or
+    # too slow) with [recording] on_failure = end: it does not go on unrecorded.
+    RECORDING_FAILED = (4024, "session recording failed", "recording_failed")
     BAD_REQUEST = (4400, "bad request (missing token)", "bad_request")
     ERROR = (1011, "internal error", "error")
     # Refused by cpvm itself, without asking the manager (docs/management-api.md).
@@ -95,6 +98,7 @@ SESSION_END_OUTCOMES = (
     Outcome.MAX_DURATION,
     Outcome.TERMINATED,
     Outcome.TAKEN_OVER,
+    Outcome.RECORDING_FAILED,
     Outcome.ERROR,
 )
 END_REASONS = frozenset(o.report for o in SESSION_END_OUTCOMES)
@@ -189,6 +193,10 @@ UPSTREAM_FAILURES: dict[str, Outcome] = {
 
 # How cpvm must reach a VM's VNC server, as the manager stores it and sends it.
 VNC_TLS_MODES = ("none", "x509", "anonymous")
+
+# What the desktop name noVNC shows starts with when the session is recorded, so the
+# person knows (docs/recording.md).
+RECORDING_MARKER = "\u25cf REC "
 
 # The console's WebSocket: ws[s]://<proxy>/websockify?token=T[&extra=E].
 WEBSOCKET_PATH = "websockify"

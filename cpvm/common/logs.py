@@ -6,7 +6,7 @@ then gets an observer built from the configuration.
 
 Redaction is a last line of defence: our own code never logs a token, password or
 signature, but a library at debug level might log a request line; anything shaped
-like ``token=…``/``signature=…``/``apiKey=…`` or a proxy key is masked before output.
+like ``token=…``/``signature=…``/``apiKey=…``/``ticket=…`` (a playback URL's) or a proxy key is masked before output.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 _SECRET = re.compile(
-    r"(?i)\b(token|extra|signature|apikey|secretkey|password)=[^&\s\"']+"
+    r"(?i)\b(token|extra|signature|apikey|secretkey|password|ticket)=[^&\s\"']+"
     r"|cpvmk_[A-Za-z0-9]+\.[A-Za-z0-9_\-]+"
     r"|(?i:bearer)\s+[A-Za-z0-9_.\-]+"
 )

@@ -94,6 +94,18 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class RecordingPolicyConfig:
+    """``[recording]``: whether sessions are recorded when neither the VM nor the account
+    says (docs/recording.md), and who may play a recording back."""
+
+    default: str = "never"  # "never" or "always"
+    # An account may play back recordings of its own sessions (admins always may).
+    account_playback: bool = False
+    # How long a playback URL stays valid (it works once).
+    playback_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
 class ManagerConfig:
     """Everything the manager needs, as read from one file."""
 
@@ -108,6 +120,7 @@ class ManagerConfig:
     metrics: MetricsConfig
     log: LogConfig
     inventory: tuple[LibvirtSourceConfig, ...] = ()  # [inventory.libvirt.NAME] sections
+    recording: RecordingPolicyConfig = RecordingPolicyConfig()
 
 
 def _networks(raw: str) -> tuple[IPNetwork, ...]:
@@ -152,6 +165,14 @@ def _security(reader: IniReader, data_dir: Path) -> SecurityConfig:
         ),
         create_rate=reader.number("security", "create_rate", 10.0, minimum=0.0, maximum=1e6),
         create_burst=reader.integer("security", "create_burst", 50, minimum=1, maximum=10**6),
+    )
+
+
+def _recording(reader: IniReader) -> RecordingPolicyConfig:
+    return RecordingPolicyConfig(
+        default=reader.choice("recording", "default", "never", ("never", "always")),
+        account_playback=reader.boolean("recording", "account_playback", False),
+        playback_ttl=reader.number("recording", "playback_ttl", 300.0, minimum=5.0, maximum=86400),
     )
 
 
@@ -220,8 +241,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
             reader.choice("sessions", "viewer_policy", "shared", VIEWER_POLICIES)
         ),
     )
-    metrics = read_metrics(reader)
-    log = read_log(reader)
+    metrics, log, recording = read_metrics(reader), read_log(reader), _recording(reader)
     inventory = read_inventory(reader)
     reader.check_unknown()
     if proxies.heartbeat_interval >= proxies.proxy_timeout:
@@ -238,6 +258,7 @@ def parse_config(reader: IniReader) -> ManagerConfig:
         metrics=metrics,
         log=log,
         inventory=inventory,
+        recording=recording,
     )
 
 

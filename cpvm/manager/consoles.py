@@ -51,6 +51,9 @@ class BrokerSettings:
     reconnect_window: float = 0.0
     # For VMs without a viewer policy of their own.
     viewer_policy: ViewerPolicy = ViewerPolicy.SHARED
+    # [recording] default: whether a session is recorded when neither its VM nor its
+    # account says (cpvm.manager.recording_policy).
+    record_default: str = "never"
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,34 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE console_sessions ADD COLUMN resumed_at DOUBLE PRECISION",
         ],
     ),
+    (
+        10,
+        [
+            # Session recording (docs/recording.md). The policy per VM and per account:
+            # 'always', 'never' or NULL (the [recording] default decides).
+            "ALTER TABLE vms ADD COLUMN record_policy TEXT",
+            "ALTER TABLE accounts ADD COLUMN record_policy TEXT",
+            # Whether the redemption told the proxy to record, and what its end report
+            # said of the file: size, SHA-256, duration, complete; when retention removed it.
+            "ALTER TABLE console_sessions ADD COLUMN recorded INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE console_sessions ADD COLUMN recording_size BIGINT",
+            "ALTER TABLE console_sessions ADD COLUMN recording_sha256 TEXT",
+            "ALTER TABLE console_sessions ADD COLUMN recording_duration DOUBLE PRECISION",
+            "ALTER TABLE console_sessions ADD COLUMN recording_complete INTEGER",
+            "ALTER TABLE console_sessions ADD COLUMN recording_deleted_at DOUBLE PRECISION",
+            # One-time playback URLs: the ticket's SHA-256 only, like console tokens.
+            """CREATE TABLE playback_tickets (
+                ticket_hash TEXT PRIMARY KEY,
+                session_id TEXT NOT NULL,
+                proxy_id TEXT NOT NULL,
+                created_by TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                used_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX playback_tickets_expires ON playback_tickets (expires_at)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -22,6 +22,12 @@ from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_admission import ProxyForbidden, ProxyUnauthorized
 from cpvm.manager.proxy_broker import REDEEM_MESSAGE, REDEEM_STATUS, ProxyBroker
 from cpvm.manager.proxy_policy import public_host_problem
+from cpvm.manager.recording_api import (
+    PlaybackBroker,
+    RecordingReportError,
+    parse_deleted,
+    parse_summary,
+)
 
 MAX_ENDED_PER_BEAT = 1000
 MAX_DURATION = 10**9  # seconds (31 years) in an end report
@@ -92,10 +98,13 @@ class ProxyApiResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, broker: ProxyBroker, metrics: ManagerMetrics):
+    def __init__(
+        self, broker: ProxyBroker, metrics: ManagerMetrics, playback: PlaybackBroker | None = None
+    ):
         super().__init__()
         self._broker = broker
         self._metrics = metrics
+        self._playback = playback
 
     def render(self, request: server.Request) -> int:
         ensureDeferred(self._handle(request))
@@ -145,6 +154,8 @@ class ProxyApiResource(Resource):
                 call = self._redeem(key, body, peer)
             elif endpoint == "heartbeat":
                 call = self._heartbeat(key, body, peer)
+            elif endpoint == "playback":
+                call = self._playback_ticket(key, body, peer)
             else:
                 call = self._end(key, rest[0], body, peer)
         except ProxyApiError:
@@ -228,6 +239,7 @@ class ProxyApiResource(Resource):
             "active_count": len(sessions),
             "version": _string(body, "version", optional=True, maximum=100),
             "ended": _ended_reports(body),
+            "recordings_deleted": _recordings_deleted(body),
             "worker": _int(body, "worker", 0, MAX_WORKER) if "worker" in body else 0,
             # Absent (an older cpvm): no reconciliation against the list.
             "active_sessions": sessions if "active_sessions" in body else None,
@@ -241,6 +253,17 @@ class ProxyApiResource(Resource):
         if isinstance(answer, instances.InstanceEvent):
             raise ProxyApiError(409, "instance_conflict", instances.CONFLICT_MESSAGE)
         return 200, answer
+
+    def _playback_ticket(self, key: str, body: dict, peer: str | None) -> Call:
+        ticket = _string(body, "ticket")
+        assert ticket is not None
+        return self._playback_call(key, ticket, peer)
+
+    async def _playback_call(self, key: str, ticket: str, peer: str | None) -> tuple[int, Any]:
+        proxy_id = await self._broker.authenticate_proxy(key, peer)
+        if self._playback is None:
+            raise ProxyApiError(404, "not_found", "no such endpoint")
+        return await self._playback.redeem(proxy_id, ticket)
 
     def _end(self, key: str, session_id: str, body: dict, peer: str | None) -> Call:
         return self._end_call(key, session_id, _end_report(body), peer)
@@ -292,11 +315,28 @@ def _end_report(body: Any) -> dict:
         "bytes_to_client": _int(body, "bytes_to_client"),
         "bytes_to_server": _int(body, "bytes_to_server"),
         "duration": float(duration),
+        "recording": _recording_summary(body),
     }
     if body.get("reconnects") is not None:
         # Which connection of a resumed session ended (absent: an older cpvm, the current).
         report["reconnects"] = _int(body, "reconnects", 0, MAX_RECONNECTS)
     return report
+
+
+def _recording_summary(body: dict) -> dict | None:
+    # A malformed summary must not cost the session its end: it is dropped, the end kept.
+    try:
+        return parse_summary(body.get("recording"))
+    except RecordingReportError as e:
+        _reports_log.warn("end report: dropped its recording summary: {message}", message=str(e))
+        return None
+
+
+def _recordings_deleted(body: dict) -> list[str]:
+    try:
+        return parse_deleted(body)
+    except RecordingReportError as e:
+        raise _bad(str(e)) from None
 
 
 _reports_log = Logger(namespace="cpvm.manager.proxy_api")
@@ -333,6 +373,8 @@ def _endpoint(parts: list[str]) -> str:
         return "redeem"
     if route == ["heartbeat"]:
         return "heartbeat"
+    if route == ["playback"]:
+        return "playback"
     if len(route) == 3 and route[0] == "sessions" and route[2] == "end":
         return "end"
     return "unknown"

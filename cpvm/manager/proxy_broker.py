@@ -31,6 +31,7 @@ from cpvm.manager.proxy_admission import (
 from cpvm.manager.redemption_tx import Redeemed, redeem_in
 from cpvm.manager.secrets_box import SecretBox, sha256_hex
 from cpvm.manager.session_audit import log_acquired, log_ended, log_lost
+from cpvm.manager.store import recordings as recording_store
 
 if TYPE_CHECKING:
     from cpvm.manager.consoles import BrokerSettings
@@ -171,6 +172,7 @@ class ProxyBroker:
             session=row.session_id if row else None,
             vm=row.vm_id if row else None,
             account=row.account_name if row else None,
+            recorded=error is None and result.recorded,
         )
         if error is not None:
             why = f" (not resumed: {why.why})" if why is not None else ""
@@ -212,6 +214,7 @@ class ProxyBroker:
             "viewer_policy": redeemed.decision.policy.value,
             "taken_over": redeemed.taken_over,
             "reconnects": resumed.reconnects if resumed is not None else 0,
+            **({"recording": True} if redeemed.recorded else {}),  # absent: not recorded
         }
 
     # Heartbeat ------------------------------------------------------------------------
@@ -274,9 +277,10 @@ class ProxyBroker:
             return event
         # End reports first, so a session ended in this beat is not asked to terminate.
         records = [
-            (store.end_session(tx, sid, proxy_id, report, now, self._keeps(report)), report)
+            (recording_store.end_session(tx, sid, proxy_id, report, now, self._keeps), report)
             for sid, report in beat.get("ended") or []
         ]
+        recording_store.mark_deleted(tx, proxy_id, beat.get("recordings_deleted") or [], now)
         active = beat.get("active_sessions")
         window_on = self.settings.reconnect_window > 0
         worker = beat.get("worker", 0)
@@ -319,7 +323,7 @@ class ProxyBroker:
         now: float,
     ) -> store.SessionRecord | None:
         admit_proxy(tx, key, peer)
-        return store.end_session(tx, session_id, key[0], report, now, self._keeps(report))
+        return recording_store.end_session(tx, session_id, key[0], report, now, self._keeps)
 
     def _keeps(self, report: dict[str, Any]) -> bool:
         """Whether a session ending with ``report`` keeps its token's hash: an unclean

@@ -100,7 +100,12 @@ def _uuid_param(name: str, value: str) -> str:
 # spelling used in metrics labels.
 COMMANDS = {
     name.lower(): name
-    for name in ("createConsoleEndpoint", "listConsoleSessions", "endConsoleSession")
+    for name in (
+        "createConsoleEndpoint",
+        "listConsoleSessions",
+        "endConsoleSession",
+        "createConsoleRecordingPlayback",
+    )
 }
 
 
@@ -119,6 +124,7 @@ class PublicApiResource(Resource):
         metrics: ManagerMetrics,
         create_limiter: KeyedRateLimiter | None = None,
         more_commands: dict[str, CommandHandler] | None = None,
+        recordings: Callable[[list[str]], Any] | None = None,
     ):
         super().__init__()
         self._broker = broker
@@ -133,8 +139,11 @@ class PublicApiResource(Resource):
             "listconsolesessions": self._list_console_sessions,
             "endconsolesession": self._end_console_session,
         }
-        # listVirtualMachines and the admin VM commands (cpvm/manager/vm_api.py).
+        # listVirtualMachines and the admin VM commands (cpvm/manager/vm_api.py),
+        # createConsoleRecordingPlayback (cpvm/manager/recording_api.py).
         self._commands.update(more_commands or {})
+        # Session id -> what the manager knows of its recording, for listConsoleSessions.
+        self._recordings = recordings
 
     def render_GET(self, request: server.Request) -> int:
         ensureDeferred(self._handle(request))
@@ -262,11 +271,16 @@ class PublicApiResource(Resource):
                 raise ApiError(431, "Invalid parameter account: no such account")
             filters["account_id"] = target.id
         records = await self._broker.list_sessions(account, **filters)
+        recorded = await self._recordings([r.id for r in records]) if self._recordings else {}
+        sessions = []
+        for r in records:
+            item = _session_json(r)
+            recording = recorded[r.id].listing() if r.id in recorded else None
+            if recording is not None:
+                item["recording"] = recording
+            sessions.append(item)
         return 200, {
-            "listconsolesessionsresponse": {
-                "count": len(records),
-                "consolesession": [_session_json(r) for r in records],
-            }
+            "listconsolesessionsresponse": {"count": len(records), "consolesession": sessions}
         }
 
     async def _end_console_session(self, request, account, p, name):

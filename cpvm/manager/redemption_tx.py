@@ -15,6 +15,7 @@ from cpvm.manager import resume_store, store, viewers
 from cpvm.manager.decisions import check_redemption
 from cpvm.manager.proxy_admission import admit_proxy, check_instance
 from cpvm.manager.resume import Verdict
+from cpvm.manager.store import recordings as recording_store
 
 if TYPE_CHECKING:
     from cpvm.manager.consoles import BrokerSettings
@@ -29,6 +30,8 @@ class Redeemed:
     decision: viewers.ViewerDecision
     taken_over: list[str]
     resumed: resume_store.Resumed | None = None
+    # Whether the session is recorded (cpvm.manager.recording_policy; a resume keeps it).
+    recorded: bool = False
 
 
 def redeem_in(
@@ -113,4 +116,7 @@ def _take(
     elif not store.mark_acquired(tx, row.session_id, client_address, now, worker, browser_hash):
         return "token_used", row, None
     taken_over = viewers.take_over(tx, decision, row.vm_id, row.session_id, now)
-    return None, Redeemed(row, decision, taken_over, resumed), None
+    recorded = recording_store.decide(
+        tx, row.session_id, settings.record_default, resumed=resumed is not None
+    )
+    return None, Redeemed(row, decision, taken_over, resumed, recorded), None

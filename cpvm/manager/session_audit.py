@@ -87,4 +87,6 @@ def log_ended(metrics: ManagerMetrics, record: store.SessionRecord, report: dict
         bytes_to_client=report["bytes_to_client"],
         bytes_to_server=report["bytes_to_server"],
         duration=report["duration"],
+        # The file's size, SHA-256, duration and completeness, when it was recorded.
+        recording=report.get("recording"),
     )

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from cpvm.common.httplimits import HttpLimits, LimitedSite
 from cpvm.common.metrics import MetricsPage
 from cpvm.common.ratelimit import KeyedRateLimiter
+from cpvm.manager import recording_api
 from cpvm.manager.auth import ApiAuthenticator
 from cpvm.manager.config import IPNetwork
 from cpvm.manager.consoles import ConsoleBroker
@@ -26,6 +27,7 @@ from cpvm.manager.legacy_console import LegacyConsoleResource
 from cpvm.manager.metrics import ManagerMetrics
 from cpvm.manager.proxy_api import ProxyApiResource
 from cpvm.manager.public_api import CommandHandler, PublicApiResource
+from cpvm.manager.recording_api import PlaybackBroker
 
 DEFAULT_LIMITS = HttpLimits(max_body=1024 * 1024, request_deadline=60.0)
 
@@ -105,16 +107,28 @@ def build_site(
     create_limiter: KeyedRateLimiter | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
     spend_signature: Callable[[str, float], Awaitable[bool]] | None = None,
+    playback: PlaybackBroker | None = None,
 ) -> ManagerSite:
     """The resource tree of the manager; ``/client/console`` (the legacy console URL)
-    only with ``spend_signature``, which makes each of its signed URLs work once."""
+    only with ``spend_signature``, which makes each of its signed URLs work once;
+    recording playback (docs/recording.md) with ``playback``."""
+    commands = dict(vm_commands or {})
+    if playback is not None:
+        commands.update(recording_api.commands(playback))
     root = Resource()
     client = Resource()
     limiter = create_limiter if create_limiter is not None else KeyedRateLimiter(0, 1, clock)
     client.putChild(
         b"api",
         PublicApiResource(
-            broker, authenticator, clock, trusted_proxies, metrics, limiter, vm_commands
+            broker,
+            authenticator,
+            clock,
+            trusted_proxies,
+            metrics,
+            limiter,
+            commands,
+            recordings=playback.recordings_of if playback is not None else None,
         ),
     )
     if spend_signature is not None:
@@ -130,7 +144,7 @@ def build_site(
             ),
         )
     root.putChild(b"client", client)
-    root.putChild(b"proxy", ProxyApiResource(broker.proxies, metrics))
+    root.putChild(b"proxy", ProxyApiResource(broker.proxies, metrics, playback))
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(ping, reactor))
     if metrics_allow is not None:

@@ -19,11 +19,18 @@ from cpvm.common.tls import server_endpoint
 from cpvm.manager import db as dbmodule
 from cpvm.manager import store, vm_api
 from cpvm.manager.auth import ApiAuthenticator
-from cpvm.manager.config import DEFAULT_CONFIG_PATH, IPNetwork, ManagerConfig, load_config
+from cpvm.manager.config import (
+    DEFAULT_CONFIG_PATH,
+    IPNetwork,
+    ManagerConfig,
+    RecordingPolicyConfig,
+    load_config,
+)
 from cpvm.manager.consoles import BrokerSettings, ConsoleBroker
 from cpvm.manager.inventory import InventoryService, load_libvirt
 from cpvm.manager.inventory_config import PREFIX
 from cpvm.manager.metrics import ManagerMetrics
+from cpvm.manager.recording_api import PlaybackBroker
 from cpvm.manager.secrets_box import SecretBox, SecretKeyError
 from cpvm.manager.signing import ExpiryPolicy
 from cpvm.manager.site import DEFAULT_LIMITS, ManagerSite, build_site
@@ -124,6 +131,7 @@ def build_manager(config: ManagerConfig, reactor: Any, clock: Any = None) -> Man
         limits=HttpLimits(
             max_body=config.server.max_body_size, request_deadline=config.server.request_timeout
         ),
+        recording=config.recording,
     )
     # As strports.service, with cpvm's TLS policy on an ssl: listener (cpvm/common/tls.py).
     http = StreamServerEndpointService(server_endpoint(reactor, config.server.listen), site)
@@ -176,6 +184,7 @@ def broker_settings(config: ManagerConfig) -> BrokerSettings:
         retention_seconds=config.sessions.retention_days * 86400.0,
         reconnect_window=config.tokens.reconnect_window,
         viewer_policy=config.sessions.viewer_policy,
+        record_default=config.recording.default,
     )
 
 
@@ -192,6 +201,7 @@ def manager_site(
     expiry: ExpiryPolicy = ExpiryPolicy(),
     create_limiter: KeyedRateLimiter | None = None,
     limits: HttpLimits = DEFAULT_LIMITS,
+    recording: RecordingPolicyConfig = RecordingPolicyConfig(),
 ) -> ManagerSite:
     """The resource tree over ``database``: what touches the database (the API key check,
     the VM commands, the readiness ping) is built here, so no resource reaches the store."""
@@ -210,6 +220,7 @@ def manager_site(
         spend_signature=lambda signature, expires: database.run(
             store.spend_signature, signature, expires
         ),
+        playback=PlaybackBroker(database, clock, recording, broker.settings.url_domain),
     )
 
 

@@ -97,6 +97,26 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class RecordingConfig:
+    """``[recording]``: where and how this proxy keeps the sessions the manager says to
+    record (docs/recording.md). Whether a session is recorded is the manager's policy."""
+
+    # One file per session, mode 0600; by default in the unit's StateDirectory=.
+    directory: Path
+    # A file that cannot keep up (disk full, too slow): end the session, or go on and
+    # mark the recording incomplete.
+    on_failure: str
+    # Also keep the browser's input (keys, pointer, clipboard) in a side file.
+    record_input: bool
+    # Delete recordings older than this many days (0: never by age).
+    retention_days: float
+    # Keep the directory under this many bytes, oldest first (0: no bound).
+    max_bytes: int
+    # Bytes a file may have waiting for the disk before it counts as failed.
+    max_buffer: int
+
+
+@dataclass(frozen=True)
 class CpvmConfig:
     """Everything cpvm needs, as read from one file."""
 
@@ -107,6 +127,7 @@ class CpvmConfig:
     session: SessionConfig
     log: LogConfig
     metrics: MetricsConfig
+    recording: RecordingConfig
 
 
 def load_config(path: str | None) -> CpvmConfig:
@@ -126,6 +147,7 @@ def parse_config(r: IniReader) -> CpvmConfig:
         allow_anonymous_tls=r.boolean("vnc", "allow_anonymous_tls", False),
     )
     session = _read_session(r)
+    recording = _read_recording(r, server.state_directory)
     log = read_log(r)
     metrics = read_metrics(r)
     if server.workers > 1 and server.port == 0:
@@ -139,6 +161,22 @@ def parse_config(r: IniReader) -> CpvmConfig:
         session=session,
         log=log,
         metrics=metrics,
+        recording=recording,
+    )
+
+
+def _read_recording(r: IniReader, state_directory: Path) -> RecordingConfig:
+    return RecordingConfig(
+        directory=r.path(  # type: ignore[arg-type]
+            "recording", "directory", str(state_directory / "recordings")
+        ),
+        on_failure=r.choice("recording", "on_failure", "end", ("end", "continue")),
+        record_input=r.boolean("recording", "record_input", False),
+        retention_days=r.number("recording", "retention_days", 30.0, minimum=0),
+        max_bytes=r.integer("recording", "max_bytes", 0, minimum=0),
+        max_buffer=r.integer(
+            "recording", "max_buffer", 8 * 1024 * 1024, minimum=64 * 1024, maximum=1 << 30
+        ),
     )
 
 

@@ -50,8 +50,12 @@ class Heartbeat(Service):
         self._sessions.count_relayed()
         ended = self._sessions.take_ended()
         payload = {**self._sessions.heartbeat_payload(), "ended": ended}
+        recordings = getattr(self._sessions, "recordings", None)
+        deleted = recordings.take_deleted() if recordings is not None else []
+        if deleted:  # the retention removed these recordings (docs/recording.md)
+            payload["recordings_deleted"] = deleted
         d = self._manager.heartbeat(payload)
-        d.addCallbacks(self._answered, self._failed, errbackArgs=(ended,))
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(ended, deleted))
         d.addBoth(self._schedule)
         return d
 
@@ -70,10 +74,11 @@ class Heartbeat(Service):
             self._next = self._reactor.callLater(0, self.beat)
 
     def flush(self, grace: float) -> Deferred:
-        """At shutdown: one last beat carrying the remaining end reports, within ``grace``."""
-        if not self._sessions.ended_waiting:
-            return succeed(None)
-        d = self.beat()
+        """At shutdown: one last beat carrying the remaining end reports, within ``grace``
+        (recorded sessions' reports wait for their files to be on disk)."""
+        recordings = getattr(self._sessions, "recordings", None)
+        d = recordings.settled() if recordings is not None else succeed(None)
+        d.addCallback(lambda _: self.beat() if self._sessions.ended_waiting else None)
         d.addTimeout(max(grace, 0.1), self._reactor)
         d.addErrback(lambda _: None)
         return d
@@ -104,8 +109,11 @@ class Heartbeat(Service):
             if n:
                 self._log.info("manager asked to terminate {count} session(s) here", count=n)
 
-    def _failed(self, failure: Failure, ended: list[dict]) -> None:
+    def _failed(self, failure: Failure, ended: list[dict], deleted: list[str]) -> None:
         self._sessions.give_back_ended(ended)
+        recordings = getattr(self._sessions, "recordings", None)
+        if deleted and recordings is not None:
+            recordings.give_back_deleted(deleted)
         if failure.check(InstanceConflict):
             if not self.conflict:
                 # An operator's mistake (one key on two running proxies), not a network

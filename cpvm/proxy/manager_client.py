@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, cast
 
-import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import (
@@ -21,13 +20,10 @@ from twisted.internet.defer import (
     Deferred,
     TimeoutError,
     ensureDeferred,
-    succeed,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from cpvm.common.contract import (
     REDEMPTION_ERRORS,
@@ -36,6 +32,8 @@ from cpvm.common.contract import (
     ViewerPolicy,
     vnc_shared_flag,
 )
+from cpvm.proxy.http_bodies import BytesBody, TooBig, read_limited
+from cpvm.proxy.recording.tickets import redeem_playback
 
 MAX_ANSWER = 256 * 1024
 
@@ -94,6 +92,8 @@ class Redemption:
     #: How often this session was resumed before (0: a first redemption); cpvm echoes it
     #: in the end report so the manager can tell a late report of an earlier connection.
     reconnects: int = 0
+    #: The manager's policy says this session is recorded (docs/recording.md).
+    recording: bool = False
 
     def vnc_shared_flag(self, requested: bool) -> bool:
         """The ClientInit shared flag towards the VNC server (see the contract's rule)."""
@@ -128,9 +128,6 @@ def parse_redemption(body: Any) -> Redemption:
     if not isinstance(limits, dict):
         raise ValueError("limits is not an object")
     account = body.get("account")
-    view_only = body.get("view_only", False)
-    if not isinstance(view_only, bool):
-        raise ValueError("view_only is not a boolean")
     try:
         policy = ViewerPolicy(body.get("viewer_policy") or "shared")
     except ValueError:
@@ -156,9 +153,10 @@ def parse_redemption(body: Any) -> Redemption:
         idle_timeout=_seconds(limits, "idle_timeout"),
         max_duration=_seconds(limits, "max_duration"),
         reconnects=_count(body, "reconnects"),
-        view_only=view_only,
+        view_only=_flag(body, "view_only"),
         viewer_policy=policy,
         taken_over=tuple(taken_over),
+        recording=_flag(body, "recording"),
     )
 
 
@@ -166,6 +164,13 @@ def _count(obj: dict, key: str) -> int:
     value = obj.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} is not a count")
+    return value
+
+
+def _flag(obj: dict, key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} is not true or false")
     return value
 
 
@@ -282,6 +287,11 @@ class ManagerClient:
         # A known outcome means error is a string.
         raise RedemptionRefused(outcome, cast(str, error), str(message or "")[:200])
 
+    def redeem_playback(self, ticket: str) -> Deferred:
+        """Redeem a one-time playback ticket (cpvm.proxy.recording.tickets): fires with the
+        session id whose recording it opens, or fails with ``PlaybackRefused``."""
+        return ensureDeferred(redeem_playback(self._post, ticket, self._instance))
+
     def heartbeat(self, payload: dict) -> Deferred:
         """Send a heartbeat; fires with the manager's answer (a dict)."""
         return ensureDeferred(self._heartbeat(payload))
@@ -322,10 +332,10 @@ class ManagerClient:
                 allow_redirects=False,
                 unbuffered=True,
             )
-            raw = await _read_limited(response, MAX_ANSWER)
+            raw = await read_limited(response, MAX_ANSWER)
         except CancelledError:
             raise
-        except _TooBig:
+        except TooBig:
             raise ManagerUnavailable(f"answer larger than {MAX_ANSWER} bytes") from None
         except Exception as e:  # refused, reset, DNS, TLS verification …
             raise ManagerUnavailable(f"cannot reach the manager: {type(e).__name__}") from None
@@ -343,53 +353,6 @@ class ManagerClient:
         if url is None:
             url = self._urls[path] = EncodedURL.from_text(self._base + path)
         return url
-
-
-@implementer(IBodyProducer)
-class BytesBody:
-    """A request body already in memory, written at once.
-
-    treq's default wraps bytes in a ``FileBodyProducer``, which writes them from a
-    ``Cooperator`` task on a later reactor turn: a turn and a timer per call for a
-    body of a few hundred bytes.
-    """
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred:  # noqa: N802
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        pass
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        pass
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
-
-
-class _TooBig(Exception):
-    pass
-
-
-def _read_limited(response: Any, limit: int) -> Deferred:
-    """Collect a response body, failing as soon as it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = [0]
-
-    def collect(data: bytes) -> None:
-        size[0] += len(data)
-        if size[0] > limit:
-            raise _TooBig()
-        chunks.append(data)
-
-    d = treq.collect(response, collect)
-    d.addCallback(lambda _: b"".join(chunks))
-    return d
 
 
 async def _noop() -> None:

@@ -100,10 +100,22 @@ class ProxyMetrics:
             ["direction"],
             registry=r,
         )
+        self._recording_metrics(r)
         self.relayed_to_client = relayed.labels(direction="to_client")
         self.relayed_to_server = relayed.labels(direction="to_server")
         for outcome in Outcome:
             self.sessions.labels(outcome=outcome.report)
+
+    def _recording_metrics(self, r: CollectorRegistry) -> None:
+        """Session recordings closed, by whether they are complete, and their bytes."""
+        self.recordings = Counter(
+            "cpvm_recordings", "Session recordings closed, by result", ["result"], registry=r
+        )
+        for result in ("complete", "incomplete"):
+            self.recordings.labels(result=result)
+        self.recorded_bytes = Counter(
+            "cpvm_recorded_bytes", "Bytes written to closed recordings", registry=r
+        )
 
     def exposition_registry(self) -> CollectorRegistry:
         """What ``/metrics`` serves: this process's registry, or every process's values."""

@@ -26,6 +26,7 @@ from cpvm.proxy.manager_client import (
     RedemptionRefused,
 )
 from cpvm.proxy.metrics import ProxyMetrics
+from cpvm.proxy.recording.sessions import NO_RECORDINGS, NoRecordings, SessionRecordings
 from cpvm.proxy.session import ConsoleSession, SessionLimits
 from cpvm.proxy.upstream import VncClientFactory, tls_creator, vnc_endpoint
 
@@ -67,9 +68,15 @@ class SessionRegistry:
     _log = Logger()
 
     def __init__(
-        self, reactor, settings: RegistrySettings, manager: ManagerClient, metrics: ProxyMetrics
+        self,
+        reactor,
+        settings: RegistrySettings,
+        manager: ManagerClient,
+        metrics: ProxyMetrics,
+        recordings: SessionRecordings | NoRecordings = NO_RECORDINGS,
     ):
         self._reactor = reactor
+        self.recordings = recordings  # recorders for the sessions the manager says to record
         self._settings = settings
         self._manager = manager
         self.metrics = metrics
@@ -228,10 +235,12 @@ class SessionRegistry:
         sid = session.session_id
         if sid:
             self._by_id[sid] = session
+        self.recordings.attach(session)
         audit_log.info(
             "console session acquired: vm {vm} by {client}",
             event="acquired",
             reconnects=_reconnects(session),
+            recorded=session.recorder is not None,
             **session.log_fields(),
         )
         taken = session.redemption.taken_over if session.redemption else ()
@@ -327,17 +336,15 @@ class SessionRegistry:
             duration=duration,
             **session.log_fields(),
         )
-        self.ends.add(
-            sid,
-            _reconnects(session),
-            {
-                "reason": end_reason(outcome),
-                "client_address": session.client_address,
-                "bytes_to_client": stats.bytes_to_client,
-                "bytes_to_server": stats.bytes_to_server,
-                "duration": round(duration, 3),
-            },
-        )
+        report = {
+            "reason": end_reason(outcome),
+            "client_address": session.client_address,
+            "bytes_to_client": stats.bytes_to_client,
+            "bytes_to_server": stats.bytes_to_server,
+            "duration": round(duration, 3),
+        }
+        n = _reconnects(session)  # a recorded session's report waits for its file's summary
+        self.recordings.end_report(session, report, lambda r: self.ends.add(sid, n, r))
 
     def take_ended(self, limit: int = ENDS_PER_HEARTBEAT) -> list[dict]:
         """End reports for the next heartbeat (give them back if it fails)."""

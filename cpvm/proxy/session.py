@@ -18,7 +18,6 @@ with reason" path (an RFB security failure), then the WebSocket closes with its 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -26,39 +25,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cpvm import rfb
-from cpvm.common.contract import UPSTREAM_FAILURES, Outcome
+from cpvm.common.contract import RECORDING_MARKER, UPSTREAM_FAILURES, Outcome
 from cpvm.proxy import relaytransport
 from cpvm.proxy.manager_client import ManagerUnavailable, Redemption, RedemptionRefused
-from cpvm.proxy.session_sides import Browser, SessionHooks, Upstream
+from cpvm.proxy.recording.recorder import SessionRecorder
+from cpvm.proxy.session_sides import Browser, SessionHooks, SessionLimits, SessionStats, Upstream
 
 # The browser speaks only a few bytes before ServerInit; more is a broken client.
 MAX_PRE_RELAY_BUFFER = 64 * 1024
 # How long a refusal waits for the browser's RFB version so noVNC can show the reason.
 REFUSAL_GRACE = 2.0
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """Timeouts of one session, in seconds (0 = no limit)."""
-
-    handshake_timeout: float
-    idle_timeout: float
-    max_duration: float
-    shared: bool = True
-
-
-@dataclass
-class SessionStats:
-    """What the audit record and the end report carry."""
-
-    started: float
-    bytes_to_client: int = 0
-    bytes_to_server: int = 0
-    # How much of the above the byte counters already hold (see SessionRegistry).
-    counted_to_client: int = 0
-    counted_to_server: int = 0
-    relay_started: float | None = None
-    ended: float | None = None
 
 
 class ConsoleSession:
@@ -104,6 +80,7 @@ class ConsoleSession:
         self._last_input = self.stats.started
         self._refusal: tuple[Outcome, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
+        self.recorder: SessionRecorder | None = None  # the registry's, when recorded
 
     # -- identity for logs (never the token) --------------------------------------------
 
@@ -232,11 +209,15 @@ class ConsoleSession:
         if self.closed:
             return
         name = self.redemption.vm_name.encode("utf-8") if self.redemption else b""
+        if self.recorder is not None:  # the person is told
+            name = RECORDING_MARKER.encode("utf-8") + name
         self._send_browser(self._server_hs.send_server_init(server_init, name or None))
         self._relaying = True
         self._cancel("handshake")
         self.stats.relay_started = self._reactor.seconds()
         self._last_input = self.stats.relay_started
+        if self.recorder is not None:
+            self.recorder.start(server_init.with_name(name), self.stats.relay_started)
         if leftover:
             self.upstream_data(leftover)
         # Flow control: from here on each transport's buffer is the other's brake.
@@ -250,6 +231,11 @@ class ConsoleSession:
         """RFB bytes from the VNC server, after ServerInit: to the browser unchanged."""
         if self.closed:
             return
+        if self.recorder is not None:
+            # First: a recording too slow to take it ends the session before it shows more.
+            self.recorder.server_data(data, self._reactor.seconds(), self._scanner.pixel_format)
+            if self.closed:
+                return
         self.stats.bytes_to_client += len(data)
         self._browser.send(data)
 
@@ -314,6 +300,8 @@ class ConsoleSession:
                 self.close(Outcome.VIEW_ONLY_UNCHECKABLE, f"browser message type {kind} unsizable")
                 return
         self.stats.bytes_to_server += len(data)
+        if self.recorder is not None:  # what reached the VM, on the recording's clock
+            self.recorder.client_data(data, self._reactor.seconds())
         self._upstream.write(data)  # type: ignore[union-attr]
 
     def _refuse(self, outcome: Outcome, detail: str) -> None:

@@ -24,6 +24,9 @@ from cpvm.proxy.heartbeat import Heartbeat
 from cpvm.proxy.instance import instance_id_for
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
+from cpvm.proxy.recording.player import PLAYER_PATH, build_player
+from cpvm.proxy.recording.service import Recordings
+from cpvm.proxy.recording.sessions import SessionRecordings
 from cpvm.proxy.registry import RegistrySettings, SessionRegistry
 from cpvm.proxy.session import SessionLimits
 from cpvm.proxy.web import ConsoleSite, build_root
@@ -169,7 +172,14 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
         worker=worker or 0,
         instance=instance_id,
     )
-    sessions = SessionRegistry(reactor, registry_settings(config), manager, metrics)
+    recordings = Recordings.from_config(config.recording, reactor)
+    sessions = SessionRegistry(
+        reactor,
+        registry_settings(config),
+        manager,
+        metrics,
+        recordings=SessionRecordings(recordings, reactor, metrics),
+    )
     heartbeat = Heartbeat(reactor, manager, sessions, config.manager.heartbeat_interval)
     sessions.ends.on_unclean = heartbeat.soon  # a resumable end reaches the manager at once
     site = _site(config, reactor, sessions, heartbeat, manager, metrics)
@@ -191,6 +201,7 @@ def build_service(config: CpvmConfig, reactor, worker: int | None = None) -> Pro
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     heartbeat.setServiceParent(top)
+    recordings.setServiceParent(top)  # started in the same turn: before any session
     top.listener = listener  # type: ignore[attr-defined]
     log.info(
         "cpvm {version} configured from {path}: {scheme} on {bind}:{port}, instance {instance}",
@@ -295,6 +306,10 @@ def _site(
         websocket_factory=ws_factory,
         readiness=_readiness(sessions, heartbeat, manager),
         metrics=page,
+    )
+    root.putChild(
+        PLAYER_PATH.encode("ascii"),
+        build_player(directory=str(config.recording.directory), redeem=manager.redeem_playback),
     )
     # cpvm takes no request bodies; an HTTP connection that has not sent its whole request
     # (or WebSocket upgrade) within the handshake timeout of its accept is dropped, and

@@ -26,6 +26,7 @@ class Issued:
     used: bool = False
     # view_only, viewer_policy, taken_over: as the manager puts them in the redemption.
     console: dict = field(default_factory=dict)
+    recording: bool = False  # the redemption tells cpvm to record the session
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -43,6 +44,10 @@ class ContractManager(resource.Resource):
         self.ends: list[tuple[str, dict]] = []
         self.terminate: list[str] = []
         self.taken_over: list[str] = []
+        # One-time playback tickets: ticket -> session id (docs/recording.md).
+        self.playback_tickets: dict[str, str] = {}
+        self.playback_requests: list[dict] = []
+        self.recordings_deleted: list[str] = []
         self.delay = 0.0
         self.override: tuple[int, bytes] | None = None
         self.down = False  # drop every request's connection, like a dead manager
@@ -56,10 +61,16 @@ class ContractManager(resource.Resource):
         vm_name: str = "test-vm",
         limits: dict | None = None,
         console: dict | None = None,
+        recording: bool = False,
     ) -> tuple[str, Issued]:
         token = secrets.token_urlsafe(32)
         issued = Issued(
-            vnc=vnc, vm_name=vm_name, extra=extra, limits=limits or {}, console=console or {}
+            vnc=vnc,
+            vm_name=vm_name,
+            extra=extra,
+            limits=limits or {},
+            console=console or {},
+            recording=recording,
         )
         self.tokens[token] = issued
         return token, issued
@@ -85,6 +96,7 @@ class ContractManager(resource.Resource):
             answer = self._redeem(body)
         elif path == "/proxy/v1/heartbeat":
             self.heartbeats.append(body)
+            self.recordings_deleted += body.get("recordings_deleted", [])
             for report in body.get("ended", []):
                 report = dict(report)
                 self.ends.append((report.pop("session_id"), report))
@@ -99,6 +111,16 @@ class ContractManager(resource.Resource):
                 },
             )
             self.terminate, self.taken_over = [], []
+        elif path == "/proxy/v1/playback":
+            self.playback_requests.append(body)
+            session_id = self.playback_tickets.pop(body.get("ticket"), None)
+            if session_id is None:
+                answer = (
+                    409,
+                    {"error": "ticket_used", "message": "this playback link was already used"},
+                )
+            else:
+                answer = (200, {"session_id": session_id})
         elif path.startswith("/proxy/v1/sessions/") and path.endswith("/end"):
             self.ends.append((path.split("/")[4], body))
             answer = (204, None)
@@ -127,7 +149,9 @@ class ContractManager(resource.Resource):
         if (issued.extra or None) != (body.get("extra") or None):
             return 403, {"error": "extra_mismatch", "message": "extra differs"}
         issued.used = True
+        extra = {"recording": True} if issued.recording else {}
         return 200, {
+            **extra,
             "session_id": issued.session_id,
             "vm": {"id": "vm-" + issued.session_id[:8], "name": issued.vm_name},
             "vnc": {"tls": "none", "ca_pem": None, "server_name": None, **issued.vnc},

@@ -207,3 +207,21 @@ def test_state_directory_default_and_setting(tmp_path):
     assert str(load_config(None).server.state_directory) == "/var/lib/cpvm"
     c = load_config(write(tmp_path, f"[server]\nstate_directory = {tmp_path}/s\n"))
     assert c.server.state_directory == tmp_path / "s"
+
+
+def test_recording_defaults_live_in_the_state_directory(tmp_path):
+    c = load_config(None).recording
+    assert str(c.directory) == "/var/lib/cpvm/recordings"
+    assert (c.on_failure, c.record_input, c.retention_days, c.max_bytes) == ("end", False, 30, 0)
+    c = load_config(write(tmp_path, f"[server]\nstate_directory = {tmp_path}\n")).recording
+    assert c.directory == tmp_path / "recordings"
+    c = load_config(
+        write(tmp_path, "[recording]\non_failure = continue\nrecord_input = true\nmax_bytes = 5\n")
+    ).recording
+    assert (c.on_failure, c.record_input, c.max_bytes) == ("continue", True, 5)
+
+
+def test_recording_on_failure_is_end_or_continue(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[recording]\non_failure = ignore\n"))
+    assert "[recording] on_failure" in str(e.value) and "end, continue" in str(e.value)

@@ -43,3 +43,8 @@ def test_json_lines_carry_worker_and_pid_and_hide_secrets(settings):
     record = json.loads(_emit("json", session="s-1"))
     assert record["worker"] == 2 and record["session"] == "s-1" and record["pid"] > 0
     assert "abc123" not in record["message"]
+
+
+def test_a_playback_ticket_is_masked_in_a_url_or_a_fragment():
+    line = logs.redact("GET /recording/data?ticket=abcDEF123_- and play#ticket=xyz")
+    assert "abcDEF123" not in line and "xyz" not in line and line.count("ticket=<redacted>") == 2

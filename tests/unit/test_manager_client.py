@@ -221,3 +221,39 @@ def test_proxy_key_id_is_the_public_part_only():
     assert proxy_key_id("cpvmk_a b.s3cret") == "(unnamed)"
     assert proxy_key_id("just-a-secret") == "(unnamed)"
     assert proxy_key_id(None) == "(none)"
+
+
+def test_redemption_says_whether_the_session_is_recorded():
+    assert parse_redemption(GOOD).recording is False
+    assert parse_redemption({**GOOD, "recording": True}).recording is True
+    with pytest.raises(ValueError, match="recording"):
+        parse_redemption({**GOOD, "recording": "yes"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_playback_ticket_redeemed_for_a_session_id():
+    res = Answer(200, {"session_id": "s-9"})
+    assert await client(res).redeem_playback("tkt") == "s-9"
+    path, auth, body = res.requests[0]
+    assert path == b"/proxy/v1/playback" and auth == b"Bearer cpvmk_a.secret"
+    assert body == {"ticket": "tkt", "instance": INSTANCE}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (409, {"error": "ticket_used", "message": "this playback link was already used"}, 409),
+        (404, {"error": "invalid_ticket"}, 404),
+        (500, None, 503),
+        (200, {"session_id": 5}, 503),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_playback_refusals_keep_the_managers_status(status, body, expected):
+    from cpvm.proxy.recording.player import PlaybackRefused
+
+    with pytest.raises(PlaybackRefused) as e:
+        await client(Answer(status, body)).redeem_playback("tkt")
+    assert e.value.status == expected
+    if status == 409:
+        assert "already used" in e.value.message

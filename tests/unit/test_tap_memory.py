@@ -18,6 +18,7 @@ from cpvm.common.metrics import MetricsPage
 from cpvm.common.tls import ReloadableServerTLS
 from cpvm.proxy.config import CpvmConfig, load_config
 from cpvm.proxy.heartbeat import Heartbeat
+from cpvm.proxy.recording.service import Recordings
 from cpvm.proxy.tap import ProxyService, build_service, worker_argv
 from cpvm.proxy.workers import ReusePortEndpoint, WorkerPool
 from tests.stubhttp import MemoryHttp
@@ -32,6 +33,9 @@ state_directory = {state}
 [manager]
 url = http://127.0.0.1:18250
 heartbeat_interval = 7
+[recording]
+directory = {state}/recordings
+retention_days = 0
 """
 
 TLS = PLAIN.replace(
@@ -56,7 +60,7 @@ def test_plain_config_listens_on_tcp_and_schedules_the_heartbeat(tmp_path):
     reactor = MemoryReactorClock()
     svc = build_service(config(tmp_path, PLAIN), reactor)
     kinds = [type(s) for s in children(svc)]
-    assert kinds == [StreamServerEndpointService, Heartbeat]
+    assert kinds == [StreamServerEndpointService, Heartbeat, Recordings]
     assert svc.tls is None and svc.workers is None
     assert reactor.getDelayedCalls() == []  # nothing happens before start-up
     svc.startService()

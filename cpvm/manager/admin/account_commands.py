@@ -9,8 +9,9 @@ import secrets
 import time
 import uuid
 
-from cpvm.manager import store
+from cpvm.manager import recording_policy, store
 from cpvm.manager.admin.context import AdminContext, Commands, fmt, table
+from cpvm.manager.store import recordings as recording_store
 
 
 def account_create(ctx: AdminContext, a: argparse.Namespace) -> None:
@@ -22,11 +23,28 @@ def account_create(ctx: AdminContext, a: argparse.Namespace) -> None:
 
 def account_list(ctx: AdminContext, a: argparse.Namespace) -> None:
     """``account list``."""
+    record = ctx.run(recording_store.account_policies)
     rows = [
-        (x.name, x.id, x.role, fmt(x.created_at), "yes" if x.disabled else "no")
+        (
+            x.name,
+            x.id,
+            x.role,
+            fmt(x.created_at),
+            "yes" if x.disabled else "no",
+            record.get(x.id, "default"),
+        )
         for x in ctx.run(store.list_accounts)
     ]
-    table(ctx, ("name", "id", "role", "created", "disabled"), rows, a.json)
+    table(ctx, ("name", "id", "role", "created", "disabled", "record"), rows, a.json)
+
+
+def account_update(ctx: AdminContext, a: argparse.Namespace) -> None:
+    """``account update NAME --record always|never|default``."""
+    account = ctx.run(store.find_account, a.name)
+    if a.record is not None:
+        policy = recording_policy.stored_policy(a.record)
+        ctx.run(recording_store.set_account_policy, account.id, policy)
+    ctx.print(f"account {account.name} updated")
 
 
 def account_disable(ctx: AdminContext, a: argparse.Namespace) -> None:
@@ -98,6 +116,14 @@ def add_commands(top: Commands) -> None:
     p = account.add_parser("enable", help="enable a disabled account")
     p.add_argument("name", help="account name or id")
     p.set_defaults(func=account_enable)
+    p = account.add_parser("update", help="change an account's settings")
+    p.add_argument("name", help="account name or id")
+    p.add_argument(
+        "--record",
+        choices=recording_policy.POLICY_CHOICES,
+        help="record this account's console sessions: always, never, or as the default says",
+    )
+    p.set_defaults(func=account_update)
 
     key = top.add_parser("key", help="API keys").add_subparsers(dest="cmd", required=True)
     p = key.add_parser("create", help="new apiKey/secretKey (printed once)")

@@ -11,8 +11,9 @@ import time
 from typing import Any
 
 from cpvm.common.contract import VIEWER_POLICIES, VNC_TLS_MODES
-from cpvm.manager import store, vm_store, vms
+from cpvm.manager import recording_policy, store, vm_store, vms
 from cpvm.manager.admin.context import AdminContext, AdminError, Commands, table
+from cpvm.manager.store import recordings as recording_store
 
 
 def _read_password(a: argparse.Namespace) -> str | None:
@@ -88,6 +89,7 @@ def vm_add(ctx: AdminContext, a: argparse.Namespace) -> None:
         fields.update(vms.parse_fields({"id": a.id}))
     change = ctx.run(vms.add, ctx.box, fields, vm_store.MANUAL, time.time())
     vms.log_change(change, _who(), "cli")
+    _set_record_policy(ctx, change.vm_id, a.record)
     ctx.print(change.vm_id)
 
 
@@ -95,9 +97,21 @@ def vm_update(ctx: AdminContext, a: argparse.Namespace) -> None:
     """``vm update ID``."""
     vm_id = vms.parse_fields({"id": a.id})["id"]
     fields = _vm_fields(a)
-    change = ctx.run(vms.update, ctx.box, vm_id, fields, time.time())
-    vms.log_change(change, _who(), "cli")
+    if fields or a.record is None:
+        change = ctx.run(vms.update, ctx.box, vm_id, fields, time.time())
+        vms.log_change(change, _who(), "cli")
+    _set_record_policy(ctx, vm_id, a.record)
     ctx.print(f"VM {vm_id} updated")
+
+
+def _set_record_policy(ctx: AdminContext, vm_id: str, choice: str | None) -> None:
+    """``--record always|never|default``: whether this VM's sessions are recorded."""
+    if choice is None:
+        return
+    try:
+        ctx.run(recording_store.set_vm_policy, vm_id, recording_policy.stored_policy(choice))
+    except store.NotFound:
+        raise AdminError(f"no VM {vm_id}") from None
 
 
 def vm_remove(ctx: AdminContext, a: argparse.Namespace) -> None:
@@ -110,6 +124,7 @@ def vm_remove(ctx: AdminContext, a: argparse.Namespace) -> None:
 def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
     """``vm list``: never the passwords."""
     sources = ctx.run(vm_store.sources)
+    record = ctx.run(recording_store.vm_policies)
     rows = [
         (
             v.id,
@@ -122,6 +137,7 @@ def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
             v.vnc_server_name,
             sources.get(v.id),
             v.viewer_policy or vms.POLICY_DEFAULT,
+            record.get(v.id, "default"),
         )
         for v in ctx.run(store.list_vms)
     ]
@@ -138,6 +154,7 @@ def vm_list(ctx: AdminContext, a: argparse.Namespace) -> None:
             "server_name",
             "source",
             "viewer_policy",
+            "record",
         ),
         rows,
         a.json,
@@ -165,6 +182,11 @@ def _vm_options(p: argparse.ArgumentParser, update: bool) -> None:
         help="who may hold the console at once: shared (any number), exclusive (one full "
         "console, view-only ones may join), takeover (a new full console ends the old); "
         "default: the manager's [sessions] viewer_policy",
+    )
+    p.add_argument(
+        "--record",
+        choices=recording_policy.POLICY_CHOICES,
+        help="record this VM's console sessions: always, never, or as the default says",
     )
 
 
