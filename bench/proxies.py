@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,6 +250,14 @@ class Cpvm(Proxy):
         self.mint_seconds = 0.0
         self.minted = 0
 
+    def _knows(self, conf: str, key: str) -> bool:
+        """Whether this checkout's shipped ``etc/cpvm/<conf>`` documents ``key``: a baseline
+        gets only the settings it understands (an unknown key stops start-up)."""
+        if not self.baseline:
+            return True
+        text = (self.repo / "etc" / "cpvm" / conf).read_text()
+        return re.search(rf"^[;# ]*{re.escape(key)} *=", text, re.M) is not None
+
     def _admin(self, *args: str) -> str:
         out = subprocess.run(
             [
@@ -276,7 +285,11 @@ class Cpvm(Proxy):
             f"[server]\nlisten = tcp:{self.manager_port}:interface={HOST}\n"
             f"data_dir = {d / 'data'}\n[tokens]\nttl = 3600\n"
             # The bench mints a token per session as fast as it can: no rate limit.
-            + ("" if self.baseline else "[security]\ncreate_rate = 0\n")
+            + (
+                "[security]\ncreate_rate = 0\n"
+                if self._knows("manager.conf", "create_rate")
+                else ""
+            )
             + "[proxies]\nheartbeat_interval = 1\nproxy_timeout = 20\n"
             + ("[recording]\ndefault = always\n" if self.recording else "")
         )
@@ -329,17 +342,25 @@ class Cpvm(Proxy):
             # Every bench client comes from one address, hundreds at a time: the caps
             # against hostile clients (docs/operations.md) would refuse the load itself.
             + (
-                ""
-                if self.baseline
-                else f"state_directory = {d / 'state'}\n"
+                f"state_directory = {d / 'state'}\n"
+                if self._knows("cpvm.conf", "state_directory")
+                else ""
+            )
+            + (
                 "max_http_connections_per_address = 0\nmax_http_connections = 0\n"
+                if self._knows("cpvm.conf", "max_http_connections_per_address")
+                else ""
             )
             + f"[manager]\nurl = http://{HOST}:{self.manager_port}\ncredential_file = {cred}\n"
             "heartbeat_interval = 1\n"
             "[session]\nidle_timeout = 0\nmax_duration = 0\nmax_sessions = 20000\n"
             # Each redemption in flight spends one of the address's attempts until it
             # succeeds: hundreds at once from one address would be refused (4029).
-            + ("" if self.baseline else "max_pending = 20000\nfailed_redemption_burst = 100000\n")
+            + (
+                "max_pending = 20000\nfailed_redemption_burst = 100000\n"
+                if self._knows("cpvm.conf", "failed_redemption_burst")
+                else ""
+            )
             + "[log]\nlevel = warn\n"
             + self._recording_section(d)
         )

@@ -12,6 +12,11 @@ from cpvm.common.contract import Outcome
 from cpvm.proxy.manager_client import InstanceConflict, ManagerClient
 from cpvm.proxy.registry import SessionRegistry
 
+# How soon an end report that cannot wait goes out (soon()): well before a browser's retry
+# (noVNC waits seconds before it reconnects), and late enough that the ends of a burst share
+# one beat instead of costing the manager and this process one beat each.
+SOON = 0.25
+
 
 class Heartbeat(Service):
     """Registers this cpvm with the manager and learns which sessions to terminate.
@@ -31,7 +36,7 @@ class Heartbeat(Service):
         # The manager refuses us: our proxy key is bound to another live cpvm instance.
         self.conflict = False
         self._next = None
-        # soon() was called while a beat was in flight: the next one goes at once.
+        # soon() was called while a beat was in flight: the next one goes SOON after it.
         self._again = False
 
     def startService(self):  # noqa: N802
@@ -60,18 +65,17 @@ class Heartbeat(Service):
         return d
 
     def soon(self) -> None:
-        """Beat now rather than at the interval: an end report is waiting that the
-        manager needs at once (an unclean end, which the same browser may resume only
-        once the manager has recorded it). Beats still never overlap: with one in flight,
-        the next follows as soon as it answers."""
+        """Beat within :data:`SOON` rather than at the interval: an end report is waiting
+        that the manager needs promptly (an unclean end, which the same browser may resume
+        only once the manager has recorded it). Beats still never overlap: with one in
+        flight, the next follows :data:`SOON` after it answers."""
         if not self.running:
             return
         if self._next is None:  # a beat is in flight
             self._again = True
             return
-        if self._next.active() and self._next.getTime() > self._reactor.seconds():
-            self._next.cancel()
-            self._next = self._reactor.callLater(0, self.beat)
+        if self._next.active() and self._next.getTime() > self._reactor.seconds() + SOON:
+            self._next.reset(SOON)
 
     def flush(self, grace: float) -> Deferred:
         """At shutdown: one last beat carrying the remaining end reports, within ``grace``
@@ -134,6 +138,6 @@ class Heartbeat(Service):
 
     def _schedule(self, _) -> None:
         if self.running:
-            delay = 0.0 if self._again else self.interval
+            delay = min(SOON, self.interval) if self._again else self.interval
             self._again = False
             self._next = self._reactor.callLater(delay, self.beat)

@@ -24,7 +24,7 @@ from cpvm.common.contract import Outcome
 from cpvm.common.inifile import IniReader
 from cpvm.proxy import end_reports, registry
 from cpvm.proxy.config import parse_config
-from cpvm.proxy.heartbeat import Heartbeat
+from cpvm.proxy.heartbeat import SOON, Heartbeat
 from cpvm.proxy.manager_client import ManagerClient
 from cpvm.proxy.metrics import ProxyMetrics
 from cpvm.proxy.registry import SessionRegistry
@@ -169,7 +169,7 @@ def test_first_beat_at_start_then_at_the_interval():
     assert p.reactor.getDelayedCalls() == []
 
 
-def test_soon_beats_at_once_and_never_overlaps_a_beat_in_flight():
+def test_soon_beats_within_soon_and_never_overlaps_a_beat_in_flight():
     p = Proxy()
     p.stub.answers = [(200, {}), "hang"]
     p.heartbeat.soon()  # not running: nothing scheduled
@@ -178,15 +178,19 @@ def test_soon_beats_at_once_and_never_overlaps_a_beat_in_flight():
     p.advance(0)
     assert p.next_beat_in() == 5
     p.heartbeat.soon()
-    assert p.next_beat_in() == 0
-    p.advance(0)
+    assert p.next_beat_in() == pytest.approx(SOON)
+    p.heartbeat.soon()  # a burst of ends shares that one beat
+    assert len(p.reactor.getDelayedCalls()) == 1
+    p.advance(SOON)
     assert len(p.stub.beats) == 2  # the second beat hangs: in flight
     p.heartbeat.soon()
     p.heartbeat.soon()
     p.advance(1)
     assert len(p.stub.beats) == 2  # no second beat beside the one in flight
-    # It times out; the beat asked for follows in the same instant, not an interval later.
+    # It times out; the beat asked for follows SOON after, not an interval later.
     p.advance(CONFIG.manager.timeout - 1)
+    assert len(p.stub.beats) == 2 and p.next_beat_in() == pytest.approx(SOON)
+    p.advance(SOON)
     assert len(p.stub.beats) == 3 and p.next_beat_in() == 5
     p.heartbeat.stopService()
 
@@ -328,8 +332,8 @@ def test_an_unclean_end_is_reported_at_once(outcome, at_once):
     p.heartbeat.startService()
     p.advance(0)
     p.end_sessions(1, outcome)
-    assert p.next_beat_in() == (0 if at_once else 5)
-    p.advance(0 if at_once else 5)
+    assert p.next_beat_in() == pytest.approx(SOON if at_once else 5)
+    p.advance(SOON if at_once else 5)
     (report,) = p.stub.beats[1]["ended"]
     assert report["reason"] == outcome.report and report["reconnects"] == 0
     p.heartbeat.stopService()
