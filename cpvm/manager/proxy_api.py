@@ -298,7 +298,8 @@ def _end_report(body: Any) -> dict:
     if not isinstance(body, dict):
         raise _bad("an end report must be an object")
     reason = body.get("reason")
-    if reason not in END_REASONS:
+    # A string first: END_REASONS is a set, and an object is not hashable (a TypeError).
+    if not isinstance(reason, str) or reason not in END_REASONS:
         raise _bad("reason is not one of the documented end reasons")
     duration = body.get("duration", 0)
     # The range check also refuses NaN, Infinity (JSON extensions Python accepts, and 1e999)

@@ -97,10 +97,18 @@ def fuzz(
         if dictionary.exists():
             argv.append(f"-dict={dictionary}")
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        # One stream, in order: atheris prints an uncaught exception's traceback on stdout
+        # just before libFuzzer's crash lines on stderr.
         done = subprocess.run(
-            argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=seconds * 3 + 120
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=seconds * 3 + 120,
         )
-    outcome.log = done.stdout + done.stderr
+    outcome.log = done.stdout
     outcome.crashes = sorted(set(crashes.iterdir()) - before)
     if done.returncode != 0 and not outcome.crashes:
         outcome.failures.append(f"atheris exited {done.returncode}")
